@@ -1,0 +1,40 @@
+# seeds_tf: the two commands of a fresh machine are `make serve` and `make test`.
+# Everything is installed into .venv by these targets; nothing is assumed on the machine but Python 3.11.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 5000
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint demo bench clean
+
+# The environment: rebuilt whenever the package metadata changes.
+$(STAMP): setup.cfg setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -e ".[cpu,test]"
+	touch $(STAMP)
+
+## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
+serve: $(STAMP)
+	$(BIN)/seeds-tf demo
+	$(BIN)/deepaas-run --model-name seeds_tf --listen-ip $(HOST) --listen-port $(PORT)
+
+## demo: train the demo run even if runs exist
+demo: $(STAMP)
+	$(BIN)/seeds-tf demo --force
+
+## lint: ruff (style, bugs, bandit rules) and bandit itself
+lint: $(STAMP)
+	$(BIN)/ruff check seeds_tf tests
+	$(BIN)/ruff format --check seeds_tf tests
+	$(BIN)/bandit -q -c pyproject.toml -r seeds_tf
+
+## test: set up, lint, and run the whole suite
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,147 @@
+"""The DEEPaaS v2 model interface of seeds_tf: a thin adapter over the core modules.
+
+DEEPaaS loads this module through the `deepaas.v2.model` entry point. Metadata and argument
+definitions run in the server process, so this module imports no TensorFlow; predict, train and warm
+run in worker processes, which import the model code on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+from aiohttp import web
+
+from seeds_tf import __version__, config, runs, schemas
+from seeds_tf.errors import InputError
+from seeds_tf.paths import Roots
+
+_LOGGER = logging.getLogger(__name__)
+
+schema = schemas.PredictionResponse
+
+
+class ClientError(web.HTTPUnprocessableEntity):
+    """An HTTP 422 that survives the trip from a DEEPaaS worker to the server.
+
+    DEEPaaS sends an HTTPException raised in a worker back as the response, but aiohttp's own
+    exceptions cannot be unpickled (the request would hang): `__reduce__` rebuilds this one from
+    its message and field.
+    """
+
+    def __init__(self, message: str, field: str):
+        super().__init__(
+            text=json.dumps({"message": message, "field": field}), content_type="application/json"
+        )
+        self.message = message
+        self.field = field
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.field))
+
+
+def get_metadata() -> dict[str, Any]:
+    roots = Roots.from_env()
+    available = runs.complete_runs(roots.models)
+    newest = None
+    if available:
+        newest = runs.read_json(runs.RunLayout(roots.models / available[-1]).summary_file)
+    return {
+        "name": "seeds_tf",
+        "version": __version__,
+        "summary": "Identifies plant species (and genus) from photos of their seeds.",
+        "description": (
+            "Names the plant species in a photo of a seed with a Keras image classifier "
+            "(Xception by default), with calibrated probabilities. Replaces the DEEP "
+            "'image classification with TensorFlow' seeds service (743 species, 493 genera)."
+        ),
+        "author": "seeds_tf developers",
+        "authors": ["seeds_tf developers"],
+        "license": "Apache-2.0",
+        "url": "https://github.com/seeds-tf/seeds_tf",
+        "links": [
+            {"rel": "source", "href": "https://github.com/seeds-tf/seeds_tf"},
+            {"rel": "predecessor", "href": "https://github.com/deephdc/image-classification-tf"},
+        ],
+        "runs": available,
+        "model": newest,
+    }
+
+
+def warm() -> None:
+    """Loads the newest run into this worker; without one, the server still starts."""
+    roots = Roots.from_env()
+    try:
+        layout = runs.resolve_run(roots.models, "")
+    except InputError as error:
+        _LOGGER.warning("No model to warm up: %s", error)
+        return
+    _run_cache().get(layout)
+
+
+def get_predict_args() -> dict:
+    return schemas.predict_arguments()
+
+
+def predict(**args) -> dict[str, Any]:
+    from seeds_tf import inference
+
+    upload = args["image"]
+    try:
+        with _client_errors():
+            options = config.load(config.PredictConfig, top_k=args["top_k"], timestamp=args["timestamp"])
+            name, data = _read_upload(upload)
+            return inference.predict(Roots.from_env(), _run_cache(), options, [(name, data)])
+    finally:
+        _delete_upload(upload)
+
+
+def get_train_args() -> dict:
+    return schemas.train_arguments()
+
+
+def train(**args) -> dict[str, Any]:
+    """Trains a new run. A bad option or dataset raises InputError, which DEEPaaS reports as the
+    training's error message."""
+    from seeds_tf import training
+
+    run_config = config.RunConfig.from_options(**args)
+    return training.train(run_config, Roots.from_env()).to_dict()
+
+
+@functools.cache
+def _run_cache():
+    """The runs loaded in this worker process (made on first use, never in the server process)."""
+    from seeds_tf import inference
+
+    return inference.RunCache()
+
+
+@contextlib.contextmanager
+def _client_errors():
+    try:
+        yield
+    except InputError as error:
+        raise ClientError(str(error), error.field) from None
+
+
+def _read_upload(upload) -> tuple[str, bytes]:
+    """The name and bytes of an uploaded file (DEEPaaS UploadedFile, or a plain string)."""
+    filename = getattr(upload, "filename", None)
+    if filename is None:
+        raise InputError("image", "expected an uploaded file (multipart form field 'image')")
+    name = getattr(upload, "original_filename", None) or os.path.basename(filename)
+    with open(filename, "rb") as stream:
+        return name, stream.read()
+
+
+def _delete_upload(upload) -> None:
+    """DEEPaaS leaves each upload in a temporary file and never deletes it."""
+    filename = getattr(upload, "filename", None)
+    if filename:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(filename)

@@ -1,0 +1,64 @@
+"""The registry of backbones: keras.applications architectures by name.
+
+Each entry knows its constructor, its own ImageNet preprocessing and the smallest input it accepts,
+so a run config that names a backbone fully determines how images are prepared for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """One keras.applications architecture.
+
+    Attributes:
+        name: the name users give (`modelname`), also the keras.applications constructor.
+        module: the keras.applications submodule whose `preprocess_input` prepares RGB 0-255 images.
+        min_size: smallest square input side the architecture accepts.
+    """
+
+    name: str
+    module: str
+    min_size: int
+
+    def preprocess(self, images):
+        """The backbone's own preprocessing of RGB images in [0, 255] (identity for those that
+        carry it inside, like EfficientNetV2 and MobileNetV3)."""
+        module = importlib.import_module(f"keras.applications.{self.module}")
+        return module.preprocess_input(images)
+
+    def build(self, input_tensor, weights: str | None) -> keras.Model:
+        """The architecture without its top, built on `input_tensor` so its layers join the caller's
+        graph (a flat model, as the original seeds model was)."""
+        constructor = getattr(keras.applications, self.name)
+        return constructor(include_top=False, weights=weights, input_tensor=input_tensor)
+
+
+BACKBONES: dict[str, Backbone] = {
+    backbone.name: backbone
+    for backbone in (
+        Backbone("Xception", "xception", 71),
+        Backbone("EfficientNetV2B0", "efficientnet_v2", 32),
+        Backbone("EfficientNetV2B1", "efficientnet_v2", 32),
+        Backbone("EfficientNetV2B2", "efficientnet_v2", 32),
+        Backbone("EfficientNetV2B3", "efficientnet_v2", 32),
+        Backbone("EfficientNetV2S", "efficientnet_v2", 32),
+        Backbone("ResNet50", "resnet", 32),
+        Backbone("InceptionV3", "inception_v3", 75),
+        Backbone("MobileNetV3Small", "mobilenet_v3", 32),
+        Backbone("MobileNetV3Large", "mobilenet_v3", 32),
+        Backbone("DenseNet121", "densenet", 32),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"Expected a backbone in {sorted(BACKBONES)}. Received: {name!r}") from None

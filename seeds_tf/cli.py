@@ -1,0 +1,148 @@
+"""The `seeds-tf` command line: the same core as the DEEPaaS API, for local work.
+
+    seeds-tf train --epochs 10 --image_size 299      # flags generated from etc/config.yaml
+    seeds-tf predict seed1.jpg seed2.png --top_k 3
+    seeds-tf demo                                    # the demo run, trained if models/ has none
+    seeds-tf synthetic data/synthetic_seeds          # the synthetic seeds dataset
+    seeds-tf runs                                    # the complete runs and their test metrics
+
+Mistakes in the input end with a message naming the argument and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from seeds_tf import __version__, config, runs
+from seeds_tf.errors import InputError
+from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    roots = Roots.from_env()
+    roots = Roots(
+        data=Path(args.data_dir).resolve() if args.data_dir else roots.data,
+        models=Path(args.models_dir).resolve() if args.models_dir else roots.models,
+    )
+    try:
+        result = args.command(args, roots)
+    except InputError as error:
+        print(f"seeds-tf: error: {error}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import training
+
+    names = [*config.option_specs("model"), *config.option_specs("training")]
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return training.train(config.RunConfig.from_options(**overrides), roots).to_dict()
+
+
+def _predict(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import inference
+
+    options = config.load(config.PredictConfig, top_k=args.top_k, timestamp=args.timestamp)
+    uploads = []
+    for path in args.images:
+        try:
+            uploads.append((path, Path(path).read_bytes()))
+        except OSError as error:
+            raise InputError("images", f"cannot read {path!r}: {error.strerror}") from None
+    return inference.predict(roots, inference.RunCache(), options, uploads)
+
+
+def _demo(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import demo
+
+    run_id = demo.train_demo_run(roots) if args.force else demo.ensure_demo_run(roots)
+    return {"run_id": run_id}
+
+
+def _synthetic(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import synthetic
+
+    splits_dir = synthetic.generate_dataset(
+        args.output,
+        images_per_class=args.images_per_class,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
+    return {"splits_directory": str(splits_dir)}
+
+
+def _runs(args: argparse.Namespace, roots: Roots):
+    return [
+        runs.read_json(runs.RunLayout(roots.models / run_id).summary_file)
+        for run_id in runs.complete_runs(roots.models)
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seeds-tf", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"seeds_tf {__version__}")
+    parser.add_argument("--data-dir", help=f"data folder (default: ${DATA_ENV} or ./data)")
+    parser.add_argument("--models-dir", help=f"models folder (default: ${MODELS_ENV} or ./models)")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a new run into the models folder")
+    for section in ("model", "training"):
+        group = train.add_argument_group(f"{section} options (defaults from etc/config.yaml)")
+        for spec in config.option_specs(section).values():
+            _add_option(group, spec)
+    train.set_defaults(command=_train)
+
+    predict = commands.add_parser("predict", help="name the species in seed photos")
+    predict.add_argument("images", nargs="+", help="image files")
+    for spec in config.option_specs("prediction").values():
+        _add_option(predict, spec, use_default=True)
+    predict.set_defaults(command=_predict)
+
+    demo = commands.add_parser("demo", help="make sure a run exists, training the demo run if not")
+    demo.add_argument("--force", action="store_true", help="train the demo run even if runs exist")
+    demo.set_defaults(command=_demo)
+
+    synthetic = commands.add_parser("synthetic", help="write the synthetic seeds dataset")
+    synthetic.add_argument("output", type=Path, help="folder to write images/ and dataset_files/ to")
+    synthetic.add_argument("--images-per-class", type=int, default=100)
+    synthetic.add_argument("--image-size", type=int, default=128)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.set_defaults(command=_synthetic)
+
+    listing = commands.add_parser("runs", help="list the complete runs with their test metrics")
+    listing.set_defaults(command=_runs)
+    return parser
+
+
+def _add_option(parser, spec: config.OptionSpec, use_default: bool = False) -> None:
+    """One flag per option, typed and documented as in etc/config.yaml. Unset flags stay None, so
+    only what the user gave overrides the config."""
+    kwargs = {
+        "help": f"{spec.help} (default: {spec.default!r})".replace("%", "%%"),
+        "default": spec.default if use_default else None,
+    }
+    if spec.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = spec.type
+        if spec.choices is not None:
+            kwargs["choices"] = list(spec.choices)
+    parser.add_argument(f"--{spec.name}", **kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

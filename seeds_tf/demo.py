@@ -1,0 +1,45 @@
+"""The demo run: what `make serve` trains when models/ holds no run yet.
+
+The real seeds images cannot be fetched everywhere, so the demo trains on the synthetic seeds dataset
+(`seeds_tf.synthetic`) with the small, fast settings of the `demo` section of etc/config.yaml.
+It is a demonstration of the service, not a model of real seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from seeds_tf import config, runs, synthetic
+from seeds_tf.paths import Roots
+
+_LOGGER = logging.getLogger(__name__)
+
+DEMO_FOLDER = "synthetic_seeds"
+"""Folder of the synthetic dataset inside the data folder."""
+
+
+def ensure_demo_run(roots: Roots) -> str:
+    """Returns the newest complete run, training the demo run first if there is none."""
+    existing = runs.complete_runs(roots.models)
+    if existing:
+        _LOGGER.info("Found run %s; no demo training needed", existing[-1])
+        return existing[-1]
+    return train_demo_run(roots)
+
+
+def train_demo_run(roots: Roots) -> str:
+    """Generates the synthetic dataset (unless present) and trains the demo run on it."""
+    from seeds_tf import training
+
+    synthetic_args, overrides = config.demo_settings()
+    dataset_root = roots.data / DEMO_FOLDER
+    if not (dataset_root / "dataset_files" / "train.txt").is_file():
+        _LOGGER.info("Generating the synthetic seeds dataset in %s", dataset_root)
+        synthetic.generate_dataset(dataset_root, **synthetic_args)
+    run_config = config.RunConfig.from_options(
+        images_directory=f"{DEMO_FOLDER}/images",
+        splits_directory=f"{DEMO_FOLDER}/dataset_files",
+        **overrides,
+    )
+    _LOGGER.info("Training the demo run: %s", run_config)
+    return training.train(run_config, roots).run_id

@@ -1,0 +1,113 @@
+"""From image bytes to RGB pixels, the same way for training and for prediction.
+
+Pillow decodes (it reads every common format and applies EXIF orientation); TensorFlow resizes, so
+the pixels a trained model sees at prediction time are computed exactly as during training.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import tensorflow as tf
+
+from seeds_tf.errors import InputError
+
+MAX_PIXELS = 40_000_000
+"""Largest width x height accepted: above it, decoding could exhaust memory (decompression bombs)."""
+
+
+def decode_image(data: bytes, field: str, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decodes image bytes into an RGB array of shape (height, width, 3), dtype uint8.
+
+    Args:
+        data: the encoded image (JPEG, PNG, WebP, TIFF, BMP, GIF: its first frame, ...).
+        field: the argument the bytes came from, named in errors.
+        name: the file name or URL the bytes came from, named in errors.
+        max_pixels: refuse images with more pixels than this, before decoding them.
+
+    Raises:
+        InputError: when the bytes are empty, not an image, truncated or too large.
+    """
+    if not data:
+        raise InputError(field, f"{name!r} is empty")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns before its own, larger bomb limit; the explicit check below decides.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise InputError(
+                field, f"{name!r} has {width}x{height} pixels, more than the limit of {max_pixels}"
+            )
+        image.load()
+        image = PIL.ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except PIL.Image.DecompressionBombError as error:
+        raise InputError(field, f"{name!r} has too many pixels: {error}") from None
+    except PIL.UnidentifiedImageError:
+        raise InputError(field, f"{name!r} is not an image in a format Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(field, f"{name!r} is a broken or truncated image ({error})") from None
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Reads an image file of a dataset, decoded exactly as an uploaded image would be."""
+    return decode_image(path.read_bytes(), "image", str(path))
+
+
+def find_unreadable(paths: Sequence[Path], threads: int = 8) -> dict[Path, str]:
+    """The images among `paths` that cannot be decoded, with the reason for each.
+
+    Decodes each file at reduced scale where the format allows it (JPEG draft mode), which still
+    detects truncation, so screening a large dataset costs a fraction of an epoch.
+    """
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        problems = dict(zip(paths, pool.map(_problem_of, paths), strict=True))
+    return {path: problem for path, problem in problems.items() if problem is not None}
+
+
+def _problem_of(path: Path) -> str | None:
+    try:
+        with PIL.Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                return f"{image.width}x{image.height} pixels, more than the limit of {MAX_PIXELS}"
+            image.draft("RGB", (64, 64))
+            image.load()
+        return None
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resizes uint8 RGB images (one or a batch) to image_size x image_size float32 in [0, 255].
+
+    Antialiasing keeps fine seed texture from aliasing when large photos are shrunk a lot.
+    """
+    resized = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def _to_rgb(image: PIL.Image.Image) -> np.ndarray:
+    """Converts any Pillow mode to 8-bit RGB: 16-bit and float images are scaled, not clipped, and
+    transparent pixels are laid on white (the usual background of seed photos)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        # Integer modes hold 16-bit samples; float images have no fixed range, so use their peak.
+        peak = max(pixels.max(), 1e-12) if image.mode == "F" else 65535.0
+        gray = np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(PIL.Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))

@@ -1,0 +1,164 @@
+"""Run folders under models/: creating them, writing into them atomically, finding complete ones.
+
+A run is `models/<YYYY-mm-dd_HHMMSS>/` with the layout of the original service (ckpts/, conf/, stats/,
+logs/, dataset_files/) plus reports/ and `run.json`. `run.json` is written last, by an atomic rename:
+a run without it died half-way and is never offered for prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from seeds_tf.errors import InputError
+
+RUN_ID_FORMAT = "%Y-%m-%d_%H%M%S"
+_RUN_ID_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}_\d{6}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """The paths inside one run folder."""
+
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    @property
+    def conf_file(self) -> Path:
+        return self.root / "conf" / "conf.json"
+
+    @property
+    def stats_file(self) -> Path:
+        return self.root / "stats" / "stats.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / "dataset_files"
+
+    @property
+    def ckpts_dir(self) -> Path:
+        return self.root / "ckpts"
+
+    @property
+    def final_model(self) -> Path:
+        return self.ckpts_dir / "final.keras"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "run.json"
+
+    def is_complete(self) -> bool:
+        return self.summary_file.is_file()
+
+
+def create_run(models_dir: Path, now: datetime.datetime | None = None) -> RunLayout:
+    """Makes a new, empty run folder named after the current time.
+
+    Two runs started in the same second (two DEEPaaS workers) get consecutive seconds: `mkdir` is
+    atomic, so the first one to claim a name keeps it.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    moment = (now or datetime.datetime.now()).replace(microsecond=0)
+    while True:
+        root = models_dir / moment.strftime(RUN_ID_FORMAT)
+        try:
+            root.mkdir()
+        except FileExistsError:
+            moment += datetime.timedelta(seconds=1)
+            continue
+        layout = RunLayout(root)
+        for folder in (
+            layout.conf_file.parent,
+            layout.stats_file.parent,
+            layout.logs_dir,
+            layout.dataset_dir,
+            layout.ckpts_dir,
+            layout.reports_dir,
+        ):
+            folder.mkdir()
+        return layout
+
+
+def complete_runs(models_dir: Path) -> list[str]:
+    """Ids of the complete runs inside models_dir, oldest first."""
+    if not models_dir.is_dir():
+        return []
+    ids = []
+    for entry in models_dir.iterdir():
+        if (
+            _RUN_ID_PATTERN.fullmatch(entry.name)
+            and _inside(entry, models_dir)
+            and RunLayout(entry).is_complete()
+        ):
+            ids.append(entry.name)
+    return sorted(ids)
+
+
+def resolve_run(models_dir: Path, run_id: str, field: str = "timestamp") -> RunLayout:
+    """The complete run called `run_id`, or the newest one when `run_id` is empty.
+
+    Raises:
+        InputError: naming `field`, when no such complete run exists; the message lists the runs that do.
+    """
+    available = complete_runs(models_dir)
+    if not run_id:
+        if not available:
+            raise InputError(field, f"no trained run in {models_dir}; train one first")
+        return RunLayout(models_dir / available[-1])
+    if run_id not in available:
+        # Only names from the listing are accepted: '..', absolute paths and links out of models/
+        # never match, so they cannot reach the file system.
+        raise InputError(field, f"unknown run {run_id!r}. Available: {available or 'none'}")
+    return RunLayout(models_dir / run_id)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes to a temporary file beside `path`, then renames it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as stream:
+        try:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        except BaseException:
+            os.unlink(stream.name)
+            raise
+    os.replace(stream.name, path)
+
+
+def mark_complete(layout: RunLayout, summary: dict[str, Any]) -> None:
+    """Writes run.json, the last step of a run: from then on the run is offered for prediction."""
+    write_json_atomic(layout.summary_file, {"run_id": layout.run_id, **summary})
+
+
+def _inside(entry: Path, models_dir: Path) -> bool:
+    """False for a symbolic link that leads out of models_dir."""
+    return entry.resolve().parent == models_dir.resolve()

@@ -1,0 +1,115 @@
+"""The DEEPaaS request arguments and response schema, generated from the config specs.
+
+Each option is defined once, in etc/config.yaml; here it becomes a marshmallow field with its type,
+description, default and validation, so the Swagger UI documents exactly what the code accepts and
+webargs rejects bad values with a 422 before any worker is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import marshmallow
+from marshmallow import fields, validate
+
+from seeds_tf import runs
+from seeds_tf.config import OptionSpec, option_specs
+from seeds_tf.errors import InputError
+from seeds_tf.paths import Roots
+
+_FIELD_TYPES = {str: fields.Str, int: fields.Int, float: fields.Float, bool: fields.Bool}
+
+
+def option_field(spec: OptionSpec, extra_validator: Callable | None = None) -> fields.Field:
+    """A marshmallow field for one option: optional, defaulting to the config value."""
+    validators = []
+    metadata = {"description": spec.help}
+    if spec.choices is not None:
+        validators.append(validate.OneOf(list(spec.choices)))
+        metadata["enum"] = list(spec.choices)
+    if spec.min is not None or spec.max is not None:
+        validators.append(validate.Range(min=spec.min, max=spec.max))
+    if extra_validator is not None:
+        validators.append(extra_validator)
+    return _FIELD_TYPES[spec.type](
+        required=False, load_default=spec.default, validate=validators, metadata=metadata
+    )
+
+
+def predict_arguments() -> dict[str, fields.Field]:
+    """The arguments of POST predict: the image upload, the prediction options, the accept header."""
+    specs = option_specs("prediction")
+    return {
+        "image": fields.Field(
+            required=True,
+            metadata={
+                "type": "file",
+                "location": "form",
+                "description": "Photo of a seed: JPEG, PNG, WebP, TIFF, BMP or GIF.",
+            },
+        ),
+        "top_k": option_field(specs["top_k"]),
+        "timestamp": option_field(specs["timestamp"], _existing_run),
+        # DEEPaaS appends "*/*" to this list and takes its first entry as the default.
+        "accept": fields.Str(
+            required=False,
+            load_default="application/json",
+            validate=validate.OneOf(["application/json"]),
+            metadata={"location": "headers", "description": "Media type of the response."},
+        ),
+    }
+
+
+def train_arguments() -> dict[str, fields.Field]:
+    """The arguments of POST train: every model and training option of the config."""
+    path_checks = {
+        "images_directory": _data_folder("images_directory"),
+        "splits_directory": _data_folder("splits_directory"),
+    }
+    return {
+        name: option_field(spec, path_checks.get(name))
+        for section in ("model", "training")
+        for name, spec in option_specs(section).items()
+    }
+
+
+class _Species(marshmallow.Schema):
+    label_id = fields.Int(required=True, metadata={"description": "Line of the class in classes.txt."})
+    label = fields.Str(required=True, metadata={"description": "Species name, 'Genus species'."})
+    probability = fields.Float(required=True, metadata={"description": "Softmax probability."})
+
+
+class _ImageResult(marshmallow.Schema):
+    image = fields.Str(required=True, metadata={"description": "Name of the uploaded file."})
+    species = fields.List(
+        fields.Nested(_Species), required=True, metadata={"description": "Most probable first."}
+    )
+
+
+class PredictionResponse(marshmallow.Schema):
+    """The JSON answer of predict."""
+
+    run_id = fields.Str(required=True, metadata={"description": "Run that made the prediction."})
+    results = fields.List(
+        fields.Nested(_ImageResult), required=True, metadata={"description": "One per image."}
+    )
+
+
+def _existing_run(run_id: str) -> None:
+    """Validates `timestamp` in the server process, against the runs on disk at request time."""
+    try:
+        runs.resolve_run(Roots.from_env().models, run_id)
+    except InputError as error:
+        raise marshmallow.ValidationError(error.problem) from None
+
+
+def _data_folder(field: str) -> Callable[[str], None]:
+    def check(value: str) -> None:
+        try:
+            path = Roots.from_env().data_path(value, field)
+        except InputError as error:
+            raise marshmallow.ValidationError(error.problem) from None
+        if not path.is_dir():
+            raise marshmallow.ValidationError(f"{value!r} is not a folder inside the data folder")
+
+    return check

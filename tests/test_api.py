@@ -1,0 +1,196 @@
+"""The HTTP surface, through the real DEEPaaS app serving seeds_tf (aiohttp test client)."""
+
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
+from tests.conftest import TINY_OPTIONS, encode, seed_photo
+from tests.deepaas_harness import MODEL_URL, InProcessDeepaas
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, session_roots, tiny_run):
+    """One DEEPaaS app for the module, over copies of the tiny dataset and run. Uploads land in a
+    temporary folder of their own, so the tests can check that none is left behind."""
+    base = tmp_path_factory.mktemp("api")
+    roots = Roots(data=base / "data", models=base / "models")
+    shutil.copytree(session_roots.data, roots.data)
+    shutil.copytree(session_roots.models, roots.models)
+    uploads = base / "uploads"
+    uploads.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DATA_ENV, str(roots.data))
+        patch.setenv(MODELS_ENV, str(roots.models))
+        patch.setattr(tempfile, "tempdir", str(uploads))
+        app = InProcessDeepaas()
+        try:
+            yield app, roots, uploads
+        finally:
+            app.close()
+
+
+@pytest.fixture
+def app(service):
+    app, _, uploads = service
+    yield app
+    assert list(uploads.iterdir()) == [], "an upload was left behind"
+
+
+@pytest.fixture
+def photo(service) -> bytes:
+    return seed_photo(service[1]).read_bytes()
+
+
+def test_the_model_is_listed_with_its_metadata(app, tiny_run):
+    listing = app.request("GET", "/v2/models/")
+    assert listing.status == 200
+    (model,) = listing.json()["models"]
+    assert model["name"] == "seeds_tf"
+    assert model["version"]
+    assert model["license"] == "Apache-2.0"
+    assert model["summary"] and model["description"] and model["authors"]
+    assert model["model"]["run_id"] == tiny_run
+    assert model["model"]["modelname"] == "Xception"
+    assert model["model"]["image_size"] == 71
+    assert model["model"]["num_classes"] == 16
+    assert "test_accuracy" in model["model"]["metrics"]
+    assert app.request("GET", f"{MODEL_URL}/").json()["runs"] == [tiny_run]
+
+
+def test_swagger_documents_the_arguments(app):
+    spec = app.request("GET", "/swagger.json").json()
+    parameters = {p["name"]: p for p in spec["paths"][f"{MODEL_URL}/predict/"]["post"]["parameters"]}
+    assert {"image", "top_k", "timestamp"} <= set(parameters)
+    assert parameters["top_k"]["default"] == 5
+    assert parameters["top_k"]["maximum"] == 1000
+    train = {p["name"]: p for p in spec["paths"][f"{MODEL_URL}/train/"]["post"]["parameters"]}
+    assert train["epochs"]["type"] == "integer"
+    assert train["use_validation"]["type"] == "boolean"
+    assert train["mode"]["enum"] == ["normal", "fast"]
+    assert "Xception" in train["modelname"]["enum"]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_predict_names_the_top_species(app, service, tiny_run, fmt):
+    image = np.asarray(PIL.Image.open(seed_photo(service[1])))
+    response = app.predict({"image": (f"seed.{fmt.lower()}", encode(image, fmt))}, top_k=3)
+    assert response.status == 200, response.body
+    body = response.json()
+    assert body["run_id"] == tiny_run
+    (result,) = body["results"]
+    assert result["image"] == f"seed.{fmt.lower()}"
+    species = result["species"]
+    assert len(species) == 3
+    probabilities = [s["probability"] for s in species]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert all(0.0 <= p <= 1.0 for p in probabilities)
+    classes = (service[1].data / "tiny" / "dataset_files" / "classes.txt").read_text().splitlines()
+    assert all(classes[s["label_id"]] == s["label"] for s in species)
+
+
+def test_the_same_image_always_gets_the_same_answer(app, photo):
+    first = app.predict({"image": ("a.jpg", photo)}).json()
+    second = app.predict({"image": ("a.jpg", photo)}).json()
+    assert first == second
+    assert len(first["results"][0]["species"]) == 5
+
+
+def test_top_k_beyond_the_classes_returns_them_all(app, photo):
+    response = app.predict({"image": ("a.jpg", photo)}, top_k=500)
+    assert len(response.json()["results"][0]["species"]) == 16
+
+
+@pytest.mark.parametrize(
+    ("upload", "fields", "field", "problem"),
+    [
+        (b"GIF89a this is not really an image", {}, "image", "not an image"),
+        (b"", {}, "image", "is empty"),
+        ("truncated", {}, "image", "truncated"),
+        ("photo", {"timestamp": "1999-01-01_000000"}, "timestamp", "unknown run"),
+        ("photo", {"timestamp": "../../etc"}, "timestamp", "unknown run"),
+        ("photo", {"top_k": 0}, "top_k", "greater than or equal to 1"),
+        ("photo", {"top_k": -1}, "top_k", "greater than or equal to 1"),
+        ("photo", {"top_k": "many"}, "top_k", "Not a valid integer"),
+    ],
+)
+def test_bad_input_gets_a_client_error_naming_the_field(app, photo, upload, fields, field, problem):
+    data = {"truncated": photo[: len(photo) // 3], "photo": photo}.get(upload, upload)
+    response = app.predict({"image": ("upload.jpg", data)}, timeout=60, **fields)
+    assert response.status == 422, response.body
+    body = response.json()
+    message = body["message"] if "message" in body else " ".join(body[field])
+    assert field in body.get("field", field)
+    assert problem in message
+    # The server keeps serving.
+    assert app.predict({"image": ("a.jpg", photo)}).status == 200
+
+
+def test_a_missing_image_is_a_client_error(app):
+    response = app.request("POST", f"{MODEL_URL}/predict/", data={"top_k": "3"})
+    assert response.status == 422
+    assert "image" in response.json()
+
+
+def test_train_through_the_api_then_predict_with_the_new_run(app, service, photo, tiny_run):
+    options = {**TINY_OPTIONS, "epochs": 1, "use_validation": "false"}
+    started = app.request("POST", f"{MODEL_URL}/train/", params=options)
+    assert started.status == 200, started.body
+    assert started.json()["status"] == "running"
+    assert started.json()["args"]["use_validation"] is False
+    uuid = started.json()["uuid"]
+
+    status = _wait_for_training(app, uuid)
+    assert status["status"] == "done", status
+    output = status["result"]["output"]
+    assert output["run_id"] != tiny_run
+    assert set(output["metrics"]) == {"test_loss", "test_accuracy", "test_top5_accuracy"}
+    assert any(t["uuid"] == uuid for t in app.request("GET", f"{MODEL_URL}/train/").json())
+
+    # The new run serves without a restart, by name and as the newest.
+    by_name = app.predict({"image": ("a.jpg", photo)}, timestamp=output["run_id"])
+    assert by_name.status == 200, by_name.body
+    assert by_name.json()["run_id"] == output["run_id"]
+    assert app.predict({"image": ("a.jpg", photo)}).json()["run_id"] == output["run_id"]
+    older = app.predict({"image": ("a.jpg", photo)}, timestamp=tiny_run)
+    assert older.json()["run_id"] == tiny_run
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"epochs": "-1"}, "epochs"),
+        ({"epochs": "ten"}, "epochs"),
+        ({"modelname": "AlexNet"}, "modelname"),
+        ({"use_validation": "maybe"}, "use_validation"),
+        ({"images_directory": "../../etc"}, "images_directory"),
+        ({"images_directory": "nowhere"}, "images_directory"),
+    ],
+)
+def test_bad_training_arguments_are_refused_before_any_work(app, options, field):
+    response = app.request("POST", f"{MODEL_URL}/train/", params=options)
+    assert response.status == 422, response.body
+    assert field in response.json()
+
+
+def test_a_dataset_problem_ends_the_training_with_a_clear_message(app, service):
+    options = {**TINY_OPTIONS, "splits_directory": "tiny/images"}
+    uuid = app.request("POST", f"{MODEL_URL}/train/", params=options).json()["uuid"]
+    status = _wait_for_training(app, uuid)
+    assert status["status"] == "error"
+    assert "splits_directory" in status["message"]
+    assert "no classes.txt" in status["message"]
+
+
+def _wait_for_training(app, uuid: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = app.request("GET", f"{MODEL_URL}/train/{uuid}").json()
+        if status["status"] != "running":
+            return status
+        time.sleep(1)
+    raise AssertionError(f"training {uuid} still running after {timeout} s")

@@ -1,0 +1,101 @@
+"""Decoding: every common format to 8-bit RGB, and a clear error for anything else."""
+
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from seeds_tf import images
+from seeds_tf.errors import InputError
+from tests.conftest import encode
+
+RNG = np.random.default_rng(0)
+PHOTO = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF"])
+def test_common_formats_decode_to_rgb(fmt):
+    pixels = images.decode_image(encode(PHOTO, fmt), "image", f"seed.{fmt.lower()}")
+    assert pixels.shape == (40, 60, 3)
+    assert pixels.dtype == np.uint8
+
+
+def test_lossless_formats_keep_the_pixels():
+    assert np.array_equal(images.decode_image(encode(PHOTO, "PNG"), "image", "a.png"), PHOTO)
+
+
+def test_grayscale_and_16_bit_are_scaled_to_8_bit_rgb():
+    gray = images.decode_image(encode(PHOTO[..., 0], "PNG"), "image", "g.png")
+    assert np.array_equal(gray[..., 0], PHOTO[..., 0])
+    assert np.array_equal(gray[..., 0], gray[..., 2])
+    deep = PIL.Image.fromarray(PHOTO[..., 0].astype(np.uint16) * 257)
+    assert deep.mode.startswith("I;16")
+    buffer = io.BytesIO()
+    deep.save(buffer, format="PNG")
+    decoded = images.decode_image(buffer.getvalue(), "image", "deep.png")
+    assert np.abs(decoded[..., 0].astype(int) - PHOTO[..., 0]).max() <= 1
+
+
+def test_transparent_pixels_are_laid_on_white():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[:2, :, :] = (200, 10, 10, 255)
+    decoded = images.decode_image(encode(rgba, "PNG"), "image", "a.png")
+    assert tuple(decoded[0, 0]) == (200, 10, 10)
+    assert tuple(decoded[3, 3]) == (255, 255, 255)
+
+
+def test_cmyk_is_converted():
+    cmyk = PIL.Image.fromarray(PHOTO).convert("CMYK")
+    buffer = io.BytesIO()
+    cmyk.save(buffer, format="JPEG")
+    assert images.decode_image(buffer.getvalue(), "image", "c.jpg").shape == (40, 60, 3)
+
+
+def test_exif_orientation_is_applied():
+    image = PIL.Image.fromarray(PHOTO)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert images.decode_image(buffer.getvalue(), "image", "r.jpg").shape == (60, 40, 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"", "is empty"),
+        (b"this is not an image at all", "not an image"),
+        (encode(PHOTO, "JPEG")[:300], "broken or truncated"),
+        (encode(PHOTO, "PNG")[:100], "broken or truncated"),
+    ],
+)
+def test_bad_bytes_get_a_clear_error(data, problem):
+    with pytest.raises(InputError) as raised:
+        images.decode_image(data, "image", "upload.jpg")
+    assert raised.value.field == "image"
+    assert problem in raised.value.problem
+    assert "upload.jpg" in raised.value.problem
+
+
+def test_too_many_pixels_are_refused_before_decoding():
+    with pytest.raises(InputError, match="more than the limit of 1000"):
+        images.decode_image(encode(PHOTO, "PNG"), "image", "big.png", max_pixels=1000)
+
+
+def test_unreadable_dataset_images_are_found(tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(encode(PHOTO, "JPEG"))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(encode(PHOTO, "JPEG")[:300])
+    text = tmp_path / "text.jpg"
+    text.write_text("hello")
+    problems = images.find_unreadable([good, truncated, text])
+    assert set(problems) == {truncated, text}
+
+
+def test_resize_gives_float_pixels_in_range():
+    resized = images.resize(PHOTO, 71).numpy()
+    assert resized.shape == (71, 71, 3)
+    assert resized.dtype == np.float32
+    assert resized.min() >= 0.0 and resized.max() <= 255.0

@@ -1,0 +1,96 @@
+"""Run folders: unique ids, atomic writes, only complete runs offered, no way out of models/."""
+
+import datetime
+import os
+
+import pytest
+
+from seeds_tf import runs
+from seeds_tf.errors import InputError
+from seeds_tf.paths import Roots
+
+NOW = datetime.datetime(2026, 11, 21, 12, 0, 0)
+
+
+def _complete(models, now=NOW):
+    layout = runs.create_run(models, now)
+    runs.mark_complete(layout, {"metrics": {}})
+    return layout
+
+
+def test_runs_started_in_the_same_second_get_distinct_ids(tmp_path):
+    first = runs.create_run(tmp_path, NOW)
+    second = runs.create_run(tmp_path, NOW)
+    assert (first.run_id, second.run_id) == ("2026-11-21_120000", "2026-11-21_120001")
+    for folder in ("ckpts", "conf", "stats", "logs", "dataset_files", "reports"):
+        assert (first.root / folder).is_dir()
+
+
+def test_only_complete_runs_are_listed_and_the_newest_is_the_default(tmp_path):
+    old = _complete(tmp_path, NOW)
+    runs.create_run(tmp_path, NOW + datetime.timedelta(hours=1))  # died half-way: no run.json
+    (tmp_path / "notes").mkdir()
+    assert runs.complete_runs(tmp_path) == [old.run_id]
+    assert runs.resolve_run(tmp_path, "").run_id == old.run_id
+    newer = _complete(tmp_path, NOW + datetime.timedelta(days=1))
+    assert runs.resolve_run(tmp_path, "").run_id == newer.run_id
+    assert runs.resolve_run(tmp_path, old.run_id).run_id == old.run_id
+
+
+@pytest.mark.parametrize("name", ["..", "../models", "/etc", "2026-11-21_120000/../..", "nope", "notes"])
+def test_unknown_and_path_like_run_names_are_refused_listing_the_runs(tmp_path, name):
+    (tmp_path / "notes").mkdir()
+    existing = _complete(tmp_path)
+    with pytest.raises(InputError) as raised:
+        runs.resolve_run(tmp_path, name)
+    assert raised.value.field == "timestamp"
+    assert existing.run_id in raised.value.problem
+
+
+def test_a_link_out_of_models_is_not_a_run(tmp_path):
+    models = tmp_path / "models"
+    outside = _complete(tmp_path / "elsewhere")
+    models.mkdir()
+    os.symlink(outside.root, models / outside.run_id)
+    assert runs.complete_runs(models) == []
+    with pytest.raises(InputError):
+        runs.resolve_run(models, outside.run_id)
+
+
+def test_no_run_at_all_says_to_train_one(tmp_path):
+    with pytest.raises(InputError, match="train one first"):
+        runs.resolve_run(tmp_path / "models", "")
+
+
+def test_atomic_writes_leave_no_temporary_files(tmp_path):
+    target = tmp_path / "stats" / "stats.json"
+    runs.write_json_atomic(target, {"epochs": [1, 2]})
+    runs.write_json_atomic(target, {"epochs": [1, 2, 3]})
+    assert runs.read_json(target) == {"epochs": [1, 2, 3]}
+    assert os.listdir(target.parent) == ["stats.json"]
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "conf.json"
+    runs.write_json_atomic(target, {"ok": True})
+    with pytest.raises(TypeError):
+        runs.write_json_atomic(target, {"bad": object()})
+    assert runs.read_json(target) == {"ok": True}
+    assert os.listdir(tmp_path) == ["conf.json"]
+
+
+def test_data_paths_stay_inside_the_data_folder(tmp_path):
+    roots = Roots(data=tmp_path / "data", models=tmp_path / "models")
+    (roots.data / "images").mkdir(parents=True)
+    os.symlink("/etc", roots.data / "escape")
+    assert roots.data_path("images", "images_directory") == roots.data / "images"
+    assert roots.data_path(str(roots.data / "images"), "images_directory") == roots.data / "images"
+    for bad in ("..", "../models", "/etc", "escape", "images/../../x"):
+        with pytest.raises(InputError) as raised:
+            roots.data_path(bad, "images_directory")
+        assert raised.value.field == "images_directory"
+
+
+def test_roots_come_from_the_environment(tmp_path):
+    env = {"SEEDS_TF_DATA_DIR": str(tmp_path / "d"), "SEEDS_TF_MODELS_DIR": str(tmp_path / "m")}
+    assert Roots.from_env(env) == Roots(data=tmp_path / "d", models=tmp_path / "m")

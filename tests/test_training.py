@@ -1,0 +1,93 @@
+"""Training end to end on real images with the real Xception, at a tiny size."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from seeds_tf import config, runs, training
+from seeds_tf.errors import InputError
+from seeds_tf.inference import load_run
+from tests.conftest import TINY_OPTIONS
+
+
+def test_a_trained_run_explains_itself(roots, tiny_run):
+    layout = runs.RunLayout(roots.models / tiny_run)
+    summary = runs.read_json(layout.summary_file)
+    assert summary["run_id"] == tiny_run
+    assert summary["modelname"] == "Xception"
+    assert summary["image_size"] == 71
+    assert summary["num_classes"] == 16
+    assert summary["skipped_images"] == 0
+    assert set(summary["metrics"]) == {"test_loss", "test_accuracy", "test_top5_accuracy"}
+
+    saved = config.RunConfig.from_dict(runs.read_json(layout.conf_file))
+    assert saved == config.RunConfig.from_options(**TINY_OPTIONS)
+
+    stats = runs.read_json(layout.stats_file)
+    assert [epoch["epoch"] for epoch in stats["epochs"]] == [1]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"} <= set(stats["epochs"][0])
+    assert stats["training_time_s"] > 0
+
+    for name in ("classes.txt", "info.txt", "train.txt", "val.txt", "test.txt"):
+        assert (layout.dataset_dir / name).is_file()
+    assert any(layout.logs_dir.rglob("events.out.tfevents.*"))
+
+
+def test_a_loaded_run_predicts_as_the_trained_model_evaluated(roots, tiny_run):
+    run = load_run(runs.RunLayout(roots.models / tiny_run))
+    assert run.config.image_size == 71
+    assert len(run.classes) == 16
+    assert run.info is not None and len(run.info) == 16
+    probabilities = run.model.predict_on_batch(np.full((2, 71, 71, 3), 100.0, dtype="float32"))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "problem"),
+    [
+        ({"images_directory": "nowhere"}, "images_directory", "is not a folder"),
+        ({"images_directory": "../.."}, "images_directory", "outside the data folder"),
+        ({"splits_directory": "tiny"}, "splits_directory", "no classes.txt"),
+        ({"image_size": 64}, "image_size", "needs at least 71"),
+        ({"mode": "fast"}, "mode", "pretrained weights"),
+        ({"weights": "missing.h5"}, "weights", "is none"),
+    ],
+)
+def test_bad_training_inputs_fail_before_any_run_is_created(roots, overrides, field, problem):
+    before = sorted(os.listdir(roots.models))
+    with pytest.raises(InputError) as raised:
+        training.train(config.RunConfig.from_options(**{**TINY_OPTIONS, **overrides}), roots)
+    assert raised.value.field == field
+    assert problem in raised.value.problem
+    assert sorted(os.listdir(roots.models)) == before
+
+
+def test_a_split_naming_a_missing_image_fails_before_training(roots):
+    train_txt = roots.data / "tiny" / "dataset_files" / "train.txt"
+    train_txt.write_text(train_txt.read_text() + "Lens_culinaris/gone.jpg 4\n")
+    with pytest.raises(InputError, match=r"missing image 'Lens_culinaris/gone\.jpg'"):
+        training.train(config.RunConfig.from_options(**TINY_OPTIONS), roots)
+
+
+def test_unreadable_images_are_skipped_and_counted(roots):
+    train_txt = roots.data / "tiny" / "dataset_files" / "train.txt"
+    first = train_txt.read_text().splitlines()[0].rsplit(" ", 1)[0]
+    (roots.data / "tiny" / "images" / first).write_bytes(b"not a jpeg")
+    result = training.train(config.RunConfig.from_options(**TINY_OPTIONS), roots)
+    summary = runs.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
+    assert summary["skipped_images"] == 1
+
+
+def test_fast_mode_trains_the_head_only(roots, tmp_path):
+    """A weights file inside the data folder initialises the backbone; fast mode keeps it fixed."""
+    backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3))
+    weights = roots.data / "xception_notop.weights.h5"
+    backbone.save_weights(weights)
+    options = {**TINY_OPTIONS, "mode": "fast", "weights": weights.name}
+    result = training.train(config.RunConfig.from_options(**options), roots)
+    trained = load_run(runs.RunLayout(roots.models / result.run_id)).model
+    np.testing.assert_array_equal(
+        trained.get_layer("block1_conv1").kernel.numpy(), backbone.get_layer("block1_conv1").kernel.numpy()
+    )
