@@ -7,7 +7,6 @@ Small inputs (71 px, the least Xception takes) keep the suite fast on 2 CPU core
 from __future__ import annotations
 
 import io
-import os
 import shutil
 from pathlib import Path
 
@@ -17,9 +16,6 @@ import pytest
 
 from seeds_tf import config, synthetic
 from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
-
-# TensorFlow's C++ start-up chatter hides the test output; errors still show.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TINY_OPTIONS = {
     "weights": "none",

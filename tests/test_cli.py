@@ -1,0 +1,95 @@
+"""The command lines: deepaas-cli against the installed plugin, and seeds-tf itself."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from tests.conftest import TINY_OPTIONS, seed_photo
+
+BIN = Path(sys.executable).parent
+
+
+def _run(command: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _env(roots) -> dict[str, str]:
+    return {DATA_ENV: str(roots.data), MODELS_ENV: str(roots.models), "DEEPAAS_V2_MODEL": "seeds_tf"}
+
+
+def test_deepaas_cli_predict(roots, tiny_run, tmp_path):
+    output = tmp_path / "prediction.json"
+    done = _run(
+        [
+            str(BIN / "deepaas-cli"),
+            "--deepaas_method_output",
+            str(output),
+            "predict",
+            "--image",
+            str(seed_photo(roots)),
+            "--top_k",
+            "3",
+        ],
+        _env(roots),
+    )
+    assert done.returncode == 0, done.stderr
+    prediction = json.loads(output.read_text())
+    assert prediction["run_id"] == tiny_run
+    assert len(prediction["results"][0]["species"]) == 3
+
+
+def test_deepaas_cli_train(roots, tiny_run, tmp_path):
+    output = tmp_path / "training.json"
+    flags = [f"--{name}={value}" for name, value in TINY_OPTIONS.items()]
+    done = _run(
+        [str(BIN / "deepaas-cli"), "--deepaas_method_output", str(output), "train", *flags],
+        _env(roots),
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(output.read_text())["result"]["output"]
+    assert result["run_id"] != tiny_run
+    assert (roots.models / result["run_id"] / "run.json").is_file()
+
+
+def test_seeds_tf_predict_and_runs(roots, tiny_run):
+    done = _run(
+        [str(BIN / "seeds-tf"), "--quiet", "predict", str(seed_photo(roots)), str(seed_photo(roots, 1))],
+        _env(roots),
+    )
+    assert done.returncode == 0, done.stderr
+    prediction = json.loads(done.stdout)
+    assert [r["image"] for r in prediction["results"]] == [str(seed_photo(roots)), str(seed_photo(roots, 1))]
+    assert len(prediction["results"][0]["species"]) == 5
+    listing = _run([str(BIN / "seeds-tf"), "--quiet", "runs"], _env(roots))
+    assert [run["run_id"] for run in json.loads(listing.stdout)] == [tiny_run]
+
+
+def test_seeds_tf_reports_mistakes_with_exit_status_2(roots, tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not an image")
+    cases = [
+        (["predict", str(junk)], "image: "),
+        (["predict", str(tmp_path / "missing.jpg")], "cannot read"),
+        (["predict", str(seed_photo(roots)), "--timestamp", "2000-01-01_000000"], "unknown run"),
+        (["predict", str(seed_photo(roots)), "--top_k", "0"], "top_k: expected >= 1"),
+        (["train", "--images_directory", "nowhere", "--weights", "none"], "images_directory"),
+    ]
+    for arguments, message in cases:
+        done = _run([str(BIN / "seeds-tf"), "--quiet", *arguments], _env(roots))
+        assert done.returncode == 2, (arguments, done.stderr)
+        assert message in done.stderr, (arguments, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+def test_seeds_tf_train_flags_are_typed(roots):
+    done = _run([str(BIN / "seeds-tf"), "train", "--epochs", "many"], _env(roots))
+    assert done.returncode == 2
+    assert "--epochs: invalid int value: 'many'" in done.stderr
+    done = _run([str(BIN / "seeds-tf"), "train", "--mode", "slow"], _env(roots))
+    assert done.returncode == 2
+    assert "invalid choice: 'slow'" in done.stderr

@@ -1,0 +1,84 @@
+"""The package installs and works outside a checkout, and DEEPaaS finds it."""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (built,) = out.glob("seeds_tf-*.whl")
+    return built
+
+
+def test_the_wheel_carries_the_config_as_a_real_file(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        info = archive.getinfo("seeds_tf/config.yaml")
+        assert archive.read(info) == (ROOT / "etc" / "config.yaml").read_bytes()
+        entry_points = archive.read(next(n for n in archive.namelist() if n.endswith("entry_points.txt")))
+    assert "[deepaas.v2.model]\nseeds_tf = seeds_tf.api" in entry_points.decode()
+    assert "seeds-tf = seeds_tf.cli:main" in entry_points.decode()
+
+
+def test_a_non_editable_install_loads_its_config_and_uses_its_own_folders(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    script = (
+        "import json, seeds_tf, seeds_tf.config as c, seeds_tf.paths as p;"
+        "print(json.dumps([seeds_tf.__file__, c.load(c.PredictConfig).top_k,"
+        " str(p.Roots.from_env().models)]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDS_TF_")}
+    env |= {"PYTHONPATH": str(target), "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    module, top_k, models = json.loads(done.stdout)
+    assert module.startswith(str(target))
+    assert top_k == 5
+    assert models == str(tmp_path / "xdg" / "seeds_tf" / "models")
+
+
+def test_deepaas_finds_the_plugin_as_a_module():
+    (entry,) = importlib.metadata.entry_points(group="deepaas.v2.model", name="seeds_tf")
+    assert entry.value == "seeds_tf.api"
+    module = entry.load()
+    for name in ("get_metadata", "warm", "get_predict_args", "predict", "get_train_args", "train"):
+        assert callable(getattr(module, name))
+
+
+def test_importing_the_plugin_does_not_load_tensorflow():
+    """The DEEPaaS server process imports the plugin for metadata and arguments only."""
+    script = "import sys, seeds_tf.api; seeds_tf.api.get_predict_args(); print('tensorflow' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
