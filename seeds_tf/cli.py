@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, roots: Roots):
     from seeds_tf import training
 
-    names = [*config.option_specs("model"), *config.option_specs("training")]
+    names = [name for section in config.RUN_SECTIONS for name in config.option_specs(section)]
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return training.train(config.RunConfig.from_options(**overrides), roots).to_dict()
 
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a new run into the models folder")
-    for section in ("model", "training"):
+    for section in config.RUN_SECTIONS:
         group = train.add_argument_group(f"{section} options (defaults from etc/config.yaml)")
         for spec in config.option_specs(section).values():
             _add_option(group, spec)

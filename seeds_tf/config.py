@@ -76,18 +76,45 @@ class TrainConfig:
 
     images_directory: str
     splits_directory: str
+    val_fraction: float
+    test_fraction: float
     mode: str
     epochs: int
     batch_size: int
     initial_lr: float
+    lr_schedule: str
     backbone_lr_factor: float
     use_validation: bool
     use_class_weights: bool
+    label_smoothing: float
+    use_early_stopping: bool
+    early_stopping_patience: int
+    ckpt_freq: int
     augment: bool
+    mixed_precision: str
+    resume: str
     seed: int
 
     def __post_init__(self):
         _check_fields(self, "training")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentationConfig:
+    """Strength of each random change applied to training images (0 or False turns it off)."""
+
+    flip: bool
+    rotation: float
+    zoom: float
+    contrast: float
+    brightness: float
+    saturation: float
+    noise: float
+    blur: float
+    cutout: float
+
+    def __post_init__(self):
+        _check_fields(self, "augmentation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +128,15 @@ class PredictConfig:
         _check_fields(self, "prediction")
 
 
-_SECTION_OF = {ModelConfig: "model", TrainConfig: "training", PredictConfig: "prediction"}
-Config = TypeVar("Config", ModelConfig, TrainConfig, PredictConfig)
+_SECTION_OF = {
+    ModelConfig: "model",
+    TrainConfig: "training",
+    AugmentationConfig: "augmentation",
+    PredictConfig: "prediction",
+}
+Config = TypeVar("Config", ModelConfig, TrainConfig, AugmentationConfig, PredictConfig)
+RUN_SECTIONS = ("model", "training", "augmentation")
+"""The sections of config.yaml that define a training run (and its DEEPaaS train arguments)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,28 +145,33 @@ class RunConfig:
 
     model: ModelConfig
     training: TrainConfig
+    augmentation: AugmentationConfig
 
     @classmethod
     def from_options(cls, **overrides: Any) -> RunConfig:
-        """Defaults of config.yaml with flat overrides of model and training options."""
-        unknown = set(overrides) - set(option_specs("model")) - set(option_specs("training"))
+        """Defaults of config.yaml with flat overrides of model, training and augmentation options."""
+        known = {name for section in RUN_SECTIONS for name in option_specs(section)}
+        unknown = set(overrides) - known
         if unknown:
-            name = sorted(unknown)[0]
-            raise InputError(name, "unknown training option")
-        model = {k: v for k, v in overrides.items() if k in option_specs("model")}
-        training = {k: v for k, v in overrides.items() if k in option_specs("training")}
-        return cls(load(ModelConfig, **model), load(TrainConfig, **training))
+            raise InputError(sorted(unknown)[0], "unknown training option")
+        return cls.from_dict(
+            {
+                section: {k: v for k, v in overrides.items() if k in option_specs(section)}
+                for section in RUN_SECTIONS
+            }
+        )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {
-            "model": dataclasses.asdict(self.model),
-            "training": dataclasses.asdict(self.training),
-        }
+        return {section: dataclasses.asdict(getattr(self, section)) for section in RUN_SECTIONS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Mapping[str, Any]]) -> RunConfig:
         """Reads a saved run config; options added since it was saved take their defaults."""
-        return cls(load(ModelConfig, **data["model"]), load(TrainConfig, **data["training"]))
+        return cls(
+            model=load(ModelConfig, **data.get("model", {})),
+            training=load(TrainConfig, **data.get("training", {})),
+            augmentation=load(AugmentationConfig, **data.get("augmentation", {})),
+        )
 
 
 def config_path() -> Path:

@@ -97,9 +97,10 @@ def build_classifier(config: ModelConfig, num_classes: int, weights: str | None 
     x = BackbonePreprocessing(config.modelname, name="preprocessing")(inputs)
     backbone = backbone_spec.build(x, weights)
     _set_batchnorm_momentum(backbone, config.batchnorm_momentum)
+    regularizer = keras.regularizers.L2(config.l2_reg) if config.l2_reg else None
+    _regularize_kernels(backbone, regularizer)
 
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
-    regularizer = keras.regularizers.L2(config.l2_reg) if config.l2_reg else None
     if config.dense_units:
         x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
         x = keras.layers.Dense(
@@ -127,6 +128,20 @@ def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
     ]
 
 
+def head_model(model: keras.Model) -> keras.Model:
+    """The head of `model` alone, from pooled backbone features to class probabilities.
+
+    Its layers are the classifier's own, so training the head trains the classifier.
+    """
+    names = [layer.name for layer in model.layers]
+    features = model.get_layer("avg_pool").output
+    inputs = keras.Input(features.shape[1:], name="features")
+    x = inputs
+    for layer in model.layers[names.index("avg_pool") + 1 :]:
+        x = layer(x)
+    return keras.Model(inputs, x, name="head")
+
+
 def save_classifier(model: keras.Model, path: Path) -> None:
     """Saves `model` to `path` (a .keras file) through a temporary name, so a crash never leaves a
     half-written model in place."""
@@ -145,6 +160,18 @@ def load_classifier(path: Path) -> keras.Model:
     """Loads a saved classifier for inference. Safe mode refuses Lambda layers and any other
     deserialisation of code, so a run folder cannot run code in the server."""
     return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+def _regularize_kernels(backbone: keras.Model, regularizer: keras.regularizers.Regularizer | None) -> None:
+    """Puts the L2 penalty on every kernel of the already built backbone.
+
+    keras.applications offers no regularizer argument, and setting a layer's `kernel_regularizer`
+    after it is built does nothing (the original service's bug); a Keras 3 variable's own
+    `regularizer` is what the training loss reads.
+    """
+    for variable in backbone.trainable_weights:
+        if variable.name.endswith("kernel"):
+            variable.regularizer = regularizer
 
 
 def _set_batchnorm_momentum(backbone: keras.Model, momentum: float) -> None:

@@ -14,71 +14,92 @@ import numpy as np
 import tensorflow as tf
 
 from seeds_tf import images
+from seeds_tf.config import AugmentationConfig
 from seeds_tf.splits import Split
 
 
-def augmentation(seed: int) -> keras.Sequential:
+def augmentation(config: AugmentationConfig, seed: int) -> keras.Sequential | None:
     """Random changes a seed photo can plausibly undergo: any orientation, a closer or farther
-    camera, other lighting. Applied to training batches only."""
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal_and_vertical", seed=seed),
-            keras.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed + 1),
-            keras.layers.RandomZoom((-0.2, 0.2), fill_mode="reflect", seed=seed + 2),
-            keras.layers.RandomContrast(0.2, seed=seed + 3),
-            keras.layers.RandomBrightness(0.1, value_range=(0.0, 255.0), seed=seed + 4),
-        ],
-        name="augmentation",
-    )
+    camera, other light and colour, sensor noise, blur, occlusion. None when all are off.
+
+    Each layer gets its own seed derived from `seed`, so a run's augmentation is reproducible.
+    """
+    layers = []
+    if config.flip:
+        layers.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=seed))
+    if config.rotation:
+        layers.append(keras.layers.RandomRotation(config.rotation, fill_mode="reflect", seed=seed + 1))
+    if config.zoom:
+        layers.append(
+            keras.layers.RandomZoom((-config.zoom, config.zoom), fill_mode="reflect", seed=seed + 2)
+        )
+    if config.contrast:
+        layers.append(keras.layers.RandomContrast(config.contrast, seed=seed + 3))
+    if config.brightness:
+        layers.append(keras.layers.RandomBrightness(config.brightness, seed=seed + 4))
+    if config.saturation:
+        # Keras' saturation factor 0.5 is the identity; spread it symmetrically around that.
+        spread = (0.5 - config.saturation / 2, 0.5 + config.saturation / 2)
+        layers.append(keras.layers.RandomSaturation(spread, seed=seed + 5))
+    if config.blur:
+        layers.append(keras.layers.RandomGaussianBlur(config.blur, sigma=(0.1, 1.5), seed=seed + 6))
+    if config.noise:
+        layers.append(keras.layers.GaussianNoise(config.noise, seed=seed + 7))
+    if config.cutout:
+        layers.append(keras.layers.RandomErasing(config.cutout, scale=(0.02, 0.2), seed=seed + 8))
+    return keras.Sequential(layers, name="augmentation") if layers else None
 
 
 def make_dataset(
     split: Split,
     image_size: int,
     batch_size: int,
+    num_classes: int,
     *,
-    training: bool = False,
-    augment: bool = False,
+    shuffle: bool = False,
+    augment: keras.Sequential | None = None,
     seed: int = 0,
 ) -> tf.data.Dataset:
-    """Batches of (images, labels), or of images alone for an unlabelled split.
+    """Batches of (images, one-hot labels), or of images alone for an unlabelled split.
 
     Args:
         split: the images (and labels) to read.
         image_size: side of the square float32 images produced, pixel values in [0, 255].
         batch_size: images per batch; the last batch may be smaller.
-        training: shuffle (reshuffled each epoch, seeded) and apply `augment`.
-        augment: random augmentation, only with `training`; evaluation stays deterministic.
-        seed: seed of shuffling and augmentation.
+        num_classes: length of the one-hot labels (one-hot, so label smoothing can apply).
+        shuffle: reshuffle the images every epoch, seeded by `seed`.
+        augment: layers applied to each training batch (from `augmentation`); None for evaluation,
+            which must stay deterministic.
+        seed: seed of shuffling.
     """
-    paths = tf.data.Dataset.from_tensor_slices([str(path) for path in split.paths])
+    paths = [str(path) for path in split.paths]
     if split.labels is not None:
-        data = tf.data.Dataset.zip(paths, tf.data.Dataset.from_tensor_slices(np.array(split.labels)))
+        labels = tf.one_hot(np.asarray(split.labels), num_classes)
+        data = tf.data.Dataset.from_tensor_slices((paths, labels))
     else:
-        data = paths.map(lambda path: (path, tf.constant(-1, tf.int64)))
-    if training:
-        data = data.shuffle(len(split.paths), seed=seed, reshuffle_each_iteration=True)
+        data = tf.data.Dataset.from_tensor_slices((paths,))
+    if shuffle:
+        data = data.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
-    def load(path, label):
+    def load(path, *label):
         pixels = tf.numpy_function(_read, [path], tf.uint8, stateful=False)
         pixels.set_shape([None, None, 3])
-        return pixels, label
+        return (images.resize(pixels, image_size), *label)
 
     data = data.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    data = data.map(
-        lambda pixels, label: (images.resize(pixels, image_size), label),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
     data = data.batch(batch_size)
-    if training and augment:
-        layers = augmentation(seed)
+    if augment is not None:
+        # Noise and the colour changes can leave the valid range; the model expects [0, 255].
         data = data.map(
-            lambda batch, label: (layers(batch, training=True), label),
+            lambda batch, *label: (tf.clip_by_value(augment(batch, training=True), 0.0, 255.0), *label),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-    if split.labels is None:
-        data = data.map(lambda batch, label: batch)
     return data.prefetch(tf.data.AUTOTUNE)
+
+
+def images_only(data: tf.data.Dataset) -> tf.data.Dataset:
+    """The images of a (images, labels) dataset, for prediction."""
+    return data.map(lambda batch, *label: batch)
 
 
 def _read(path: bytes) -> np.ndarray:

@@ -57,6 +57,15 @@ class RunLayout:
         return self.ckpts_dir / "final.keras"
 
     @property
+    def best_model(self) -> Path:
+        return self.ckpts_dir / "best.keras"
+
+    @property
+    def backup_dir(self) -> Path:
+        """Training state of an unfinished run, from which it resumes."""
+        return self.ckpts_dir / "backup"
+
+    @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
@@ -98,17 +107,21 @@ def create_run(models_dir: Path, now: datetime.datetime | None = None) -> RunLay
 
 def complete_runs(models_dir: Path) -> list[str]:
     """Ids of the complete runs inside models_dir, oldest first."""
-    if not models_dir.is_dir():
-        return []
-    ids = []
-    for entry in models_dir.iterdir():
-        if (
-            _RUN_ID_PATTERN.fullmatch(entry.name)
-            and _inside(entry, models_dir)
-            and RunLayout(entry).is_complete()
-        ):
-            ids.append(entry.name)
-    return sorted(ids)
+    return [layout.run_id for layout in _run_folders(models_dir) if layout.is_complete()]
+
+
+def incomplete_runs(models_dir: Path) -> list[str]:
+    """Ids of the runs that died or are still training (no run.json), oldest first."""
+    return [
+        layout.run_id
+        for layout in _run_folders(models_dir)
+        if not layout.is_complete() and layout.conf_file.is_file()
+    ]
+
+
+def checkpoint_names(layout: RunLayout) -> list[str]:
+    """The models saved in a run's ckpts/, by name without extension ("final", "best", "epoch_0005")."""
+    return sorted(path.stem for path in layout.ckpts_dir.glob("*.keras") if not path.name.startswith("."))
 
 
 def resolve_run(models_dir: Path, run_id: str, field: str = "timestamp") -> RunLayout:
@@ -157,6 +170,19 @@ def write_text_atomic(path: Path, text: str) -> None:
 def mark_complete(layout: RunLayout, summary: dict[str, Any]) -> None:
     """Writes run.json, the last step of a run: from then on the run is offered for prediction."""
     write_json_atomic(layout.summary_file, {"run_id": layout.run_id, **summary})
+
+
+def _run_folders(models_dir: Path) -> list[RunLayout]:
+    if not models_dir.is_dir():
+        return []
+    return sorted(
+        (
+            RunLayout(entry)
+            for entry in models_dir.iterdir()
+            if _RUN_ID_PATTERN.fullmatch(entry.name) and _inside(entry, models_dir)
+        ),
+        key=lambda layout: layout.run_id,
+    )
 
 
 def _inside(entry: Path, models_dir: Path) -> bool:

@@ -13,7 +13,7 @@ import marshmallow
 from marshmallow import fields, validate
 
 from seeds_tf import runs
-from seeds_tf.config import OptionSpec, option_specs
+from seeds_tf.config import RUN_SECTIONS, OptionSpec, option_specs
 from seeds_tf.errors import InputError
 from seeds_tf.paths import Roots
 
@@ -61,14 +61,14 @@ def predict_arguments() -> dict[str, fields.Field]:
 
 
 def train_arguments() -> dict[str, fields.Field]:
-    """The arguments of POST train: every model and training option of the config."""
+    """The arguments of POST train: every model, training and augmentation option of the config."""
     path_checks = {
         "images_directory": _data_folder("images_directory"),
         "splits_directory": _data_folder("splits_directory"),
     }
     return {
         name: option_field(spec, path_checks.get(name))
-        for section in ("model", "training")
+        for section in RUN_SECTIONS
         for name, spec in option_specs(section).items()
     }
 

@@ -1,28 +1,42 @@
-"""Training a run: from a split-file dataset to a complete, evaluated run folder.
+"""Training a run: from a dataset to a complete, evaluated run folder.
 
 Everything the user can get wrong is checked before the run folder is created; the run is marked
-complete (run.json) only after the final model and the evaluation are on disk.
+complete (run.json) only after the final model, the evaluation and the reports are on disk. An
+interrupted run resumes from its last completed epoch (`resume=<run id>`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import logging
 import math
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from seeds_tf import __version__, images, runs
+from seeds_tf import __version__, datasets, distribute, images, reports, runs, tracking
 from seeds_tf.backbones import get_backbone
 from seeds_tf.config import RunConfig
 from seeds_tf.errors import InputError
-from seeds_tf.model import BackboneScaledAdam, backbone_layers, build_classifier, save_classifier
+from seeds_tf.evaluation import evaluate_split
+from seeds_tf.model import (
+    BackboneScaledAdam,
+    backbone_layers,
+    build_classifier,
+    head_model,
+    save_classifier,
+)
 from seeds_tf.paths import Roots
-from seeds_tf.pipeline import make_dataset
+from seeds_tf.pipeline import augmentation, make_dataset
 from seeds_tf.splits import Dataset, copy_split_files, read_dataset
 
 _LOGGER = logging.getLogger(__name__)
@@ -30,67 +44,46 @@ _LOGGER = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """What a finished training reports: the new run and its test metrics (empty without test.txt)."""
+    """What a finished training reports: the run, its test metrics (empty without a labelled test
+    split) and a digest of its final weights (equal on every worker of a distributed run)."""
 
     run_id: str
     metrics: dict[str, float]
     training_time_s: float
+    weights_digest: str
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def train(config: RunConfig, roots: Roots) -> TrainResult:
-    """Trains a new run into `roots.models` and returns its id and test metrics.
+    """Trains a new run into `roots.models` (or resumes the run `config.training.resume`).
 
     Raises:
         InputError: for bad options or a bad dataset, before any run folder is created.
     """
-    dataset, weights = _check_inputs(config, roots)
-    dataset, skipped = _skip_unreadable(dataset)
-    layout = runs.create_run(roots.models)
-    _LOGGER.info("Training run %s on %d classes", layout.run_id, len(dataset.classes))
-    started = time.monotonic()
-    copy_split_files(dataset, layout.dataset_dir)
-    runs.write_json_atomic(layout.conf_file, {**config.to_dict(), "seeds_tf_version": __version__})
-
-    keras.utils.set_random_seed(config.training.seed)
-    model = _compiled_model(config, len(dataset.classes), weights)
-    history = _fit(model, config, dataset, layout)
-    save_classifier(model, layout.final_model)
-    metrics = _evaluate(model, config, dataset)
-    training_time = round(time.monotonic() - started, 1)
-
-    runs.write_json_atomic(
-        layout.stats_file, {"epochs": history, "training_time_s": training_time, "test": metrics}
-    )
-    runs.mark_complete(
-        layout,
-        {
-            "created": layout.run_id,
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "modelname": config.model.modelname,
-            "image_size": config.model.image_size,
-            "num_classes": len(dataset.classes),
-            "skipped_images": skipped,
-            "metrics": metrics,
-            "seeds_tf_version": __version__,
-        },
-    )
-    _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
-    return TrainResult(layout.run_id, metrics, training_time)
+    # On a cluster, collective operations must be configured before any other TensorFlow work.
+    strategy = distribute.strategy()
+    if config.training.resume:
+        return _resume(config.training.resume, roots, strategy)
+    with tempfile.TemporaryDirectory(prefix="seeds_tf_splits_") as staging:
+        dataset, weights = _check_inputs(config, roots, Path(staging))
+        dataset, skipped = _skip_unreadable(dataset)
+        with _run_folder(roots) as layout:
+            copy_split_files(dataset, layout.dataset_dir)
+            runs.write_json_atomic(layout.conf_file, {**config.to_dict(), "seeds_tf_version": __version__})
+            return _train_run(config, dataset, layout, strategy, weights=weights, skipped=skipped)
 
 
-def step_decay(initial_lr: float, epochs: int):
+def step_decay(initial_lr: float, epochs: int) -> Callable[[int], float]:
     """The original schedule: the learning rate divided by 10 at 70% and again at 90% of the epochs."""
-
     boundaries = (math.ceil(0.7 * epochs), math.ceil(0.9 * epochs))
+    return lambda epoch: initial_lr * 0.1 ** sum(epoch >= boundary for boundary in boundaries)
 
-    def schedule(epoch: int, current_lr: float | None = None) -> float:
-        # Keras passes the current rate too; the schedule depends on the epoch alone.
-        return initial_lr * 0.1 ** sum(epoch >= boundary for boundary in boundaries)
 
-    return schedule
+def cosine_decay(initial_lr: float, epochs: int) -> Callable[[int], float]:
+    """Half a cosine from the initial rate at the first epoch towards zero after the last."""
+    return lambda epoch: initial_lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
 def class_weights(labels: tuple[int, ...], num_classes: int) -> dict[int, float]:
@@ -104,7 +97,16 @@ def class_weights(labels: tuple[int, ...], num_classes: int) -> dict[int, float]
     }
 
 
-def _check_inputs(config: RunConfig, roots: Roots) -> tuple[Dataset, str | None]:
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 of all weight values, in order: identical weights give identical digests."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
+
+
+def _check_inputs(config: RunConfig, roots: Roots, staging: Path) -> tuple[Dataset, str | None]:
+    """Checks options and dataset; a folder-per-class dataset is split into `staging` first."""
     training, model = config.training, config.model
     backbone = get_backbone(model.modelname)
     if model.image_size < backbone.min_size:
@@ -119,11 +121,29 @@ def _check_inputs(config: RunConfig, roots: Roots) -> tuple[Dataset, str | None]
             "'fast' freezes the backbone, which only makes sense with pretrained weights; "
             "use weights=imagenet or a weights file, or mode=normal",
         )
-    dataset = read_dataset(
-        roots.data_path(training.splits_directory, "splits_directory"),
-        roots.data_path(training.images_directory, "images_directory"),
-    )
-    return dataset, weights
+    images_dir = roots.data_path(training.images_directory, "images_directory")
+    splits_dir = roots.data_path(training.splits_directory, "splits_directory")
+    if not (splits_dir / "train.txt").is_file() and datasets.is_folder_dataset(images_dir):
+        _LOGGER.info("No split files in %s: splitting the class folders of %s", splits_dir, images_dir)
+        splits_dir = datasets.split_folder_dataset(
+            images_dir,
+            staging,
+            val_fraction=training.val_fraction,
+            test_fraction=training.test_fraction,
+            seed=training.seed,
+        )
+    return read_dataset(splits_dir, images_dir), weights
+
+
+def _initial_weights(weights: str, roots: Roots) -> str | None:
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return weights
+    path = roots.data_path(weights, "weights")
+    if not path.is_file():
+        raise InputError("weights", f"expected 'imagenet', 'none' or a weights file; {path} is none")
+    return str(path)
 
 
 def _skip_unreadable(dataset: Dataset) -> tuple[Dataset, int]:
@@ -141,15 +161,98 @@ def _skip_unreadable(dataset: Dataset) -> tuple[Dataset, int]:
     return dataclasses.replace(dataset, splits=splits), len(unreadable)
 
 
-def _initial_weights(weights: str, roots: Roots) -> str | None:
-    if weights == "none":
-        return None
-    if weights == "imagenet":
-        return weights
-    path = roots.data_path(weights, "weights")
-    if not path.is_file():
-        raise InputError("weights", f"expected 'imagenet', 'none' or a weights file; {path} is none")
-    return str(path)
+@contextlib.contextmanager
+def _run_folder(roots: Roots) -> Iterator[runs.RunLayout]:
+    """A new run folder: in models/ on the chief, in a scratch folder on the other workers of a
+    cluster, which train in lockstep but must not write a second copy of the run."""
+    if distribute.is_chief():
+        yield runs.create_run(roots.models)
+        return
+    with tempfile.TemporaryDirectory(prefix="seeds_tf_worker_") as scratch:
+        yield runs.create_run(Path(scratch))
+
+
+def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy) -> TrainResult:
+    """Continues an interrupted run with its own configuration and split files."""
+    layout = runs.RunLayout(roots.models / run_id)
+    if run_id not in runs.incomplete_runs(roots.models):
+        complete = run_id in runs.complete_runs(roots.models)
+        raise InputError(
+            "resume", f"run {run_id!r} is complete" if complete else f"no interrupted run {run_id!r}"
+        )
+    config = RunConfig.from_dict(runs.read_json(layout.conf_file))
+    images_dir = roots.data_path(config.training.images_directory, "images_directory")
+    dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))
+    _LOGGER.info("Resuming run %s", run_id)
+    weights = _initial_weights(config.model.weights, roots)
+    return _train_run(config, dataset, layout, strategy, weights=weights, skipped=skipped)
+
+
+def _train_run(
+    config: RunConfig,
+    dataset: Dataset,
+    layout: runs.RunLayout,
+    strategy: tf.distribute.Strategy,
+    *,
+    weights: str | None,
+    skipped: int,
+) -> TrainResult:
+    training = config.training
+    num_classes = len(dataset.classes)
+    _LOGGER.info("Training run %s on %d classes (%s)", layout.run_id, num_classes, type(strategy).__name__)
+    started = time.monotonic()
+    keras.utils.set_random_seed(training.seed)
+    with _dtype_policy(training.mixed_precision), strategy.scope():
+        model = _compiled_model(config, num_classes, weights)
+    mlflow = (
+        tracking.MlflowLogger(layout.run_id, _flat_options(config)) if tracking.mlflow_enabled() else None
+    )
+    try:
+        history = _fit(model, config, dataset, layout, strategy, mlflow=mlflow)
+        if training.mixed_precision != "none":
+            model = _float32_copy(model, config, num_classes)
+        save_classifier(model, layout.final_model)
+        metrics = _write_reports(model, config, dataset, layout, history)
+    except BaseException:
+        if mlflow is not None:
+            mlflow.abort()
+        raise
+    training_time = round(time.monotonic() - started, 1)
+    digest = weights_digest(model)
+    runs.write_json_atomic(
+        layout.stats_file, {"epochs": history, "training_time_s": training_time, "test": metrics}
+    )
+    if mlflow is not None:
+        mlflow.finish(metrics, layout.reports_dir)
+    runs.mark_complete(
+        layout,
+        {
+            "created": layout.run_id,
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "modelname": config.model.modelname,
+            "image_size": config.model.image_size,
+            "num_classes": num_classes,
+            "skipped_images": skipped,
+            "checkpoints": runs.checkpoint_names(layout),
+            "metrics": metrics,
+            "weights_digest": digest,
+            "seeds_tf_version": __version__,
+        },
+    )
+    _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
+    return TrainResult(layout.run_id, metrics, training_time, digest)
+
+
+@contextlib.contextmanager
+def _dtype_policy(mixed_precision: str) -> Iterator[None]:
+    """Builds layers under a mixed-precision policy, restoring the process's policy afterwards."""
+    previous = keras.config.dtype_policy()
+    if mixed_precision != "none":
+        keras.config.set_dtype_policy(f"mixed_{mixed_precision}")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def _compiled_model(config: RunConfig, num_classes: int, weights: str | None) -> keras.Model:
@@ -157,68 +260,131 @@ def _compiled_model(config: RunConfig, num_classes: int, weights: str | None) ->
     if config.training.mode == "fast":
         for layer in backbone_layers(model):
             layer.trainable = False
+    _compile(model, config, num_classes)
+    return model
+
+
+def _compile(model: keras.Model, config: RunConfig, num_classes: int) -> None:
     model.compile(
         optimizer=BackboneScaledAdam(
             backbone_lr_factor=config.training.backbone_lr_factor,
             learning_rate=config.training.initial_lr,
         ),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.training.label_smoothing),
         metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
         ],
     )
-    return model
 
 
-def _fit(model: keras.Model, config: RunConfig, dataset: Dataset, layout: runs.RunLayout) -> list:
-    training = config.training
+def _float32_copy(model: keras.Model, config: RunConfig, num_classes: int) -> keras.Model:
+    """The trained weights in a float32 model: serving on CPUs must not run in 16-bit."""
+    copy = build_classifier(config.model, num_classes)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _fit(
+    model: keras.Model,
+    config: RunConfig,
+    dataset: Dataset,
+    layout: runs.RunLayout,
+    strategy: tf.distribute.Strategy,
+    *,
+    mlflow: tracking.MlflowLogger | None,
+) -> list[dict[str, float]]:
+    """Runs model.fit with the run's callbacks; returns the per-epoch records of stats.json."""
+    training, size = config.training, config.model.image_size
+    num_classes = len(dataset.classes)
     train_split = dataset.split("train")
     val_split = dataset.split("val") if training.use_validation else None
+    augment = augmentation(config.augmentation, training.seed) if training.augment else None
+    train_data = make_dataset(
+        train_split, size, training.batch_size, num_classes, shuffle=True, augment=augment, seed=training.seed
+    )
+    val_data = make_dataset(val_split, size, training.batch_size, num_classes) if val_split else None
+
+    fitted = model
+    if training.mode == "fast" and augment is None and strategy.num_replicas_in_sync == 1:
+        # The frozen backbone gives each image the same features every epoch: compute them in
+        # the first epoch, cache them, and train the head alone on the cache afterwards.
+        fitted = head_model(model)
+        _compile(fitted, config, num_classes)
+        train_data = _cached_features(model, train_data, training.batch_size, shuffle_seed=training.seed)
+        val_data = _cached_features(model, val_data, training.batch_size) if val_data else None
+
     epoch_log = _EpochLog(layout)
-    model.fit(
-        make_dataset(
-            train_split,
-            config.model.image_size,
-            training.batch_size,
-            training=True,
-            augment=training.augment,
-            seed=training.seed,
-        ),
-        validation_data=(
-            make_dataset(val_split, config.model.image_size, training.batch_size)
-            if val_split is not None
-            else None
-        ),
+    schedule = {"step": step_decay, "cosine": cosine_decay}[training.lr_schedule]
+    callbacks = [
+        # Saves the training state every epoch, restores it when the run is resumed, and deletes
+        # it once the run has finished.
+        keras.callbacks.BackupAndRestore(str(layout.backup_dir)),
+        keras.callbacks.LearningRateScheduler(schedule(training.initial_lr, training.epochs)),
+        keras.callbacks.TensorBoard(log_dir=str(layout.logs_dir)),
+        _Checkpoints(model, layout, training.ckpt_freq, monitor="val_loss" if val_data else "loss"),
+        epoch_log,
+    ]
+    if training.use_early_stopping:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss" if val_data else "loss",
+                patience=training.early_stopping_patience,
+                restore_best_weights=True,
+            )
+        )
+    if mlflow is not None:
+        callbacks.append(mlflow)
+    fitted.fit(
+        train_data,
+        validation_data=val_data,
         epochs=training.epochs,
         shuffle=False,  # make_dataset shuffles, seeded; Keras cannot shuffle a tf.data.Dataset
-        class_weight=(
-            class_weights(train_split.labels, len(dataset.classes)) if training.use_class_weights else None
-        ),
-        callbacks=[
-            keras.callbacks.LearningRateScheduler(step_decay(training.initial_lr, training.epochs)),
-            keras.callbacks.TensorBoard(log_dir=str(layout.logs_dir)),
-            epoch_log,
-        ],
+        class_weight=class_weights(train_split.labels, num_classes) if training.use_class_weights else None,
+        callbacks=callbacks,
         verbose=0,
     )
     return epoch_log.epochs
 
 
-def _evaluate(model: keras.Model, config: RunConfig, dataset: Dataset) -> dict[str, float]:
+def _cached_features(
+    model: keras.Model, data: tf.data.Dataset, batch_size: int, shuffle_seed: int | None = None
+) -> tf.data.Dataset:
+    """(features, labels) batches whose features the backbone computes once, on the first pass."""
+    extractor = keras.Model(model.input, model.get_layer("avg_pool").output, name="features")
+    features = data.map(lambda batch, labels: (extractor(batch, training=False), labels)).unbatch().cache()
+    if shuffle_seed is not None:
+        features = features.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return features.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _write_reports(
+    model: keras.Model, config: RunConfig, dataset: Dataset, layout: runs.RunLayout, history: list
+) -> dict[str, float]:
+    """Training curves, and the evaluation on the labelled test split; returns the test metrics."""
+    reports.plot_training_curves(history, layout.reports_dir / "training_curves.png")
     test = dataset.split("test")
     if test is None or test.labels is None:
         return {}
-    results = model.evaluate(
-        make_dataset(test, config.model.image_size, config.training.batch_size),
-        return_dict=True,
-        verbose=0,
+    evaluation = evaluate_split(
+        model, test, dataset.classes, config.model.image_size, config.training.batch_size
     )
-    return {f"test_{name}": round(float(value), 6) for name, value in results.items()}
+    reports.write_evaluation(evaluation, layout.reports_dir, prefix="test")
+    return {
+        "test_accuracy": round(evaluation.top1, 6),
+        "test_top5_accuracy": round(evaluation.top5, 6),
+        "test_loss": round(evaluation.log_loss, 6),
+        "test_macro_f1": round(evaluation.macro_f1, 6),
+    }
+
+
+def _flat_options(config: RunConfig) -> dict[str, Any]:
+    return {name: value for section in config.to_dict().values() for name, value in section.items()}
 
 
 class _EpochLog(keras.callbacks.Callback):
-    """Logs a line per epoch and rewrites stats/stats.json, so progress shows while a run trains."""
+    """Logs a line per epoch and rewrites stats/stats.json, so progress shows while a run trains.
+    A resumed run keeps the records of the epochs it had already completed."""
 
     def __init__(self, layout: runs.RunLayout):
         super().__init__()
@@ -226,8 +392,14 @@ class _EpochLog(keras.callbacks.Callback):
         self.epochs: list[dict[str, float]] = []
         self._started = 0.0
 
+    def on_train_begin(self, logs=None):
+        if self._layout.stats_file.is_file():
+            self.epochs = runs.read_json(self._layout.stats_file).get("epochs", [])
+
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.monotonic()
+        # Records beyond the restored epoch belong to the interrupted attempt: it is done again.
+        self.epochs = [record for record in self.epochs if record["epoch"] <= epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         record = {
@@ -243,3 +415,24 @@ class _EpochLog(keras.callbacks.Callback):
         self.epochs.append(record)
         runs.write_json_atomic(self._layout.stats_file, {"epochs": self.epochs})
         _LOGGER.info("Run %s epoch %d: %s", self._layout.run_id, epoch + 1, record)
+
+
+class _Checkpoints(keras.callbacks.Callback):
+    """ckpts/epoch_NNNN.keras every `frequency` epochs and ckpts/best.keras at the best `monitor`,
+    written atomically, for the full classifier even while a head alone is being fitted."""
+
+    def __init__(self, classifier: keras.Model, layout: runs.RunLayout, frequency: int, monitor: str):
+        super().__init__()
+        self._classifier = classifier
+        self._layout = layout
+        self._frequency = frequency
+        self._monitor = monitor
+        self._best = math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._frequency and (epoch + 1) % self._frequency == 0:
+            save_classifier(self._classifier, self._layout.ckpts_dir / f"epoch_{epoch + 1:04d}.keras")
+        value = (logs or {}).get(self._monitor)
+        if value is not None and value < self._best:
+            self._best = value
+            save_classifier(self._classifier, self._layout.best_model)

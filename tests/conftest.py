@@ -81,3 +81,27 @@ def seed_photo(roots: Roots, index: int = 0) -> Path:
     """A test image of the tiny dataset."""
     line = (roots.data / "tiny" / "dataset_files" / "test.txt").read_text().splitlines()[index]
     return roots.data / "tiny" / "images" / line.rsplit(" ", 1)[0]
+
+
+def write_colour_dataset(root: Path, per_class: int = 20, size: int = 80, seed: int = 0) -> None:
+    """Three classes anyone can tell apart (a red, a green or a blue disc on noise) in the split-file
+    format: a network that cannot learn these has a broken training loop."""
+    rng = np.random.default_rng(seed)
+    colours = {"Rubra ruber": (220, 30, 30), "Viridis viridis": (30, 200, 30), "Caerulea caerulea": (30, 30, 220)}
+    (root / "dataset_files").mkdir(parents=True)
+    splits = {"train": [], "val": [], "test": []}
+    for label, (name, colour) in enumerate(colours.items()):
+        (root / "images" / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3)).astype(np.float64)
+            yy, xx = np.mgrid[:size, :size]
+            cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 4) ** 2
+            pixels[disc] = colour
+            relative = f"{name}/{index:03d}.png"
+            PIL.Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / relative)
+            split = "train" if index < per_class * 0.6 else "val" if index < per_class * 0.8 else "test"
+            splits[split].append(f"{relative} {label}")
+    (root / "dataset_files" / "classes.txt").write_text("\n".join(colours) + "\n")
+    for split, lines in splits.items():
+        (root / "dataset_files" / f"{split}.txt").write_text("\n".join(lines) + "\n")

@@ -148,7 +148,7 @@ def test_train_through_the_api_then_predict_with_the_new_run(app, service, photo
     assert status["status"] == "done", status
     output = status["result"]["output"]
     assert output["run_id"] != tiny_run
-    assert set(output["metrics"]) == {"test_loss", "test_accuracy", "test_top5_accuracy"}
+    assert {"test_loss", "test_accuracy", "test_top5_accuracy"} <= set(output["metrics"])
     assert any(t["uuid"] == uuid for t in app.request("GET", f"{MODEL_URL}/train/").json())
 
     # The new run serves without a restart, by name and as the newest.

@@ -9,7 +9,7 @@ import pytest
 from seeds_tf import config, runs, training
 from seeds_tf.errors import InputError
 from seeds_tf.inference import load_run
-from tests.conftest import TINY_OPTIONS
+from tests.conftest import TINY_OPTIONS, write_colour_dataset
 
 
 def test_a_trained_run_explains_itself(roots, tiny_run):
@@ -20,7 +20,9 @@ def test_a_trained_run_explains_itself(roots, tiny_run):
     assert summary["image_size"] == 71
     assert summary["num_classes"] == 16
     assert summary["skipped_images"] == 0
-    assert set(summary["metrics"]) == {"test_loss", "test_accuracy", "test_top5_accuracy"}
+    assert set(summary["metrics"]) == {"test_loss", "test_accuracy", "test_top5_accuracy", "test_macro_f1"}
+    assert summary["checkpoints"] == ["best", "final"]
+    assert len(summary["weights_digest"]) == 64
 
     saved = config.RunConfig.from_dict(runs.read_json(layout.conf_file))
     assert saved == config.RunConfig.from_options(**TINY_OPTIONS)
@@ -33,6 +35,12 @@ def test_a_trained_run_explains_itself(roots, tiny_run):
     for name in ("classes.txt", "info.txt", "train.txt", "val.txt", "test.txt"):
         assert (layout.dataset_dir / name).is_file()
     assert any(layout.logs_dir.rglob("events.out.tfevents.*"))
+    for name in ("training_curves.png", "test_confusion_matrix.png", "test_evaluation.json"):
+        assert (layout.reports_dir / name).stat().st_size > 0
+    evaluation = runs.read_json(layout.reports_dir / "test_evaluation.json")
+    assert evaluation["top1"] == pytest.approx(summary["metrics"]["test_accuracy"], abs=1e-6)
+    assert len(evaluation["per_class"]) == 16
+    assert not layout.backup_dir.exists(), "the resume backup outlived a finished run"
 
 
 def test_a_loaded_run_predicts_as_the_trained_model_evaluated(roots, tiny_run):
@@ -91,3 +99,25 @@ def test_fast_mode_trains_the_head_only(roots, tmp_path):
     np.testing.assert_array_equal(
         trained.get_layer("block1_conv1").kernel.numpy(), backbone.get_layer("block1_conv1").kernel.numpy()
     )
+
+
+def test_the_network_learns(roots):
+    """Loss falls and accuracy rises far above chance (1/3) on an easy dataset. A few dozen steps
+    are all a test affords: a low batch-norm momentum lets the moving statistics, which inference
+    uses, catch up within them."""
+    write_colour_dataset(roots.data / "colours")
+    options = {
+        **TINY_OPTIONS,
+        "images_directory": "colours/images",
+        "splits_directory": "colours/dataset_files",
+        "epochs": 6,
+        "batch_size": 6,
+        "batchnorm_momentum": 0.5,
+        "augment": False,
+    }
+    result = training.train(config.RunConfig.from_options(**options), roots)
+    epochs = runs.read_json(runs.RunLayout(roots.models / result.run_id).stats_file)["epochs"]
+    assert min(epoch["loss"] for epoch in epochs[-2:]) < 0.6 * epochs[0]["loss"]
+    assert epochs[-1]["val_loss"] < 0.6 * epochs[0]["val_loss"]
+    assert epochs[-1]["val_accuracy"] >= 0.8
+    assert result.metrics["test_accuracy"] >= 0.75

@@ -1,0 +1,431 @@
+"""Datasets as users have them: folder-per-class photos turned into split files, and the report that
+`seeds-tf check-dataset` prints before any training.
+
+Folder-per-class means `images/<Genus species>/<any name>.jpg` (any common image format, nested
+folders allowed, hidden files and folders ignored). `split_folder_dataset` writes it out in the split-file
+format of `seeds_tf.splits`, so a run records exactly which images it trained, validated and tested on.
+
+`check_dataset` inspects either layout and collects every problem at once, where `splits.read_dataset`
+stops at the first: users fix their data in one pass instead of one training attempt per problem.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from seeds_tf.errors import InputError
+from seeds_tf.splits import SPLIT_NAMES, parse_split_line, read_lines
+
+_LOGGER = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+"""File name endings (any case) taken for images in a folder-per-class dataset."""
+
+ALL = "all"
+"""The pseudo-split of a folder-per-class dataset in a `DatasetReport`."""
+
+_EXAMPLES = 10
+"""Problems of one kind that `DatasetReport.summary` spells out; the rest are counted."""
+
+_HASH_CHUNK = 1 << 20
+
+
+def is_folder_dataset(images_dir: Path) -> bool:
+    """True when images_dir has at least two sub-folders containing images (the folder-per-class layout)."""
+    if not images_dir.is_dir():
+        return False
+    with_images = (folder for folder in _class_folders(images_dir) if next(_images_in(folder), None))
+    return next(with_images, None) is not None and next(with_images, None) is not None
+
+
+def split_folder_dataset(
+    images_dir: Path,
+    destination: Path,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 42,
+) -> Path:
+    """Writes classes.txt, train.txt, val.txt and test.txt for a folder-per-class dataset into
+    destination (created if needed) and returns destination.
+
+    Classes are the sub-folders holding images, sorted by name; split files list paths relative to
+    images_dir with '/' separators. Each class is shuffled by a generator seeded with (seed, class index)
+    and cut by the fractions, so the split is stratified and byte-for-byte reproducible. Rounding leaves
+    every class of 3 or more images at least one image in each split, train getting the rest; smaller
+    classes go to train only, with a warning. A split whose fraction is 0, or that ends up empty, is not
+    written (and a stale one in destination is removed), since `splits.read_dataset` refuses empty splits.
+
+    Raises:
+        InputError: naming `images_directory`, `val_fraction`, `test_fraction` or `seed`.
+    """
+    fractions = {"val": val_fraction, "test": test_fraction}
+    _check_split_options(fractions, seed)
+    if not images_dir.is_dir():
+        raise InputError("images_directory", f"{images_dir} is not a folder")
+    classes = _folder_classes(images_dir)
+    problems = _folder_problems(images_dir, classes)
+    if problems:
+        raise InputError("images_directory", problems[0])
+
+    lines: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+    for label, (name, paths) in enumerate(classes.items()):
+        rng = np.random.default_rng([seed, label])
+        for split, chosen in _split_class(name, paths, fractions, rng).items():
+            lines[split] += [f"{path} {label}" for path in chosen]
+
+    destination.mkdir(parents=True, exist_ok=True)
+    _write_lines(destination / "classes.txt", list(classes))
+    for split, split_lines in lines.items():
+        target = destination / f"{split}.txt"
+        if split_lines:
+            _write_lines(target, split_lines)
+        else:
+            if fractions.get(split):
+                _LOGGER.warning("No class has enough images for a %s split; %s is not written", split, target)
+            target.unlink(missing_ok=True)
+    return destination
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetReport:
+    """What `check_dataset` found. Paths are relative to the images folder, with '/' separators;
+    "line" counts the non-blank lines of a split file, as `splits.read_split` does."""
+
+    classes: tuple[str, ...]
+    images_per_class: dict[str, dict[str, int]]
+    """Split name -> {class name: usable images}; usable means listed with a valid label, inside the
+    images folder, present and decodable. A folder-per-class dataset has the one split "all"."""
+    unreadable: list[dict]
+    """{"path", "reason"}: files that cannot be decoded as images."""
+    missing: list[dict]
+    """{"split", "line", "path"}: entries naming no file."""
+    bad_labels: list[dict]
+    """{"split", "line", "path", "label"}: a label out of range, or None where a label is required."""
+    empty_classes: list[str]
+    """Classes without a usable image in train (in "all" for a folder-per-class dataset)."""
+    duplicates: list[list[str]]
+    """Groups of two or more files with identical content: reported, not fatal."""
+    in_several_splits: list[dict]
+    """{"path", "splits"}: images listed in two or more splits, which leaks them into evaluation."""
+    outside: list[dict]
+    """{"split", "line", "path"}: entries whose path leaves the images folder."""
+    file_problems: list[str] = dataclasses.field(default_factory=list)
+    """Problems of the dataset files themselves: no train.txt, an empty split file, fewer than two
+    classes, a repeated class name, an info.txt of the wrong length, a name a split file cannot hold."""
+    unlabelled: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Split name -> usable images listed without labels, for a test.txt that omits them all."""
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing would stop or distort training (duplicates alone do not)."""
+        return not (
+            self.missing
+            or self.bad_labels
+            or self.outside
+            or self.unreadable
+            or self.in_several_splits
+            or self.empty_classes
+            or self.file_problems
+        )
+
+    def to_dict(self) -> dict:
+        """The report as JSON-ready data, "ok" included."""
+        return {**dataclasses.asdict(self), "classes": list(self.classes), "ok": self.ok}
+
+    def summary(self) -> str:
+        """The report as text: usable images per class and split, then each kind of problem."""
+        splits = list(self.images_per_class)
+        rows = [["class", *splits]]
+        rows += [[name, *(str(self.images_per_class[s][name]) for s in splits)] for name in self.classes]
+        rows.append(["total", *(str(sum(self.images_per_class[s].values())) for s in splits)])
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        text = [
+            "  ".join(
+                cell.rjust(width) if column else cell.ljust(width)
+                for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        ]
+        text += [f"{split}: {count} unlabelled images" for split, count in self.unlabelled.items()]
+        text.append("")
+        sections = [
+            ("Dataset file problems", self.file_problems),
+            ("Missing images", [f"{e['split']}.txt line {e['line']}: {e['path']}" for e in self.missing]),
+            (
+                "Paths outside the images folder",
+                [f"{e['split']}.txt line {e['line']}: {e['path']}" for e in self.outside],
+            ),
+            (
+                "Bad labels",
+                [
+                    f"{e['split']}.txt line {e['line']}: {e['path']} "
+                    + ("has no label" if e["label"] is None else f"has label {e['label']}")
+                    for e in self.bad_labels
+                ],
+            ),
+            ("Unreadable images", [f"{e['path']}: {e['reason']}" for e in self.unreadable]),
+            (
+                "Images in several splits",
+                [f"{e['path']}: {', '.join(e['splits'])}" for e in self.in_several_splits],
+            ),
+            ("Classes without training images", self.empty_classes),
+            ("Identical images (not fatal)", [" = ".join(group) for group in self.duplicates]),
+        ]
+        for title, items in sections:
+            if items:
+                text.append(f"{title} ({len(items)}):")
+                text += [f"  {item}" for item in items[:_EXAMPLES]]
+                if len(items) > _EXAMPLES:
+                    text.append(f"  ... and {len(items) - _EXAMPLES} more")
+        text.append(
+            "OK: nothing would stop or distort training." if self.ok else "NOT OK: fix the problems above."
+        )
+        return "\n".join(text)
+
+
+def check_dataset(splits_dir: Path | None, images_dir: Path) -> DatasetReport:
+    """Inspects a split-file dataset (splits_dir with classes.txt and train/val/test.txt) or, when
+    splits_dir is None, a folder-per-class dataset under images_dir.
+
+    It parses split files exactly as `splits.read_dataset` does, but never raises for a problem in the
+    data: it reports them all, in one linear pass plus a decode and a hash per distinct file.
+
+    Raises:
+        InputError: only when there is nothing to inspect: images_dir is not a folder, or splits_dir
+            has no classes.txt.
+    """
+    if not images_dir.is_dir():
+        raise InputError("images_directory", f"{images_dir} is not a folder")
+    root = images_dir.resolve()
+    if splits_dir is None:
+        folders = _folder_classes(images_dir)
+        scan = _Scan(tuple(folders), _folder_problems(images_dir, folders))
+        for label, paths in enumerate(folders.values()):
+            scan.entries[ALL] += [(root / path, label) for path in paths]
+        split_names: tuple[str, ...] = (ALL,)
+    else:
+        scan = _scan_split_files(splits_dir, root)
+        split_names = tuple(name for name in SPLIT_NAMES if name in scan.entries)
+    return _report(scan, root, split_names, empty_in=ALL if splits_dir is None else "train")
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What reading the dataset files yields, before any image is opened."""
+
+    classes: tuple[str, ...]
+    file_problems: list[str]
+    entries: dict[str, list[tuple[Path, int | None]]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
+    """Split name -> (resolved image inside the images folder, label if valid) for each entry."""
+    missing: list[dict] = dataclasses.field(default_factory=list)
+    bad_labels: list[dict] = dataclasses.field(default_factory=list)
+    outside: list[dict] = dataclasses.field(default_factory=list)
+    unlabelled_splits: set[str] = dataclasses.field(default_factory=set)
+
+
+def _scan_split_files(splits_dir: Path, root: Path) -> _Scan:
+    if not (splits_dir / "classes.txt").is_file():
+        raise InputError("splits_directory", f"{splits_dir} has no classes.txt")
+    classes = tuple(read_lines(splits_dir / "classes.txt"))
+    scan = _Scan(classes, [])
+    if len(classes) < 2:
+        scan.file_problems.append(f"classes.txt names {len(classes)} class(es); at least 2 are needed")
+    repeated = [name for name, count in collections.Counter(classes).items() if count > 1]
+    scan.file_problems += [f"classes.txt repeats {name!r}" for name in repeated]
+    if (splits_dir / "info.txt").is_file():
+        info = read_lines(splits_dir / "info.txt")
+        if len(info) != len(classes):
+            scan.file_problems.append(f"info.txt has {len(info)} lines for {len(classes)} classes")
+    if not (splits_dir / "train.txt").is_file():
+        scan.file_problems.append("there is no train.txt")
+    for split in SPLIT_NAMES:
+        path = splits_dir / f"{split}.txt"
+        if path.is_file():
+            _scan_split(scan, split, [parse_split_line(line) for line in read_lines(path)], root)
+    return scan
+
+
+def _scan_split(scan: _Scan, split: str, parsed: list[tuple[str, int | None]], root: Path) -> None:
+    """Adds one split file's entries and problems to scan, with the rules of `splits.read_split`."""
+    scan.entries[split] = []
+    if not parsed:
+        scan.file_problems.append(f"{split}.txt lists no images")
+    labels_optional = split == "test" and all(label is None for _, label in parsed)
+    if parsed and labels_optional:
+        scan.unlabelled_splits.add(split)
+    for line, (relative, label) in enumerate(parsed, start=1):
+        entry = {"split": split, "line": line, "path": relative}
+        valid = label is not None and 0 <= label < len(scan.classes)
+        if not valid and not (label is None and labels_optional):
+            scan.bad_labels.append({**entry, "label": label})
+        image = (root / relative).resolve()
+        if not image.is_relative_to(root):
+            scan.outside.append(entry)
+        elif not image.is_file():
+            scan.missing.append(entry)
+        else:
+            scan.entries[split].append((image, label if valid else None))
+
+
+def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str) -> DatasetReport:
+    from seeds_tf import images  # TensorFlow, which images imports, is slow to load
+
+    splits_of: dict[Path, list[str]] = collections.defaultdict(list)
+    for split in split_names:
+        for image, _ in scan.entries[split]:
+            if split not in splits_of[image]:
+                splits_of[image].append(split)
+    files = list(splits_of)
+    unreadable = images.find_unreadable(files)
+
+    counts = {split: dict.fromkeys(scan.classes, 0) for split in split_names}
+    unlabelled: dict[str, int] = collections.Counter()
+    for split in split_names:
+        for image, label in scan.entries[split]:
+            if image in unreadable:
+                continue
+            if label is not None:
+                counts[split][scan.classes[label]] += 1
+            elif split in scan.unlabelled_splits:
+                unlabelled[split] += 1
+
+    def relative(image: Path) -> str:
+        return image.relative_to(root).as_posix()
+
+    return DatasetReport(
+        classes=scan.classes,
+        images_per_class=counts,
+        unreadable=[{"path": relative(image), "reason": reason} for image, reason in unreadable.items()],
+        missing=scan.missing,
+        bad_labels=scan.bad_labels,
+        empty_classes=[name for name in scan.classes if not counts.get(empty_in, {}).get(name)],
+        duplicates=[sorted(relative(image) for image in group) for group in _identical_groups(files)],
+        in_several_splits=[
+            {"path": relative(image), "splits": splits}
+            for image, splits in splits_of.items()
+            if len(splits) > 1
+        ],
+        outside=scan.outside,
+        file_problems=scan.file_problems,
+        unlabelled=dict(unlabelled),
+    )
+
+
+def _identical_groups(files: list[Path], threads: int = 8) -> list[list[Path]]:
+    """Groups of files with identical bytes. Only files sharing their size with another are hashed,
+    which on real photos is few of them."""
+    by_size: dict[int, list[Path]] = collections.defaultdict(list)
+    for path in files:
+        by_size[path.stat().st_size].append(path)
+    candidates = [path for group in by_size.values() if len(group) > 1 for path in group]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        digests = dict(zip(candidates, pool.map(_sha256, candidates), strict=True))
+    by_digest: dict[str, list[Path]] = collections.defaultdict(list)
+    for path, digest in digests.items():
+        by_digest[digest].append(path)
+    return sorted((group for group in by_digest.values() if len(group) > 1), key=min)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _class_folders(images_dir: Path) -> list[Path]:
+    return sorted(
+        (child for child in images_dir.iterdir() if child.is_dir() and not child.name.startswith(".")),
+        key=lambda child: child.name,
+    )
+
+
+def _images_in(folder: Path) -> Iterator[Path]:
+    """Image files under folder, at any depth, skipping hidden files and folders."""
+    for parent, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield Path(parent, name)
+
+
+def _folder_classes(images_dir: Path) -> dict[str, list[str]]:
+    """Class name -> sorted image paths relative to images_dir, for the sub-folders that hold images."""
+    classes = {}
+    for folder in _class_folders(images_dir):
+        paths = sorted(path.relative_to(images_dir).as_posix() for path in _images_in(folder))
+        if paths:
+            classes[folder.name] = paths
+    return classes
+
+
+def _folder_problems(images_dir: Path, classes: dict[str, list[str]]) -> list[str]:
+    """What keeps a folder-per-class dataset from being written as split files."""
+    problems = []
+    if len(classes) < 2:
+        problems.append(f"{images_dir} has {len(classes)} sub-folder(s) with images; at least 2 are needed")
+    for name, paths in classes.items():
+        problems += [
+            f"{text!r} cannot be written to a split file" for text in (name, *paths) if not _listable(text)
+        ]
+    return problems
+
+
+def _listable(text: str) -> bool:
+    """Whether text reads back unchanged from a split file, which strips lines and treats tabs as spaces."""
+    return text == text.strip() and len(text.splitlines()) == 1 and "\t" not in text
+
+
+def _check_split_options(fractions: dict[str, float], seed: int) -> None:
+    for name, fraction in fractions.items():
+        if not 0 <= fraction <= 0.5:
+            raise InputError(f"{name}_fraction", f"must be between 0 and 0.5, got {fraction}")
+    if sum(fractions.values()) >= 1:
+        raise InputError("test_fraction", "val_fraction + test_fraction must be less than 1")
+    if seed < 0:
+        raise InputError("seed", f"must be a non-negative integer, got {seed}")
+
+
+def _split_class(
+    name: str, paths: list[str], fractions: dict[str, float], rng: np.random.Generator
+) -> dict[str, list[str]]:
+    """One class's images for each split, each part in path order."""
+    if len(paths) < 3:
+        _LOGGER.warning("Class %r has only %d image(s); all go to train", name, len(paths))
+        return {"train": paths}
+    counts = _split_counts(len(paths), fractions)
+    order = rng.permutation(len(paths))
+    parts = np.split(order, np.cumsum([counts["val"], counts["test"]]))
+    return {
+        split: [paths[i] for i in sorted(part)]
+        for split, part in zip(("val", "test", "train"), parts, strict=True)
+    }
+
+
+def _split_counts(count: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Images of a class of `count` >= 3 for each non-zero fraction: rounded half up, at least one each,
+    and at least one left for train."""
+    counts = {
+        name: max(1, int(count * fraction + 0.5)) if fraction else 0 for name, fraction in fractions.items()
+    }
+    while count - sum(counts.values()) < 1:
+        largest = max(counts, key=lambda name: counts[name])
+        counts[largest] -= 1
+    return counts
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.write_bytes("".join(f"{line}\n" for line in lines).encode("utf-8"))

@@ -1,0 +1,53 @@
+"""Evaluating a model on a labelled split: the test report of every run, and `seeds-tf evaluate`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from seeds_tf import reports, runs
+from seeds_tf.errors import InputError
+from seeds_tf.inference import load_run
+from seeds_tf.paths import Roots
+from seeds_tf.pipeline import images_only, make_dataset
+from seeds_tf.splits import Split, read_split
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def predict_split(model: keras.Model, split: Split, image_size: int, batch_size: int) -> np.ndarray:
+    """Softmax outputs for every image of `split`, in order, shape (len(split.paths), num_classes)."""
+    num_classes = model.output_shape[-1]
+    data = images_only(make_dataset(split, image_size, batch_size, num_classes))
+    return np.asarray(model.predict(data, verbose=0), dtype=np.float64)
+
+
+def evaluate_split(
+    model: keras.Model, split: Split, classes: tuple[str, ...], image_size: int, batch_size: int
+) -> reports.Evaluation:
+    """Top-1/top-5, per-class precision/recall/F1 and the confusion matrix of `model` on `split`."""
+    if split.labels is None:
+        raise InputError("split", f"{split.name} has no labels to evaluate against")
+    probabilities = predict_split(model, split, image_size, batch_size)
+    return reports.evaluate(split.labels, probabilities, classes, split.name)
+
+
+def evaluate_run(roots: Roots, run_id: str, split_file: Path, batch_size: int = 32) -> reports.Evaluation:
+    """Re-evaluates a complete run on any split file (paths relative to the run's images folder) and
+    writes `reports/<split name>_evaluation.json` and its confusion-matrix PNG into the run."""
+    layout = runs.resolve_run(roots.models, run_id)
+    run = load_run(layout)
+    training = runs.read_json(layout.conf_file)["training"]
+    images_dir = roots.data_path(training["images_directory"], "images_directory")
+    if not split_file.is_file():
+        raise InputError("split_file", f"{split_file} is not a file")
+    split = read_split(split_file, split_file.stem, images_dir, len(run.classes), "split_file")
+    if split.labels is None:
+        raise InputError("split_file", f"{split_file} has no labels to evaluate against")
+    evaluation = evaluate_split(run.model, split, run.classes, run.config.image_size, batch_size)
+    written = reports.write_evaluation(evaluation, layout.reports_dir, prefix=split_file.stem)
+    _LOGGER.info("Run %s on %s: top-1 %.4f; wrote %s", run_id, split_file, evaluation.top1, written)
+    return evaluation

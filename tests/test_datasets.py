@@ -1,0 +1,421 @@
+"""Folder-per-class datasets split into split files, and the check that runs before training."""
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from seeds_tf.datasets import DatasetReport, check_dataset, is_folder_dataset, split_folder_dataset
+from seeds_tf.errors import InputError
+from seeds_tf.splits import read_dataset
+
+
+def _photo(seed: int, fmt: str = "JPEG") -> bytes:
+    """A small noise image, different for each seed, so no two are identical by accident."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _folder_dataset(root: Path, sizes: dict[str, int]) -> Path:
+    """images/<class>/<n>.jpg with sizes[class] images per class."""
+    images = root / "images"
+    seed = 0
+    for name, size in sizes.items():
+        for index in range(size):
+            seed += 1
+            _write(images / name / f"{index:03d}.jpg", _photo(seed))
+    return images
+
+
+def _labels_per_split(dataset) -> dict[str, list[int]]:
+    return {name: sorted(split.labels) for name, split in dataset.splits.items()}
+
+
+# --- folder-per-class datasets -------------------------------------------------------------------------
+
+
+def test_classes_are_sorted_and_each_class_is_cut_by_the_fractions(tmp_path):
+    images = _folder_dataset(tmp_path, {"Zea mays": 20, "Abies alba": 3, "Lens culinaris": 7})
+    destination = split_folder_dataset(images, tmp_path / "splits")
+
+    assert sorted(p.name for p in destination.iterdir()) == [
+        "classes.txt",
+        "test.txt",
+        "train.txt",
+        "val.txt",
+    ]
+    dataset = read_dataset(destination, images)
+    assert dataset.classes == ("Abies alba", "Lens culinaris", "Zea mays")
+    labels = _labels_per_split(dataset)
+    for split in ("train", "val", "test"):
+        assert set(labels[split]) == {0, 1, 2}
+    # 15 % of 20 is 3 images each for val and test.
+    assert [labels[split].count(2) for split in ("train", "val", "test")] == [14, 3, 3]
+    assert [labels[split].count(0) for split in ("train", "val", "test")] == [1, 1, 1]
+    assert sum(len(split.paths) for split in dataset.splits.values()) == 30
+    every_path = [path for split in dataset.splits.values() for path in split.paths]
+    assert len(set(every_path)) == 30
+
+
+def test_the_split_is_reproducible_and_depends_on_the_seed(tmp_path):
+    images = _folder_dataset(tmp_path, {"Genus a": 20, "Genus b": 20})
+    first = split_folder_dataset(images, tmp_path / "one")
+    second = split_folder_dataset(images, tmp_path / "two")
+    other = split_folder_dataset(images, tmp_path / "other", seed=7)
+    for name in ("classes.txt", "train.txt", "val.txt", "test.txt"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    assert (first / "val.txt").read_bytes() != (other / "val.txt").read_bytes()
+    assert (first / "classes.txt").read_bytes() == b"Genus a\nGenus b\n"
+
+
+def test_paths_with_spaces_and_hashes_survive_the_split_files(tmp_path):
+    images = tmp_path / "my images"
+    names = ["seed 1.jpg", "#2.jpg", "lot #3/seed 3.png", "a  b.JPG"]
+    for index, name in enumerate(names):
+        _write(images / "Genus #1 sp" / name, _photo(index))
+        _write(images / "Genus two" / name, _photo(index + 10))
+    destination = split_folder_dataset(images, tmp_path / "splits")
+
+    dataset = read_dataset(destination, images)
+    assert dataset.classes == ("Genus #1 sp", "Genus two")
+    listed = {path for split in dataset.splits.values() for path in split.paths}
+    assert listed == {(images / folder / name).resolve() for folder in dataset.classes for name in names}
+    assert (
+        "lot #3/seed 3.png"
+        in (destination / "train.txt").read_text()
+        + (destination / "val.txt").read_text()
+        + (destination / "test.txt").read_text()
+    )
+
+
+def test_tiny_classes_go_to_train_only_with_a_warning(tmp_path, caplog):
+    images = _folder_dataset(tmp_path, {"Big one": 10, "Small one": 2, "Single one": 1})
+    with caplog.at_level(logging.WARNING, logger="seeds_tf.datasets"):
+        destination = split_folder_dataset(images, tmp_path / "splits")
+    labels = _labels_per_split(read_dataset(destination, images))
+    assert labels["train"].count(1) == 1
+    assert labels["train"].count(2) == 2
+    assert set(labels["val"]) == set(labels["test"]) == {0}
+    assert "'Small one' has only 2 image(s)" in caplog.text
+    assert "'Single one' has only 1 image(s)" in caplog.text
+
+
+def test_hidden_files_and_other_extensions_are_ignored(tmp_path):
+    images = tmp_path / "images"
+    for name in ("a.jpg", "b.JPEG", "c.png", "d.webp", "e.tif", "f.TIFF", "g.bmp", "h.gif", "deep/i.jpg"):
+        _write(images / "Genus a" / name, b"x")
+        _write(images / "Genus b" / name, b"x")
+    for name in (".hidden.jpg", ".thumbnails/j.jpg", "notes.txt", "k.jpg.bak", "Thumbs.db", "l.raw"):
+        _write(images / "Genus a" / name, b"x")
+    _write(images / ".git" / "m.jpg", b"x")
+    _write(images / "loose.jpg", b"x")
+    (images / "Empty folder").mkdir()
+    _write(images / "Only notes" / "notes.txt", b"x")
+
+    destination = split_folder_dataset(images, tmp_path / "splits", val_fraction=0, test_fraction=0)
+
+    assert (destination / "classes.txt").read_text() == "Genus a\nGenus b\n"
+    assert sorted(p.name for p in destination.iterdir()) == ["classes.txt", "train.txt"]
+    train = (destination / "train.txt").read_text().splitlines()
+    assert len(train) == 18
+    assert "Genus a/deep/i.jpg 0" in train
+    assert "Genus b/f.TIFF 1" in train
+
+
+def test_a_zero_fraction_writes_no_split_file_and_removes_a_stale_one(tmp_path):
+    images = _folder_dataset(tmp_path, {"Genus a": 5, "Genus b": 5})
+    destination = tmp_path / "splits"
+    split_folder_dataset(images, destination)
+    split_folder_dataset(images, destination, val_fraction=0.2, test_fraction=0)
+    assert sorted(p.name for p in destination.iterdir()) == ["classes.txt", "train.txt", "val.txt"]
+    assert _labels_per_split(read_dataset(destination, images)) == {"train": [0] * 4 + [1] * 4, "val": [0, 1]}
+
+
+@pytest.mark.parametrize(
+    ("sizes", "options", "field", "message"),
+    [
+        ({"Genus a": 3}, {}, "images_directory", "1 sub-folder(s) with images"),
+        ({}, {}, "images_directory", "0 sub-folder(s)"),
+        ({"Genus a": 3, " Genus b": 3}, {}, "images_directory", "cannot be written to a split file"),
+        ({"Genus a": 3, "Genus b": 3}, {"val_fraction": 0.6}, "val_fraction", "between 0 and 0.5"),
+        ({"Genus a": 3, "Genus b": 3}, {"test_fraction": -0.1}, "test_fraction", "between 0 and 0.5"),
+        ({"Genus a": 3, "Genus b": 3}, {"test_fraction": float("nan")}, "test_fraction", "between 0 and 0.5"),
+        (
+            {"Genus a": 3, "Genus b": 3},
+            {"val_fraction": 0.5, "test_fraction": 0.5},
+            "test_fraction",
+            "less than 1",
+        ),
+        ({"Genus a": 3, "Genus b": 3}, {"seed": -1}, "seed", "non-negative"),
+    ],
+)
+def test_bad_folder_datasets_and_options_are_refused(tmp_path, sizes, options, field, message):
+    images = _folder_dataset(tmp_path, sizes)
+    images.mkdir(exist_ok=True)
+    with pytest.raises(InputError) as raised:
+        split_folder_dataset(images, tmp_path / "splits", **options)
+    assert raised.value.field == field
+    assert message in raised.value.problem
+    assert not (tmp_path / "splits").exists()
+
+
+def test_a_missing_images_folder_is_refused(tmp_path):
+    with pytest.raises(InputError) as raised:
+        split_folder_dataset(tmp_path / "nowhere", tmp_path / "splits")
+    assert raised.value.field == "images_directory"
+
+
+def test_the_folder_layout_is_recognised(tmp_path):
+    assert is_folder_dataset(_folder_dataset(tmp_path / "two", {"Genus a": 1, "Genus b": 1}))
+    assert not is_folder_dataset(_folder_dataset(tmp_path / "one", {"Genus a": 3}))
+    flat = _write(tmp_path / "flat" / "a.jpg", b"x").parent
+    _write(flat / "notes" / "a.txt", b"x")
+    _write(flat / "more notes" / "b.txt", b"x")
+    assert not is_folder_dataset(flat)
+    assert not is_folder_dataset(tmp_path / "nowhere")
+
+
+# --- check_dataset on split files -------------------------------------------------------------------------
+
+
+def _split_dataset(root: Path, files: dict[str, str], images: dict[str, bytes]) -> tuple[Path, Path]:
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    for name, data in images.items():
+        _write(images_dir / name, data)
+    splits = root / "splits"
+    splits.mkdir()
+    for name, text in files.items():
+        (splits / name).write_bytes(text.encode())
+    return splits, images_dir
+
+
+def test_every_problem_of_a_broken_dataset_is_reported(tmp_path):
+    twin = _photo(99)
+    splits, images = _split_dataset(
+        tmp_path,
+        {
+            "classes.txt": "Genus a\nGenus b\nGenus c\n",
+            "train.txt": "\n".join(
+                [
+                    "a/good.jpg 0",
+                    "b/good.jpg 1",
+                    "a/truncated.jpg 0",
+                    "b/text.jpg 1",
+                    "a/missing.jpg 0",
+                    "b/label out.jpg 3",
+                    "b/no label.jpg",
+                    "a/leak.jpg 0",
+                    "a/twin one.jpg 0",
+                    "b/twin two.jpg 1",
+                    "../outside.jpg 0",
+                ]
+            ),
+            "val.txt": "c/only val.jpg 2\n",
+            "test.txt": "a/leak.jpg 0\nb/test.jpg 1\n",
+        },
+        {
+            "a/good.jpg": _photo(1),
+            "b/good.jpg": _photo(2),
+            "a/truncated.jpg": _photo(3)[:400],
+            "b/text.jpg": b"not an image at all",
+            "b/label out.jpg": _photo(4),
+            "b/no label.jpg": _photo(5),
+            "a/leak.jpg": _photo(6),
+            "a/twin one.jpg": twin,
+            "b/twin two.jpg": twin,
+            "c/only val.jpg": _photo(7),
+            "b/test.jpg": _photo(8),
+        },
+    )
+    _write(tmp_path / "outside.jpg", _photo(9))
+
+    report = check_dataset(splits, images)
+
+    assert report.classes == ("Genus a", "Genus b", "Genus c")
+    assert report.images_per_class == {
+        "train": {"Genus a": 3, "Genus b": 2, "Genus c": 0},
+        "val": {"Genus a": 0, "Genus b": 0, "Genus c": 1},
+        "test": {"Genus a": 1, "Genus b": 1, "Genus c": 0},
+    }
+    assert sorted(entry["path"] for entry in report.unreadable) == ["a/truncated.jpg", "b/text.jpg"]
+    assert report.missing == [{"split": "train", "line": 5, "path": "a/missing.jpg"}]
+    assert report.bad_labels == [
+        {"split": "train", "line": 6, "path": "b/label out.jpg", "label": 3},
+        {"split": "train", "line": 7, "path": "b/no label.jpg", "label": None},
+    ]
+    assert report.empty_classes == ["Genus c"]
+    assert report.duplicates == [["a/twin one.jpg", "b/twin two.jpg"]]
+    assert report.in_several_splits == [{"path": "a/leak.jpg", "splits": ["train", "test"]}]
+    assert report.outside == [{"split": "train", "line": 11, "path": "../outside.jpg"}]
+    assert report.file_problems == []
+    assert not report.ok
+
+    summary = report.summary()
+    for text in (
+        "a/truncated.jpg",
+        "b/text.jpg",
+        "train.txt line 5: a/missing.jpg",
+        "b/label out.jpg has label 3",
+        "b/no label.jpg has no label",
+        "a/leak.jpg: train, test",
+        "a/twin one.jpg = b/twin two.jpg",
+        "Genus c",
+        "../outside.jpg",
+        "NOT OK",
+    ):
+        assert text in summary
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["ok"] is False
+    assert data["classes"] == ["Genus a", "Genus b", "Genus c"]
+    assert data["bad_labels"][1]["label"] is None
+
+
+def test_a_clean_dataset_is_ok_with_exact_counts(tmp_path):
+    splits, images = _split_dataset(
+        tmp_path,
+        {
+            "classes.txt": "\ufeffGenus one\r\nGenus two\r\n\r\n",
+            "info.txt": "first\nsecond\n",
+            "train.txt": "a b.jpg 0\r\n\r\n#c.jpg 1\r\nlot #4/d e.png 1\r\n",
+            "val.txt": "v.jpg 0\nw.jpg 1",
+            "test.txt": "t 1.jpg\nt 2.jpg\n",
+        },
+        {
+            "a b.jpg": _photo(1),
+            "#c.jpg": _photo(2),
+            "lot #4/d e.png": _photo(3, "PNG"),
+            "v.jpg": _photo(4),
+            "w.jpg": _photo(5),
+            "t 1.jpg": _photo(6),
+            "t 2.jpg": _photo(7),
+        },
+    )
+    report = check_dataset(splits, images)
+    assert report.ok
+    assert report.images_per_class == {
+        "train": {"Genus one": 1, "Genus two": 2},
+        "val": {"Genus one": 1, "Genus two": 1},
+        "test": {"Genus one": 0, "Genus two": 0},
+    }
+    assert report.unlabelled == {"test": 2}
+    assert not (report.unreadable or report.missing or report.bad_labels or report.duplicates)
+    summary = report.summary()
+    assert "Genus two      2    1     0" in summary
+    assert "test: 2 unlabelled images" in summary
+    assert summary.endswith("OK: nothing would stop or distort training.")
+    assert json.loads(json.dumps(report.to_dict()))["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        ({"classes.txt": "A a\nB b", "val.txt": "x.jpg 0"}, "there is no train.txt"),
+        ({"classes.txt": "A a", "train.txt": "x.jpg 0"}, "classes.txt names 1 class(es)"),
+        ({"classes.txt": "A a\nB b\nA a", "train.txt": "x.jpg 0\ny.jpg 1"}, "classes.txt repeats 'A a'"),
+        (
+            {"classes.txt": "A a\nB b", "info.txt": "one", "train.txt": "x.jpg 0\ny.jpg 1"},
+            "info.txt has 1 lines",
+        ),
+        (
+            {"classes.txt": "A a\nB b", "train.txt": "x.jpg 0\ny.jpg 1", "val.txt": "\n\n"},
+            "val.txt lists no images",
+        ),
+    ],
+)
+def test_problems_of_the_dataset_files_are_reported_not_raised(tmp_path, files, problem):
+    splits, images = _split_dataset(tmp_path, files, {"x.jpg": _photo(1), "y.jpg": _photo(2)})
+    report = check_dataset(splits, images)
+    assert any(problem in text for text in report.file_problems)
+    assert not report.ok
+    assert problem in report.summary()
+
+
+def test_a_partly_labelled_test_split_reports_the_unlabelled_entries(tmp_path):
+    splits, images = _split_dataset(
+        tmp_path,
+        {"classes.txt": "A a\nB b", "train.txt": "x.jpg 0\ny.jpg 1", "test.txt": "x.jpg 0\ny.jpg"},
+        {"x.jpg": _photo(1), "y.jpg": _photo(2)},
+    )
+    report = check_dataset(splits, images)
+    assert report.bad_labels == [{"split": "test", "line": 2, "path": "y.jpg", "label": None}]
+    assert report.unlabelled == {}
+
+
+def test_long_problem_lists_are_cut_in_the_summary(tmp_path):
+    train = "\n".join(f"missing {i}.jpg 0" for i in range(12)) + "\nx.jpg 0\ny.jpg 1"
+    splits, images = _split_dataset(
+        tmp_path, {"classes.txt": "A a\nB b", "train.txt": train}, {"x.jpg": _photo(1), "y.jpg": _photo(2)}
+    )
+    summary = check_dataset(splits, images).summary()
+    assert "Missing images (12):" in summary
+    assert "missing 9.jpg" in summary
+    assert "missing 10.jpg" not in summary
+    assert "... and 2 more" in summary
+
+
+def test_nothing_to_inspect_raises(tmp_path):
+    splits, images = _split_dataset(tmp_path, {"train.txt": "x.jpg 0"}, {"x.jpg": _photo(1)})
+    with pytest.raises(InputError) as raised:
+        check_dataset(splits, images)
+    assert raised.value.field == "splits_directory"
+    with pytest.raises(InputError) as raised:
+        check_dataset(None, tmp_path / "nowhere")
+    assert raised.value.field == "images_directory"
+
+
+# --- check_dataset on folder-per-class datasets ---------------------------------------------------------
+
+
+def test_a_folder_dataset_is_checked_as_one_split(tmp_path):
+    images = _folder_dataset(tmp_path, {"Genus b": 3, "Genus a": 2})
+    _write(images / "Genus a" / "broken.png", b"\x89PNG not really")
+    _write(images / "Genus c" / "only.jpg", b"")
+    (images / "Genus b" / "copy.jpg").write_bytes((images / "Genus a" / "000.jpg").read_bytes())
+    _write(images / "Genus b" / ".hidden.jpg", b"")
+
+    report = check_dataset(None, images)
+
+    assert report.classes == ("Genus a", "Genus b", "Genus c")
+    assert report.images_per_class == {"all": {"Genus a": 2, "Genus b": 4, "Genus c": 0}}
+    assert sorted(entry["path"] for entry in report.unreadable) == ["Genus a/broken.png", "Genus c/only.jpg"]
+    assert report.empty_classes == ["Genus c"]
+    assert report.duplicates == [["Genus a/000.jpg", "Genus b/copy.jpg"]]
+    assert not report.ok
+    assert "Genus c/only.jpg" in report.summary()
+
+
+def test_a_split_folder_dataset_checks_clean_both_ways(tmp_path):
+    images = _folder_dataset(tmp_path, {"Genus a": 8, "Genus b": 6})
+    folder_report = check_dataset(None, images)
+    assert folder_report.ok
+    assert folder_report.images_per_class == {"all": {"Genus a": 8, "Genus b": 6}}
+
+    split_report = check_dataset(split_folder_dataset(images, tmp_path / "splits"), images)
+    assert split_report.ok
+    totals = {
+        name: sum(split[name] for split in split_report.images_per_class.values())
+        for name in ("Genus a", "Genus b")
+    }
+    assert totals == {"Genus a": 8, "Genus b": 6}
+
+
+def test_a_folder_with_one_class_is_reported(tmp_path):
+    report = check_dataset(None, _folder_dataset(tmp_path, {"Genus a": 3}))
+    assert isinstance(report, DatasetReport)
+    assert report.file_problems == [
+        f"{tmp_path / 'images'} has 1 sub-folder(s) with images; at least 2 are needed"
+    ]
+    assert not report.ok
