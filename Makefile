@@ -26,10 +26,14 @@ serve: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/seeds-tf demo --force
 
+## bench: benchmarks, figures as ratios measured side by side (benchmarks/results.json)
+bench: $(STAMP)
+	$(BIN)/python benchmarks/pipeline.py
+
 ## lint: ruff (style, bugs, bandit rules) and bandit itself
 lint: $(STAMP)
-	$(BIN)/ruff check seeds_tf tests
-	$(BIN)/ruff format --check seeds_tf tests
+	$(BIN)/ruff check seeds_tf tests benchmarks
+	$(BIN)/ruff format --check seeds_tf tests benchmarks
 	$(BIN)/bandit -q -c pyproject.toml -r seeds_tf
 
 ## test: set up, lint, and run the whole suite

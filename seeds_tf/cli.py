@@ -5,6 +5,8 @@
     seeds-tf demo                                    # the demo run, trained if models/ has none
     seeds-tf synthetic data/synthetic_seeds          # the synthetic seeds dataset
     seeds-tf runs                                    # the complete runs and their test metrics
+    seeds-tf check-dataset                           # a report on a dataset before training
+    seeds-tf evaluate 2026-11-21_215742 other.txt    # a run on another labelled split
 
 Mistakes in the input end with a message naming the argument and exit status 2.
 """
@@ -84,6 +86,26 @@ def _synthetic(args: argparse.Namespace, roots: Roots):
     return {"splits_directory": str(splits_dir)}
 
 
+def _check_dataset(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import datasets
+
+    images_dir = roots.data_path(args.images_directory, "images_directory")
+    splits_dir = None if args.folders else roots.data_path(args.splits_directory, "splits_directory")
+    report = datasets.check_dataset(splits_dir, images_dir)
+    print(report.summary(), file=sys.stderr)
+    if args.json:
+        return report.to_dict()
+    if not report.ok:
+        raise InputError("dataset", "problems found; see the report above")
+    return None
+
+
+def _evaluate(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import evaluation
+
+    return evaluation.evaluate_run(roots, args.run, Path(args.split_file), args.batch_size).to_dict()
+
+
 def _runs(args: argparse.Namespace, roots: Roots):
     return [
         runs.read_json(runs.RunLayout(roots.models / run_id).summary_file)
@@ -122,6 +144,25 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--image-size", type=int, default=128)
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.set_defaults(command=_synthetic)
+
+    check = commands.add_parser(
+        "check-dataset", help="report on a dataset before training: counts, unreadable files, duplicates"
+    )
+    check.add_argument(
+        "--images_directory", default=config.option_specs("training")["images_directory"].default
+    )
+    check.add_argument(
+        "--splits_directory", default=config.option_specs("training")["splits_directory"].default
+    )
+    check.add_argument("--folders", action="store_true", help="one sub-folder per class, no split files")
+    check.add_argument("--json", action="store_true", help="print the full report as JSON")
+    check.set_defaults(command=_check_dataset)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a run on a split file; writes its reports")
+    evaluate.add_argument("run", help="run id (YYYY-mm-dd_HHMMSS)")
+    evaluate.add_argument("split_file", help="split file: '<path relative to the images folder> <label id>'")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.set_defaults(command=_evaluate)
 
     listing = commands.add_parser("runs", help="list the complete runs with their test metrics")
     listing.set_defaults(command=_runs)

@@ -44,7 +44,10 @@ def augmentation(config: AugmentationConfig, seed: int) -> keras.Sequential | No
     if config.blur:
         layers.append(keras.layers.RandomGaussianBlur(config.blur, sigma=(0.1, 1.5), seed=seed + 6))
     if config.noise:
+        # GaussianNoise takes a standard deviation of at most 1: apply it on [0, 1] pixels.
+        layers.append(keras.layers.Rescaling(1 / 255))
         layers.append(keras.layers.GaussianNoise(config.noise, seed=seed + 7))
+        layers.append(keras.layers.Rescaling(255))
     if config.cutout:
         layers.append(keras.layers.RandomErasing(config.cutout, scale=(0.02, 0.2), seed=seed + 8))
     return keras.Sequential(layers, name="augmentation") if layers else None
@@ -67,7 +70,7 @@ def make_dataset(
         image_size: side of the square float32 images produced, pixel values in [0, 255].
         batch_size: images per batch; the last batch may be smaller.
         num_classes: length of the one-hot labels (one-hot, so label smoothing can apply).
-        shuffle: reshuffle the images every epoch, seeded by `seed`.
+        shuffle: reshuffle the images every epoch, seeded by `seed` (for training).
         augment: layers applied to each training batch (from `augmentation`); None for evaluation,
             which must stay deterministic.
         seed: seed of shuffling.
@@ -87,7 +90,9 @@ def make_dataset(
         return (images.resize(pixels, image_size), *label)
 
     data = data.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    data = data.batch(batch_size)
+    # Training drops the last, partial batch: a few images give noisy batch-norm statistics, and a
+    # second batch shape would trace the whole train step a second time.
+    data = data.batch(batch_size, drop_remainder=shuffle and len(paths) > batch_size)
     if augment is not None:
         # Noise and the colour changes can leave the valid range; the model expects [0, 255].
         data = data.map(

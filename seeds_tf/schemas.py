@@ -62,9 +62,11 @@ def predict_arguments() -> dict[str, fields.Field]:
 
 def train_arguments() -> dict[str, fields.Field]:
     """The arguments of POST train: every model, training and augmentation option of the config."""
+    # splits_directory may be absent: a folder-per-class dataset is split by the training itself.
     path_checks = {
-        "images_directory": _data_folder("images_directory"),
-        "splits_directory": _data_folder("splits_directory"),
+        "images_directory": _data_path("images_directory", must_be_folder=True),
+        "splits_directory": _data_path("splits_directory", must_be_folder=False),
+        "weights": _weights,
     }
     return {
         name: option_field(spec, path_checks.get(name))
@@ -103,13 +105,20 @@ def _existing_run(run_id: str) -> None:
         raise marshmallow.ValidationError(error.problem) from None
 
 
-def _data_folder(field: str) -> Callable[[str], None]:
+def _data_path(field: str, must_be_folder: bool) -> Callable[[str], None]:
+    """Validates a path argument in the server process: inside the data folder (and a folder)."""
+
     def check(value: str) -> None:
         try:
             path = Roots.from_env().data_path(value, field)
         except InputError as error:
             raise marshmallow.ValidationError(error.problem) from None
-        if not path.is_dir():
+        if must_be_folder and not path.is_dir():
             raise marshmallow.ValidationError(f"{value!r} is not a folder inside the data folder")
 
     return check
+
+
+def _weights(value: str) -> None:
+    if value not in ("imagenet", "none"):
+        _data_path("weights", must_be_folder=False)(value)

@@ -260,11 +260,12 @@ def _compiled_model(config: RunConfig, num_classes: int, weights: str | None) ->
     if config.training.mode == "fast":
         for layer in backbone_layers(model):
             layer.trainable = False
-    _compile(model, config, num_classes)
+    compile_classifier(model, config, num_classes)
     return model
 
 
-def _compile(model: keras.Model, config: RunConfig, num_classes: int) -> None:
+def compile_classifier(model: keras.Model, config: RunConfig, num_classes: int) -> None:
+    """Adam with the backbone at its own rate, cross-entropy with label smoothing, top-1 and top-5."""
     model.compile(
         optimizer=BackboneScaledAdam(
             backbone_lr_factor=config.training.backbone_lr_factor,
@@ -310,7 +311,7 @@ def _fit(
         # The frozen backbone gives each image the same features every epoch: compute them in
         # the first epoch, cache them, and train the head alone on the cache afterwards.
         fitted = head_model(model)
-        _compile(fitted, config, num_classes)
+        compile_classifier(fitted, config, num_classes)
         train_data = _cached_features(model, train_data, training.batch_size, shuffle_seed=training.seed)
         val_data = _cached_features(model, val_data, training.batch_size) if val_data else None
 

@@ -87,7 +87,11 @@ def write_colour_dataset(root: Path, per_class: int = 20, size: int = 80, seed: 
     """Three classes anyone can tell apart (a red, a green or a blue disc on noise) in the split-file
     format: a network that cannot learn these has a broken training loop."""
     rng = np.random.default_rng(seed)
-    colours = {"Rubra ruber": (220, 30, 30), "Viridis viridis": (30, 200, 30), "Caerulea caerulea": (30, 30, 220)}
+    colours = {
+        "Rubra ruber": (220, 30, 30),
+        "Viridis viridis": (30, 200, 30),
+        "Caerulea caerulea": (30, 30, 220),
+    }
     (root / "dataset_files").mkdir(parents=True)
     splits = {"train": [], "val": [], "test": []}
     for label, (name, colour) in enumerate(colours.items()):

@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from seeds_tf import runs
 from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
 from tests.conftest import TINY_OPTIONS, encode, seed_photo
 from tests.deepaas_harness import MODEL_URL, InProcessDeepaas
@@ -178,7 +179,8 @@ def test_bad_training_arguments_are_refused_before_any_work(app, options, field)
 
 
 def test_a_dataset_problem_ends_the_training_with_a_clear_message(app, service):
-    options = {**TINY_OPTIONS, "splits_directory": "tiny/images"}
+    # Neither split files nor one folder per class: nothing to train on.
+    options = {**TINY_OPTIONS, "splits_directory": "tiny/images", "images_directory": "tiny/dataset_files"}
     uuid = app.request("POST", f"{MODEL_URL}/train/", params=options).json()["uuid"]
     status = _wait_for_training(app, uuid)
     assert status["status"] == "error"
@@ -194,3 +196,24 @@ def _wait_for_training(app, uuid: str, timeout: float = 300) -> dict:
             return status
         time.sleep(1)
     raise AssertionError(f"training {uuid} still running after {timeout} s")
+
+
+def test_a_cancelled_training_leaves_no_complete_run_and_the_service_recovers(app, service, photo):
+    """DEEPaaS kills the worker of a cancelled training (its DELETE answers 500 in 2.6.0, a server
+    bug); the half-made run is never offered, and the replacement worker loads a model lazily."""
+    roots = service[1]
+    before = set(runs.complete_runs(roots.models))
+    options = {**TINY_OPTIONS, "epochs": 50}
+    uuid = app.request("POST", f"{MODEL_URL}/train/", params=options).json()["uuid"]
+    deadline = time.monotonic() + 120
+    while not runs.incomplete_runs(roots.models) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (started,) = runs.incomplete_runs(roots.models)
+    app.request("DELETE", f"{MODEL_URL}/train/{uuid}")
+    assert set(runs.complete_runs(roots.models)) == before
+    assert started in runs.incomplete_runs(roots.models)
+    listing = app.request("GET", f"{MODEL_URL}/").json()
+    assert started not in listing["runs"]
+    answer = app.predict({"image": ("a.jpg", photo)})
+    assert answer.status == 200, answer.body
+    assert answer.json()["run_id"] != started

@@ -57,7 +57,11 @@ def test_a_loaded_run_predicts_as_the_trained_model_evaluated(roots, tiny_run):
     [
         ({"images_directory": "nowhere"}, "images_directory", "is not a folder"),
         ({"images_directory": "../.."}, "images_directory", "outside the data folder"),
-        ({"splits_directory": "tiny"}, "splits_directory", "no classes.txt"),
+        (
+            {"splits_directory": "tiny", "images_directory": "tiny/dataset_files"},
+            "splits_directory",
+            "no classes",
+        ),
         ({"image_size": 64}, "image_size", "needs at least 71"),
         ({"mode": "fast"}, "mode", "pretrained weights"),
         ({"weights": "missing.h5"}, "weights", "is none"),

@@ -1,0 +1,197 @@
+"""The training features beyond a plain run: folder datasets, checkpoints, early stopping, schedules,
+mixed precision, MLflow, resume after a crash, check-dataset and evaluate."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from seeds_tf import config, runs, training
+from seeds_tf.inference import load_run
+from seeds_tf.model import build_classifier
+from tests.conftest import TINY_OPTIONS, write_colour_dataset
+
+BIN = Path(sys.executable).parent
+COLOURS = {
+    **TINY_OPTIONS,
+    "images_directory": "colours/images",
+    "splits_directory": "colours/dataset_files",
+    "batch_size": 8,
+}
+
+
+@pytest.fixture
+def colours(roots):
+    write_colour_dataset(roots.data / "colours", per_class=10)
+    return roots
+
+
+def test_a_run_with_every_option_on(colours, tmp_path, monkeypatch):
+    """Folder-per-class data, cosine schedule, checkpoints every epoch, early stopping, label
+    smoothing, class weights, bfloat16 mixed precision, MLflow to a local file store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    options = {
+        **COLOURS,
+        "splits_directory": "colours/no_split_files",
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+        "epochs": 2,
+        "lr_schedule": "cosine",
+        "ckpt_freq": 1,
+        "use_early_stopping": True,
+        "early_stopping_patience": 1,
+        "label_smoothing": 0.1,
+        "use_class_weights": True,
+        "mixed_precision": "bfloat16",
+        "noise": 0.02,
+        "cutout": 0.5,
+    }
+    result = training.train(config.RunConfig.from_options(**options), colours)
+    layout = runs.RunLayout(colours.models / result.run_id)
+
+    # The folder dataset was split, stratified, and the split files were recorded in the run.
+    split_sizes = {
+        name: len((layout.dataset_dir / f"{name}.txt").read_text().splitlines())
+        for name in ("train", "val", "test")
+    }
+    assert split_sizes == {"train": 18, "val": 6, "test": 6}
+    assert (layout.dataset_dir / "classes.txt").read_text().splitlines() == [
+        "Caerulea caerulea",
+        "Rubra ruber",
+        "Viridis viridis",
+    ]
+
+    summary = runs.read_json(layout.summary_file)
+    assert summary["checkpoints"] == ["best", "epoch_0001", "epoch_0002", "final"]
+    epochs = runs.read_json(layout.stats_file)["epochs"]
+    assert [e["lr"] for e in epochs] == pytest.approx([0.001, 0.001 * 0.5 * (1 + math.cos(math.pi / 2))])
+
+    # Early stopping restored the best epoch's weights, which best.keras holds too.
+    final = load_run(layout).model
+    best = keras.saving.load_model(layout.best_model, compile=False, safe_mode=True)
+    assert training.weights_digest(best) == summary["weights_digest"] == training.weights_digest(final)
+    # Trained in bfloat16, served in float32.
+    assert {layer.dtype_policy.name for layer in final.layers} == {"float32"}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("seeds_tf").experiment_id])
+    assert mlflow_run.info.run_name == result.run_id
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.params["lr_schedule"] == "cosine"
+    assert "test_accuracy" in mlflow_run.data.metrics
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "loss")) == 2
+
+
+def test_schedules_and_class_weights():
+    assert [training.step_decay(1.0, 10)(e) for e in (0, 6, 7, 8, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    assert [training.step_decay(1.0, 2)(e) for e in (0, 1)] == [1.0, 1.0]
+    assert training.cosine_decay(1.0, 4)(2) == pytest.approx(0.5)
+    weights = training.class_weights((0, 0, 0, 1), 3)
+    assert weights == {0: pytest.approx(2 / 3), 1: 2.0, 2: 1.0}
+    assert all(math.isfinite(w) for w in weights.values())
+
+
+def test_l2_reaches_every_kernel_and_a_seed_fixes_the_initialisation():
+    model_config = config.load(config.ModelConfig, image_size=71, dense_units=8, weights="none", l2_reg=1e-3)
+    keras.utils.set_random_seed(7)
+    model = build_classifier(model_config, 3)
+    kernels = [v for v in model.trainable_weights if v.name.endswith("kernel")]
+    expected = 1e-3 * sum(float(np.sum(np.square(keras.ops.convert_to_numpy(v)))) for v in kernels)
+    assert len(model.losses) == len(kernels) > 70
+    assert float(sum(keras.ops.convert_to_numpy(loss) for loss in model.losses)) == pytest.approx(
+        expected, rel=1e-4
+    )
+    keras.utils.set_random_seed(7)
+    assert training.weights_digest(build_classifier(model_config, 3)) == training.weights_digest(model)
+
+
+def _seeds_tf(*arguments: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "seeds-tf"), "--quiet", *arguments],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _flags(options: dict) -> list[str]:
+    return [f"--{name}={value}" for name, value in options.items() if not isinstance(value, bool)]
+
+
+def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
+    options = {**COLOURS, "epochs": 3}
+    before = set(os.listdir(colours.models))
+    process = _seeds_tf("train", *_flags(options))
+    stats = None
+    deadline = time.monotonic() + 300
+    while stats is None and time.monotonic() < deadline and process.poll() is None:
+        for candidate in colours.models.glob("*/stats/stats.json"):
+            if candidate.parent.parent.name not in before and runs.read_json(candidate)["epochs"]:
+                stats = candidate
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    _, errors = process.communicate()
+    assert stats is not None, errors
+    run_id = stats.parent.parent.name
+    assert run_id not in runs.complete_runs(colours.models)
+    assert run_id in runs.incomplete_runs(colours.models)
+
+    resumed = _seeds_tf("train", "--resume", run_id, "--epochs", "50")  # the run's own epochs win
+    output, errors = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, errors
+    assert json.loads(output)["run_id"] == run_id
+    layout = runs.RunLayout(colours.models / run_id)
+    epochs = runs.read_json(layout.stats_file)["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert config.RunConfig.from_dict(runs.read_json(layout.conf_file)).training.epochs == 3
+    assert layout.is_complete()
+
+    again = _seeds_tf("train", "--resume", run_id)
+    _, errors = again.communicate(timeout=120)
+    assert again.returncode == 2
+    assert "is complete" in errors
+
+
+def test_check_dataset_and_evaluate_commands(roots, tiny_run):
+    check = _seeds_tf(
+        "check-dataset",
+        "--images_directory",
+        "tiny/images",
+        "--splits_directory",
+        "tiny/dataset_files",
+        "--json",
+    )
+    output, errors = check.communicate(timeout=120)
+    assert check.returncode == 0, errors
+    report = json.loads(output)
+    assert report["ok"] is True
+    assert sum(report["images_per_class"]["train"].values()) > 0
+
+    (roots.data / "tiny" / "images" / "Lens_culinaris" / "0000.jpg").write_bytes(b"broken")
+    broken = _seeds_tf(
+        "check-dataset", "--images_directory", "tiny/images", "--splits_directory", "tiny/dataset_files"
+    )
+    _, errors = broken.communicate(timeout=120)
+    assert broken.returncode == 2
+    assert "0000.jpg" in errors
+
+    split_file = roots.data / "tiny" / "dataset_files" / "val.txt"
+    evaluate = _seeds_tf("evaluate", tiny_run, str(split_file))
+    output, errors = evaluate.communicate(timeout=300)
+    assert evaluate.returncode == 0, errors
+    assert json.loads(output)["num_images"] == len(split_file.read_text().splitlines())
+    assert (roots.models / tiny_run / "reports" / "val_evaluation.json").is_file()
+    assert (roots.models / tiny_run / "reports" / "val_confusion_matrix.png").is_file()
