@@ -13,12 +13,11 @@ from training, and exports carry it along.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import keras
 
+from seeds_tf import runs
 from seeds_tf.backbones import get_backbone
 from seeds_tf.config import ModelConfig
 
@@ -143,17 +142,9 @@ def head_model(model: keras.Model) -> keras.Model:
 
 
 def save_classifier(model: keras.Model, path: Path) -> None:
-    """Saves `model` to `path` (a .keras file) through a temporary name, so a crash never leaves a
-    half-written model in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
-    os.close(handle)
-    try:
+    """Saves `model` to `path` (a .keras file) atomically: a crash never leaves half a model."""
+    with runs.atomic_path(path) as temporary:
         model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def load_classifier(path: Path) -> keras.Model:

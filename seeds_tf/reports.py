@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from seeds_tf.runs import write_json_atomic
+from seeds_tf import runs
 
 TOP_K = 5
 _MIN_PROBABILITY = 1e-7
@@ -118,7 +116,7 @@ def write_evaluation(evaluation: Evaluation, folder: Path, prefix: str = "test")
         The paths written, JSON first.
     """
     json_path = folder / f"{prefix}_evaluation.json"
-    write_json_atomic(json_path, evaluation.to_dict())
+    runs.write_json_atomic(json_path, evaluation.to_dict())
     png_path = _save_png_atomic(_confusion_figure(evaluation), folder / f"{prefix}_confusion_matrix.png")
     return [json_path, png_path]
 
@@ -336,18 +334,8 @@ def _duration(seconds: float) -> str:
 
 
 def _save_png_atomic(figure: Figure, path: Path) -> Path:
-    """Saves to a temporary file beside `path`, then renames it: readers never see half a picture."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Renders `figure` to a PNG at `path`, atomically."""
     FigureCanvasAgg(figure)  # attaches itself to the figure: rendering needs no pyplot backend
-    with tempfile.NamedTemporaryFile(
-        "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False
-    ) as stream:
-        try:
-            figure.savefig(stream, format="png", dpi=_DPI, facecolor="white")
-            stream.flush()
-            os.fsync(stream.fileno())
-        except BaseException:
-            os.unlink(stream.name)
-            raise
-    os.replace(stream.name, path)
+    with runs.atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=_DPI, facecolor="white")
     return path

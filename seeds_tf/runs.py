@@ -7,12 +7,14 @@ a run without it died half-way and is never offered for prediction.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,19 +154,28 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Writes to a temporary file beside `path`, then renames it: readers never see half a file."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; renamed over `path` when the block
+    succeeds, removed when it fails. Readers never see half a file, and a crash leaves the previous
+    version in place. Every artifact of a run (models, JSON, pictures) is written through this."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as stream:
-        try:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        except BaseException:
-            os.unlink(stream.name)
-            raise
-    os.replace(stream.name, path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        # mkstemp makes the file private; runs are read by other processes and users.
+        temporary.chmod(0o644)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def mark_complete(layout: RunLayout, summary: dict[str, Any]) -> None:

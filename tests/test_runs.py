@@ -94,3 +94,14 @@ def test_data_paths_stay_inside_the_data_folder(tmp_path):
 def test_roots_come_from_the_environment(tmp_path):
     env = {"SEEDS_TF_DATA_DIR": str(tmp_path / "d"), "SEEDS_TF_MODELS_DIR": str(tmp_path / "m")}
     assert Roots.from_env(env) == Roots(data=tmp_path / "d", models=tmp_path / "m")
+
+
+def test_a_write_that_fails_half_way_leaves_the_previous_file_and_no_debris(tmp_path):
+    target = tmp_path / "ckpts" / "final.keras"
+    runs.write_text_atomic(target, "version 1")
+    with pytest.raises(RuntimeError), runs.atomic_path(target) as temporary:
+        temporary.write_text("half of version 2")
+        raise RuntimeError("killed mid-save")
+    assert target.read_text() == "version 1"
+    assert os.listdir(target.parent) == ["final.keras"]
+    assert target.stat().st_mode & 0o777 == 0o644
