@@ -93,7 +93,9 @@ def predict(**args) -> dict[str, Any]:
     upload = args["image"]
     try:
         with _client_errors():
-            options = config.load(config.PredictConfig, top_k=args["top_k"], timestamp=args["timestamp"])
+            options = config.load(
+                config.PredictConfig, **{name: args[name] for name in config.option_specs("prediction")}
+            )
             name, data = _read_upload(upload)
             return inference.predict(Roots.from_env(), _run_cache(), options, [(name, data)])
     finally:

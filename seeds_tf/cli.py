@@ -57,7 +57,9 @@ def _train(args: argparse.Namespace, roots: Roots):
 def _predict(args: argparse.Namespace, roots: Roots):
     from seeds_tf import inference
 
-    options = config.load(config.PredictConfig, top_k=args.top_k, timestamp=args.timestamp)
+    options = config.load(
+        config.PredictConfig, **{name: getattr(args, name) for name in config.option_specs("prediction")}
+    )
     uploads = []
     for path in args.images:
         try:

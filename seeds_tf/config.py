@@ -123,6 +123,8 @@ class PredictConfig:
 
     top_k: int
     timestamp: str
+    ckpt_name: str
+    tta: str
 
     def __post_init__(self):
         _check_fields(self, "prediction")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from seeds_tf import images, runs
 from seeds_tf.config import ModelConfig, PredictConfig, RunConfig
@@ -20,98 +23,152 @@ from seeds_tf.splits import read_lines
 
 _LOGGER = logging.getLogger(__name__)
 
+TEN_CROP_FRACTION = 0.875
+"""Side of each ten-crop view as a fraction of the enlarged image, as in the classic ImageNet recipe."""
+
 
 @dataclasses.dataclass(frozen=True)
 class LoadedRun:
-    """A run ready to predict: its model with the config and class names it was trained with."""
+    """A run ready to predict: a checkpoint's model with the config and classes it was trained with."""
 
     run_id: str
+    checkpoint: str
     model: keras.Model
     config: ModelConfig
     classes: tuple[str, ...]
     info: tuple[str, ...] | None
 
 
-def load_run(layout: runs.RunLayout) -> LoadedRun:
-    """Loads the final model of a complete run, with its class names and model config."""
+def load_run(layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
+    """Loads a checkpoint of a complete run, with its class names and model config."""
+    model_file = runs.resolve_checkpoint(layout, checkpoint)
     config = RunConfig.from_dict(runs.read_json(layout.conf_file)).model
     classes = tuple(read_lines(layout.dataset_dir / "classes.txt"))
     info_file = layout.dataset_dir / "info.txt"
     info = tuple(read_lines(info_file)) if info_file.is_file() else None
-    model = load_classifier(layout.final_model)
+    model = load_classifier(model_file)
     if model.output_shape[-1] != len(classes):
         raise ValueError(
             f"Run {layout.run_id}: the model has {model.output_shape[-1]} outputs for {len(classes)} classes"
         )
-    _LOGGER.info("Loaded run %s (%s, %d px)", layout.run_id, config.modelname, config.image_size)
-    return LoadedRun(layout.run_id, model, config, classes, info)
+    _LOGGER.info(
+        "Loaded run %s/%s (%s, %d px)", layout.run_id, checkpoint, config.modelname, config.image_size
+    )
+    return LoadedRun(layout.run_id, checkpoint, model, config, classes, info)
 
 
 class RunCache:
-    """The runs loaded in this process, the least recently used dropped beyond `capacity`.
+    """The checkpoints loaded in this process, the least recently used dropped beyond `capacity`.
 
-    A run is keyed by its id and the modification time of its model file, so a run replaced on disk
-    is loaded again. Thread-safe: loading happens under a lock.
+    A checkpoint is keyed by run, name and the modification time of its file, so a file replaced
+    on disk is loaded again. Thread-safe: loading happens under a lock.
     """
 
     def __init__(self, capacity: int = 2):
         self._capacity = capacity
-        self._runs: collections.OrderedDict[tuple[str, int], LoadedRun] = collections.OrderedDict()
+        self._runs: collections.OrderedDict[tuple[str, str, int], LoadedRun] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, layout: runs.RunLayout) -> LoadedRun:
-        key = (layout.run_id, layout.final_model.stat().st_mtime_ns)
+    def get(self, layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
+        key = (layout.run_id, checkpoint, runs.resolve_checkpoint(layout, checkpoint).stat().st_mtime_ns)
         with self._lock:
             if key not in self._runs:
-                self._runs[key] = load_run(layout)
+                self._runs[key] = load_run(layout, checkpoint)
                 while len(self._runs) > self._capacity:
                     self._runs.popitem(last=False)
             self._runs.move_to_end(key)
             return self._runs[key]
 
 
-def classify(run: LoadedRun, pixels: Sequence[np.ndarray], top_k: int) -> list[list[dict[str, Any]]]:
-    """The top_k species for each image, most probable first.
+def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
+    """The deterministic views of one image that test-time augmentation averages over.
 
-    Args:
-        run: the loaded run that predicts.
-        pixels: RGB uint8 images of any size, as `images.decode_image` gives them.
-        top_k: how many species to return per image (all of them when there are fewer).
+    Returns float32 images of shape (views, image_size, image_size, 3): 1 for "none", 2 for "flip"
+    (the image and its mirror image), 10 for "ten_crop" (corners and centre of the image enlarged by
+    1 / TEN_CROP_FRACTION, and their mirror images).
     """
-    batch = np.stack([images.resize(image, run.config.image_size).numpy() for image in pixels])
-    probabilities = np.asarray(run.model.predict_on_batch(batch), dtype=np.float64)
-    k = min(top_k, len(run.classes))
-    results = []
-    for row in probabilities:
-        best = np.argsort(-row, kind="stable")[:k]
-        results.append(
-            [{"label_id": int(i), "label": run.classes[i], "probability": float(row[i])} for i in best]
-        )
-    return results
+    if tta == "ten_crop":
+        enlarged = round(image_size / TEN_CROP_FRACTION)
+        big = images.resize(pixels, enlarged)
+        far = enlarged - image_size
+        corners = [(0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2)]
+        crops = tf.stack([big[y : y + image_size, x : x + image_size] for y, x in corners])
+        return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0).numpy()
+    view = images.resize(pixels, image_size)[tf.newaxis]
+    if tta == "flip":
+        view = tf.concat([view, tf.image.flip_left_right(view)], axis=0)
+    return view.numpy()
+
+
+def class_probabilities(run: LoadedRun, pixels: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+    """Softmax probabilities, shape (len(pixels), num_classes), each the mean over its TTA views.
+    All views of all images go through the network as one batch."""
+    views = [tta_views(image, run.config.image_size, tta) for image in pixels]
+    outputs = np.asarray(run.model.predict_on_batch(np.concatenate(views)), dtype=np.float64)
+    counts = np.cumsum([0, *(len(v) for v in views)])
+    return np.stack([outputs[start:end].mean(axis=0) for start, end in itertools.pairwise(counts)])
+
+
+def species_links(name: str) -> dict[str, str]:
+    """Where to read about a species: Wikipedia, GBIF's species search and an image search."""
+    return {
+        "wikipedia": f"https://en.wikipedia.org/wiki/{urllib.parse.quote(name.replace(' ', '_'))}",
+        "gbif": f"https://www.gbif.org/species/search?q={urllib.parse.quote(name)}",
+        "images": f"https://www.google.com/search?tbm=isch&q={urllib.parse.quote_plus(name)}",
+    }
+
+
+def ranked(run: LoadedRun, probabilities: np.ndarray, top_k: int) -> dict[str, list[dict[str, Any]]]:
+    """The top_k species (with info and links) and the top_k genera of one probability vector.
+
+    A genus is the first word of "Genus species"; its probability is the sum over its species.
+    """
+    best = np.argsort(-probabilities, kind="stable")[: min(top_k, len(run.classes))]
+    species = [
+        {
+            "label_id": int(i),
+            "label": run.classes[i],
+            "probability": float(probabilities[i]),
+            "info": run.info[i] if run.info else "",
+            "links": species_links(run.classes[i]),
+        }
+        for i in best
+    ]
+    by_genus: dict[str, float] = collections.defaultdict(float)
+    for name, probability in zip(run.classes, probabilities, strict=True):
+        by_genus[name.split()[0] if name.split() else name] += float(probability)
+    genera = sorted(by_genus.items(), key=lambda item: -item[1])[:top_k]
+    return {
+        "species": species,
+        "genera": [{"genus": genus, "probability": probability} for genus, probability in genera],
+    }
 
 
 def predict(
     roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[tuple[str, bytes]]
 ) -> dict[str, Any]:
-    """Answers one prediction request: the run chosen by `config.timestamp` names the species in
-    each uploaded image.
+    """Answers one prediction request: the run and checkpoint `config` names say which species
+    are in each image.
 
     Args:
         roots: where the runs are.
-        cache: the runs already loaded in this process.
-        config: top_k and the run to use.
+        cache: the checkpoints already loaded in this process.
+        config: top_k, tta, and the run and checkpoint to use.
         uploads: (name, encoded bytes) of each image, in the order of the response.
 
     Raises:
-        InputError: for an unknown run or an image that cannot be decoded.
+        InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
     """
     layout = runs.resolve_run(roots.models, config.timestamp)
     pixels = [images.decode_image(data, "image", name) for name, data in uploads]
-    run = cache.get(layout)
-    species = classify(run, pixels, config.top_k)
+    run = cache.get(layout, config.ckpt_name)
+    probabilities = class_probabilities(run, pixels, config.tta)
     return {
         "run_id": run.run_id,
+        "checkpoint": run.checkpoint,
+        "tta": config.tta,
         "results": [
-            {"image": name, "species": ranked} for (name, _), ranked in zip(uploads, species, strict=True)
+            {"image": name, **ranked(run, row, config.top_k)}
+            for (name, _), row in zip(uploads, probabilities, strict=True)
         ],
     }

@@ -121,6 +121,18 @@ def incomplete_runs(models_dir: Path) -> list[str]:
     ]
 
 
+def resolve_checkpoint(layout: RunLayout, name: str, field: str = "ckpt_name") -> Path:
+    """The model file of checkpoint `name` of a run; only names from the listing are accepted.
+
+    Raises:
+        InputError: naming `field`, listing the checkpoints that exist.
+    """
+    available = checkpoint_names(layout)
+    if name not in available:
+        raise InputError(field, f"run {layout.run_id} has no checkpoint {name!r}. Available: {available}")
+    return layout.ckpts_dir / f"{name}.keras"
+
+
 def checkpoint_names(layout: RunLayout) -> list[str]:
     """The models saved in a run's ckpts/, by name without extension ("final", "best", "epoch_0005")."""
     return sorted(path.stem for path in layout.ckpts_dir.glob("*.keras") if not path.name.startswith("."))

@@ -50,6 +50,8 @@ def predict_arguments() -> dict[str, fields.Field]:
         ),
         "top_k": option_field(specs["top_k"]),
         "timestamp": option_field(specs["timestamp"], _existing_run),
+        "ckpt_name": option_field(specs["ckpt_name"]),
+        "tta": option_field(specs["tta"]),
         # DEEPaaS appends "*/*" to this list and takes its first entry as the default.
         "accept": fields.Str(
             required=False,
@@ -75,10 +77,23 @@ def train_arguments() -> dict[str, fields.Field]:
     }
 
 
+class _Links(marshmallow.Schema):
+    wikipedia = fields.Url(required=True)
+    gbif = fields.Url(required=True)
+    images = fields.Url(required=True)
+
+
 class _Species(marshmallow.Schema):
     label_id = fields.Int(required=True, metadata={"description": "Line of the class in classes.txt."})
     label = fields.Str(required=True, metadata={"description": "Species name, 'Genus species'."})
     probability = fields.Float(required=True, metadata={"description": "Softmax probability."})
+    info = fields.Str(required=True, metadata={"description": "The class's line of info.txt, or ''."})
+    links = fields.Nested(_Links, required=True, metadata={"description": "Where to read more."})
+
+
+class _Genus(marshmallow.Schema):
+    genus = fields.Str(required=True, metadata={"description": "First word of the species names."})
+    probability = fields.Float(required=True, metadata={"description": "Sum over its species."})
 
 
 class _ImageResult(marshmallow.Schema):
@@ -86,12 +101,17 @@ class _ImageResult(marshmallow.Schema):
     species = fields.List(
         fields.Nested(_Species), required=True, metadata={"description": "Most probable first."}
     )
+    genera = fields.List(
+        fields.Nested(_Genus), required=True, metadata={"description": "Most probable first."}
+    )
 
 
 class PredictionResponse(marshmallow.Schema):
     """The JSON answer of predict."""
 
     run_id = fields.Str(required=True, metadata={"description": "Run that made the prediction."})
+    checkpoint = fields.Str(required=True, metadata={"description": "Checkpoint of the run used."})
+    tta = fields.Str(required=True, metadata={"description": "Test-time augmentation applied."})
     results = fields.List(
         fields.Nested(_ImageResult), required=True, metadata={"description": "One per image."}
     )

@@ -92,6 +92,8 @@ def test_predict_names_the_top_species(app, service, tiny_run, fmt):
     assert all(0.0 <= p <= 1.0 for p in probabilities)
     classes = (service[1].data / "tiny" / "dataset_files" / "classes.txt").read_text().splitlines()
     assert all(classes[s["label_id"]] == s["label"] for s in species)
+    assert len(result["genera"]) == 3
+    assert body["checkpoint"] == "final"
 
 
 def test_the_same_image_always_gets_the_same_answer(app, photo):
@@ -117,6 +119,8 @@ def test_top_k_beyond_the_classes_returns_them_all(app, photo):
         ("photo", {"top_k": 0}, "top_k", "greater than or equal to 1"),
         ("photo", {"top_k": -1}, "top_k", "greater than or equal to 1"),
         ("photo", {"top_k": "many"}, "top_k", "Not a valid integer"),
+        ("photo", {"ckpt_name": "epoch_9999"}, "ckpt_name", "no checkpoint 'epoch_9999'"),
+        ("photo", {"tta": "sideways"}, "tta", "Must be one of"),
     ],
 )
 def test_bad_input_gets_a_client_error_naming_the_field(app, photo, upload, fields, field, problem):
