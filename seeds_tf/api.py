@@ -87,8 +87,10 @@ def get_predict_args() -> dict:
     return schemas.predict_arguments()
 
 
-def predict(**args) -> dict[str, Any]:
-    from seeds_tf import inference
+def predict(**args) -> dict[str, Any] | bytes:
+    """The species in the uploaded image as JSON, or with `accept: image/png` the image with a
+    Grad-CAM heatmap of the top species."""
+    from seeds_tf import explain, inference
 
     upload = args["image"]
     try:
@@ -96,8 +98,10 @@ def predict(**args) -> dict[str, Any]:
             options = config.load(
                 config.PredictConfig, **{name: args[name] for name in config.option_specs("prediction")}
             )
-            name, data = _read_upload(upload)
-            return inference.predict(Roots.from_env(), _run_cache(), options, [(name, data)])
+            uploads = [_read_upload(upload)]
+            if args.get("accept") == "image/png":
+                return explain.explain_request(Roots.from_env(), _run_cache(), options, uploads)
+            return inference.predict(Roots.from_env(), _run_cache(), options, uploads)
     finally:
         _delete_upload(upload)
 

@@ -66,7 +66,12 @@ def _predict(args: argparse.Namespace, roots: Roots):
             uploads.append((path, Path(path).read_bytes()))
         except OSError as error:
             raise InputError("images", f"cannot read {path!r}: {error.strerror}") from None
-    return inference.predict(roots, inference.RunCache(), options, uploads)
+    cache = inference.RunCache()
+    if args.heatmap:
+        from seeds_tf import explain
+
+        Path(args.heatmap).write_bytes(explain.explain_request(roots, cache, options, uploads))
+    return inference.predict(roots, cache, options, uploads)
 
 
 def _demo(args: argparse.Namespace, roots: Roots):
@@ -132,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="name the species in seed photos")
     predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--heatmap", help="also write the first image with its Grad-CAM heatmap to this PNG")
     for spec in config.option_specs("prediction").values():
         _add_option(predict, spec, use_default=True)
     predict.set_defaults(command=_predict)

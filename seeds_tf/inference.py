@@ -144,6 +144,20 @@ def ranked(run: LoadedRun, probabilities: np.ndarray, top_k: int) -> dict[str, l
     }
 
 
+def analyse(
+    roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[tuple[str, bytes]]
+) -> tuple[LoadedRun, list[np.ndarray], np.ndarray]:
+    """The run chosen by `config`, the decoded images and their class probabilities.
+
+    Raises:
+        InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
+    """
+    layout = runs.resolve_run(roots.models, config.timestamp)
+    pixels = [images.decode_image(data, "image", name) for name, data in uploads]
+    run = cache.get(layout, config.ckpt_name)
+    return run, pixels, class_probabilities(run, pixels, config.tta)
+
+
 def predict(
     roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[tuple[str, bytes]]
 ) -> dict[str, Any]:
@@ -159,10 +173,7 @@ def predict(
     Raises:
         InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
     """
-    layout = runs.resolve_run(roots.models, config.timestamp)
-    pixels = [images.decode_image(data, "image", name) for name, data in uploads]
-    run = cache.get(layout, config.ckpt_name)
-    probabilities = class_probabilities(run, pixels, config.tta)
+    run, _, probabilities = analyse(roots, cache, config, uploads)
     return {
         "run_id": run.run_id,
         "checkpoint": run.checkpoint,

@@ -56,8 +56,12 @@ def predict_arguments() -> dict[str, fields.Field]:
         "accept": fields.Str(
             required=False,
             load_default="application/json",
-            validate=validate.OneOf(["application/json"]),
-            metadata={"location": "headers", "description": "Media type of the response."},
+            validate=validate.OneOf(["application/json", "image/png"]),
+            metadata={
+                "location": "headers",
+                "description": "application/json: the species and genera; image/png: the photo with a "
+                "Grad-CAM heatmap of the top species and the top three labels.",
+            },
         ),
     }
 

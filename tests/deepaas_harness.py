@@ -67,14 +67,16 @@ class InProcessDeepaas:
 
         return self._loop.run_until_complete(asyncio.wait_for(call(), timeout))
 
-    def predict(self, files: dict[str, tuple[str, bytes]], timeout: float = 120, **fields) -> Response:
+    def predict(
+        self, files: dict[str, tuple[str, bytes]], timeout: float = 120, headers=None, **fields
+    ) -> Response:
         """POST predict with a real multipart upload of each (filename, bytes)."""
         form = aiohttp.FormData()
         for name, (filename, data) in files.items():
             form.add_field(name, data, filename=filename, content_type="application/octet-stream")
         for name, value in fields.items():
             form.add_field(name, str(value))
-        return self.request("POST", f"{MODEL_URL}/predict/", data=form, timeout=timeout)
+        return self.request("POST", f"{MODEL_URL}/predict/", data=form, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._loop.run_until_complete(self._client.close())

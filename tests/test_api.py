@@ -1,5 +1,6 @@
 """The HTTP surface, through the real DEEPaaS app serving seeds_tf (aiohttp test client)."""
 
+import io
 import shutil
 import tempfile
 import time
@@ -94,6 +95,13 @@ def test_predict_names_the_top_species(app, service, tiny_run, fmt):
     assert all(classes[s["label_id"]] == s["label"] for s in species)
     assert len(result["genera"]) == 3
     assert body["checkpoint"] == "final"
+
+
+def test_accept_png_returns_the_photo_with_its_heatmap(app, photo):
+    response = app.predict({"image": ("a.jpg", photo)}, headers={"Accept": "image/png"})
+    assert response.status == 200, response.body
+    assert response.headers["Content-Type"] == "image/png"
+    assert PIL.Image.open(io.BytesIO(response.body)).format == "PNG"
 
 
 def test_the_same_image_always_gets_the_same_answer(app, photo):

@@ -1,0 +1,445 @@
+"""Image bytes from the URLs and data URIs that users send to the prediction API.
+
+The service is public, so fetching a URL must not let a caller reach what only the server can reach
+(server-side request forgery) nor tie it up. A URL is fetched only when it is http(s), carries no
+credentials, and every address its host resolves to is public, unless the deployment exempts the host
+or network (SEEDS_TF_URL_ALLOW). Redirects are followed here, not by requests, so each hop is checked
+the same way before anything is sent to it. Downloads are bounded in time (per read and overall), size
+and number of redirects, and must look like an image.
+
+DNS rebinding: requests would resolve the host name again when it connects, and a hostile DNS server
+could then answer with an internal address. Instead, each hop connects to exactly the address that was
+checked (`_PinnedAdapter`); the host name still goes into the Host header and, for https, into SNI and
+certificate verification, so TLS is as strict as without pinning.
+
+Residual risks: name resolution itself is not covered by the deadline (the resolver's own timeouts
+apply), and a host exempted by name is trusted whatever it resolves to.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import ipaddress
+import logging
+import math
+import os
+import re
+import socket
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import PIL.Image
+import requests
+import requests.adapters
+import urllib3
+
+from seeds_tf import __version__
+from seeds_tf.errors import InputError
+
+_LOGGER = logging.getLogger(__name__)
+
+ALLOW_ENV = "SEEDS_TF_URL_ALLOW"
+MAX_BYTES_ENV = "SEEDS_TF_URL_MAX_BYTES"
+TIMEOUT_ENV = "SEEDS_TF_URL_TIMEOUT"
+
+MAX_BYTES = 20 * 1024 * 1024
+"""Largest image accepted, from a URL or a data URI."""
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024
+_HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NOT_PUBLIC = (
+    ("is_unspecified", "an unspecified"),
+    ("is_loopback", "a loopback"),
+    ("is_link_local", "a link-local"),
+    ("is_site_local", "a site-local"),
+    ("is_multicast", "a multicast"),
+    ("is_private", "a private"),
+    ("is_reserved", "a reserved"),
+)
+"""Checked in order, so a message names the most specific kind (loopback is private too)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchPolicy:
+    """Limits of URL fetching; from_env() reads the deployment's settings.
+
+    read_timeout_s bounds each wait for the server; total_timeout_s bounds the whole download,
+    redirects included, so a body that trickles in forever still ends.
+    """
+
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 10.0
+    total_timeout_s: float = 20.0
+    max_bytes: int = MAX_BYTES
+    max_redirects: int = 3
+    allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Networks exempt from the address guard (a deployment's own image store, tests on loopback)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names exempt from the address guard, exactly (subdomains are not included)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> FetchPolicy:
+        """The default policy with the deployment's settings applied.
+
+        SEEDS_TF_URL_ALLOW: comma-separated host names and/or networks or addresses exempt from the
+        address guard (e.g. "127.0.0.1,10.0.0.0/8,images.example.org"); SEEDS_TF_URL_MAX_BYTES and
+        SEEDS_TF_URL_TIMEOUT (read timeout, seconds) are optional.
+
+        Raises:
+            ValueError: naming the variable, for a value that cannot be used.
+        """
+        networks, hosts = _parse_allow(environ.get(ALLOW_ENV, ""))
+        settings: dict[str, Any] = {"allowed": networks, "allowed_hosts": hosts}
+        if environ.get(MAX_BYTES_ENV, "").strip():
+            settings["max_bytes"] = _positive(environ, MAX_BYTES_ENV, int)
+        if environ.get(TIMEOUT_ENV, "").strip():
+            settings["read_timeout_s"] = _positive(environ, TIMEOUT_ENV, float)
+        return cls(**settings)
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """False for loopback, private, link-local, multicast, reserved and unspecified addresses, and for
+    IPv6 forms that embed such an IPv4 address (IPv4-mapped, 6to4, NAT64): the kernel or a gateway
+    would deliver those to the IPv4 address inside."""
+    return _why_not_public(address) is None
+
+
+def check_url(url: str, policy: FetchPolicy, field: str = "url") -> None:
+    """Refuses a URL that the service must not fetch, before anything is sent.
+
+    Raises:
+        InputError: naming `field`, unless the scheme is http(s), there is a host and no credentials,
+            and the host is in policy.allowed_hosts or every address it resolves to is public or
+            inside policy.allowed.
+    """
+    _checked_address(url, policy, field, repr(url))
+
+
+def fetch_image_bytes(url: str, policy: FetchPolicy, field: str = "url") -> bytes:
+    """Downloads the image at `url` within the limits of `policy`.
+
+    Raises:
+        InputError: naming `field` and the URL, when the URL is refused, the server cannot be reached,
+            answers an error, a redirect loop or something that is not an image, or the download is
+            too large or too slow.
+    """
+    download = _Download(policy, time.monotonic() + policy.total_timeout_s, field, repr(url))
+    current = url
+    redirects = 0
+    while True:
+        address = _checked_address(current, policy, field, download.subject)
+        with _pinned_session(address) as session, download.get(session, current) as response:
+            location = response.headers.get("Location")
+            if response.status_code not in _REDIRECT_STATUSES or not location:
+                return download.image_body(response)
+        if redirects == policy.max_redirects:
+            raise InputError(field, f"{url!r} redirects more than {policy.max_redirects} times")
+        redirects += 1
+        current = urljoin(current, location)
+        download = dataclasses.replace(download, subject=f"{current!r} (redirected from {url!r})")
+
+
+def decode_data_uri(uri: str, field: str = "image", max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of a 'data:image/<type>;base64,<payload>' URI.
+
+    Raises:
+        InputError: naming `field`, when `uri` is not a base64 data URI of an image type, the payload
+            is not valid base64, or it decodes to more than max_bytes.
+    """
+    shown = repr(uri if len(uri) <= 60 else uri[:57] + "...")
+    header, comma, payload = uri.partition(",")
+    if header[:5].lower() != "data:" or not comma:
+        raise InputError(field, f"{shown} is not a data URI (data:image/<type>;base64,<data>)")
+    media_type, *parameters = header[5:].split(";")
+    if not parameters or parameters[-1].strip().lower() != "base64":
+        raise InputError(field, f"{shown} is not base64-encoded (';base64' is missing)")
+    if not media_type.strip().lower().startswith("image/"):
+        raise InputError(field, f"{shown} has media type {media_type!r}, not an image type")
+    compact = "".join(payload.split())
+    # 4 characters encode 3 bytes: refuse oversized payloads before spending memory on decoding them.
+    if len(compact) > 4 * math.ceil(max_bytes / 3):
+        raise InputError(field, f"{shown} is too large: more than {max_bytes} bytes")
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except ValueError:
+        raise InputError(field, f"{shown} does not hold valid base64") from None
+    if len(data) > max_bytes:
+        raise InputError(field, f"{shown} is too large: more than {max_bytes} bytes")
+    return data
+
+
+class _Session(requests.Session):
+    """A Session that never looks at redirects: this module follows them itself, after checking each
+    target. (With allow_redirects=False, requests still reads a redirect's whole body, without limit,
+    to prepare Response.next.)"""
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        return None
+
+
+class _PinnedAdapter(requests.adapters.HTTPAdapter):
+    """Sends every request to one checked address, whatever the URL's host resolves to by now.
+
+    The URL's host and port still go into the Host header (the connection's own would be the address).
+    """
+
+    def __init__(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address):
+        self._address = address  # before super().__init__, which calls init_poolmanager
+        super().__init__()
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)  # keeps requests' bookkeeping
+        self.poolmanager = _PinnedPoolManager(
+            self._address, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+        )
+
+    def add_headers(self, request: requests.PreparedRequest, **kwargs: Any) -> None:
+        request.headers["Host"] = urlsplit(request.url).netloc
+
+
+class _PinnedPoolManager(urllib3.PoolManager):
+    def __init__(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._address = address
+
+    def connection_from_host(
+        self,
+        host: str | None,
+        port: int | None = None,
+        scheme: str | None = "http",
+        pool_kwargs: dict[str, Any] | None = None,
+    ) -> urllib3.HTTPConnectionPool:
+        """A pool connecting to the checked address; for https, `host` remains the name that TLS sends
+        (SNI) and verifies the certificate against."""
+        if scheme == "https" and host:
+            pool_kwargs = {**(pool_kwargs or {}), "server_hostname": host}
+        return super().connection_from_host(str(self._address), port, scheme, pool_kwargs)
+
+
+def _pinned_session(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> requests.Session:
+    session = _Session()
+    session.trust_env = False  # no proxies, .netrc credentials or CA bundles from the environment
+    session.headers.update(
+        {"User-Agent": f"seeds_tf/{__version__}", "Accept": "image/*", "Accept-Encoding": "identity"}
+    )
+    adapter = _PinnedAdapter(address)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _checked_address(
+    url: str, policy: FetchPolicy, field: str, subject: str
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address to connect to for `url`, after checking the URL and every address of its host.
+
+    `subject` names the URL in messages (with where it was redirected from).
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as error:
+        raise InputError(field, f"{subject} is not a valid URL ({error})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InputError(field, f"{subject} uses scheme {parts.scheme!r}; only http and https are allowed")
+    if not parts.hostname:
+        raise InputError(field, f"{subject} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise InputError(field, f"{subject} contains credentials (user:password@), which are not allowed")
+    host = parts.hostname.rstrip(".")
+    addresses = _resolve(host, field, subject)
+    if host in {name.lower().rstrip(".") for name in policy.allowed_hosts}:
+        return addresses[0]
+    for address in addresses:
+        if any(address in network for network in policy.allowed):
+            continue
+        reason = _why_not_public(address)
+        if reason is not None:
+            _LOGGER.warning("Refused to fetch %s: it resolves to %s, %s", url, address, reason)
+            raise InputError(field, f"{subject} resolves to {address}, {reason}, which is not allowed")
+    return addresses[0]
+
+
+def _resolve(host: str, field: str, subject: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address of `host`, in the resolver's order; an address literal is its own."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        raise InputError(field, f"{subject}: host {host!r} cannot be resolved ({error})") from None
+    addresses = dict.fromkeys(ipaddress.ip_address(sockaddr[0]) for *_, sockaddr in found)
+    if not addresses:
+        raise InputError(field, f"{subject}: host {host!r} has no address")
+    return list(addresses)
+
+
+def _why_not_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What kind of non-public address `address` is ("a loopback address"), or None when it is public."""
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        reason = _why_not_public(embedded)
+        return None if reason is None else f"an IPv6 form of {embedded}, {reason}"
+    for attribute, kind in _NOT_PUBLIC:
+        if getattr(address, attribute, False):
+            return f"{kind} address"
+    return None if address.is_global else "a non-public address"
+
+
+def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Download:
+    """One call of fetch_image_bytes, as each hop sees it: the limits, the deadline shared by all hops,
+    and how errors name the input (`subject`: the URL, and where it was redirected from)."""
+
+    policy: FetchPolicy
+    deadline: float
+    field: str
+    subject: str
+
+    def error(self, problem: str) -> InputError:
+        return InputError(self.field, f"{self.subject} {problem}")
+
+    def remaining(self) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self.error(f"timed out: the download took over {self.policy.total_timeout_s:g} s")
+        return remaining
+
+    def get(self, session: requests.Session, url: str) -> requests.Response:
+        """The response to GET `url`, its headers read and its body not yet."""
+        remaining = self.remaining()
+        connect_s = min(self.policy.connect_timeout_s, remaining)
+        read_s = min(self.policy.read_timeout_s, remaining)
+        _LOGGER.debug("Fetching %s", url)
+        try:
+            return session.get(url, stream=True, allow_redirects=False, timeout=(connect_s, read_s))
+        except requests.ConnectTimeout:
+            raise self.error(f"timed out: no connection within {connect_s:g} s") from None
+        except requests.Timeout:
+            raise self.error(f"timed out: no answer within {read_s:g} s") from None
+        except requests.exceptions.SSLError as error:
+            _LOGGER.info("TLS with %s failed: %s", url, error)
+            raise self.error(
+                "could not be reached: the TLS connection failed (invalid certificate?)"
+            ) from None
+        except requests.ConnectionError as error:
+            _LOGGER.info("Connecting to %s failed: %s", url, error)
+            raise self.error("could not be reached: the connection failed") from None
+        except requests.RequestException as error:
+            raise self.error(f"could not be fetched ({error})") from None
+
+    def image_body(self, response: requests.Response) -> bytes:
+        """The body of a final (not redirecting) response, refused unless it is a complete image."""
+        if not 200 <= response.status_code < 300:
+            raise self.error(f"answered HTTP {response.status_code} {response.reason}".rstrip())
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # Decompressing could turn a trickle into a flood; images are compressed already anyway.
+            raise self.error(f"was sent with Content-Encoding {encoding!r}, which is not supported")
+        content_type = response.headers.get("Content-Type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type and not media_type.startswith("image/") and media_type != "application/octet-stream":
+            raise self.error(f"is not an image: its Content-Type is {content_type!r}")
+        declared = response.headers.get("Content-Length", "").strip()
+        if declared.isdigit() and int(declared) > self.policy.max_bytes:
+            raise self.error(f"is too large: {declared} bytes, more than {self.policy.max_bytes}")
+        data = self._read_limited(response)
+        if not _is_image(data):
+            raise self.error("is not an image in a format Pillow can read")
+        return data
+
+    def _read_limited(self, response: requests.Response) -> bytes:
+        """The body, read in pieces as they arrive, so that neither its size nor a slow drip of bytes
+        can exceed the policy: each wait for the socket is cut to the time left before the deadline."""
+        limit = self.policy.max_bytes
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                _set_read_timeout(response, min(self.policy.read_timeout_s, self.remaining()))
+                # read1 returns what one read of the socket gives, instead of waiting for a full chunk.
+                chunk = response.raw.read1(min(_CHUNK, limit + 1 - size), decode_content=False)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > limit:
+                    raise self.error(f"is too large: more than {limit} bytes")
+                chunks.append(chunk)
+        except urllib3.exceptions.ReadTimeoutError:
+            raise self.error("timed out: the server stopped sending") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            _LOGGER.info("Reading %s failed: %s", response.url, error)
+            raise self.error("could not be downloaded: the connection failed") from None
+
+
+def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+    connection = response.raw.connection
+    if connection is not None and connection.sock is not None:
+        connection.sock.settimeout(seconds)
+
+
+def _is_image(data: bytes) -> bool:
+    """Whether Pillow identifies `data` as an image, from its header only (nothing is decoded)."""
+    try:
+        with warnings.catch_warnings():
+            # Pixel limits are decode_image's decision, with a better message.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(io.BytesIO(data)):
+                return True
+    except PIL.Image.DecompressionBombError:
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _parse_allow(
+    text: str,
+) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], tuple[str, ...]]:
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    hosts: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item))
+            continue
+        except ValueError:
+            pass
+        name = item.lower().rstrip(".")
+        labels = name.split(".")
+        if not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+            raise ValueError(f"{ALLOW_ENV}: {item!r} is neither a host name nor a network or address")
+        hosts.append(name)
+    return tuple(networks), tuple(hosts)
+
+
+def _positive(environ: Mapping[str, str], name: str, kind: Callable[[str], float]) -> Any:
+    text = environ[name].strip()
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={text!r} must be a positive number")
+    return value
