@@ -44,7 +44,7 @@ def gradcam(run: LoadedRun, pixels: np.ndarray, class_index: int) -> np.ndarray:
 def heatmap_png(pixels: np.ndarray, cam: np.ndarray, labels: Sequence[tuple[str, float]]) -> bytes:
     """The photo with the heatmap laid over it and the labels with their probabilities, as PNG."""
     photo = PIL.Image.fromarray(pixels)
-    side = min(max(max(photo.size), MIN_SIDE), MAX_SIDE)
+    side = min(max(*photo.size, MIN_SIDE), MAX_SIDE)
     scale = side / max(photo.size)
     photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), PIL.Image.BILINEAR)
     colours = matplotlib.colormaps["jet"](cam)[..., :3]
