@@ -4,8 +4,9 @@ The service is public, so fetching a URL must not let a caller reach what only t
 (server-side request forgery) nor tie it up. A URL is fetched only when it is http(s), carries no
 credentials, and every address its host resolves to is public, unless the deployment exempts the host
 or network (SEEDS_TF_URL_ALLOW). Redirects are followed here, not by requests, so each hop is checked
-the same way before anything is sent to it. Downloads are bounded in time (per read and overall), size
-and number of redirects, and must look like an image.
+the same way before anything is sent to it. Downloads are bounded in size, number of redirects and
+time: per read (socket timeouts) and overall (`_Watchdog`, which also ends a server that sends a byte
+now and then forever, in the body or in the headers). What arrives must look like an image.
 
 DNS rebinding: requests would resolve the host name again when it connects, and a hostile DNS server
 could then answer with an internal address. Instead, each hop connects to exactly the address that was
@@ -13,21 +14,22 @@ checked (`_PinnedAdapter`); the host name still goes into the Host header and, f
 certificate verification, so TLS is as strict as without pinning.
 
 Residual risks: name resolution itself is not covered by the deadline (the resolver's own timeouts
-apply), and a host exempted by name is trusted whatever it resolves to.
-"""
+apply), and a host exempted by name is trusted whatever it resolves to."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import ipaddress
+import itertools
 import logging
 import math
 import os
 import re
 import socket
-import time
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +39,8 @@ import PIL.Image
 import requests
 import requests.adapters
 import urllib3
+import urllib3.connection
+import urllib3.exceptions
 
 from seeds_tf import __version__
 from seeds_tf.errors import InputError
@@ -130,20 +134,24 @@ def fetch_image_bytes(url: str, policy: FetchPolicy, field: str = "url") -> byte
             answers an error, a redirect loop or something that is not an image, or the download is
             too large or too slow.
     """
-    download = _Download(policy, time.monotonic() + policy.total_timeout_s, field, repr(url))
-    current = url
-    redirects = 0
-    while True:
-        address = _checked_address(current, policy, field, download.subject)
-        with _pinned_session(address) as session, download.get(session, current) as response:
-            location = response.headers.get("Location")
-            if response.status_code not in _REDIRECT_STATUSES or not location:
-                return download.image_body(response)
-        if redirects == policy.max_redirects:
-            raise InputError(field, f"{url!r} redirects more than {policy.max_redirects} times")
-        redirects += 1
-        current = urljoin(current, location)
-        download = dataclasses.replace(download, subject=f"{current!r} (redirected from {url!r})")
+    watchdog = _Watchdog(policy.total_timeout_s)
+    try:
+        download = _Download(policy, watchdog, field, repr(url))
+        current = url
+        for redirects in itertools.count():
+            if watchdog.expired:
+                raise download.error("timed out")
+            address = _checked_address(current, policy, field, download.subject)
+            with _pinned_session(address, watchdog) as session, download.get(session, current) as response:
+                location = response.headers.get("Location")
+                if response.status_code not in _REDIRECT_STATUSES or not location:
+                    return download.image_body(response)
+            if redirects == policy.max_redirects:
+                raise InputError(field, f"{url!r} redirects more than {policy.max_redirects} times")
+            current = urljoin(current, location)
+            download = dataclasses.replace(download, subject=f"{current!r} (redirected from {url!r})")
+    finally:
+        watchdog.close()
 
 
 def decode_data_uri(uri: str, field: str = "image", max_bytes: int = MAX_BYTES) -> bytes:
@@ -185,13 +193,15 @@ class _Session(requests.Session):
 
 
 class _PinnedAdapter(requests.adapters.HTTPAdapter):
-    """Sends every request to one checked address, whatever the URL's host resolves to by now.
+    """Sends every request to one checked address, whatever the URL's host resolves to by now, over
+    connections that the download's watchdog can end.
 
     The URL's host and port still go into the Host header (the connection's own would be the address).
     """
 
-    def __init__(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    def __init__(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, watchdog: _Watchdog):
         self._address = address  # before super().__init__, which calls init_poolmanager
+        self._watchdog = watchdog
         super().__init__()
 
     def init_poolmanager(
@@ -199,7 +209,7 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
     ) -> None:
         super().init_poolmanager(connections, maxsize, block, **pool_kwargs)  # keeps requests' bookkeeping
         self.poolmanager = _PinnedPoolManager(
-            self._address, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+            self._address, self._watchdog, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
         )
 
     def add_headers(self, request: requests.PreparedRequest, **kwargs: Any) -> None:
@@ -207,31 +217,104 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
 
 
 class _PinnedPoolManager(urllib3.PoolManager):
-    def __init__(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, **kwargs: Any):
+    def __init__(
+        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, watchdog: _Watchdog, **kwargs: Any
+    ):
         super().__init__(**kwargs)
+        self.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         self._address = address
+        self._watchdog = watchdog
 
-    def connection_from_host(
-        self,
-        host: str | None,
-        port: int | None = None,
-        scheme: str | None = "http",
-        pool_kwargs: dict[str, Any] | None = None,
+    def _new_pool(
+        self, scheme: str, host: str, port: int, request_context: dict[str, Any] | None = None
     ) -> urllib3.HTTPConnectionPool:
-        """A pool connecting to the checked address; for https, `host` remains the name that TLS sends
-        (SNI) and verifies the certificate against."""
-        if scheme == "https" and host:
-            pool_kwargs = {**(pool_kwargs or {}), "server_hostname": host}
-        return super().connection_from_host(str(self._address), port, scheme, pool_kwargs)
+        """A pool connecting to the checked address (urllib3's documented point of customisation); for
+        https, `host` remains the name that TLS sends (SNI) and verifies the certificate against."""
+        context = dict(self.connection_pool_kw if request_context is None else request_context)
+        context["watchdog"] = self._watchdog
+        if scheme == "https":
+            context["server_hostname"] = host
+        return super()._new_pool(scheme, str(self._address), port, context)
 
 
-def _pinned_session(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> requests.Session:
+class _WatchedConnection(urllib3.connection.HTTPConnection):
+    def __init__(self, *args: Any, watchdog: _Watchdog, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._watchdog = watchdog
+
+    def _new_conn(self) -> socket.socket:
+        """The new socket, watched from the start, so the deadline also covers the TLS handshake."""
+        sock = super()._new_conn()
+        self._watchdog.watch(sock)
+        return sock
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _Watchdog:
+    """Ends a download at its deadline, whatever it is waiting for.
+
+    Socket timeouts cannot: a server that sends a byte now and then, in the headers, the TLS handshake
+    or the body, never lets one expire. At the deadline the download's sockets are shut down, which
+    ends any read blocked on them; the download then sees `expired` and reports a time-out.
+    """
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        # A duplicate, because TLS takes the original over (detaches it); shutdown acts on the
+        # connection, so shutting the duplicate down ends reads on the TLS socket too. Duplicates
+        # hold their connections open until close(), at the end of the download.
+        duplicate = sock.dup()
+        with self._lock:
+            self._sockets.append(duplicate)
+            if self.expired:
+                _shut_down(duplicate)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut_down(sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the other side
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _pinned_session(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, watchdog: _Watchdog
+) -> requests.Session:
     session = _Session()
     session.trust_env = False  # no proxies, .netrc credentials or CA bundles from the environment
     session.headers.update(
         {"User-Agent": f"seeds_tf/{__version__}", "Accept": "image/*", "Accept-Encoding": "identity"}
     )
-    adapter = _PinnedAdapter(address)
+    adapter = _PinnedAdapter(address, watchdog)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -311,28 +394,25 @@ def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ip
 
 @dataclasses.dataclass(frozen=True)
 class _Download:
-    """One call of fetch_image_bytes, as each hop sees it: the limits, the deadline shared by all hops,
-    and how errors name the input (`subject`: the URL, and where it was redirected from)."""
+    """One call of fetch_image_bytes, as each hop sees it: the limits, the watchdog of the deadline
+    shared by all hops, and how errors name the input (`subject`: the URL, and where it was redirected
+    from)."""
 
     policy: FetchPolicy
-    deadline: float
+    watchdog: _Watchdog
     field: str
     subject: str
 
     def error(self, problem: str) -> InputError:
+        """The error to raise for `problem`; once the deadline has passed, that is the problem (a read
+        ended by the watchdog looks like a dropped connection or an early end)."""
+        if self.watchdog.expired:
+            problem = f"timed out: the download took over {self.policy.total_timeout_s:g} s"
         return InputError(self.field, f"{self.subject} {problem}")
-
-    def remaining(self) -> float:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise self.error(f"timed out: the download took over {self.policy.total_timeout_s:g} s")
-        return remaining
 
     def get(self, session: requests.Session, url: str) -> requests.Response:
         """The response to GET `url`, its headers read and its body not yet."""
-        remaining = self.remaining()
-        connect_s = min(self.policy.connect_timeout_s, remaining)
-        read_s = min(self.policy.read_timeout_s, remaining)
+        connect_s, read_s = self.policy.connect_timeout_s, self.policy.read_timeout_s
         _LOGGER.debug("Fetching %s", url)
         try:
             return session.get(url, stream=True, allow_redirects=False, timeout=(connect_s, read_s))
@@ -372,33 +452,24 @@ class _Download:
         return data
 
     def _read_limited(self, response: requests.Response) -> bytes:
-        """The body, read in pieces as they arrive, so that neither its size nor a slow drip of bytes
-        can exceed the policy: each wait for the socket is cut to the time left before the deadline."""
+        """The body, never more than max_bytes + 1 of it."""
         limit = self.policy.max_bytes
         chunks: list[bytes] = []
         size = 0
         try:
-            while True:
-                _set_read_timeout(response, min(self.policy.read_timeout_s, self.remaining()))
-                # read1 returns what one read of the socket gives, instead of waiting for a full chunk.
-                chunk = response.raw.read1(min(_CHUNK, limit + 1 - size), decode_content=False)
-                if not chunk:
-                    return b"".join(chunks)
+            while chunk := response.raw.read(min(_CHUNK, limit + 1 - size), decode_content=False):
                 size += len(chunk)
                 if size > limit:
                     raise self.error(f"is too large: more than {limit} bytes")
                 chunks.append(chunk)
         except urllib3.exceptions.ReadTimeoutError:
-            raise self.error("timed out: the server stopped sending") from None
+            raise self.error(f"timed out: nothing received for {self.policy.read_timeout_s:g} s") from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             _LOGGER.info("Reading %s failed: %s", response.url, error)
             raise self.error("could not be downloaded: the connection failed") from None
-
-
-def _set_read_timeout(response: requests.Response, seconds: float) -> None:
-    connection = response.raw.connection
-    if connection is not None and connection.sock is not None:
-        connection.sock.settimeout(seconds)
+        if self.watchdog.expired:  # the end may be the watchdog's doing
+            raise self.error("timed out")
+        return b"".join(chunks)
 
 
 def _is_image(data: bytes) -> bool:

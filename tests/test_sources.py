@@ -1,6 +1,6 @@
 """Images from URLs and data URIs: the SSRF guard, the download limits, and data URI decoding.
 
-Everything goes over loopback only. A real HTTP(S) server runs on 127.0.0.1; the `loopback_only`
+Everything goes over loopback only. Real HTTP and HTTPS servers run on 127.0.0.1; the `connections`
 fixture makes any connection elsewhere fail the test instead of leaving the machine, and `names`
 answers host-name lookups from a table, so no DNS query is ever sent. Addresses such as
 169.254.169.254 or 8.8.8.8 appear only as literals handed to the guard, which refuses or accepts them
@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import ip_network
 
 import PIL.Image
@@ -116,6 +116,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         self.server.stopping.wait(5)
 
+    def serve_dripping_headers(self, argument: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.wfile.write(b"X-Seeds: ")
+        while not self.server.stopping.wait(0.2):
+            self.wfile.write(b"s")
+            self.wfile.flush()
+
     def serve_hop2(self, argument: str) -> None:
         self._answer(307, b"", None, {"Location": f"http://127.0.0.1:{self.server.server_port}/seed.png"})
 
@@ -157,6 +165,7 @@ class _Server(http.server.ThreadingHTTPServer):
         return [path for path, _ in self.seen]
 
 
+@contextlib.contextmanager
 def _serving(server: _Server) -> Iterator[_Server]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -171,7 +180,8 @@ def _serving(server: _Server) -> Iterator[_Server]:
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
-    yield from _serving(_Server())
+    with _serving(_Server()) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)
@@ -268,7 +278,7 @@ def test_an_endless_body_stops_at_the_size_limit(server):
 
 def test_a_stalled_answer_times_out_after_the_read_timeout(server):
     started = time.monotonic()
-    assert "timed out: the server stopped sending" in _refusal(server.url("/stalled"))
+    assert "timed out: nothing received for 0.5 s" in _refusal(server.url("/stalled"))
     elapsed = time.monotonic() - started
     assert LOOPBACK.read_timeout_s <= elapsed < LOOPBACK.read_timeout_s + 0.5
 
@@ -280,11 +290,18 @@ def test_a_slow_drip_ends_at_the_overall_deadline(server):
     assert LOOPBACK.total_timeout_s <= elapsed < LOOPBACK.total_timeout_s + 0.5
 
 
+def test_headers_that_never_end_end_at_the_overall_deadline(server):
+    started = time.monotonic()
+    assert "timed out: the download took over 1.5 s" in _refusal(server.url("/dripping-headers"))
+    elapsed = time.monotonic() - started
+    assert LOOPBACK.total_timeout_s <= elapsed < LOOPBACK.total_timeout_s + 0.5
+
+
 def test_the_deadline_also_cuts_a_wait_for_the_server(server):
     """Bytes for 0.6 s, then silence: the read timeout alone would end it at 0.6 + 1 s."""
     policy = FetchPolicy(read_timeout_s=1.0, total_timeout_s=1.0, allowed=LOOPBACK.allowed)
     started = time.monotonic()
-    assert "timed out" in _refusal(server.url("/drip-then-stall"), policy)
+    assert "timed out: the download took over 1 s" in _refusal(server.url("/drip-then-stall"), policy)
     assert 1.0 <= time.monotonic() - started < 1.3
 
 
@@ -388,25 +405,48 @@ def _certificate(tmp_path, name: str) -> tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
-@pytest.mark.parametrize(("certified", "succeeds"), [("images.test", True), ("other.test", False)])
-def test_https_verifies_the_host_name_while_connecting_to_the_pinned_address(
-    tmp_path, monkeypatch, names, certified, succeeds
-):
-    cert_file, key_file = _certificate(tmp_path, certified)
-    monkeypatch.setattr(requests.adapters, "DEFAULT_CA_BUNDLE_PATH", cert_file)
+@pytest.fixture
+def https_server(tmp_path, monkeypatch, names) -> Iterator[Callable[[str], _Server]]:
+    """Starts HTTPS test servers with a certificate for a given name, trusted as if a public CA had
+    signed it; the name images.test resolves to them."""
     names["images.test"] = ["127.0.0.1"]
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_file, key_file)
-    tls_server = _Server()
-    tls_server.socket = context.wrap_socket(tls_server.socket, server_side=True)
-    for running in _serving(tls_server):
-        url = running.url("/seed.png", scheme="https", host="images.test")
-        if succeeds:
-            assert fetch_image_bytes(url, LOOPBACK) == PNG
-            assert running.seen[0][1]["Host"] == f"images.test:{running.server_port}"
-        else:
-            assert "the TLS connection failed" in _refusal(url)
-            assert running.seen == []
+    with contextlib.ExitStack() as stack:
+
+        def start(certified: str) -> _Server:
+            cert_file, key_file = _certificate(tmp_path, certified)
+            monkeypatch.setattr(requests.adapters, "DEFAULT_CA_BUNDLE_PATH", cert_file)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert_file, key_file)
+            tls_server = _Server()
+            tls_server.socket = context.wrap_socket(tls_server.socket, server_side=True)
+            return stack.enter_context(_serving(tls_server))
+
+        yield start
+
+
+def test_https_verifies_the_host_name_while_connecting_to_the_pinned_address(https_server, connections):
+    running = https_server("images.test")
+    url = running.url("/seed.png", scheme="https", host="images.test")
+    assert fetch_image_bytes(url, LOOPBACK) == PNG
+    assert running.seen[0][1]["Host"] == f"images.test:{running.server_port}"
+    assert connections == ["127.0.0.1"]
+
+
+def test_https_refuses_a_certificate_for_another_name(https_server):
+    running = https_server("other.test")
+    assert "the TLS connection failed" in _refusal(
+        running.url("/seed.png", scheme="https", host="images.test")
+    )
+    assert running.seen == []
+
+
+def test_the_overall_deadline_also_ends_https_downloads(https_server):
+    running = https_server("images.test")
+    started = time.monotonic()
+    assert "timed out: the download took over 1.5 s" in _refusal(
+        running.url("/drip", scheme="https", host="images.test")
+    )
+    assert time.monotonic() - started < LOOPBACK.total_timeout_s + 0.5
 
 
 # The address guard -------------------------------------------------------------------------------
