@@ -88,22 +88,28 @@ def get_predict_args() -> dict:
 
 
 def predict(**args) -> dict[str, Any] | bytes:
-    """The species in the uploaded image as JSON, or with `accept: image/png` the image with a
-    Grad-CAM heatmap of the top species."""
-    from seeds_tf import explain, inference
+    """The species in the uploaded, linked or inlined images as JSON, or with `accept: image/png`
+    the first image with a Grad-CAM heatmap of its top species."""
+    from seeds_tf import explain, inference, sources
 
-    upload = args["image"]
+    files = [args[name] for name in schemas.UPLOAD_FIELDS if args.get(name) is not None]
     try:
         with _client_errors():
             options = config.load(
                 config.PredictConfig, **{name: args[name] for name in config.option_specs("prediction")}
             )
-            uploads = [_read_upload(upload)]
+            uploads = sources.gather_images(
+                [_read_upload(file) for file in files],
+                args["urls"],
+                args["data"],
+                sources.FetchPolicy.from_env(),
+            )
             if args.get("accept") == "image/png":
                 return explain.explain_request(Roots.from_env(), _run_cache(), options, uploads)
             return inference.predict(Roots.from_env(), _run_cache(), options, uploads)
     finally:
-        _delete_upload(upload)
+        for file in files:
+            _delete_upload(file)
 
 
 def get_train_args() -> dict:

@@ -7,6 +7,7 @@
     seeds-tf runs                                    # the complete runs and their test metrics
     seeds-tf check-dataset                           # a report on a dataset before training
     seeds-tf evaluate 2026-11-21_215742 other.txt    # a run on another labelled split
+    seeds-tf import-legacy seeds.tar.xz              # the original service's published seeds model
 
 Mistakes in the input end with a message naming the argument and exit status 2.
 """
@@ -55,17 +56,25 @@ def _train(args: argparse.Namespace, roots: Roots):
 
 
 def _predict(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import inference
+    from seeds_tf import inference, sources
 
     options = config.load(
         config.PredictConfig, **{name: getattr(args, name) for name in config.option_specs("prediction")}
     )
-    uploads = []
-    for path in args.images:
-        try:
-            uploads.append((path, Path(path).read_bytes()))
-        except OSError as error:
-            raise InputError("images", f"cannot read {path!r}: {error.strerror}") from None
+    files, urls, data_uris = [], [], []
+    for source in args.images:
+        if source.startswith(("http://", "https://")):
+            urls.append(source)
+        elif source.startswith("data:"):
+            data_uris.append(source)
+        else:
+            try:
+                files.append((source, Path(source).read_bytes()))
+            except OSError as error:
+                raise InputError("images", f"cannot read {source!r}: {error.strerror}") from None
+    uploads = sources.gather_images(
+        files, " ".join(urls), " ".join(data_uris), sources.FetchPolicy.from_env()
+    )
     cache = inference.RunCache()
     if args.heatmap:
         from seeds_tf import explain
@@ -113,6 +122,12 @@ def _evaluate(args: argparse.Namespace, roots: Roots):
     return evaluation.evaluate_run(roots, args.run, Path(args.split_file), args.batch_size).to_dict()
 
 
+def _import_legacy(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import legacy
+
+    return {"run_id": legacy.import_legacy(args.source, roots)}
+
+
 def _runs(args: argparse.Namespace, roots: Roots):
     return [
         runs.read_json(runs.RunLayout(roots.models / run_id).summary_file)
@@ -136,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(command=_train)
 
     predict = commands.add_parser("predict", help="name the species in seed photos")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("images", nargs="+", help="image files, http(s) URLs or data URIs")
     predict.add_argument("--heatmap", help="also write the first image with its Grad-CAM heatmap to this PNG")
     for spec in config.option_specs("prediction").values():
         _add_option(predict, spec, use_default=True)
@@ -171,6 +186,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("split_file", help="split file: '<path relative to the images folder> <label id>'")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(command=_evaluate)
+
+    importer = commands.add_parser(
+        "import-legacy", help="import a run of the original service (e.g. the published seeds model)"
+    )
+    importer.add_argument("source", help="path or http(s) URL of the run tarball, e.g. seeds.tar.xz")
+    importer.set_defaults(command=_import_legacy)
 
     listing = commands.add_parser("runs", help="list the complete runs with their test metrics")
     listing.set_defaults(command=_runs)

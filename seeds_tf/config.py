@@ -124,6 +124,7 @@ class PredictConfig:
     top_k: int
     timestamp: str
     ckpt_name: str
+    merge: bool
     tta: str
 
     def __post_init__(self):

@@ -167,19 +167,24 @@ def predict(
     Args:
         roots: where the runs are.
         cache: the checkpoints already loaded in this process.
-        config: top_k, tta, and the run and checkpoint to use.
+        config: top_k, tta, merge, and the run and checkpoint to use.
         uploads: (name, encoded bytes) of each image, in the order of the response.
 
     Raises:
         InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
     """
     run, _, probabilities = analyse(roots, cache, config, uploads)
+    names = [name for name, _ in uploads]
+    if config.merge:
+        # One specimen in several photos: one answer from the mean of their probabilities.
+        names, probabilities = [" + ".join(names)], probabilities.mean(axis=0, keepdims=True)
     return {
         "run_id": run.run_id,
         "checkpoint": run.checkpoint,
         "tta": config.tta,
+        "merged": config.merge,
         "results": [
             {"image": name, **ranked(run, row, config.top_k)}
-            for (name, _), row in zip(uploads, probabilities, strict=True)
+            for name, row in zip(names, probabilities, strict=True)
         ],
     }

@@ -17,6 +17,9 @@ from seeds_tf.config import RUN_SECTIONS, OptionSpec, option_specs
 from seeds_tf.errors import InputError
 from seeds_tf.paths import Roots
 
+UPLOAD_FIELDS = ("image", "image_2", "image_3", "image_4")
+"""The file fields of predict: DEEPaaS 2.6 passes one file per field, so several photos need several."""
+
 _FIELD_TYPES = {str: fields.Str, int: fields.Int, float: fields.Float, bool: fields.Bool}
 
 
@@ -39,18 +42,38 @@ def option_field(spec: OptionSpec, extra_validator: Callable | None = None) -> f
 def predict_arguments() -> dict[str, fields.Field]:
     """The arguments of POST predict: the image upload, the prediction options, the accept header."""
     specs = option_specs("prediction")
-    return {
-        "image": fields.Field(
-            required=True,
+    uploads = {
+        name: fields.Field(
+            required=False,
+            load_default=None,
             metadata={
                 "type": "file",
                 "location": "form",
-                "description": "Photo of a seed: JPEG, PNG, WebP, TIFF, BMP or GIF.",
+                "description": "Photo of a seed: JPEG, PNG, WebP, TIFF, BMP or GIF."
+                if name == "image"
+                else "Another photo, for several seeds or one specimen in several photos (merge).",
+            },
+        )
+        for name in UPLOAD_FIELDS
+    }
+    return {
+        **uploads,
+        "urls": fields.Str(
+            required=False,
+            load_default="",
+            metadata={"description": "http(s) URLs of photos, separated by spaces, commas or new lines."},
+        ),
+        "data": fields.Str(
+            required=False,
+            load_default="",
+            metadata={
+                "description": "Photos as base64 data URIs (data:image/jpeg;base64,...), space separated."
             },
         ),
         "top_k": option_field(specs["top_k"]),
         "timestamp": option_field(specs["timestamp"], _existing_run),
         "ckpt_name": option_field(specs["ckpt_name"]),
+        "merge": option_field(specs["merge"]),
         "tta": option_field(specs["tta"]),
         # DEEPaaS appends "*/*" to this list and takes its first entry as the default.
         "accept": fields.Str(
@@ -116,6 +139,7 @@ class PredictionResponse(marshmallow.Schema):
     run_id = fields.Str(required=True, metadata={"description": "Run that made the prediction."})
     checkpoint = fields.Str(required=True, metadata={"description": "Checkpoint of the run used."})
     tta = fields.Str(required=True, metadata={"description": "Test-time augmentation applied."})
+    merged = fields.Bool(required=True, metadata={"description": "All images answered as one specimen."})
     results = fields.List(
         fields.Nested(_ImageResult), required=True, metadata={"description": "One per image."}
     )

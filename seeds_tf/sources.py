@@ -154,6 +154,41 @@ def fetch_image_bytes(url: str, policy: FetchPolicy, field: str = "url") -> byte
         watchdog.close()
 
 
+MAX_IMAGES = 8
+"""Most images in one prediction request, uploads, URLs and data URIs together."""
+
+
+def gather_images(
+    uploads: list[tuple[str, bytes]],
+    urls: str,
+    data_uris: str,
+    policy: FetchPolicy,
+    max_images: int = MAX_IMAGES,
+) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every image of a request, in order: uploads, then URLs, then data URIs.
+
+    Args:
+        uploads: the uploaded files, already read.
+        urls: http(s) URLs separated by whitespace or commas.
+        data_uris: base64 data URIs separated by whitespace.
+        policy: the limits of URL fetching.
+        max_images: refuse requests with more images than this, before fetching anything.
+
+    Raises:
+        InputError: for no image at all, too many, or any URL or data URI that fails.
+    """
+    url_list = [url for url in re.split(r"[\s,]+", urls.strip()) if url]
+    uri_list = [uri for uri in data_uris.split() if uri]
+    count = len(uploads) + len(url_list) + len(uri_list)
+    if count == 0:
+        raise InputError("image", "no image: upload one (image), or give urls or data")
+    if count > max_images:
+        raise InputError("image", f"{count} images in one request; the limit is {max_images}")
+    fetched = [(url, fetch_image_bytes(url, policy, "urls")) for url in url_list]
+    decoded = [(f"data URI {i + 1}", decode_data_uri(uri, "data")) for i, uri in enumerate(uri_list)]
+    return [*uploads, *fetched, *decoded]
+
+
 def decode_data_uri(uri: str, field: str = "image", max_bytes: int = MAX_BYTES) -> bytes:
     """The bytes of a 'data:image/<type>;base64,<payload>' URI.
 

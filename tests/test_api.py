@@ -1,8 +1,11 @@
 """The HTTP surface, through the real DEEPaaS app serving seeds_tf (aiohttp test client)."""
 
+import base64
+import http.server
 import io
 import shutil
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -29,6 +32,8 @@ def service(tmp_path_factory, session_roots, tiny_run):
         patch.setenv(DATA_ENV, str(roots.data))
         patch.setenv(MODELS_ENV, str(roots.models))
         patch.setattr(tempfile, "tempdir", str(uploads))
+        # Photos served by the test from loopback; every other loopback address stays refused.
+        patch.setenv("SEEDS_TF_URL_ALLOW", "127.0.0.1")
         app = InProcessDeepaas()
         try:
             yield app, roots, uploads
@@ -146,7 +151,7 @@ def test_bad_input_gets_a_client_error_naming_the_field(app, photo, upload, fiel
 def test_a_missing_image_is_a_client_error(app):
     response = app.request("POST", f"{MODEL_URL}/predict/", data={"top_k": "3"})
     assert response.status == 422
-    assert "image" in response.json()
+    assert response.json()["field"] == "image"
 
 
 def test_train_through_the_api_then_predict_with_the_new_run(app, service, photo, tiny_run):
@@ -229,3 +234,66 @@ def test_a_cancelled_training_leaves_no_complete_run_and_the_service_recovers(ap
     answer = app.predict({"image": ("a.jpg", photo)})
     assert answer.status == 200, answer.body
     assert answer.json()["run_id"] != started
+
+
+@pytest.fixture(scope="module")
+def photo_server(service):
+    """A loopback HTTP server with one seed photo at /seed.jpg."""
+    photo = seed_photo(service[1]).read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(photo)))
+            self.end_headers()
+            self.wfile.write(photo)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_several_images_from_uploads_urls_and_data_uris(app, photo, photo_server):
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+    response = app.predict(
+        {"image": ("a.jpg", photo), "image_2": ("b.jpg", photo)},
+        urls=f"{photo_server}/seed.jpg",
+        data=data_uri,
+    )
+    assert response.status == 200, response.body
+    names = [result["image"] for result in response.json()["results"]]
+    assert names == ["a.jpg", "b.jpg", f"{photo_server}/seed.jpg", "data URI 1"]
+    species = [result["species"] for result in response.json()["results"]]
+    assert species[0] == species[1] == species[2] == species[3], "the same photo, the same answer"
+
+
+def test_merge_answers_once_for_one_specimen(app, photo):
+    response = app.predict({"image": ("a.jpg", photo), "image_2": ("b.jpg", photo)}, merge="true")
+    body = response.json()
+    assert body["merged"] is True
+    (result,) = body["results"]
+    assert result["image"] == "a.jpg + b.jpg"
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({}, "no image"),
+        ({"urls": " ".join(["http://127.0.0.1:9/x.jpg"] * 9)}, "limit is 8"),
+        ({"urls": "http://127.0.0.2:9/x.jpg"}, "loopback address, which is not allowed"),
+        ({"urls": "file:///etc/passwd"}, "http"),
+        ({"data": "data:image/png;base64,!!!notbase64"}, "base64"),
+    ],
+)
+def test_bad_image_sources_are_client_errors(app, fields, problem):
+    response = app.request("POST", f"{MODEL_URL}/predict/", data=fields)
+    assert response.status == 422, response.body
+    assert problem in response.json()["message"]
