@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint demo bench clean
+.PHONY: serve test lint demo bench learning clean
 
 # The environment: rebuilt whenever the package metadata changes.
 $(STAMP): setup.cfg setup.py
@@ -28,7 +28,13 @@ demo: $(STAMP)
 
 ## bench: benchmarks, figures as ratios measured side by side (benchmarks/results.json)
 bench: $(STAMP)
+	$(BIN)/seeds-tf demo
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/tta.py
+
+## learning: the >= 90% top-1 check on the synthetic seeds dataset, through the CLI (~20 min)
+learning: $(STAMP)
+	$(BIN)/python benchmarks/learning.py
 
 ## lint: ruff (style, bugs, bandit rules) and bandit itself
 lint: $(STAMP)

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("results.json")
+from results import record
+
 SEEDS_TF = str(Path(sys.executable).with_name("seeds-tf"))
 
 
@@ -67,10 +68,7 @@ def main() -> None:
         "training_minutes": round(minutes, 1),
         "goal": "top1 >= 0.90",
     }
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results["learning"] = figures
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
+    record("learning", figures)
 
 
 if __name__ == "__main__":

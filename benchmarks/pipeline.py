@@ -11,18 +11,17 @@ the model. Writes its figures into benchmarks/results.json under "pipeline".
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from results import record
 
 from seeds_tf import config, synthetic
 from seeds_tf.model import build_classifier
 from seeds_tf.pipeline import augmentation, make_dataset
 from seeds_tf.splits import read_dataset
 from seeds_tf.training import compile_classifier
-
-RESULTS = Path(__file__).with_name("results.json")
 
 
 def images_per_second(data, batches: int) -> float:
@@ -79,10 +78,7 @@ def main() -> None:
         "ratio": round(delivered / consumed, 2),
         "goal": ">= 3",
     }
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results["pipeline"] = figures
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
+    record("pipeline", figures)
 
 
 if __name__ == "__main__":

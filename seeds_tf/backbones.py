@@ -53,6 +53,14 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("MobileNetV3Small", "mobilenet_v3", 32),
         Backbone("MobileNetV3Large", "mobilenet_v3", 32),
         Backbone("DenseNet121", "densenet", 32),
+        # The rest of the original service's backbones.
+        Backbone("DenseNet169", "densenet", 32),
+        Backbone("DenseNet201", "densenet", 32),
+        Backbone("InceptionResNetV2", "inception_resnet_v2", 75),
+        Backbone("MobileNet", "mobilenet", 32),
+        Backbone("NASNetMobile", "nasnet", 32),
+        Backbone("VGG16", "vgg16", 32),
+        Backbone("VGG19", "vgg19", 32),
     )
 }
 

@@ -10,7 +10,6 @@ the same. The result is an ordinary, complete seeds_tf run.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import shutil
 import tarfile
@@ -20,7 +19,7 @@ from typing import Any
 
 import requests
 
-from seeds_tf import __version__, runs
+from seeds_tf import runs
 from seeds_tf.config import RunConfig
 from seeds_tf.errors import InputError
 from seeds_tf.model import build_classifier, save_classifier
@@ -72,21 +71,15 @@ def import_legacy(source: str, roots: Roots) -> str:
         for name in ("classes.txt", "info.txt", "train.txt", "val.txt", "test.txt"):
             if (dataset_dir / name).is_file():
                 shutil.copyfile(dataset_dir / name, layout.dataset_dir / name)
-        runs.write_json_atomic(layout.conf_file, {**config.to_dict(), "seeds_tf_version": __version__})
+        runs.write_conf(layout, config.to_dict())
         save_classifier(model, layout.final_model)
     runs.mark_complete(
         layout,
-        {
-            "created": layout.run_id,
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "modelname": config.model.modelname,
-            "image_size": config.model.image_size,
-            "num_classes": len(classes),
-            "checkpoints": runs.checkpoint_names(layout),
-            "metrics": {},
-            "imported_from": source,
-            "seeds_tf_version": __version__,
-        },
+        modelname=config.model.modelname,
+        image_size=config.model.image_size,
+        num_classes=len(classes),
+        metrics={},
+        imported_from=source,
     )
     _LOGGER.info("Imported %s as run %s (%d classes)", source, layout.run_id, len(classes))
     return layout.run_id

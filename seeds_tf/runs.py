@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from seeds_tf import __version__
 from seeds_tf.errors import InputError
 
 RUN_ID_FORMAT = "%Y-%m-%d_%H%M%S"
@@ -190,9 +191,34 @@ def atomic_path(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def mark_complete(layout: RunLayout, summary: dict[str, Any]) -> None:
-    """Writes run.json, the last step of a run: from then on the run is offered for prediction."""
-    write_json_atomic(layout.summary_file, {"run_id": layout.run_id, **summary})
+def write_conf(layout: RunLayout, conf: dict[str, Any]) -> None:
+    """Writes the run's resolved configuration, with the seeds_tf version that made it."""
+    write_json_atomic(layout.conf_file, {**conf, "seeds_tf_version": __version__})
+
+
+def mark_complete(
+    layout: RunLayout, *, modelname: str, image_size: int, num_classes: int, metrics: dict, **details: Any
+) -> None:
+    """Writes run.json, the last step of a run: from then on the run is offered for prediction.
+
+    It records what the prediction side and the metadata need: the model, its classes, its
+    checkpoints and test metrics, plus any `details` of how the run came to be.
+    """
+    write_json_atomic(
+        layout.summary_file,
+        {
+            "run_id": layout.run_id,
+            "created": layout.run_id,
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "modelname": modelname,
+            "image_size": image_size,
+            "num_classes": num_classes,
+            "checkpoints": checkpoint_names(layout),
+            "metrics": metrics,
+            "seeds_tf_version": __version__,
+            **details,
+        },
+    )
 
 
 def _run_folders(models_dir: Path) -> list[RunLayout]:

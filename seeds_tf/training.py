@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import logging
 import math
@@ -23,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf import __version__, datasets, distribute, images, reports, runs, tracking
+from seeds_tf import datasets, distribute, images, reports, runs, tracking
 from seeds_tf.backbones import get_backbone
 from seeds_tf.config import RunConfig
 from seeds_tf.errors import InputError
@@ -71,7 +70,7 @@ def train(config: RunConfig, roots: Roots) -> TrainResult:
         dataset, skipped = _skip_unreadable(dataset)
         with _run_folder(roots) as layout:
             copy_split_files(dataset, layout.dataset_dir)
-            runs.write_json_atomic(layout.conf_file, {**config.to_dict(), "seeds_tf_version": __version__})
+            runs.write_conf(layout, config.to_dict())
             return _train_run(config, dataset, layout, strategy, weights=weights, skipped=skipped)
 
 
@@ -226,18 +225,12 @@ def _train_run(
         mlflow.finish(metrics, layout.reports_dir)
     runs.mark_complete(
         layout,
-        {
-            "created": layout.run_id,
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "modelname": config.model.modelname,
-            "image_size": config.model.image_size,
-            "num_classes": num_classes,
-            "skipped_images": skipped,
-            "checkpoints": runs.checkpoint_names(layout),
-            "metrics": metrics,
-            "weights_digest": digest,
-            "seeds_tf_version": __version__,
-        },
+        modelname=config.model.modelname,
+        image_size=config.model.image_size,
+        num_classes=num_classes,
+        metrics=metrics,
+        skipped_images=skipped,
+        weights_digest=digest,
     )
     _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
     return TrainResult(layout.run_id, metrics, training_time, digest)

@@ -5,7 +5,6 @@ import http.server
 import io
 import shutil
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ from seeds_tf import runs
 from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
 from tests.conftest import TINY_OPTIONS, encode, seed_photo
 from tests.deepaas_harness import MODEL_URL, InProcessDeepaas
+from tests.loopback import http_server
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,7 @@ def test_top_k_beyond_the_classes_returns_them_all(app, photo):
         (b"GIF89a this is not really an image", {}, "image", "not an image"),
         (b"", {}, "image", "is empty"),
         ("truncated", {}, "image", "truncated"),
+        ("bomb", {}, "image", "8000x6000 pixels, more than the limit"),
         ("photo", {"timestamp": "1999-01-01_000000"}, "timestamp", "unknown run"),
         ("photo", {"timestamp": "../../etc"}, "timestamp", "unknown run"),
         ("photo", {"top_k": 0}, "top_k", "greater than or equal to 1"),
@@ -137,6 +138,10 @@ def test_top_k_beyond_the_classes_returns_them_all(app, photo):
     ],
 )
 def test_bad_input_gets_a_client_error_naming_the_field(app, photo, upload, fields, field, problem):
+    if upload == "bomb":  # a small file of 48 million pixels: refused before it is decoded
+        upload = io.BytesIO()
+        PIL.Image.new("1", (8000, 6000)).save(upload, format="PNG")
+        upload = upload.getvalue()
     data = {"truncated": photo[: len(photo) // 3], "photo": photo}.get(upload, upload)
     response = app.predict({"image": ("upload.jpg", data)}, timeout=60, **fields)
     assert response.status == 422, response.body
@@ -252,13 +257,8 @@ def photo_server(service):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with http_server(Handler) as url:
+        yield url
 
 
 def test_several_images_from_uploads_urls_and_data_uris(app, photo, photo_server):

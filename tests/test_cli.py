@@ -77,6 +77,9 @@ def test_seeds_tf_reports_mistakes_with_exit_status_2(roots, tmp_path):
         (["predict", str(tmp_path / "missing.jpg")], "cannot read"),
         (["predict", str(seed_photo(roots)), "--timestamp", "2000-01-01_000000"], "unknown run"),
         (["predict", str(seed_photo(roots)), "--top_k", "0"], "top_k: expected >= 1"),
+        (["predict", "http://127.0.0.2:9/seed.jpg"], "loopback address, which is not allowed"),
+        (["predict", "file:///etc/passwd"], "cannot read"),
+        (["predict", "data:image/png;base64,@@@"], "base64"),
         (["train", "--images_directory", "nowhere", "--weights", "none"], "images_directory"),
     ]
     for arguments, message in cases:

@@ -45,6 +45,25 @@ def test_transparent_pixels_are_laid_on_white():
     assert tuple(decoded[3, 3]) == (255, 255, 255)
 
 
+def test_palette_with_transparency_is_laid_on_white():
+    palette = PIL.Image.new("P", (4, 4), 0)
+    palette.putpalette([10, 20, 200] + [0, 0, 0] * 255)
+    palette.putpixel((0, 0), 1)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", transparency=1)
+    decoded = images.decode_image(buffer.getvalue(), "image", "p.png")
+    assert tuple(decoded[3, 3]) == (10, 20, 200)
+    assert tuple(decoded[0, 0]) == (255, 255, 255)
+
+
+def test_an_animated_gif_gives_its_first_frame():
+    frames = [PIL.Image.new("RGB", (8, 8), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    decoded = images.decode_image(buffer.getvalue(), "image", "a.gif")
+    assert decoded[0, 0, 0] > 200 and decoded[0, 0, 2] < 50
+
+
 def test_cmyk_is_converted():
     cmyk = PIL.Image.fromarray(PHOTO).convert("CMYK")
     buffer = io.BytesIO()

@@ -1,17 +1,18 @@
 """Importing a run of the original service: a Keras 2 .h5 made with tf-keras, in a tarball served
 from loopback, becomes a seeds_tf run that predicts exactly as the original model did."""
 
+import functools
 import http.server
 import io
 import json
 import tarfile
-import threading
 
 import numpy as np
 import pytest
 
 from seeds_tf import images, inference, legacy, runs
 from seeds_tf.errors import InputError
+from tests.loopback import http_server
 
 CLASSES = ["Lens culinaris", "Lens nigricans", "Phaseolus vulgaris"]
 
@@ -53,14 +54,8 @@ def _tarball(tmp_path, model, extra_member=None):
 @pytest.fixture
 def tarball_server(tmp_path):
     """Serves files of tmp_path over loopback HTTP."""
-    handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with http_server(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))) as url:
+        yield url
 
 
 def test_a_legacy_run_imports_and_predicts_as_the_original(

@@ -376,7 +376,7 @@ def test_allowed_host_names_are_exempt(server, names):
 
 def _certificate(tmp_path, name: str) -> tuple[str, str]:
     """A self-signed certificate for `name` (and only for it), with its key: paths of PEM files."""
-    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
