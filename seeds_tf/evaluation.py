@@ -30,7 +30,7 @@ def evaluate_split(
 ) -> reports.Evaluation:
     """Top-1/top-5, per-class precision/recall/F1 and the confusion matrix of `model` on `split`."""
     if split.labels is None:
-        raise InputError("split", f"{split.name} has no labels to evaluate against")
+        raise InputError("split_file", f"{split.name} has no labels to evaluate against")
     probabilities = predict_split(model, split, image_size, batch_size)
     return reports.evaluate(split.labels, probabilities, classes, split.name)
 
@@ -45,8 +45,6 @@ def evaluate_run(roots: Roots, run_id: str, split_file: Path, batch_size: int = 
     if not split_file.is_file():
         raise InputError("split_file", f"{split_file} is not a file")
     split = read_split(split_file, split_file.stem, images_dir, len(run.classes), "split_file")
-    if split.labels is None:
-        raise InputError("split_file", f"{split_file} has no labels to evaluate against")
     evaluation = evaluate_split(run.model, split, run.classes, run.config.image_size, batch_size)
     written = reports.write_evaluation(evaluation, layout.reports_dir, prefix=split_file.stem)
     _LOGGER.info("Run %s on %s: top-1 %.4f; wrote %s", run_id, split_file, evaluation.top1, written)

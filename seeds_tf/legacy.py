@@ -11,7 +11,6 @@ the same. The result is an ordinary, complete seeds_tf run.
 from __future__ import annotations
 
 import logging
-import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from seeds_tf.config import RunConfig
 from seeds_tf.errors import InputError
 from seeds_tf.model import build_classifier, save_classifier
 from seeds_tf.paths import Roots
-from seeds_tf.splits import read_lines
+from seeds_tf.splits import copy_split_files, read_lines
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -68,9 +67,7 @@ def import_legacy(source: str, roots: Roots) -> str:
             ) from None
 
         layout = runs.create_run(roots.models)
-        for name in ("classes.txt", "info.txt", "train.txt", "val.txt", "test.txt"):
-            if (dataset_dir / name).is_file():
-                shutil.copyfile(dataset_dir / name, layout.dataset_dir / name)
+        copy_split_files(dataset_dir, layout.dataset_dir)
         runs.write_conf(layout, config.to_dict())
         save_classifier(model, layout.final_model)
     runs.mark_complete(

@@ -124,10 +124,10 @@ def read_dataset(splits_dir: Path, images_dir: Path) -> Dataset:
     return Dataset(splits_dir, images_dir, classes, info, splits)
 
 
-def copy_split_files(dataset: Dataset, destination: Path) -> None:
-    """Copies the files that define the dataset into a run, so the run records what it used."""
+def copy_split_files(splits_dir: Path, destination: Path) -> None:
+    """Copies the files that define a dataset into a run, so the run records what it used."""
     destination.mkdir(parents=True, exist_ok=True)
     for name in ("classes", "info", *SPLIT_NAMES):
-        source = dataset.splits_dir / f"{name}.txt"
+        source = splits_dir / f"{name}.txt"
         if source.is_file():
             shutil.copyfile(source, destination / source.name)

@@ -69,7 +69,7 @@ def train(config: RunConfig, roots: Roots) -> TrainResult:
         dataset, weights = _check_inputs(config, roots, Path(staging))
         dataset, skipped = _skip_unreadable(dataset)
         with _run_folder(roots) as layout:
-            copy_split_files(dataset, layout.dataset_dir)
+            copy_split_files(dataset.splits_dir, layout.dataset_dir)
             runs.write_conf(layout, config.to_dict())
             return _train_run(config, dataset, layout, strategy, weights=weights, skipped=skipped)
 
