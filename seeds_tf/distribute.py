@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import tensorflow as tf
+from keras.src import tree
+from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 
 
 def cluster_spec() -> dict:
@@ -38,7 +41,62 @@ def strategy() -> tf.distribute.Strategy:
     """The strategy for this process. Must be called before any other TensorFlow work when
     training on a cluster: collective operations are configured at start-up."""
     if is_multi_worker():
+        _fix_keras_multi_worker()
         return tf.distribute.MultiWorkerMirroredStrategy()
     if len(tf.config.list_logical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def synchronize_batch_norm(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """With more than one replica, batch normalisation takes its statistics over the global batch.
+
+    Otherwise every replica updates its own moving mean and variance from its own shard, and the
+    workers of a cluster end with different models (the chief's is then fitted to half the data).
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
+def _fix_keras_multi_worker() -> None:
+    """Makes Keras 3's `fit` work under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+
+    Keras' TensorFlow trainer has two collective reductions that `CollectiveAllReduceStrategy`
+    refuses: its symbolic build reduces the whole (images, labels) batch tuple across workers only
+    to learn shapes and dtypes, and its step logs (scalars) are reduced along axis 0, which scalars
+    do not have. The first needs no communication at all (any local replica's batch has the right
+    structure); the second is a mean over workers of scalars. Everything else of `fit`: gradients,
+    metrics, callbacks, stays Keras' own.
+    """
+    if getattr(keras_tf_trainer, "_seeds_tf_multi_worker_fix", False):
+        return
+    keras_reduce = keras_tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction="auto"):
+        if reduction == "auto" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return tree.map_structure(lambda value: strategy.reduce("MEAN", value, axis=None), values)
+        return keras_reduce(values, strategy, reduction)
+
+    def maybe_symbolic_build(model, iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tree.map_structure(_one_local_replica(model.distribute_strategy), next(batches))
+                break
+        with model.distribute_strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    keras_tf_trainer.reduce_per_replica = reduce_per_replica
+    keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    keras_tf_trainer._seeds_tf_multi_worker_fix = True
+
+
+def _one_local_replica(strategy: tf.distribute.Strategy):
+    def local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    return local

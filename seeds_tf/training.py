@@ -203,6 +203,7 @@ def _train_run(
     keras.utils.set_random_seed(training.seed)
     with _dtype_policy(training.mixed_precision), strategy.scope():
         model = _compiled_model(config, num_classes, weights)
+        distribute.synchronize_batch_norm(model, strategy)
     mlflow = (
         tracking.MlflowLogger(layout.run_id, _flat_options(config)) if tracking.mlflow_enabled() else None
     )

@@ -1,0 +1,79 @@
+"""Training across a cluster: two `seeds-tf train` worker processes on loopback, one run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seeds_tf import distribute, runs
+from seeds_tf.model import load_classifier
+from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.training import weights_digest
+from tests.conftest import TINY_OPTIONS
+from tests.deepaas_harness import free_port
+
+SEEDS_TF = Path(sys.executable).parent / "seeds-tf"
+
+
+def _tf_config(ports: list[int], index: int) -> str:
+    workers = [f"127.0.0.1:{port}" for port in ports]
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def test_two_workers_train_one_run_and_agree(roots, tmp_path):
+    ports = [free_port(), free_port()]
+    flags = [f"--{name}={value}" for name, value in TINY_OPTIONS.items()]
+    workers = [
+        subprocess.Popen(
+            [str(SEEDS_TF), "--quiet", "train", *flags],
+            env={
+                **os.environ,
+                DATA_ENV: str(roots.data),
+                MODELS_ENV: str(roots.models),
+                "TF_CONFIG": _tf_config(ports, index),
+                "TMPDIR": str(tmp_path),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, (_, stderr) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, stderr[-3000:]
+    chief, other = (json.loads(stdout) for stdout, _ in outputs)
+
+    assert chief["weights_digest"] == other["weights_digest"]
+    assert chief["metrics"] == other["metrics"]
+    layout = runs.resolve_run(roots.models, chief["run_id"])
+    assert runs.read_json(layout.summary_file)["weights_digest"] == chief["weights_digest"]
+    assert weights_digest(load_classifier(layout.final_model)) == chief["weights_digest"]
+    assert list(tmp_path.glob("seeds_tf_worker_*")) == [], "the worker's scratch run was left behind"
+
+
+@pytest.mark.parametrize(
+    ("tf_config", "multi_worker", "chief"),
+    [
+        (None, False, True),
+        ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, False, True),
+        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True, True),
+        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, True, False),
+        ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}, True, False),
+        ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}}, True, True),
+    ],
+)
+def test_roles_from_tf_config(monkeypatch, tf_config, multi_worker, chief):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    assert distribute.is_multi_worker() is multi_worker
+    assert distribute.is_chief() is chief
