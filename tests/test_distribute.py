@@ -59,15 +59,19 @@ def test_two_workers_train_one_run_and_agree(roots, tmp_path):
     assert list(tmp_path.glob("seeds_tf_worker_*")) == [], "the worker's scratch run was left behind"
 
 
+PAIR = {"worker": ["a:1", "b:1"]}
+CHIEF_AND_WORKER = {"chief": ["a:1"], "worker": ["b:1"]}
+
+
 @pytest.mark.parametrize(
     ("tf_config", "multi_worker", "chief"),
     [
         (None, False, True),
         ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, False, True),
-        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True, True),
-        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, True, False),
-        ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}, True, False),
-        ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}}, True, True),
+        ({"cluster": PAIR, "task": {"type": "worker", "index": 0}}, True, True),
+        ({"cluster": PAIR, "task": {"type": "worker", "index": 1}}, True, False),
+        ({"cluster": CHIEF_AND_WORKER, "task": {"type": "worker", "index": 0}}, True, False),
+        ({"cluster": CHIEF_AND_WORKER, "task": {"type": "chief", "index": 0}}, True, True),
     ],
 )
 def test_roles_from_tf_config(monkeypatch, tf_config, multi_worker, chief):
