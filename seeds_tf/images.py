@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,9 @@ from seeds_tf.errors import InputError
 MAX_PIXELS = 40_000_000
 """Largest width x height accepted: above it, decoding could exhaust memory (decompression bombs)."""
 
+MIN_SIDE = 16
+"""Smallest width or height accepted: a thinner picture holds no seed to name, only a confident guess."""
+
 
 def decode_image(data: bytes, field: str, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decodes image bytes into an RGB array of shape (height, width, 3), dtype uint8.
@@ -33,23 +37,17 @@ def decode_image(data: bytes, field: str, name: str, max_pixels: int = MAX_PIXEL
         max_pixels: refuse images with more pixels than this, before decoding them.
 
     Raises:
-        InputError: when the bytes are empty, not an image, truncated or too large.
+        InputError: when the bytes are empty, not an image, truncated, too large or too small.
     """
     if not data:
         raise InputError(field, f"{name!r} is empty")
     try:
         with warnings.catch_warnings():
-            # Pillow warns before its own, larger bomb limit; the explicit check below decides.
+            # Pillow warns before its own, larger bomb limit (the explicit check below decides) and
+            # about broken EXIF blocks (which only lose the orientation): neither is the caller's.
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise InputError(
-                field, f"{name!r} has {width}x{height} pixels, more than the limit of {max_pixels}"
-            )
-        image.load()
-        image = PIL.ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+            return _decoded(PIL.Image.open(io.BytesIO(data)), field, name, max_pixels)
     except PIL.Image.DecompressionBombError as error:
         raise InputError(field, f"{name!r} has too many pixels: {error}") from None
     except PIL.UnidentifiedImageError:
@@ -58,6 +56,26 @@ def decode_image(data: bytes, field: str, name: str, max_pixels: int = MAX_PIXEL
         if isinstance(error, InputError):
             raise
         raise InputError(field, f"{name!r} is a broken or truncated image ({error})") from None
+
+
+def _decoded(image: PIL.Image.Image, field: str, name: str, max_pixels: int) -> np.ndarray:
+    """The pixels of an opened image, after checking its size from the header alone."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InputError(field, f"{name!r} has {width}x{height} pixels, more than the limit of {max_pixels}")
+    if min(width, height) < MIN_SIDE:
+        raise InputError(field, f"{name!r} is {width}x{height} pixels; each side must be at least {MIN_SIDE}")
+    image.load()
+    return _to_rgb(_upright(image))
+
+
+def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The image turned as its EXIF orientation says. A broken or hostile EXIF block only loses
+    the orientation: the pixels are still good."""
+    try:
+        return PIL.ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):
+        return image
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -157,6 +157,21 @@ def resolve_run(models_dir: Path, run_id: str, field: str = "timestamp") -> RunL
     return RunLayout(models_dir / run_id)
 
 
+def resolve_interrupted_run(models_dir: Path, run_id: str, field: str = "resume") -> RunLayout:
+    """The interrupted run called `run_id` (it has a conf.json but no run.json), to resume.
+
+    Raises:
+        InputError: naming `field`, when `run_id` is complete or not an interrupted run of models_dir.
+    """
+    if run_id not in incomplete_runs(models_dir):
+        if run_id in complete_runs(models_dir):
+            raise InputError(field, f"run {run_id!r} is complete")
+        raise InputError(
+            field, f"no interrupted run {run_id!r}. Interrupted: {incomplete_runs(models_dir) or 'none'}"
+        )
+    return RunLayout(models_dir / run_id)
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as stream:
         return json.load(stream)

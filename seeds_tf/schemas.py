@@ -96,6 +96,7 @@ def train_arguments() -> dict[str, fields.Field]:
         "images_directory": _data_path("images_directory", must_be_folder=True),
         "splits_directory": _data_path("splits_directory", must_be_folder=False),
         "weights": _weights,
+        "resume": _interrupted_run,
     }
     return {
         name: option_field(spec, path_checks.get(name))
@@ -153,15 +154,30 @@ def _existing_run(run_id: str) -> None:
         raise marshmallow.ValidationError(error.problem) from None
 
 
+def _interrupted_run(run_id: str) -> None:
+    """Validates `resume` in the server process: empty, or an interrupted run listed in models/."""
+    if run_id:
+        try:
+            runs.resolve_interrupted_run(Roots.from_env().models, run_id)
+        except InputError as error:
+            raise marshmallow.ValidationError(error.problem) from None
+
+
 def _data_path(field: str, must_be_folder: bool) -> Callable[[str], None]:
     """Validates a path argument in the server process: inside the data folder (and a folder)."""
 
     def check(value: str) -> None:
         try:
             path = Roots.from_env().data_path(value, field)
+            is_folder = path.is_dir() if must_be_folder else True
         except InputError as error:
             raise marshmallow.ValidationError(error.problem) from None
-        if must_be_folder and not path.is_dir():
+        except (ValueError, OSError) as error:
+            # Names no file system accepts: a NUL byte (ValueError from resolve) or a name over 255
+            # bytes (ENAMETOOLONG from is_dir). Uncaught here, webargs would answer 500.
+            reason = getattr(error, "strerror", None) or str(error)
+            raise marshmallow.ValidationError(f"{value!r} is not a valid path ({reason})") from None
+        if not is_folder:
             raise marshmallow.ValidationError(f"{value!r} is not a folder inside the data folder")
 
     return check

@@ -173,12 +173,7 @@ def _run_folder(roots: Roots) -> Iterator[runs.RunLayout]:
 
 def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy) -> TrainResult:
     """Continues an interrupted run with its own configuration and split files."""
-    layout = runs.RunLayout(roots.models / run_id)
-    if run_id not in runs.incomplete_runs(roots.models):
-        complete = run_id in runs.complete_runs(roots.models)
-        raise InputError(
-            "resume", f"run {run_id!r} is complete" if complete else f"no interrupted run {run_id!r}"
-        )
+    layout = runs.resolve_interrupted_run(roots.models, run_id)
     config = RunConfig.from_dict(runs.read_json(layout.conf_file))
     images_dir = roots.data_path(config.training.images_directory, "images_directory")
     dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))

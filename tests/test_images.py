@@ -38,7 +38,7 @@ def test_grayscale_and_16_bit_are_scaled_to_8_bit_rgb():
 
 
 def test_transparent_pixels_are_laid_on_white():
-    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
     rgba[:2, :, :] = (200, 10, 10, 255)
     decoded = images.decode_image(encode(rgba, "PNG"), "image", "a.png")
     assert tuple(decoded[0, 0]) == (200, 10, 10)
@@ -46,7 +46,7 @@ def test_transparent_pixels_are_laid_on_white():
 
 
 def test_palette_with_transparency_is_laid_on_white():
-    palette = PIL.Image.new("P", (4, 4), 0)
+    palette = PIL.Image.new("P", (16, 16), 0)
     palette.putpalette([10, 20, 200] + [0, 0, 0] * 255)
     palette.putpixel((0, 0), 1)
     buffer = io.BytesIO()
@@ -57,7 +57,7 @@ def test_palette_with_transparency_is_laid_on_white():
 
 
 def test_an_animated_gif_gives_its_first_frame():
-    frames = [PIL.Image.new("RGB", (8, 8), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    frames = [PIL.Image.new("RGB", (16, 16), colour) for colour in ((250, 0, 0), (0, 0, 250))]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
     decoded = images.decode_image(buffer.getvalue(), "image", "a.gif")
