@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
 STAMP := $(VENV)/.installed
+MAX_UPLOAD ?= 52428800
+FUZZ_EXAMPLES ?= 200
 
-.PHONY: serve test lint demo bench learning clean
+.PHONY: serve test lint demo bench learning fuzz load audit clean
 
 # The environment: rebuilt whenever the package metadata changes.
 $(STAMP): setup.cfg setup.py
@@ -20,7 +22,8 @@ $(STAMP): setup.cfg setup.py
 ## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
 serve: $(STAMP)
 	$(BIN)/seeds-tf demo
-	$(BIN)/deepaas-run --model-name seeds_tf --listen-ip $(HOST) --listen-port $(PORT)
+	$(BIN)/deepaas-run --model-name seeds_tf --listen-ip $(HOST) --listen-port $(PORT) \
+		--client-max-size $(MAX_UPLOAD)
 
 ## demo: train the demo run even if runs exist
 demo: $(STAMP)
@@ -35,6 +38,19 @@ bench: $(STAMP)
 ## learning: the >= 90% top-1 check on the synthetic seeds dataset, through the CLI (~20 min)
 learning: $(STAMP)
 	$(BIN)/python benchmarks/learning.py
+
+## fuzz: schemathesis against a live deepaas-run, many more examples than the suite's run
+fuzz: $(STAMP)
+	SEEDS_TF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py
+
+## load: concurrent clients against deepaas-run with 1 and 2 workers: failures, p50/p99, memory
+load: $(STAMP)
+	$(BIN)/seeds-tf demo
+	$(BIN)/python benchmarks/load.py
+
+## audit: known vulnerabilities of the installed dependencies (pip-audit; its database changes daily)
+audit: $(STAMP)
+	$(BIN)/pip-audit --strict --skip-editable --progress-spinner off
 
 ## lint: ruff (style, bugs, bandit rules) and bandit itself
 lint: $(STAMP)
