@@ -2,10 +2,11 @@
 
 import os
 
+import numpy as np
 import requests
 
 from seeds_tf.paths import DATA_ENV, MODELS_ENV
-from tests.conftest import seed_photo
+from tests.conftest import encode, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_run
 
 
@@ -50,7 +51,9 @@ def test_deepaas_run_starts_without_any_run(empty_roots, tmp_path):
     with deepaas_run(env, tmp_path / "server.log") as url:
         assert requests.get(f"{url}{MODEL_URL}/", timeout=10).json()["model"] is None
         refused = requests.post(
-            f"{url}{MODEL_URL}/predict/", files={"image": ("seed.jpg", b"data")}, timeout=60
+            f"{url}{MODEL_URL}/predict/",
+            files={"image": ("seed.png", encode(np.full((32, 32, 3), 128, np.uint8), "PNG"))},
+            timeout=60,
         )
         assert refused.status_code == 422
         assert "train one first" in refused.text
