@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 STAMP := $(VENV)/.installed
 MAX_UPLOAD ?= 52428800
-FUZZ_EXAMPLES ?= 200
+FUZZ_EXAMPLES ?= 1000
 
 .PHONY: serve test lint demo bench learning fuzz load audit clean
 
