@@ -45,11 +45,9 @@ class ClientError(web.HTTPUnprocessableEntity):
 
 
 def get_metadata() -> dict[str, Any]:
-    roots = Roots.from_env()
-    available = runs.complete_runs(roots.models)
-    newest = None
-    if available:
-        newest = runs.read_json(runs.RunLayout(roots.models / available[-1]).summary_file)
+    """The model's description, its working runs (the newest one's summary as `model`) and its
+    broken runs with the reason each cannot serve."""
+    listing = runs.list_runs(Roots.from_env().models)
     return {
         "name": "seeds_tf",
         "version": __version__,
@@ -67,20 +65,20 @@ def get_metadata() -> dict[str, Any]:
             {"rel": "source", "href": "https://github.com/seeds-tf/seeds_tf"},
             {"rel": "predecessor", "href": "https://github.com/deephdc/image-classification-tf"},
         ],
-        "runs": available,
-        "model": newest,
+        "runs": list(listing.working),
+        "broken": listing.broken_list(),
+        "model": list(listing.working.values())[-1] if listing.working else None,
     }
 
 
 def warm() -> None:
-    """Loads the newest run into this worker; without one, the server still starts."""
-    roots = Roots.from_env()
+    """Loads the newest working run into this worker; without one, the server still starts."""
+    from seeds_tf import inference
+
     try:
-        layout = runs.resolve_run(roots.models, "")
+        inference.choose_run(Roots.from_env(), _run_cache())
     except InputError as error:
         _LOGGER.warning("No model to warm up: %s", error)
-        return
-    _run_cache().get(layout)
 
 
 def get_predict_args() -> dict:

@@ -4,7 +4,7 @@
     seeds-tf predict seed1.jpg seed2.png --top_k 3
     seeds-tf demo                                    # the demo run, trained if models/ has none
     seeds-tf synthetic data/synthetic_seeds          # the synthetic seeds dataset
-    seeds-tf runs                                    # the complete runs and their test metrics
+    seeds-tf runs                                    # the working runs, their test metrics; broken runs
     seeds-tf check-dataset                           # a report on a dataset before training
     seeds-tf evaluate 2026-11-21_215742 other.txt    # a run on another labelled split
     seeds-tf import-legacy seeds.tar.xz              # the original service's published seeds model
@@ -129,10 +129,8 @@ def _import_legacy(args: argparse.Namespace, roots: Roots):
 
 
 def _runs(args: argparse.Namespace, roots: Roots):
-    return [
-        runs.read_json(runs.RunLayout(roots.models / run_id).summary_file)
-        for run_id in runs.complete_runs(roots.models)
-    ]
+    listing = runs.list_runs(roots.models)
+    return {"runs": list(listing.working.values()), "broken": listing.broken_list()}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,7 +191,9 @@ def _parser() -> argparse.ArgumentParser:
     importer.add_argument("source", help="path or http(s) URL of the run tarball, e.g. seeds.tar.xz")
     importer.set_defaults(command=_import_legacy)
 
-    listing = commands.add_parser("runs", help="list the complete runs with their test metrics")
+    listing = commands.add_parser(
+        "runs", help="list the working runs with their test metrics, and the broken runs with the reason"
+    )
     listing.set_defaults(command=_runs)
     return parser
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from seeds_tf import images, runs
 from seeds_tf.config import ModelConfig, PredictConfig, RunConfig
+from seeds_tf.errors import InputError
 from seeds_tf.model import load_classifier
 from seeds_tf.paths import Roots
 from seeds_tf.splits import read_lines
@@ -57,27 +58,78 @@ def load_run(layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
     return LoadedRun(layout.run_id, checkpoint, model, config, classes, info)
 
 
+class BrokenRunError(InputError):
+    """A run or checkpoint whose files do not load (corrupt weights, a model that does not fit its
+    classes): the caller named it, so it is the caller's to choose another."""
+
+
 class RunCache:
     """The checkpoints loaded in this process, the least recently used dropped beyond `capacity`.
 
     A checkpoint is keyed by run, name and the modification time of its file, so a file replaced
-    on disk is loaded again. Thread-safe: loading happens under a lock.
+    on disk is loaded again. A checkpoint that fails to load is remembered as broken under the same
+    key, and not read again until its file changes. Thread-safe: loading happens under a lock.
     """
 
     def __init__(self, capacity: int = 2):
         self._capacity = capacity
         self._runs: collections.OrderedDict[tuple[str, str, int], LoadedRun] = collections.OrderedDict()
+        self._broken: dict[tuple[str, str, int], str] = {}
         self._lock = threading.Lock()
 
     def get(self, layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
-        key = (layout.run_id, checkpoint, runs.resolve_checkpoint(layout, checkpoint).stat().st_mtime_ns)
+        """The loaded checkpoint.
+
+        Raises:
+            InputError: for a checkpoint the run does not have.
+            BrokenRunError: naming `timestamp` (the final model) or `ckpt_name` (another checkpoint),
+                when the files do not load.
+        """
+        model_file = runs.resolve_checkpoint(layout, checkpoint)
+        key = (layout.run_id, checkpoint, model_file.stat().st_mtime_ns)
         with self._lock:
-            if key not in self._runs:
-                self._runs[key] = load_run(layout, checkpoint)
+            if key not in self._runs and key not in self._broken:
+                try:
+                    self._runs[key] = load_run(layout, checkpoint)
+                except Exception as error:
+                    _LOGGER.exception("Run %s/%s does not load", layout.run_id, checkpoint)
+                    self._broken[key] = f"ckpts/{model_file.name} does not load: {error}"
                 while len(self._runs) > self._capacity:
                     self._runs.popitem(last=False)
+            if key in self._broken:
+                raise _broken_run(layout.run_id, checkpoint, self._broken[key])
             self._runs.move_to_end(key)
             return self._runs[key]
+
+
+def _broken_run(run_id: str, checkpoint: str, reason: str) -> BrokenRunError:
+    if checkpoint == "final":
+        return BrokenRunError("timestamp", f"run {run_id} is broken: {reason}")
+    return BrokenRunError("ckpt_name", f"checkpoint {checkpoint!r} of run {run_id} is broken: {reason}")
+
+
+def choose_run(roots: Roots, cache: RunCache, timestamp: str = "", checkpoint: str = "final") -> LoadedRun:
+    """The run `timestamp` names, or else the newest working run that loads: a run whose files
+    turn out not to load is logged and skipped for the next older one, so one damaged run never
+    takes the service down.
+
+    Raises:
+        InputError: naming `timestamp` for an unknown or broken run (or when no run loads), or
+            `ckpt_name` for a checkpoint the run does not have or that does not load.
+    """
+    if timestamp:
+        return cache.get(runs.resolve_run(roots.models, timestamp), checkpoint)
+    working = list(runs.list_runs(roots.models).working)
+    if not working:
+        runs.resolve_run(roots.models, "")  # raises: no working run, and why
+    problems = []
+    for run_id in reversed(working):
+        try:
+            return cache.get(runs.RunLayout(roots.models / run_id), checkpoint)
+        except BrokenRunError as error:
+            _LOGGER.warning("Skipping run %s: %s", run_id, error.problem)
+            problems.append(error.problem)
+    raise InputError("timestamp", f"no run in {roots.models} loads: {'; '.join(problems)}")
 
 
 def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
@@ -152,9 +204,8 @@ def analyse(
     Raises:
         InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
     """
-    layout = runs.resolve_run(roots.models, config.timestamp)
     pixels = [images.decode_image(data, "image", name) for name, data in uploads]
-    run = cache.get(layout, config.ckpt_name)
+    run = choose_run(roots, cache, config.timestamp, config.ckpt_name)
     return run, pixels, class_probabilities(run, pixels, config.tta)
 
 

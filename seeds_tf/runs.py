@@ -2,7 +2,9 @@
 
 A run is `models/<YYYY-mm-dd_HHMMSS>/` with the layout of the original service (ckpts/, conf/, stats/,
 logs/, dataset_files/) plus reports/ and `run.json`. `run.json` is written last, by an atomic rename:
-a run without it died half-way and is never offered for prediction.
+a run without it died half-way and is never offered for prediction. A complete run whose files were
+damaged afterwards (a truncated model, a run.json that is not JSON) is listed as broken, with the
+reason, and skipped: the other runs keep serving.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,10 @@ from seeds_tf.errors import InputError
 
 RUN_ID_FORMAT = "%Y-%m-%d_%H%M%S"
 _RUN_ID_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}_\d{6}")
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+"""OS errors that mean the models folder cannot take what is written: full disk, exhausted quota,
+file size limit, read-only file system, no permission."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,11 @@ class RunLayout:
         return self.ckpts_dir / "backup"
 
     @property
+    def backup_state(self) -> Path:
+        """The last epoch backed up and the name of its weights file in backup_dir."""
+        return self.backup_dir / "state.json"
+
+    @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
@@ -108,8 +121,43 @@ def create_run(models_dir: Path, now: datetime.datetime | None = None) -> RunLay
         return layout
 
 
+@dataclasses.dataclass(frozen=True)
+class RunListing:
+    """The complete runs of a models folder, sorted into those that can serve and those that cannot.
+
+    Attributes:
+        working: run id -> its run.json, oldest first.
+        broken: run id -> why it cannot serve, oldest first.
+    """
+
+    working: dict[str, dict[str, Any]]
+    broken: dict[str, str]
+
+    def broken_list(self) -> list[dict[str, str]]:
+        """The broken runs as [{"run_id", "reason"}], for JSON answers."""
+        return [{"run_id": run_id, "reason": reason} for run_id, reason in self.broken.items()]
+
+
+def list_runs(models_dir: Path) -> RunListing:
+    """The complete runs of models_dir, each checked cheaply, without loading a model: run.json and
+    conf/conf.json must be JSON objects, dataset_files/classes.txt must exist, and ckpts/final.keras
+    must be a whole Keras archive (its zip directory is read). Damage these checks cannot see
+    (corrupt weights inside a sound archive) shows when the model is loaded for prediction."""
+    working: dict[str, dict[str, Any]] = {}
+    broken: dict[str, str] = {}
+    for layout in _run_folders(models_dir):
+        if not layout.is_complete():
+            continue
+        problem, summary = _check_run(layout)
+        if problem is None:
+            working[layout.run_id] = summary
+        else:
+            broken[layout.run_id] = problem
+    return RunListing(working, broken)
+
+
 def complete_runs(models_dir: Path) -> list[str]:
-    """Ids of the complete runs inside models_dir, oldest first."""
+    """Ids of the complete runs inside models_dir (broken ones included), oldest first."""
     return [layout.run_id for layout in _run_folders(models_dir) if layout.is_complete()]
 
 
@@ -140,16 +188,23 @@ def checkpoint_names(layout: RunLayout) -> list[str]:
 
 
 def resolve_run(models_dir: Path, run_id: str, field: str = "timestamp") -> RunLayout:
-    """The complete run called `run_id`, or the newest one when `run_id` is empty.
+    """The working run called `run_id`, or the newest working one when `run_id` is empty.
 
     Raises:
-        InputError: naming `field`, when no such complete run exists; the message lists the runs that do.
+        InputError: naming `field`, when no such run exists or it is broken; the message lists the
+            working runs.
     """
-    available = complete_runs(models_dir)
+    listing = list_runs(models_dir)
+    available = list(listing.working)
     if not run_id:
         if not available:
-            raise InputError(field, f"no trained run in {models_dir}; train one first")
+            broken = f" (broken: {listing.broken})" if listing.broken else ""
+            raise InputError(field, f"no trained run in {models_dir}{broken}; train one first")
         return RunLayout(models_dir / available[-1])
+    if run_id in listing.broken:
+        raise InputError(
+            field, f"run {run_id!r} is broken: {listing.broken[run_id]}. Working runs: {available or 'none'}"
+        )
     if run_id not in available:
         # Only names from the listing are accepted: '..', absolute paths and links out of models/
         # never match, so they cannot reach the file system.
@@ -177,6 +232,32 @@ def read_json(path: Path) -> Any:
         return json.load(stream)
 
 
+@contextlib.contextmanager
+def storage_errors(models_dir: Path) -> Iterator[None]:
+    """Reports a failure to write into models_dir (disk full, quota, file size limit, read-only,
+    no permission) as an InputError naming the folder and the OS error, instead of a traceback from
+    deep inside Keras or h5py. The operator can fix it; the runs already there are untouched, since
+    every artifact is written beside its final name and renamed.
+
+    Raises:
+        InputError: naming `models_dir`.
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as error:
+        cause = _storage_cause(error, models_dir)
+        if cause is None:
+            raise
+        code = errno.errorcode.get(cause.errno, str(cause.errno))
+        where = f" while writing {cause.filename}" if cause.filename else ""
+        raise InputError(
+            "models_dir",
+            f"cannot write into the models folder {models_dir}{where}: {os.strerror(cause.errno)} ({code})",
+        ) from error
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -192,7 +273,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     succeeds, removed when it fails. Readers never see half a file, and a crash leaves the previous
     version in place. Every artifact of a run (models, JSON, pictures) is written through this."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    # The whole suffix: Keras insists on names ending in ".weights.h5". The leading dot keeps the
+    # temporary out of every listing (runs, checkpoints) while it is written.
+    suffix = "".join(path.suffixes)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(handle)
     temporary = Path(name)
     try:
@@ -234,6 +318,59 @@ def mark_complete(
             **details,
         },
     )
+
+
+def _check_run(layout: RunLayout) -> tuple[str | None, dict[str, Any]]:
+    """(problem or None, the run's summary) of a complete run."""
+    try:
+        summary = read_json(layout.summary_file)
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        return f"run.json is unreadable: {error}", {}
+    if not isinstance(summary, dict):
+        return "run.json is not a JSON object", {}
+    try:
+        conf = read_json(layout.conf_file)
+    except (OSError, ValueError) as error:
+        return f"conf/conf.json is unreadable: {error}", {}
+    if not isinstance(conf, dict) or not isinstance(conf.get("model"), dict):
+        return "conf/conf.json holds no model configuration", {}
+    if not (layout.dataset_dir / "classes.txt").is_file():
+        return "dataset_files/classes.txt is missing", {}
+    return _model_file_problem(layout.final_model), summary
+
+
+def _model_file_problem(path: Path) -> str | None:
+    """Why `path` is not a whole .keras file (missing, truncated, not a zip archive, without the
+    model config or weights), or None. Reads only the archive's directory."""
+    name = f"{path.parent.name}/{path.name}"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+    except FileNotFoundError:
+        return f"{name} is missing"
+    except (OSError, zipfile.BadZipFile) as error:
+        return f"{name} is not a whole Keras model file ({error})"
+    if "config.json" not in members or not any(member.startswith("model.weights") for member in members):
+        return f"{name} is not a whole Keras model file (no config or weights inside)"
+    return None
+
+
+def _storage_cause(error: BaseException | None, models_dir: Path) -> OSError | None:
+    """The OSError behind `error` (itself, or its cause or context) that says models_dir cannot be
+    written; None when there is none, or it concerns a file outside models_dir (an input)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            filename = error.filename
+            if not isinstance(filename, str | bytes | os.PathLike) or _within(filename, models_dir):
+                return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _within(filename: str | bytes | os.PathLike, folder: Path) -> bool:
+    return Path(os.fsdecode(filename)).resolve().is_relative_to(folder.resolve())
 
 
 def _run_folders(models_dir: Path) -> list[RunLayout]:

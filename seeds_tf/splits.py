@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Collection
 from pathlib import Path
 
+from seeds_tf import runs
 from seeds_tf.errors import InputError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -125,9 +126,11 @@ def read_dataset(splits_dir: Path, images_dir: Path) -> Dataset:
 
 
 def copy_split_files(splits_dir: Path, destination: Path) -> None:
-    """Copies the files that define a dataset into a run, so the run records what it used."""
+    """Copies the files that define a dataset into a run, so the run records what it used. Each
+    copy is atomic, as every artifact of a run."""
     destination.mkdir(parents=True, exist_ok=True)
     for name in ("classes", "info", *SPLIT_NAMES):
         source = splits_dir / f"{name}.txt"
         if source.is_file():
-            shutil.copyfile(source, destination / source.name)
+            with runs.atomic_path(destination / source.name) as temporary:
+                shutil.copyfile(source, temporary)

@@ -59,16 +59,19 @@ def train(config: RunConfig, roots: Roots) -> TrainResult:
     """Trains a new run into `roots.models` (or resumes the run `config.training.resume`).
 
     Raises:
-        InputError: for bad options or a bad dataset, before any run folder is created.
+        InputError: for bad options or a bad dataset, before any run folder is created; naming
+            `models_dir` when the models folder cannot be written (full, read-only), in which case
+            the other runs are untouched and the new one stays unfinished, to resume.
     """
     # On a cluster, collective operations must be configured before any other TensorFlow work.
     strategy = distribute.strategy()
     if config.training.resume:
-        return _resume(config.training.resume, roots, strategy)
+        with runs.storage_errors(roots.models):
+            return _resume(config.training.resume, roots, strategy)
     with tempfile.TemporaryDirectory(prefix="seeds_tf_splits_") as staging:
         dataset, weights = _check_inputs(config, roots, Path(staging))
         dataset, skipped = _skip_unreadable(dataset)
-        with _run_folder(roots) as layout:
+        with runs.storage_errors(roots.models), _run_folder(roots) as layout:
             copy_split_files(dataset.splits_dir, layout.dataset_dir)
             runs.write_conf(layout, config.to_dict())
             return _train_run(config, dataset, layout, strategy, weights=weights, skipped=skipped)
@@ -307,13 +310,15 @@ def _fit(
     epoch_log = _EpochLog(layout)
     schedule = {"step": step_decay, "cosine": cosine_decay}[training.lr_schedule]
     callbacks = [
+        # The epoch's record goes to stats.json before its backup: a run killed in between redoes
+        # the epoch and replaces the record, instead of resuming without one.
+        epoch_log,
         # Saves the training state every epoch, restores it when the run is resumed, and deletes
         # it once the run has finished.
-        keras.callbacks.BackupAndRestore(str(layout.backup_dir)),
+        _AtomicBackup(layout),
         keras.callbacks.LearningRateScheduler(schedule(training.initial_lr, training.epochs)),
         keras.callbacks.TensorBoard(log_dir=str(layout.logs_dir)),
         _Checkpoints(model, layout, training.ckpt_freq, monitor="val_loss" if val_data else "loss"),
-        epoch_log,
     ]
     if training.use_early_stopping:
         callbacks.append(
@@ -405,6 +410,43 @@ class _EpochLog(keras.callbacks.Callback):
         self.epochs.append(record)
         runs.write_json_atomic(self._layout.stats_file, {"epochs": self.epochs})
         _LOGGER.info("Run %s epoch %d: %s", self._layout.run_id, epoch + 1, record)
+
+
+class _AtomicBackup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore with a backup that a kill at any instant leaves usable.
+
+    Keras rewrites `latest.weights.h5` in place and the epoch number in a second file after it: a
+    kill while saving leaves truncated weights (the resumed run then fails) or weights an epoch
+    ahead of their number. Here each epoch's weights go to a file of their own through
+    runs.atomic_path; only then does `state.json` (atomic too) name them as the last epoch done.
+    """
+
+    def __init__(self, layout: runs.RunLayout):
+        super().__init__(str(layout.backup_dir))
+        self._layout = layout
+
+    def _save_model(self):
+        weights = self._layout.backup_dir / f"epoch_{self._current_epoch:04d}.weights.h5"
+        with runs.atomic_path(weights) as temporary:
+            self.model.save_weights(temporary)
+        runs.write_json_atomic(
+            self._layout.backup_state, {"epoch": self._current_epoch, "weights": weights.name}
+        )
+        for stale in self._layout.backup_dir.glob("epoch_*.weights.h5"):
+            if stale != weights:
+                stale.unlink()
+
+    def _load_model(self):
+        if not self._layout.backup_state.is_file():
+            return
+        state = runs.read_json(self._layout.backup_state)
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            # The optimizer's variables must exist before the saved ones are loaded into them.
+            optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(self._layout.backup_dir / state["weights"])
+        # As Keras' own callback does: fit starts from the epoch after the last one backed up.
+        self.model._initial_epoch = state["epoch"]
 
 
 class _Checkpoints(keras.callbacks.Callback):

@@ -66,7 +66,8 @@ def test_seeds_tf_predict_and_runs(roots, tiny_run):
     assert [r["image"] for r in prediction["results"]] == [str(seed_photo(roots)), str(seed_photo(roots, 1))]
     assert len(prediction["results"][0]["species"]) == 5
     listing = _run([str(BIN / "seeds-tf"), "--quiet", "runs"], _env(roots))
-    assert [run["run_id"] for run in json.loads(listing.stdout)] == [tiny_run]
+    assert [run["run_id"] for run in json.loads(listing.stdout)["runs"]] == [tiny_run]
+    assert json.loads(listing.stdout)["broken"] == []
 
 
 def test_seeds_tf_reports_mistakes_with_exit_status_2(roots, tmp_path):

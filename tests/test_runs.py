@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import zipfile
 
 import pytest
 
@@ -13,7 +14,13 @@ NOW = datetime.datetime(2026, 11, 21, 12, 0, 0)
 
 
 def _complete(models, now=NOW):
+    """A complete run that passes the listing's checks, with a stand-in for a Keras model file."""
     layout = runs.create_run(models, now)
+    runs.write_conf(layout, {"model": {}})
+    (layout.dataset_dir / "classes.txt").write_text("Aus aus\nBus bus\n")
+    with zipfile.ZipFile(layout.final_model, "w") as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("model.weights.h5", b"")
     runs.mark_complete(layout, modelname="Xception", image_size=71, num_classes=2, metrics={})
     return layout
 
