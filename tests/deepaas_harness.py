@@ -78,6 +78,16 @@ class InProcessDeepaas:
             form.add_field(name, str(value))
         return self.request("POST", f"{MODEL_URL}/predict/", data=form, timeout=timeout, headers=headers)
 
+    def wait_for_training(self, uuid: str, timeout: float = 300) -> dict:
+        """The status of training `uuid` once it is no longer running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.request("GET", f"{MODEL_URL}/train/{uuid}").json()
+            if status["status"] != "running":
+                return status
+            time.sleep(1)
+        raise AssertionError(f"training {uuid} still running after {timeout} s")
+
     def close(self) -> None:
         self._loop.run_until_complete(self._client.close())
         # DEEPaaS only terminates busy pools on cleanup; end the idle worker processes too.

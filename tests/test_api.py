@@ -167,7 +167,7 @@ def test_train_through_the_api_then_predict_with_the_new_run(app, service, photo
     assert started.json()["args"]["use_validation"] is False
     uuid = started.json()["uuid"]
 
-    status = _wait_for_training(app, uuid)
+    status = app.wait_for_training(uuid)
     assert status["status"] == "done", status
     output = status["result"]["output"]
     assert output["run_id"] != tiny_run
@@ -204,33 +204,31 @@ def test_a_dataset_problem_ends_the_training_with_a_clear_message(app, service):
     # Neither split files nor one folder per class: nothing to train on.
     options = {**TINY_OPTIONS, "splits_directory": "tiny/images", "images_directory": "tiny/dataset_files"}
     uuid = app.request("POST", f"{MODEL_URL}/train/", params=options).json()["uuid"]
-    status = _wait_for_training(app, uuid)
+    status = app.wait_for_training(uuid)
     assert status["status"] == "error"
     assert "splits_directory" in status["message"]
     assert "no classes.txt" in status["message"]
 
 
-def _wait_for_training(app, uuid: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = app.request("GET", f"{MODEL_URL}/train/{uuid}").json()
-        if status["status"] != "running":
-            return status
-        time.sleep(1)
-    raise AssertionError(f"training {uuid} still running after {timeout} s")
-
-
-def test_a_cancelled_training_leaves_no_complete_run_and_the_service_recovers(app, service, photo):
+def test_a_cancelled_training_is_never_offered_and_resumes_with_its_own_config(app, service, photo):
     """DEEPaaS kills the worker of a cancelled training (its DELETE answers 500 in 2.6.0, a server
-    bug); the half-made run is never offered, and the replacement worker loads a model lazily."""
+    bug); the half-made run is never offered and the replacement worker loads a model lazily. Then
+    `resume=<run id>` finishes that run from its last backed-up epoch, with the configuration it
+    started with, not the defaults of the resume request. A VGG16 at 32 px keeps it short."""
     roots = service[1]
     before = set(runs.complete_runs(roots.models))
-    options = {**TINY_OPTIONS, "epochs": 50}
+    interrupted_before = set(runs.incomplete_runs(roots.models))
+    options = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32, "epochs": 2}
     uuid = app.request("POST", f"{MODEL_URL}/train/", params=options).json()["uuid"]
-    deadline = time.monotonic() + 120
-    while not runs.incomplete_runs(roots.models) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    (started,) = runs.incomplete_runs(roots.models)
+    # Cancelled once epoch 1 is backed up, while epoch 2 trains.
+    deadline = time.monotonic() + 300
+    started = None
+    while started is None and time.monotonic() < deadline:
+        for run_id in set(runs.incomplete_runs(roots.models)) - interrupted_before:
+            if runs.RunLayout(roots.models / run_id).backup_state.is_file():
+                started = run_id
+        time.sleep(0.2)
+    assert started is not None, app.request("GET", f"{MODEL_URL}/train/{uuid}").body
     app.request("DELETE", f"{MODEL_URL}/train/{uuid}")
     assert set(runs.complete_runs(roots.models)) == before
     assert started in runs.incomplete_runs(roots.models)
@@ -239,6 +237,25 @@ def test_a_cancelled_training_leaves_no_complete_run_and_the_service_recovers(ap
     answer = app.predict({"image": ("a.jpg", photo)})
     assert answer.status == 200, answer.body
     assert answer.json()["run_id"] != started
+
+    layout = runs.RunLayout(roots.models / started)
+    conf = layout.conf_file.read_bytes()
+    backed_up = runs.read_json(layout.backup_state)["epoch"]
+    done_before = runs.read_json(layout.stats_file)["epochs"][:backed_up]
+    resumed = app.request("POST", f"{MODEL_URL}/train/", params={"resume": started})
+    assert resumed.status == 200, resumed.body
+    status = app.wait_for_training(resumed.json()["uuid"])
+    assert status["status"] == "done", status
+    assert status["result"]["output"]["run_id"] == started
+    assert layout.conf_file.read_bytes() == conf
+    summary = runs.read_json(layout.summary_file)
+    assert (summary["modelname"], summary["image_size"]) == ("VGG16", 32)
+    epochs = runs.read_json(layout.stats_file)["epochs"]
+    assert [epoch["epoch"] for epoch in epochs] == [1, 2]
+    assert epochs[:backed_up] == done_before, "backed-up epochs were trained again instead of restored"
+    assert not layout.backup_dir.exists()
+    by_name = app.predict({"image": ("a.jpg", photo)}, timestamp=started)
+    assert by_name.status == 200, by_name.body
 
 
 @pytest.fixture(scope="module")

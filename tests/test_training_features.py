@@ -148,14 +148,16 @@ def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     run_id = stats.parent.parent.name
     assert run_id not in runs.complete_runs(colours.models)
     assert run_id in runs.incomplete_runs(colours.models)
+    layout = runs.RunLayout(colours.models / run_id)
+    conf = layout.conf_file.read_bytes()
 
     resumed = _seeds_tf("train", "--resume", run_id, "--epochs", "50")  # the run's own epochs win
     output, errors = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, errors
     assert json.loads(output)["run_id"] == run_id
-    layout = runs.RunLayout(colours.models / run_id)
     epochs = runs.read_json(layout.stats_file)["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert layout.conf_file.read_bytes() == conf, "the resumed run's configuration changed"
     assert config.RunConfig.from_dict(runs.read_json(layout.conf_file)).training.epochs == 3
     assert layout.is_complete()
 
