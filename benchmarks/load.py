@@ -22,8 +22,6 @@ import contextlib
 import dataclasses
 import io
 import itertools
-import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import PIL.Image
+import psutil
 import requests
 
 # The server is started by the tests' harness (one way to start it, in one place); run as a script,
@@ -44,7 +43,7 @@ if str(REPO) not in sys.path:
 
 from seeds_tf import config, runs  # noqa: E402
 from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots  # noqa: E402
-from tests.deepaas_harness import MODEL_URL, deepaas_run  # noqa: E402
+from tests.deepaas_harness import MODEL_URL, deepaas_process  # noqa: E402
 
 MIX = ("predict", "predict", "not_an_image", "predict", "bad_top_k", "predict", "unknown_run", "predict")
 """Request kinds in the order they are sent, cycled: 5 valid predictions in 8 requests."""
@@ -194,87 +193,23 @@ def mix(begin: int, end: int) -> list[str]:
     return [MIX[index % len(MIX)] for index in range(begin, end)]
 
 
-def _parent_pids() -> dict[int, int]:
-    """Every process's parent, from /proc/<pid>/stat (the fourth field, after the command name)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # the process ended meanwhile
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants."""
-    children = collections.defaultdict(list)
-    for child, parent in _parent_pids().items():
-        children[parent].append(child)
-    tree, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        tree.append(current)
-        pending.extend(children[current])
-    return tree
-
-
 def tree_rss_mib(pid: int) -> float:
-    """Resident memory of `pid` and its descendants (VmRSS, which counts shared pages in each)."""
-    total_kib = 0
-    for member in process_tree(pid):
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line[:6] == "VmRSS:"), 0)
-    return round(total_kib / 1024, 1)
-
-
-def server_pid(url: str) -> int:
-    """The `deepaas-run` child of this process listening on the port of `url`."""
-    port = url.rsplit(":", 1)[1]
-    for pid, parent in _parent_pids().items():
-        if parent != os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if any(arg.endswith("deepaas-run") for arg in argv) and port in argv:
-            return pid
-    raise RuntimeError(f"no deepaas-run child of this process serves {url}")
+    """Resident memory of `pid` and its descendants (each one's RSS, so shared pages count once
+    per process)."""
+    server = psutil.Process(pid)
+    members = [server, *server.children(recursive=True)]
+    total = 0
+    for member in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += member.memory_info().rss
+    return round(total / 2**20, 1)
 
 
 @contextlib.contextmanager
 def serving(env: dict[str, str], log: Path, workers: int) -> Iterator[tuple[str, int]]:
-    """`deepaas-run --workers <workers>` on loopback with `env`: its URL and PID.
-
-    Ends it with SIGTERM to the server alone, which stops its workers and exits within a second. The
-    harness signals the whole process group: the workers die first, and the server then hangs in its
-    shutdown until the harness' SIGKILL 20 s later.
-    """
-    with deepaas_run(env, log, "--workers", str(workers), timeout=300) as url:
-        pid = server_pid(url)
-        try:
-            yield url, pid
-        finally:
-            os.kill(pid, signal.SIGTERM)
-            _wait_for_exit(pid, timeout_s=20)
-
-
-def _wait_for_exit(pid: int, timeout_s: float) -> None:
-    """Until `pid` has ended (gone, or a zombie left for its parent to reap) or `timeout_s` passed."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return
-        if state == "Z":
-            return
-        time.sleep(0.1)
+    """`deepaas-run --workers <workers>` on loopback with `env`: its URL and PID."""
+    with deepaas_process(env, log, "--workers", str(workers), timeout=300) as (url, pid):
+        yield url, pid
 
 
 def load_run(

@@ -120,8 +120,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def deepaas_run(env: dict[str, str], log: Path, *extra: str, timeout: float = 120) -> Iterator[str]:
-    """A real `deepaas-run --model-name seeds_tf` on a free loopback port; yields its base URL and
-    stops it by its PID (SIGTERM, then SIGKILL of its process group)."""
+    """A real `deepaas-run --model-name seeds_tf` on a free loopback port; yields its base URL."""
+    with deepaas_process(env, log, *extra, timeout=timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def deepaas_process(
+    env: dict[str, str], log: Path, *extra: str, timeout: float = 120
+) -> Iterator[tuple[str, int]]:
+    """`deepaas_run` that also yields the server's PID (its workers are its children), for
+    measuring it; stops it with SIGTERM, then SIGKILL of what is left of its process group."""
     port = free_port()
     command = [
         str(Path(sys.executable).with_name("deepaas-run")),
@@ -144,7 +153,7 @@ def deepaas_run(env: dict[str, str], log: Path, *extra: str, timeout: float = 12
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(process, url, timeout, log)
-        yield url
+        yield url, process.pid
     finally:
         _stop(process)
 
@@ -162,11 +171,13 @@ def _wait_until_up(process: subprocess.Popen, url: str, timeout: float, log: Pat
 
 
 def _stop(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+    """SIGTERM to the server alone: it stops its workers and exits within a second. (Signalling the
+    whole group kills the workers first, and the server then hangs in its shutdown.) Whatever is
+    left of the group after that is killed."""
+    process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
+    finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=20)
