@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -66,16 +65,6 @@ OPERATIONS = (
     f"DELETE {TRAIN}{{uuid}}",
 )
 """Every operation of the schema, checked against it, so that a new endpoint cannot go unfuzzed."""
-
-MALFORMED_FORM = "a malformed multipart body answers 500; fix proposed for seeds_tf/api.py"
-"""aiohttp's request.post() raises ValueError or BadHttpMessage inside webargs' parse_form, and nothing
-turns that into a 4xx (test_a_malformed_form_body_is_a_client_error). Until api.py is fixed, the fuzz
-accepts this one 500, and only when the server's log shows that error coming out of parse_form."""
-MALFORMED_FORM_LOG = re.compile(
-    r"Error handling request from \S+: (aiohttp\.http_exceptions\.\w+|ValueError|LookupError): "
-    r".*?, in parse_form\n",
-    re.DOTALL,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +129,6 @@ def test_a_folder_name_too_long_for_the_file_system_is_refused(server: LiveServe
     assert "File name too long" in refused.json()["images_directory"][0]
 
 
-@pytest.mark.xfail(strict=True, reason=MALFORMED_FORM)
 @pytest.mark.parametrize("path", [PREDICT, TRAIN])
 @pytest.mark.parametrize(
     "body",
@@ -152,15 +140,14 @@ def test_a_folder_name_too_long_for_the_file_system_is_refused(server: LiveServe
     ids=["no boundary", "truncated", "control character"],
 )
 def test_a_malformed_form_body_is_a_client_error(server: LiveServer, path: str, body: bytes):
-    """Proposed fix, in seeds_tf/api.py at import (the server process): wrap
-    webargs.aiohttpparser.AIOHTTPParser.parse_form so that ValueError, LookupError and
-    aiohttp.http_exceptions.HttpProcessingError become web.HTTPBadRequest with a JSON message."""
+    """aiohttp's request.post() raises inside webargs' form parsing; seeds_tf.api turns that into 400."""
     headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
     params = {"weights": "none"}  # should a training start after all, it downloads nothing
     answer = requests.post(
         f"{server.url}{path}", params=params, data=body, headers=headers, timeout=REQUEST_BOUND_S
     )
     assert answer.status_code == 400
+    assert "malformed form body" in answer.json()["message"]
 
 
 def _cases(server: LiveServer, label: str) -> st.SearchStrategy[Case]:
@@ -226,7 +213,6 @@ def _fuzz(cases: st.SearchStrategy[Case], check: Callable[[Case], None]) -> None
 
 def _check(server: LiveServer, label: str, case: Case) -> None:
     assert not (case.path == PREDICT and _sends(case, "urls")), "a generated URL would be fetched"
-    log_offset = server.log.stat().st_size
     begin = time.monotonic()
     try:
         response = case.call(base_url=server.url, timeout=REQUEST_BOUND_S)
@@ -235,8 +221,6 @@ def _check(server: LiveServer, label: str, case: Case) -> None:
     elapsed = time.monotonic() - begin
     request = f"{label} -> {response.status_code} in {elapsed:.1f} s\n{case.as_curl_command()}"
     assert elapsed < REQUEST_BOUND_S, request
-    if response.status_code == 500 and _logged_malformed_form(server.log, log_offset):
-        return
     assert response.status_code < 500, f"{request}\n{response.text[:2000]}"
     if response.status_code == 422:
         assert isinstance(response.json(), dict), request  # a message a client can read
@@ -251,19 +235,6 @@ def _check(server: LiveServer, label: str, case: Case) -> None:
 
 def _sends(case: Case, name: str) -> bool:
     return any(isinstance(place, dict) and name in place for place in (case.query, case.body))
-
-
-def _logged_malformed_form(log: Path, offset: int) -> bool:
-    """Whether the server logged the known malformed-form error (MALFORMED_FORM) since `offset`."""
-    deadline = time.monotonic() + 5  # the log line may land just after the response
-    while True:
-        with open(log, "rb") as stream:
-            stream.seek(offset)
-            if MALFORMED_FORM_LOG.search(stream.read().decode(errors="replace")):
-                return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
 
 
 def _end_training(url: str, uuid: str) -> None:
