@@ -122,6 +122,18 @@ CORPUS = [
         says="unknown run",
     ),
     Hostile(
+        "unknown run",
+        files=(("image", "seed.jpg"),),
+        fields={"timestamp": "1999-01-01_000000"},
+        says="unknown run",
+    ),
+    Hostile(
+        "unknown checkpoint",
+        files=(("image", "seed.jpg"),),
+        fields={"ckpt_name": "epoch_9999"},
+        says="no checkpoint 'epoch_9999'",
+    ),
+    Hostile(
         "checkpoint name with ..",
         files=(("image", "seed.jpg"),),
         fields={"ckpt_name": "../../../etc/passwd"},
@@ -248,6 +260,8 @@ def _train_cases() -> list[tuple[str, str, str]]:
     for name in ("images_directory", "splits_directory", "weights"):
         cases.append((name, "../../../etc", name))
         cases.append((name, "/etc/passwd", name))
+    cases.append(("epochs", "-1", "epochs"))
+    cases.append(("images_directory", "nowhere", "images_directory"))
     cases.append(("resume", "..", "resume"))
     cases.append(("resume", "2000-01-01_000000", "resume"))  # the symbolic link out of models/
     return cases
