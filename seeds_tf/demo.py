@@ -19,8 +19,9 @@ DEMO_FOLDER = "synthetic_seeds"
 
 
 def ensure_demo_run(roots: Roots) -> str:
-    """Returns the newest complete run, training the demo run first if there is none."""
-    existing = runs.complete_runs(roots.models)
+    """Returns the newest working run, training the demo run first if there is none (broken runs
+    do not count: the service could not serve them)."""
+    existing = list(runs.list_runs(roots.models).working)
     if existing:
         _LOGGER.info("Found run %s; no demo training needed", existing[-1])
         return existing[-1]

@@ -21,7 +21,7 @@ from pathlib import Path
 import deepaas.model.v2
 import pytest
 
-from seeds_tf import api, cli, config, inference, runs
+from seeds_tf import api, cli, config, demo, inference, runs
 from seeds_tf.errors import InputError
 from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
 from tests.conftest import TINY_OPTIONS, seed_photo
@@ -203,6 +203,17 @@ def test_damaged_runs_are_listed_as_broken_and_skipped(roots, tiny_run, capsys):
         assert layout.run_id in raised.value.problem, name
         assert " is broken: " in raised.value.problem, name
     assert "ckpts/final.keras does not load" in raised.value.problem
+
+
+def test_make_serve_trains_the_demo_when_every_run_is_broken(roots, tiny_run, monkeypatch):
+    """`make serve` runs `seeds-tf demo`: a working run is served as it is, but a models folder of
+    broken runs only would leave the service with nothing to serve, so the demo run is trained."""
+    assert demo.ensure_demo_run(roots) == tiny_run
+    _replace(runs.RunLayout(roots.models / tiny_run).final_model, b"not a model")
+    trained = []
+    monkeypatch.setattr(demo, "train_demo_run", lambda roots: trained.append(roots) or "2099-12-31_000000")
+    assert demo.ensure_demo_run(roots) == "2099-12-31_000000"
+    assert trained == [roots]
 
 
 @pytest.fixture(scope="module")
