@@ -8,6 +8,7 @@
     seeds-tf check-dataset                           # a report on a dataset before training
     seeds-tf evaluate 2026-11-21_215742 other.txt    # a run on another labelled split
     seeds-tf import-legacy seeds.tar.xz              # the original service's published seeds model
+    seeds-tf export 2026-11-21_215742 --format tflite --precision int8 --serve   # a faster engine
 
 Mistakes in the input end with a message naming the argument and exit status 2.
 """
@@ -128,6 +129,25 @@ def _import_legacy(args: argparse.Namespace, roots: Roots):
     return {"run_id": legacy.import_legacy(args.source, roots)}
 
 
+def _export(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import export, inference
+    from seeds_tf.splits import read_split
+
+    spec = export.ExportSpec(args.format, args.precision)
+    layout = runs.resolve_run(roots.models, args.run, field="run")
+    training = config.RunConfig.from_dict(runs.read_json(layout.conf_file)).training
+    images_dir = roots.data_path(training.images_directory, "images_directory")
+    calibration = export.calibration_images(layout, images_dir) if spec.precision == "int8" else ()
+    path = export.export_run(layout, spec, calibration)
+    if spec.format == "savedmodel":
+        return {"export": str(path)}
+    run = inference.load_run(layout)
+    test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "run")
+    figures = export.compare_with_keras(run, spec.name, test) if test.labels else {}
+    recorded = export.record_export(layout, spec.name, figures, args.serve)
+    return {"export": str(path), **figures, "serve": recorded["serve"]}
+
+
 def _runs(args: argparse.Namespace, roots: Roots):
     listing = runs.list_runs(roots.models)
     return {"runs": list(listing.working.values()), "broken": listing.broken_list()}
@@ -190,6 +210,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     importer.add_argument("source", help="path or http(s) URL of the run tarball, e.g. seeds.tar.xz")
     importer.set_defaults(command=_import_legacy)
+
+    exporter = commands.add_parser(
+        "export", help="export a run to TensorFlow Lite, ONNX or a SavedModel, and check it against Keras"
+    )
+    exporter.add_argument("run", help="run id (YYYY-mm-dd_HHMMSS)")
+    exporter.add_argument("--format", default="tflite", choices=["tflite", "onnx", "savedmodel"])
+    exporter.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "dynamic_int8", "int8"],
+        help="int8: weights and activations, calibrated on the run's training images (tflite only)",
+    )
+    exporter.add_argument(
+        "--serve",
+        action="store_true",
+        help="make this export the run's engine for engine=auto, if it agrees with Keras on >= 99%%",
+    )
+    exporter.set_defaults(command=_export)
 
     listing = commands.add_parser(
         "runs", help="list the working runs with their test metrics, and the broken runs with the reason"

@@ -126,6 +126,7 @@ class PredictConfig:
     ckpt_name: str
     merge: bool
     tta: str
+    engine: str
 
     def __post_init__(self):
         _check_fields(self, "prediction")

@@ -9,6 +9,7 @@ import logging
 import threading
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -17,6 +18,7 @@ import tensorflow as tf
 
 from seeds_tf import images, runs
 from seeds_tf.config import ModelConfig, PredictConfig, RunConfig
+from seeds_tf.engines import Engine, load_engine
 from seeds_tf.errors import InputError
 from seeds_tf.model import load_classifier
 from seeds_tf.paths import Roots
@@ -30,7 +32,8 @@ TEN_CROP_FRACTION = 0.875
 
 @dataclasses.dataclass(frozen=True)
 class LoadedRun:
-    """A run ready to predict: a checkpoint's model with the config and classes it was trained with."""
+    """A run ready to predict: a checkpoint's model with the config and classes it was trained with,
+    and the engines that run it, loaded on first use."""
 
     run_id: str
     checkpoint: str
@@ -38,6 +41,45 @@ class LoadedRun:
     config: ModelConfig
     classes: tuple[str, ...]
     info: tuple[str, ...] | None
+    exports_dir: Path
+    _engines: dict[str, Engine] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, compare=False, repr=False
+    )
+
+    def engine(self, name: str = "auto") -> Engine:
+        """The engine called `name` (seeds_tf.engines.ENGINES); "auto" is the run's own choice,
+        recorded by `seeds-tf export --serve`, else keras.
+
+        Raises:
+            InputError: naming `engine`, for an export this run does not have; exports are made
+                of the final model only.
+        """
+        if name == "auto":
+            name = default_engine(self.exports_dir) if self.checkpoint == "final" else "keras"
+        with self._lock:
+            if name not in self._engines:
+                if name != "keras" and self.checkpoint != "final":
+                    raise InputError(
+                        "engine", f"exports are made of the final model, not {self.checkpoint!r}"
+                    )
+                try:
+                    self._engines[name] = load_engine(name, self.model, self.exports_dir)
+                except FileNotFoundError:
+                    made = sorted(path.stem for path in self.exports_dir.glob("*_*.*"))
+                    raise InputError(
+                        "engine",
+                        f"run {self.run_id} has no {name} export (made: {made or 'none'}); "
+                        f"make it with: seeds-tf export {self.run_id} --format {name.split('_', 1)[0]} "
+                        f"--precision {name.split('_', 1)[1]}",
+                    ) from None
+            return self._engines[name]
+
+
+def default_engine(exports_dir: Path) -> str:
+    """The engine a run serves with when a request says "auto": set by `seeds-tf export --serve`."""
+    index = exports_dir / runs.EXPORTS_INDEX
+    return runs.read_json(index).get("serve", "keras") if index.is_file() else "keras"
 
 
 def load_run(layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
@@ -55,7 +97,7 @@ def load_run(layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
     _LOGGER.info(
         "Loaded run %s/%s (%s, %d px)", layout.run_id, checkpoint, config.modelname, config.image_size
     )
-    return LoadedRun(layout.run_id, checkpoint, model, config, classes, info)
+    return LoadedRun(layout.run_id, checkpoint, model, config, classes, info, layout.exports_dir)
 
 
 class BrokenRunError(InputError):
@@ -152,11 +194,13 @@ def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
     return view.numpy()
 
 
-def class_probabilities(run: LoadedRun, pixels: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+def class_probabilities(
+    run: LoadedRun, pixels: Sequence[np.ndarray], tta: str = "none", engine: str = "keras"
+) -> np.ndarray:
     """Softmax probabilities, shape (len(pixels), num_classes), each the mean over its TTA views.
     All views of all images go through the network as one batch."""
     views = [tta_views(image, run.config.image_size, tta) for image in pixels]
-    outputs = np.asarray(run.model.predict_on_batch(np.concatenate(views)), dtype=np.float64)
+    outputs = np.asarray(run.engine(engine)(np.concatenate(views)), dtype=np.float64)
     counts = np.cumsum([0, *(len(v) for v in views)])
     return np.stack([outputs[start:end].mean(axis=0) for start, end in itertools.pairwise(counts)])
 
@@ -206,7 +250,7 @@ def analyse(
     """
     pixels = [images.decode_image(data, "image", name) for name, data in uploads]
     run = choose_run(roots, cache, config.timestamp, config.ckpt_name)
-    return run, pixels, class_probabilities(run, pixels, config.tta)
+    return run, pixels, class_probabilities(run, pixels, config.tta, config.engine)
 
 
 def predict(
@@ -225,6 +269,7 @@ def predict(
         InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
     """
     run, _, probabilities = analyse(roots, cache, config, uploads)
+    engine = run.engine(config.engine).name
     names = [name for name, _ in uploads]
     if config.merge:
         # One specimen in several photos: one answer from the mean of their probabilities.
@@ -233,6 +278,7 @@ def predict(
         "run_id": run.run_id,
         "checkpoint": run.checkpoint,
         "tta": config.tta,
+        "engine": engine,
         "merged": config.merge,
         "results": [
             {"image": name, **ranked(run, row, config.top_k)}

@@ -33,6 +33,10 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS
 file size limit, read-only file system, no permission."""
 
 
+EXPORTS_INDEX = "exports.json"
+"""In exports/: each export's agreement with the Keras model, and the engine the run serves with."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
     """The paths inside one run folder."""
@@ -70,6 +74,11 @@ class RunLayout:
     @property
     def best_model(self) -> Path:
         return self.ckpts_dir / "best.keras"
+
+    @property
+    def exports_dir(self) -> Path:
+        """The final model for other runtimes (`seeds-tf export`), and exports.json about them."""
+        return self.root / "exports"
 
     @property
     def backup_dir(self) -> Path:

@@ -75,6 +75,7 @@ def predict_arguments() -> dict[str, fields.Field]:
         "ckpt_name": option_field(specs["ckpt_name"]),
         "merge": option_field(specs["merge"]),
         "tta": option_field(specs["tta"]),
+        "engine": option_field(specs["engine"]),
         # DEEPaaS appends "*/*" to this list and takes its first entry as the default.
         "accept": fields.Str(
             required=False,
@@ -140,6 +141,7 @@ class PredictionResponse(marshmallow.Schema):
     run_id = fields.Str(required=True, metadata={"description": "Run that made the prediction."})
     checkpoint = fields.Str(required=True, metadata={"description": "Checkpoint of the run used."})
     tta = fields.Str(required=True, metadata={"description": "Test-time augmentation applied."})
+    engine = fields.Str(required=True, metadata={"description": "Runtime that ran the network."})
     merged = fields.Bool(required=True, metadata={"description": "All images answered as one specimen."})
     results = fields.List(
         fields.Nested(_ImageResult), required=True, metadata={"description": "One per image."}

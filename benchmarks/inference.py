@@ -1,0 +1,244 @@
+"""Inference speed, side by side in one process: the seeds_tf predict path against a bare Keras
+forward pass, the forward pass against this CPU's fp32 peak, and the exported engines against Keras.
+
+    .venv/bin/python benchmarks/inference.py [--size 299] [--classes 743] [--run RUN_ID] [--quick]
+
+Speed is measured on an Xception at 299 px with 743 classes (the original seeds model's shape) with
+random weights: speed does not depend on the weights. Agreement of the exports with Keras needs a
+trained model: it is measured on a complete run (the newest, by default the demo run) on its test
+split. Writes benchmarks/results.json under "inference" and "engines".
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+from results import record
+
+from seeds_tf import config, engines, export, images, inference, runs
+from seeds_tf.model import build_classifier
+from seeds_tf.paths import Roots
+from seeds_tf.splits import read_split
+
+XCEPTION_GMAC = 8.4
+"""Multiply-accumulates of one Xception forward pass at 299 px, in billions (Keras' model, 1000 classes;
+the 743-class head changes it by under 0.1%)."""
+
+FMA_UNITS_PER_CORE = 2
+"""Vector FMA units per core: 2 on the server cores this runs on (Intel Xeon Sapphire Rapids ports 0
+and 5; AMD Zen 4 pipes FP0 and FP1), each one vector of fp32 multiply-adds per cycle."""
+
+
+ENGINE_EXPORTS = tuple(name for name in engines.ENGINES if name != "keras")
+
+
+def cpu_peak() -> dict:
+    """This CPU's fp32 peak in multiply-accumulates per second: cores x fp32 lanes of its widest
+    vectors x FMA units x clock, read from /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split())
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    mhz = float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M).group(1))
+    cores = len(os.sched_getaffinity(0))
+    peak = cores * lanes * FMA_UNITS_PER_CORE * mhz * 1e6
+    return {
+        "cores": cores,
+        "fp32_lanes": lanes,
+        "fma_units_per_core": FMA_UNITS_PER_CORE,
+        "clock_ghz": round(mhz / 1000, 2),
+        "peak_gmac_per_s": round(peak / 1e9, 1),
+        "vector_extensions": sorted(flag for flag in flags if flag.startswith(("avx512", "amx", "avx_vnni"))),
+    }
+
+
+def seconds_per_call(call: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `call` after two warm-up calls (median: robust to a noisy neighbour)."""
+    call()
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def photos(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """JPEG photos of a phone camera's shape (1200x900), as the predict path receives them."""
+    rng = np.random.default_rng(seed)
+    made = []
+    for index in range(count):
+        pixels = rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        made.append((f"seed{index}.jpg", buffer.getvalue()))
+    return made
+
+
+def predict_overhead(run: inference.LoadedRun, repeats: int) -> dict:
+    """The full predict path (decode, resize, forward, rank and format) against the bare forward pass
+    of the same model on the same images already decoded and resized, at batch 1 and batch 16."""
+    figures = {}
+    keras_engine = run.engine("keras")
+    for batch in (1, 16):
+        uploads = photos(batch)
+
+        def full_path(uploads=uploads):
+            pixels = [images.decode_image(data, "image", name) for name, data in uploads]
+            probabilities = inference.class_probabilities(run, pixels)
+            return [inference.ranked(run, row, 5) for row in probabilities]
+
+        pixels = [images.decode_image(data, "image", name) for name, data in uploads]
+        ready = np.stack([inference.tta_views(image, run.config.image_size, "none")[0] for image in pixels])
+        full = seconds_per_call(full_path, repeats)
+        bare = seconds_per_call(lambda ready=ready: keras_engine(ready), repeats)
+        figures[f"batch_{batch}"] = {
+            "full_ms": round(1000 * full, 1),
+            "bare_forward_ms": round(1000 * bare, 1),
+            "overhead": round(full / bare - 1, 4),
+        }
+    return figures
+
+
+def compute_efficiency(run: inference.LoadedRun, peak: dict, repeats: int) -> dict:
+    """Achieved multiply-accumulates per second of the Keras forward pass at several batch sizes,
+    as a share of the fp32 peak."""
+    size = run.config.image_size
+    gmac = XCEPTION_GMAC * (size / 299) ** 2
+    keras_engine = run.engine("keras")
+    figures = {}
+    for batch in (1, 4, 16, 32):
+        ready = np.random.default_rng(batch).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+        seconds = seconds_per_call(lambda ready=ready: keras_engine(ready), max(2, repeats // batch))
+        achieved = batch * gmac / seconds
+        figures[f"batch_{batch}"] = {
+            "images_per_s": round(batch / seconds, 2),
+            "gmac_per_s": round(achieved, 1),
+            "of_peak": round(achieved / peak["peak_gmac_per_s"], 3),
+        }
+    best = max(figures.values(), key=lambda entry: entry["of_peak"])
+    return {"gmac_per_image": round(gmac, 2), **figures, "best_of_peak": best["of_peak"]}
+
+
+def tuning(model, size: int, repeats: int) -> dict:
+    """The choices behind the Keras path, each against its alternative in the same run: how the
+    forward pass is called (model.predict_on_batch, one traced function, the same under XLA), what
+    the first call costs without a warm-up, and one batch of 8 against 8 single calls."""
+    import tensorflow as tf
+
+    one = np.random.default_rng(1).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+    eight = np.random.default_rng(8).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
+    signature = [tf.TensorSpec((None, size, size, 3), tf.float32)]
+    xla = tf.function(lambda batch: model(batch, training=False), input_signature=signature, jit_compile=True)
+    traced = engines.KerasEngine(model)
+    started = time.perf_counter()
+    traced(one)  # what the first request would pay without the warm-up at load
+    first_call = time.perf_counter() - started
+    calls = {
+        "predict_on_batch": lambda: model.predict_on_batch(one),
+        "traced_function": lambda: traced(one),
+        "traced_function_xla": lambda: xla(one).numpy(),
+    }
+    batch_1_ms = {name: round(1000 * seconds_per_call(call, repeats), 1) for name, call in calls.items()}
+    one_batch = seconds_per_call(lambda: traced(eight), max(3, repeats // 8))
+    single_calls = seconds_per_call(
+        lambda: [traced(eight[i : i + 1]) for i in range(8)], max(3, repeats // 8)
+    )
+    return {
+        "batch_1_ms": batch_1_ms,
+        "first_call_ms_without_warm_up": round(1000 * first_call, 1),
+        "eight_images_one_batch_ms": round(1000 * one_batch, 1),
+        "eight_images_single_calls_ms": round(1000 * single_calls, 1),
+    }
+
+
+def engine_speed(model, size: int, calibration: list[Path], scratch: Path, repeats: int) -> dict:
+    """Images per second of every engine at batch 1 and 8, each against Keras fp32 in the same run."""
+    made = {"keras": engines.load_engine("keras", model, scratch)}
+    for name in ENGINE_EXPORTS:
+        spec = export.ExportSpec(*name.split("_", 1))
+        started = time.perf_counter()
+        export.export_model(model, spec, spec.path(runs.RunLayout(scratch)), calibration)
+        print(f"exported {name} in {time.perf_counter() - started:.0f} s", flush=True)
+        made[name] = engines.load_engine(name, model, scratch / "exports")
+    figures = {}
+    for batch in (1, 8):
+        ready = np.random.default_rng(batch).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+        rates = {
+            name: batch
+            / seconds_per_call(lambda engine=engine, ready=ready: engine(ready), max(3, repeats // batch))
+            for name, engine in made.items()
+        }
+        figures[f"batch_{batch}"] = {
+            name: {"images_per_s": round(rate, 2), "vs_keras": round(rate / rates["keras"], 2)}
+            for name, rate in rates.items()
+        }
+    return figures
+
+
+def engine_agreement(layout: runs.RunLayout, images_dir: Path) -> dict:
+    """Top-1 agreement with Keras and top-1 accuracy change of each export of a trained run, on its
+    test split (the exports are made here, into the run)."""
+    run = inference.load_run(layout)
+    test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "test")
+    calibration = export.calibration_images(layout, images_dir)
+    figures = {"run_id": layout.run_id}
+    for fmt, precision in (
+        ("tflite", "fp32"),
+        ("tflite", "dynamic_int8"),
+        ("tflite", "int8"),
+        ("onnx", "fp32"),
+    ):
+        spec = export.ExportSpec(fmt, precision)
+        export.export_run(layout, spec, calibration if spec.precision == "int8" else ())
+        figures[spec.name] = export.compare_with_keras(run, spec.name, test)
+        export.record_export(layout, spec.name, figures[spec.name], serve=False)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=299)
+    parser.add_argument("--classes", type=int, default=743)
+    parser.add_argument("--run", default="", help="trained run for the agreement figures; newest by default")
+    parser.add_argument("--quick", action="store_true", help="few repeats and a small model: a smoke check")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 15
+    size = 96 if args.quick else args.size
+
+    model_config = config.load(config.ModelConfig, image_size=size, weights="none")
+    model = build_classifier(model_config, args.classes)
+    classes = tuple(f"Genus{i // 2} species{i}" for i in range(args.classes))
+    with tempfile.TemporaryDirectory(prefix="seeds_tf_bench_") as scratch:
+        run = inference.LoadedRun("bench", "final", model, model_config, classes, None, Path(scratch))
+        peak = cpu_peak()
+        figures = {
+            "model": f"Xception {size} px, {args.classes} classes",
+            "cpu": peak,
+            "predict_overhead": predict_overhead(run, repeats),
+            "compute_efficiency": compute_efficiency(run, peak, repeats),
+            "tuning": tuning(model, size, repeats),
+        }
+        record("inference", figures)
+
+        roots = Roots.from_env()
+        layout = runs.resolve_run(roots.models, args.run)
+        training = config.RunConfig.from_dict(runs.read_json(layout.conf_file)).training
+        images_dir = roots.data_path(training.images_directory, "images_directory")
+        calibration = export.calibration_images(layout, images_dir, count=16 if args.quick else 32)
+        speed = engine_speed(model, size, calibration, Path(scratch), repeats)
+    record("engines", {"speed": speed, "agreement": engine_agreement(layout, images_dir)})
+
+
+if __name__ == "__main__":
+    main()

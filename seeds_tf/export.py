@@ -1,0 +1,194 @@
+"""Exports of a run's model to lighter inference runtimes, written into the run's exports/ folder.
+
+The Keras model stays the reference. TensorFlow Lite runs it with XNNPACK, in fp32 or with int8
+weights (dynamic range) or int8 weights and activations calibrated on the run's own training
+images; ONNX Runtime runs an fp32 export; a SavedModel serves TensorFlow Serving and friends.
+Every export takes the same input as the Keras model (float32 RGB in [0, 255], the backbone's
+preprocessing is inside) and gives the same softmax, so an engine can replace the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from seeds_tf import images, inference, runs
+from seeds_tf.errors import InputError
+from seeds_tf.model import load_classifier
+from seeds_tf.splits import Split
+
+_LOGGER = logging.getLogger(__name__)
+
+PRECISIONS = {"tflite": ("fp32", "dynamic_int8", "int8"), "onnx": ("fp32",), "savedmodel": ("fp32",)}
+"""The precisions each format is exported in."""
+
+_SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "savedmodel": ""}
+CALIBRATION_IMAGES = 64
+"""Training images that calibrate int8 activations: enough to cover the classes' colour ranges."""
+ONNX_OPSET = 17
+MIN_AGREEMENT = 0.99
+"""Top-1 agreement with the Keras model an export needs before a run may serve with it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+    """One export: its format and precision, named as the engine that runs it (e.g. tflite_int8)."""
+
+    format: str
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.format not in PRECISIONS:
+            raise InputError("format", f"unknown format {self.format!r}; choose one of {list(PRECISIONS)}")
+        if self.precision not in PRECISIONS[self.format]:
+            raise InputError(
+                "precision",
+                f"{self.format} exports in {list(PRECISIONS[self.format])}, not {self.precision!r}",
+            )
+
+    @property
+    def name(self) -> str:
+        return f"{self.format}_{self.precision}"
+
+    def path(self, layout: runs.RunLayout) -> Path:
+        return layout.exports_dir / f"{self.name}{_SUFFIXES[self.format]}"
+
+
+def export_run(
+    layout: runs.RunLayout,
+    spec: ExportSpec,
+    calibration: Sequence[Path] = (),
+    checkpoint: str = "final",
+) -> Path:
+    """Writes one export of a run's checkpoint into its exports/ folder and returns its path.
+
+    Args:
+        layout: a complete run.
+        spec: what to export.
+        calibration: image files whose activations set the int8 ranges (only for tflite int8).
+        checkpoint: the checkpoint to export.
+    """
+    model = load_classifier(runs.resolve_checkpoint(layout, checkpoint))
+    destination = export_model(model, spec, spec.path(layout), calibration)
+    _LOGGER.info("Exported run %s/%s as %s", layout.run_id, checkpoint, destination)
+    return destination
+
+
+def export_model(
+    model: keras.Model, spec: ExportSpec, destination: Path, calibration: Sequence[Path] = ()
+) -> Path:
+    """Writes `model` in the format and precision of `spec` to `destination`, atomically."""
+    if spec.precision == "int8" and not calibration:
+        raise InputError("precision", "int8 needs calibration images; the run's train split has none")
+    with tempfile.TemporaryDirectory(prefix="seeds_tf_export_") as scratch:
+        saved_model = Path(scratch) / "savedmodel"
+        model.export(str(saved_model), format="tf_saved_model", verbose=False)
+        if spec.format == "savedmodel":
+            _replace_folder(saved_model, destination)
+        elif spec.format == "tflite":
+            blob = _tflite(saved_model, spec.precision, model.input_shape[1], calibration)
+            with runs.atomic_path(destination) as temporary:
+                temporary.write_bytes(blob)
+        else:
+            with runs.atomic_path(destination) as temporary:
+                _onnx(model, temporary)
+    return destination
+
+
+def compare_with_keras(run: inference.LoadedRun, engine: str, split: Split, batch_size: int = 16) -> dict:
+    """How far an export's answers are from the Keras model's on a labelled split: the share of
+    images whose top-1 species is the same, and both top-1 accuracies."""
+    answers = {name: [] for name in ("keras", engine)}
+    for start in range(0, len(split.paths), batch_size):
+        pixels = [images.read_image(path) for path in split.paths[start : start + batch_size]]
+        for name, collected in answers.items():
+            collected.append(inference.class_probabilities(run, pixels, engine=name).argmax(axis=1))
+    reference, exported = (np.concatenate(answers[name]) for name in ("keras", engine))
+    labels = np.asarray(split.labels)
+    keras_top1, export_top1 = float(np.mean(reference == labels)), float(np.mean(exported == labels))
+    return {
+        "split": split.name,
+        "images": len(labels),
+        "agreement_top1": round(float(np.mean(exported == reference)), 4),
+        "keras_top1": round(keras_top1, 4),
+        "top1": round(export_top1, 4),
+        "top1_change": round(export_top1 - keras_top1, 4),
+    }
+
+
+def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: bool) -> dict:
+    """Adds an export's figures to exports.json; with `serve`, makes it the run's engine for
+    requests that say "auto", if it agrees closely enough with the Keras model."""
+    index = layout.exports_dir / runs.EXPORTS_INDEX
+    recorded = runs.read_json(index) if index.is_file() else {"serve": "keras", "exports": {}}
+    recorded["exports"][engine] = figures
+    agreement = figures.get("agreement_top1")
+    refused = serve and (agreement is None or agreement < MIN_AGREEMENT)
+    if serve and not refused:
+        recorded["serve"] = engine
+    runs.write_json_atomic(index, recorded)
+    if refused:
+        raise InputError(
+            "serve",
+            f"{engine} agrees with the Keras model on {agreement} of the test images, below "
+            f"{MIN_AGREEMENT}: the run keeps serving with {recorded['serve']}",
+        )
+    return recorded
+
+
+def calibration_images(
+    layout: runs.RunLayout, images_dir: Path, count: int = CALIBRATION_IMAGES
+) -> list[Path]:
+    """Up to `count` images of the run's train split, spread over it (the split is class-ordered)."""
+    lines = [line for line in (layout.dataset_dir / "train.txt").read_text().splitlines() if line.strip()]
+    chosen = lines[:: max(1, len(lines) // count)][:count]
+    return [images_dir / line.rsplit(maxsplit=1)[0] for line in chosen]
+
+
+def _tflite(saved_model: Path, precision: str, image_size: int, calibration: Sequence[Path]) -> bytes:
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if precision != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if precision == "int8":
+        # int8 kernels inside, float32 at the edges: callers feed the same pixels as to Keras.
+        converter.representative_dataset = lambda: _representative(calibration, image_size)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def _representative(calibration: Sequence[Path], image_size: int) -> Iterator[list[np.ndarray]]:
+    for path in calibration:
+        pixels = images.resize(images.read_image(path), image_size)
+        yield [np.asarray(pixels, dtype=np.float32)[None]]
+
+
+def _onnx(model: keras.Model, destination: Path) -> None:
+    import tf2onnx
+
+    size = model.input_shape[1]
+    signature = [tf.TensorSpec((None, size, size, 3), tf.float32, name="image")]
+    forward = tf.function(lambda image: model(image, training=False), input_signature=signature)
+    tf2onnx.convert.from_function(
+        forward, input_signature=signature, opset=ONNX_OPSET, output_path=str(destination)
+    )
+
+
+def _replace_folder(source: Path, destination: Path) -> None:
+    """Puts a finished folder in place by renames: a reader never sees a half-copied folder."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staged = destination.with_name(f".{destination.name}.new")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(source, staged)
+    old = destination.with_name(f".{destination.name}.old")
+    if destination.exists():
+        destination.rename(old)
+    staged.rename(destination)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""Exports of a run to TensorFlow Lite, ONNX and SavedModel, and the engines that run them, checked
+against the run's own Keras model on a small real run (MobileNetV3Small at 32 px: fast to convert)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from seeds_tf import cli, config, export, images, inference, runs, training
+from seeds_tf.errors import InputError
+from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf.splits import read_split
+from tests.conftest import TINY_OPTIONS, seed_photo
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, session_roots) -> tuple[Roots, runs.RunLayout]:
+    base = tmp_path_factory.mktemp("export")
+    roots = Roots(data=base / "data", models=base / "models")
+    shutil.copytree(session_roots.data, roots.data)
+    options = {**TINY_OPTIONS, "modelname": "MobileNetV3Small", "image_size": 32, "epochs": 2}
+    run_id = training.train(config.RunConfig.from_options(**options), roots).run_id
+    return roots, runs.RunLayout(roots.models / run_id)
+
+
+@pytest.fixture(scope="module")
+def exported(small) -> dict[str, object]:
+    """Every export of the small run, made once for the module."""
+    roots, layout = small
+    calibration = export.calibration_images(layout, roots.data / "tiny" / "images")
+    made = {}
+    for fmt, precisions in export.PRECISIONS.items():
+        for precision in precisions:
+            spec = export.ExportSpec(fmt, precision)
+            made[spec.name] = export.export_run(layout, spec, calibration if precision == "int8" else ())
+    return made
+
+
+def _test_split(roots: Roots, layout: runs.RunLayout, run: inference.LoadedRun):
+    images_dir = roots.data / "tiny" / "images"
+    return read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "test")
+
+
+def test_every_export_is_written_into_the_run(small, exported):
+    _, layout = small
+    assert sorted(path.name for path in layout.exports_dir.iterdir()) == [
+        "onnx_fp32.onnx",
+        "savedmodel_fp32",
+        "tflite_dynamic_int8.tflite",
+        "tflite_fp32.tflite",
+        "tflite_int8.tflite",
+    ]
+    assert (exported["savedmodel_fp32"] / "saved_model.pb").is_file()
+    assert exported["tflite_int8"].stat().st_size < exported["tflite_fp32"].stat().st_size / 2
+
+
+@pytest.mark.parametrize(
+    ("engine", "tolerance"),
+    [("tflite_fp32", 1e-4), ("onnx_fp32", 1e-4), ("tflite_dynamic_int8", 0.05), ("tflite_int8", 0.1)],
+)
+def test_each_engine_gives_the_keras_probabilities(small, exported, engine, tolerance):
+    roots, layout = small
+    run = inference.load_run(layout)
+    pixels = [images.read_image(seed_photo(roots, index)) for index in range(4)]
+    reference = inference.class_probabilities(run, pixels, engine="keras")
+    got = inference.class_probabilities(run, pixels, engine=engine)
+    assert got.shape == reference.shape
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-3)
+    assert np.abs(got - reference).max() < tolerance
+    assert run.engine(engine).name == engine
+
+
+def test_agreement_with_keras_is_measured_on_the_test_split(small, exported):
+    roots, layout = small
+    run = inference.load_run(layout)
+    test = _test_split(roots, layout, run)
+    figures = export.compare_with_keras(run, "tflite_fp32", test)
+    assert figures["images"] == len(test.paths)
+    assert figures["agreement_top1"] == 1.0
+    assert figures["top1"] == figures["keras_top1"]
+    assert figures["top1_change"] == 0.0
+
+
+def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported):
+    _, layout = small
+    with pytest.raises(InputError) as refused:
+        export.record_export(layout, "tflite_int8", {"agreement_top1": 0.9}, serve=True)
+    assert refused.value.field == "serve"
+    assert "keeps serving with keras" in refused.value.problem
+    assert inference.default_engine(layout.exports_dir) == "keras"
+
+    export.record_export(layout, "tflite_fp32", {"agreement_top1": 1.0}, serve=True)
+    assert inference.default_engine(layout.exports_dir) == "tflite_fp32"
+    assert inference.load_run(layout).engine("auto").name == "tflite_fp32"
+    assert inference.load_run(layout, "best").engine("auto").name == "keras"  # exports are of final
+    recorded = runs.read_json(layout.exports_dir / runs.EXPORTS_INDEX)
+    assert set(recorded["exports"]) == {"tflite_int8", "tflite_fp32"}
+
+
+def test_a_prediction_names_its_engine_and_refuses_a_missing_export(small, exported, tmp_path):
+    roots, layout = small
+    cache = inference.RunCache()
+    photo = [("a.jpg", seed_photo(roots).read_bytes())]
+    by_tflite = inference.predict(
+        roots, cache, config.load(config.PredictConfig, engine="tflite_fp32"), photo
+    )
+    by_keras = inference.predict(roots, cache, config.load(config.PredictConfig, engine="keras"), photo)
+    assert by_tflite["engine"] == "tflite_fp32"
+    assert by_keras["engine"] == "keras"
+    assert [s["label"] for s in by_tflite["results"][0]["species"]] == [
+        s["label"] for s in by_keras["results"][0]["species"]
+    ]
+
+    bare = runs.RunLayout(tmp_path / layout.run_id)
+    shutil.copytree(layout.root, bare.root, ignore=shutil.ignore_patterns("exports"))
+    with pytest.raises(InputError) as missing:
+        inference.load_run(bare).engine("tflite_int8")
+    assert missing.value.field == "engine"
+    assert f"seeds-tf export {layout.run_id} --format tflite --precision int8" in missing.value.problem
+
+
+def test_bad_export_requests_are_refused():
+    with pytest.raises(InputError, match="onnx exports in"):
+        export.ExportSpec("onnx", "int8")
+    with pytest.raises(InputError, match="unknown format"):
+        export.ExportSpec("coreml")
+
+
+def test_the_export_command(small, monkeypatch, capsys):
+    roots, layout = small
+    monkeypatch.setenv(DATA_ENV, str(roots.data))
+    monkeypatch.setenv(MODELS_ENV, str(roots.models))
+    status = cli.main(["--quiet", "export", layout.run_id, "--format", "tflite", "--serve"])
+    printed = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert printed["agreement_top1"] == 1.0
+    assert printed["serve"] == "tflite_fp32"
