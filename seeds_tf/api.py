@@ -101,11 +101,12 @@ def get_metadata() -> dict[str, Any]:
 
 
 def warm() -> None:
-    """Loads the newest working run into this worker; without one, the server still starts."""
+    """Loads the newest working run into this worker with its engine, run once on a blank image so
+    that the first request pays no tracing; without a run, the server still starts."""
     from seeds_tf import inference
 
     try:
-        inference.choose_run(Roots.from_env(), _run_cache())
+        inference.choose_run(Roots.from_env(), _run_cache()).engine("auto")
     except InputError as error:
         _LOGGER.warning("No model to warm up: %s", error)
 

@@ -136,3 +136,18 @@ def test_the_export_command(small, monkeypatch, capsys):
     assert status == 0
     assert printed["agreement_top1"] == 1.0
     assert printed["serve"] == "tflite_fp32"
+
+
+def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch):
+    """DEEPaaS calls warm() once per worker: the first request then finds the run loaded and its
+    engine traced (the benchmark measures what that saves)."""
+    from seeds_tf import api
+
+    roots, layout = small
+    monkeypatch.setenv(DATA_ENV, str(roots.data))
+    monkeypatch.setenv(MODELS_ENV, str(roots.models))
+    api._run_cache.cache_clear()
+    api.warm()
+    run = api._run_cache().get(layout)
+    assert set(run._engines) == {inference.default_engine(layout.exports_dir)}
+    api._run_cache.cache_clear()
