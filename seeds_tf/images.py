@@ -78,6 +78,15 @@ def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
         return image
 
 
+def decode_images(uploads: Sequence[tuple[str, bytes]], field: str = "image") -> list[np.ndarray]:
+    """Decodes (name, bytes) pairs in parallel threads (Pillow decodes without the GIL), in order;
+    the first undecodable one raises its InputError."""
+    if len(uploads) == 1:
+        return [decode_image(uploads[0][1], field, uploads[0][0])]
+    with concurrent.futures.ThreadPoolExecutor(min(len(uploads), 8)) as pool:
+        return list(pool.map(lambda upload: decode_image(upload[1], field, upload[0]), uploads))
+
+
 def read_image(path: Path) -> np.ndarray:
     """Reads an image file of a dataset, decoded exactly as an uploaded image would be."""
     return decode_image(path.read_bytes(), "image", str(path))

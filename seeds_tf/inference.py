@@ -43,9 +43,7 @@ class LoadedRun:
     info: tuple[str, ...] | None
     exports_dir: Path
     _engines: dict[str, Engine] = dataclasses.field(default_factory=dict, compare=False, repr=False)
-    _lock: threading.Lock = dataclasses.field(
-        default_factory=threading.Lock, compare=False, repr=False
-    )
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, compare=False, repr=False)
 
     def engine(self, name: str = "auto") -> Engine:
         """The engine called `name` (seeds_tf.engines.ENGINES); "auto" is the run's own choice,
@@ -248,7 +246,7 @@ def analyse(
     Raises:
         InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
     """
-    pixels = [images.decode_image(data, "image", name) for name, data in uploads]
+    pixels = images.decode_images(uploads)
     run = choose_run(roots, cache, config.timestamp, config.ckpt_name)
     return run, pixels, class_probabilities(run, pixels, config.tta, config.engine)
 

@@ -118,3 +118,13 @@ def test_resize_gives_float_pixels_in_range():
     assert resized.shape == (71, 71, 3)
     assert resized.dtype == np.float32
     assert resized.min() >= 0.0 and resized.max() <= 255.0
+
+
+def test_several_images_decode_in_order_and_the_first_bad_one_is_named():
+    uploads = [
+        (f"{index}.png", encode(np.full((20, 20 + index, 3), index, np.uint8), "PNG")) for index in range(5)
+    ]
+    decoded = images.decode_images(uploads)
+    assert [pixels.shape[1] for pixels in decoded] == [20, 21, 22, 23, 24]
+    with pytest.raises(InputError, match=r"'bad\.jpg' is not an image"):
+        images.decode_images([*uploads, ("bad.jpg", b"words"), ("worse.jpg", b"")])
