@@ -29,11 +29,14 @@ serve: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/seeds-tf demo --force
 
-## bench: benchmarks, figures as ratios measured side by side (benchmarks/results.json)
+## bench: benchmarks, figures as ratios measured side by side (benchmarks/results.json), then the table
 bench: $(STAMP)
 	$(BIN)/seeds-tf demo
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/tta.py
+	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/serving.py
+	cd benchmarks && ../$(BIN)/python table.py
 
 ## learning: the >= 90% top-1 check on the synthetic seeds dataset, through the CLI (~20 min)
 learning: $(STAMP)

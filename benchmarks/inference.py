@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-from results import record
+from results import record, recorded
 
 from seeds_tf import config, engines, export, images, inference, runs
 from seeds_tf.model import build_classifier
@@ -88,7 +88,9 @@ def photos(count: int, shape: tuple[int, int], seed: int = 0) -> list[tuple[str,
 def predict_overhead(run: inference.LoadedRun, repeats: int) -> dict:
     """The full predict path (decode, resize, forward, rank and format) against the bare forward pass
     of the same model on the same images already decoded and resized, at batch 1 and batch 16, for
-    JPEGs at the model's size (what a client that resizes sends) and phone photos (1200x900)."""
+    JPEGs at the model's size (what a client that resizes sends) and phone photos (1200x900).
+    The two are timed alternately and the median of the per-pair ratios is kept, so that a noisy
+    neighbour slows both sides of a pair alike."""
     figures = {}
     keras_engine = run.engine("keras")
     size = run.config.image_size
@@ -103,12 +105,15 @@ def predict_overhead(run: inference.LoadedRun, repeats: int) -> dict:
 
             pixels = images.decode_images(uploads)
             ready = np.concatenate([inference.tta_views(image, size, "none") for image in pixels])
-            full = seconds_per_call(full_path, max(3, repeats // batch * 2))
-            bare = seconds_per_call(lambda ready=ready: keras_engine(ready), max(3, repeats // batch * 2))
+            pairs = [
+                (seconds_per_call(full_path, 1), seconds_per_call(lambda ready=ready: keras_engine(ready), 1))
+                for _ in range(max(5, 2 * repeats // batch))
+            ]
+            full, bare = (statistics.median(side) for side in zip(*pairs, strict=True))
             figures[f"{label}_batch_{batch}"] = {
                 "full_ms": round(1000 * full, 1),
                 "bare_forward_ms": round(1000 * bare, 1),
-                "overhead": round(full / bare - 1, 4),
+                "overhead": round(statistics.median(f / b for f, b in pairs) - 1, 4),
             }
     return figures
 
@@ -215,6 +220,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=743)
     parser.add_argument("--run", default="", help="trained run for the agreement figures; newest by default")
     parser.add_argument("--quick", action="store_true", help="few repeats and a small model: a smoke check")
+    parser.add_argument("--parts", default="overhead,efficiency,tuning,engines", help="comma-separated")
     args = parser.parse_args()
     repeats = 3 if args.quick else 15
     size = 96 if args.quick else args.size
@@ -222,18 +228,24 @@ def main() -> None:
     model_config = config.load(config.ModelConfig, image_size=size, weights="none")
     model = build_classifier(model_config, args.classes)
     classes = tuple(f"Genus{i // 2} species{i}" for i in range(args.classes))
+    parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="seeds_tf_bench_") as scratch:
         run = inference.LoadedRun("bench", "final", model, model_config, classes, None, Path(scratch))
         peak = cpu_peak()
         figures = {
+            **recorded("inference"),
             "model": f"Xception {size} px, {args.classes} classes",
             "cpu": peak,
-            "predict_overhead": predict_overhead(run, repeats),
-            "compute_efficiency": compute_efficiency(run, peak, repeats),
-            "tuning": tuning(model, size, repeats),
         }
+        if "overhead" in parts:
+            figures["predict_overhead"] = predict_overhead(run, repeats)
+        if "efficiency" in parts:
+            figures["compute_efficiency"] = compute_efficiency(run, peak, repeats)
+        if "tuning" in parts:
+            figures["tuning"] = tuning(model, size, repeats)
         record("inference", figures)
-
+        if "engines" not in parts:
+            return
         roots = Roots.from_env()
         layout = runs.resolve_run(roots.models, args.run)
         training = config.RunConfig.from_dict(runs.read_json(layout.conf_file)).training

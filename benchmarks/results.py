@@ -15,3 +15,10 @@ def record(name: str, figures: dict[str, Any]) -> None:
     results[name] = figures
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
+
+
+def recorded(name: str) -> dict[str, Any]:
+    """The figures last stored under `name` ({} if none): a benchmark that reruns some of its parts
+    keeps the others."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    return results.get(name, {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -186,7 +187,10 @@ def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
         corners = [(0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2)]
         crops = tf.stack([big[y : y + image_size, x : x + image_size] for y, x in corners])
         return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0).numpy()
-    view = images.resize(pixels, image_size)[tf.newaxis]
+    if pixels.shape[:2] == (image_size, image_size):
+        view = tf.cast(pixels, tf.float32)[tf.newaxis]  # what resizing to its own size gives
+    else:
+        view = images.resize(pixels, image_size)[tf.newaxis]
     if tta == "flip":
         view = tf.concat([view, tf.image.flip_left_right(view)], axis=0)
     return view.numpy()
@@ -228,14 +232,22 @@ def ranked(run: LoadedRun, probabilities: np.ndarray, top_k: int) -> dict[str, l
         }
         for i in best
     ]
-    by_genus: dict[str, float] = collections.defaultdict(float)
-    for name, probability in zip(run.classes, probabilities, strict=True):
-        by_genus[name.split()[0] if name.split() else name] += float(probability)
-    genera = sorted(by_genus.items(), key=lambda item: -item[1])[:top_k]
+    genus_names, genus_of_class = _genera(run.classes)
+    by_genus = np.bincount(genus_of_class, weights=probabilities, minlength=len(genus_names))
+    best_genera = np.argsort(-by_genus, kind="stable")[:top_k]
     return {
         "species": species,
-        "genera": [{"genus": genus, "probability": probability} for genus, probability in genera],
+        "genera": [{"genus": genus_names[i], "probability": float(by_genus[i])} for i in best_genera],
     }
+
+
+@functools.cache
+def _genera(classes: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """The genera of a run's classes in order of first appearance, and each class's genus index."""
+    genus_of = [name.split()[0] if name.split() else name for name in classes]
+    names = tuple(dict.fromkeys(genus_of))
+    index = {genus: i for i, genus in enumerate(names)}
+    return names, np.asarray([index[genus] for genus in genus_of])
 
 
 def analyse(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from seeds_tf import config, inference, runs
+from seeds_tf import config, images, inference, runs
 from seeds_tf.errors import InputError
 from seeds_tf.schemas import PredictionResponse
 from tests.conftest import seed_photo
@@ -74,3 +74,10 @@ def test_checkpoints_are_chosen_by_name_and_unknown_ones_listed(roots, tiny_run)
             _predict(roots, ckpt_name=name)
         assert raised.value.field == "ckpt_name"
         assert "Available: ['best', 'final']" in raised.value.problem
+
+
+def test_an_image_at_the_model_size_skips_the_resize_and_gives_the_same_pixels():
+    pixels = np.random.default_rng(3).integers(0, 256, (71, 71, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        inference.tta_views(pixels, 71, "none")[0], images.resize(pixels, 71).numpy()
+    )

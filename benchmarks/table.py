@@ -1,0 +1,163 @@
+"""The Markdown table of `make bench`: every figure of benchmarks/results.json beside its goal.
+
+    .venv/bin/python benchmarks/table.py
+
+A benchmark that did not run shows as "not measured"; see benchmarks/NOTES.md for what each figure
+means and why some miss their goal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from results import RESULTS
+
+Row = tuple[str, Callable[[dict], str], str, Callable[[dict], bool | None]]
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def _best_engine(results: dict) -> tuple[str, dict]:
+    """The fastest engine at batch 1 whose agreement with Keras is at least 99%."""
+    speed, agreement = results["engines"]["speed"]["batch_1"], results["engines"]["agreement"]
+    agreeing = [name for name in speed if name == "keras" or agreement[name]["agreement_top1"] >= 0.99]
+    name = max(agreeing, key=lambda engine: speed[engine]["vs_keras"])
+    return name, {**speed[name], **agreement.get(name, {})}
+
+
+ROWS: list[Row] = [
+    (
+        "1. predict overhead vs bare forward, Xception 299 px, 299-px JPEG, batch 1 / 16",
+        lambda r: " / ".join(
+            _pct(r["inference"]["predict_overhead"][f"299px_jpeg_batch_{b}"]["overhead"]) for b in (1, 16)
+        ),
+        "< 5%",
+        lambda r: all(
+            r["inference"]["predict_overhead"][f"299px_jpeg_batch_{b}"]["overhead"] < 0.05 for b in (1, 16)
+        ),
+    ),
+    (
+        "1. the same with 1200x900 phone photos (decode and resize included), batch 1 / 16",
+        lambda r: " / ".join(
+            _pct(r["inference"]["predict_overhead"][f"1200x900_jpeg_batch_{b}"]["overhead"]) for b in (1, 16)
+        ),
+        "< 5%",
+        lambda r: all(
+            r["inference"]["predict_overhead"][f"1200x900_jpeg_batch_{b}"]["overhead"] < 0.05 for b in (1, 16)
+        ),
+    ),
+    (
+        "2. compute efficiency: Xception MAC/s at the best batch vs fp32 peak",
+        lambda r: (
+            f"{_pct(r['inference']['compute_efficiency']['best_of_peak'])} of "
+            f"{r['inference']['cpu']['peak_gmac_per_s']} GMAC/s"
+        ),
+        ">= 70%",
+        lambda r: r["inference"]["compute_efficiency"]["best_of_peak"] >= 0.7,
+    ),
+    (
+        "3. HTTP (deepaas-run) vs in-process predict, p50 / p99",
+        lambda r: f"{_x(r['serving']['http']['ratio_p50'])} / {_x(r['serving']['http']['ratio_p99'])}",
+        "< 1.2x",
+        lambda r: max(r["serving"]["http"]["ratio_p50"], r["serving"]["http"]["ratio_p99"]) < 1.2,
+    ),
+    (
+        "4. input pipeline: images/s delivered vs consumed by a train step",
+        lambda r: _x(r["pipeline"]["ratio"]),
+        ">= 3x",
+        lambda r: r["pipeline"]["ratio"] >= 3,
+    ),
+    (
+        "5. fast mode: epoch 2 time vs epoch 1 (features cached)",
+        lambda r: _pct(r["serving"]["fast"]["epoch2_over_epoch1"]),
+        "< 5%",
+        lambda r: r["serving"]["fast"]["epoch2_over_epoch1"] < 0.05,
+    ),
+    (
+        "6. memory: deepaas-run RSS with the 743-class Xception, growth over 500 predictions",
+        lambda r: (
+            f"{r['serving']['memory']['rss_mib_after_1st']:.0f} MiB, "
+            f"+{r['serving']['memory']['growth_mib']} MiB ({r['serving']['memory']['growth_pct']}%)"
+        ),
+        "no growth beyond noise",
+        lambda r: r["serving"]["memory"]["growth_pct"] < 1,
+    ),
+    (
+        "7. scaling of predict over 1 / 8 / 64 / 512 images: per image, fixed cost, worst miss of the line "
+        "for n >= 8",
+        lambda r: _scaling(r["serving"]["scaling"]["predict"]),
+        "linear",
+        lambda r: max(r["serving"]["scaling"]["predict"]["relative_deviation"][1:]) < 0.1,
+    ),
+    (
+        "7. scaling of a training epoch (Xception 96 px), same",
+        lambda r: _scaling(r["serving"]["scaling"]["train_epoch"]),
+        "linear",
+        lambda r: max(r["serving"]["scaling"]["train_epoch"]["relative_deviation"][1:]) < 0.1,
+    ),
+    (
+        "engine: fastest export with >= 99% top-1 agreement, throughput vs Keras fp32 (batch 1)",
+        lambda r: f"{_best_engine(r)[0]}: {_x(_best_engine(r)[1]['vs_keras'])}",
+        ">= 2x",
+        lambda r: _best_engine(r)[1]["vs_keras"] >= 2,
+    ),
+    (
+        "engine: its top-1 agreement with Keras and accuracy change (demo run, 240 test images)",
+        lambda r: (
+            f"{_pct(_best_engine(r)[1].get('agreement_top1', 1.0))}, "
+            f"{100 * _best_engine(r)[1].get('top1_change', 0.0):+.1f} points"
+        ),
+        ">= 99%",
+        lambda r: _best_engine(r)[1].get("agreement_top1", 1.0) >= 0.99,
+    ),
+    (
+        "engine: tflite_int8 (full integer) throughput vs Keras / agreement",
+        lambda r: (
+            f"{_x(r['engines']['speed']['batch_1']['tflite_int8']['vs_keras'])} / "
+            f"{_pct(r['engines']['agreement']['tflite_int8']['agreement_top1'])}"
+        ),
+        ">= 2x / >= 99%",
+        lambda r: r["engines"]["agreement"]["tflite_int8"]["agreement_top1"] >= 0.99,
+    ),
+    (
+        "load: requests held / sent, 1 and 2 workers, 8 clients",
+        lambda r: " and ".join(
+            f"{r['load'][f'workers_{w}']['held']}/{r['load'][f'workers_{w}']['sent']}" for w in (1, 2)
+        ),
+        "0 failures",
+        lambda r: all(r["load"][f"workers_{w}"]["failures"] == 0 for w in (1, 2)),
+    ),
+]
+
+
+def _scaling(fit: dict) -> str:
+    worst = max(fit["relative_deviation"][1:])
+    return f"{fit['b_s_per_image'] * 1000:.0f} ms/image, {fit['a_fixed_s']:+.2f} s fixed, {_pct(worst)}"
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| figure | measured | goal | met |", "|---|---|---|---|"]
+    for label, measured, goal, met in ROWS:
+        try:
+            value, verdict = measured(results), met(results)
+        except (KeyError, TypeError, ValueError):
+            value, verdict = "not measured", None
+        mark = {True: "yes", False: "**no**", None: "-"}[verdict]
+        lines.append(f"| {label} | {value} | {goal} | {mark} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(table(json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}))
+
+
+if __name__ == "__main__":
+    main()
