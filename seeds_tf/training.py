@@ -350,7 +350,12 @@ def _cached_features(
     features = data.map(lambda batch, labels: (extractor(batch, training=False), labels)).unbatch().cache()
     if shuffle_seed is not None:
         features = features.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return features.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    # Without the autotuner: it models the whole pipeline, backbone included, and tearing down a
+    # finished epoch's iterator then took up to 8 s, more than the cached epoch itself
+    # (benchmarks/serving.py, fast mode). Cached features need no tuning.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return features.batch(batch_size).prefetch(2).with_options(options)
 
 
 def _write_reports(
