@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from seeds_tf import __version__, config, runs, schemas
+from seeds_tf import __version__, config, request_parsing, runs, schemas
 from seeds_tf.errors import InputError
 from seeds_tf.paths import Roots
 
@@ -25,33 +25,7 @@ _LOGGER = logging.getLogger(__name__)
 schema = schemas.PredictionResponse
 
 
-def _refuse_malformed_forms() -> None:
-    """Answers a malformed multipart body with 400 instead of DEEPaaS' 500.
-
-    DEEPaaS 2.6 reads form fields with webargs 5, which lets aiohttp's own errors about a broken body
-    (no boundary, a truncated part, a control character in a name) escape from the server's argument
-    parsing, before any of this module's code runs. This wraps that one parsing step, in the server
-    process that imports this module; valid forms are untouched.
-    """
-    from aiohttp import http_exceptions
-    from webargs import aiohttpparser
-
-    parse_form = aiohttpparser.AIOHTTPParser.parse_form
-    if getattr(parse_form, "refuses_malformed_forms", False):
-        return
-
-    async def checked_parse_form(parser, request, name, field):
-        try:
-            return await parse_form(parser, request, name, field)
-        except (ValueError, LookupError, http_exceptions.HttpProcessingError) as error:
-            message = {"message": f"malformed form body: {error}", "field": "body"}
-            raise web.HTTPBadRequest(text=json.dumps(message), content_type="application/json") from None
-
-    checked_parse_form.refuses_malformed_forms = True
-    aiohttpparser.AIOHTTPParser.parse_form = checked_parse_form
-
-
-_refuse_malformed_forms()
+request_parsing.install()
 
 
 class ClientError(web.HTTPUnprocessableEntity):

@@ -26,7 +26,7 @@ import requests
 
 from seeds_tf import cli, config
 from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
-from tests.conftest import seed_photo
+from tests.conftest import copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_run, free_port
 from tests.loopback import http_server
 
@@ -157,9 +157,7 @@ CORPUS = [
 def corpus_roots(tmp_path_factory, session_roots, tiny_run) -> Roots:
     """Copies of the tiny dataset and run, plus a run-named symbolic link leading out of models/."""
     base = tmp_path_factory.mktemp("hostile")
-    roots = Roots(data=base / "data", models=base / "models")
-    shutil.copytree(session_roots.data, roots.data)
-    shutil.copytree(session_roots.models, roots.models)
+    roots = copy_roots(session_roots, base)
     outside = base / "outside"
     shutil.copytree(roots.models / tiny_run, outside)
     (roots.models / "2000-01-01_000000").symlink_to(outside, target_is_directory=True)
@@ -301,17 +299,24 @@ def test_bad_cli_arguments(arguments, says, corpus_roots, monkeypatch, capsys):
     assert sorted(os.listdir(corpus_roots.models)) == runs_before
 
 
-def test_unknown_http_arguments_are_ignored_not_obeyed(live, payloads):
-    """DEEPaaS 2.6 (webargs 5) reads only the declared arguments: an unknown one cannot change
-    anything, and the answer is the one without it."""
+@pytest.mark.parametrize(
+    ("path", "arguments", "unknown"),
+    [
+        ("predict/", {"top-k": "3"}, "top-k"),
+        ("predict/", {"models_dir": "/etc", "exec": "id"}, "exec"),
+        ("train/", {"epoch": "5"}, "epoch"),
+    ],
+)
+def test_unknown_http_arguments_are_refused(live, payloads, path, arguments, unknown):
+    """DEEPaaS 2.6 (webargs 5) would drop them silently, and a misspelt option would be ignored."""
     url, _ = live
-    photo = {"image": ("seed.jpg", payloads["seed.jpg"])}
-    plain = requests.post(f"{url}{MODEL_URL}/predict/", files=photo, timeout=BOUND_S)
-    odd = requests.post(
-        f"{url}{MODEL_URL}/predict/", files=photo, data={"models_dir": "/etc", "exec": "id"}, timeout=BOUND_S
-    )
-    assert odd.status_code == plain.status_code == 200
-    assert odd.json() == plain.json()
+    photo = {"image": ("seed.jpg", payloads["seed.jpg"])} if path == "predict/" else None
+    answer = requests.post(f"{url}{MODEL_URL}/{path}", files=photo, data=arguments, timeout=BOUND_S)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == unknown
+    assert f"unknown argument {unknown!r}" in answer.json()["message"]
+    query = requests.post(f"{url}{MODEL_URL}/{path}", files=photo, params=arguments, timeout=BOUND_S)
+    assert query.status_code == 422, query.text
 
 
 def _run_cli(arguments: list[str], capsys) -> tuple[int, str, str]:
