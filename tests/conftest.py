@@ -47,13 +47,19 @@ def tiny_run(session_roots) -> str:
     return result.run_id
 
 
+def copy_roots(source: Roots, base: Path) -> Roots:
+    """Copies of the data and models folders of `source` in `base`/data and `base`/models."""
+    copied = Roots(data=base / "data", models=base / "models")
+    shutil.copytree(source.data, copied.data)
+    shutil.copytree(source.models, copied.models)
+    return copied
+
+
 @pytest.fixture
 def roots(tmp_path, monkeypatch, session_roots, tiny_run) -> Roots:
     """Fresh folders for one test, holding copies of the tiny dataset and run, set in the
     environment so DEEPaaS workers and subprocesses find them."""
-    fresh = Roots(data=tmp_path / "data", models=tmp_path / "models")
-    shutil.copytree(session_roots.data, fresh.data)
-    shutil.copytree(session_roots.models, fresh.models)
+    fresh = copy_roots(session_roots, tmp_path)
     monkeypatch.setenv(DATA_ENV, str(fresh.data))
     monkeypatch.setenv(MODELS_ENV, str(fresh.models))
     return fresh

@@ -3,7 +3,6 @@
 import base64
 import http.server
 import io
-import shutil
 import tempfile
 import time
 
@@ -12,8 +11,8 @@ import PIL.Image
 import pytest
 
 from seeds_tf import runs
-from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
-from tests.conftest import TINY_OPTIONS, encode, seed_photo
+from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from tests.conftest import TINY_OPTIONS, copy_roots, encode, seed_photo
 from tests.deepaas_harness import MODEL_URL, InProcessDeepaas
 from tests.loopback import http_server
 
@@ -23,9 +22,7 @@ def service(tmp_path_factory, session_roots, tiny_run):
     """One DEEPaaS app for the module, over copies of the tiny dataset and run. Uploads land in a
     temporary folder of their own, so the tests can check that none is left behind."""
     base = tmp_path_factory.mktemp("api")
-    roots = Roots(data=base / "data", models=base / "models")
-    shutil.copytree(session_roots.data, roots.data)
-    shutil.copytree(session_roots.models, roots.models)
+    roots = copy_roots(session_roots, base)
     uploads = base / "uploads"
     uploads.mkdir()
     with pytest.MonkeyPatch.context() as patch:

@@ -23,8 +23,8 @@ import pytest
 
 from seeds_tf import api, cli, config, demo, inference, runs
 from seeds_tf.errors import InputError
-from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
-from tests.conftest import TINY_OPTIONS, seed_photo
+from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from tests.conftest import TINY_OPTIONS, copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, InProcessDeepaas
 
 SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32}
@@ -220,9 +220,7 @@ def test_make_serve_trains_the_demo_when_every_run_is_broken(roots, tiny_run, mo
 def service(tmp_path_factory, session_roots, tiny_run):
     """One DEEPaaS app (one worker) over copies of the tiny dataset and run, as in test_api.py."""
     base = tmp_path_factory.mktemp("faults")
-    roots = Roots(data=base / "data", models=base / "models")
-    shutil.copytree(session_roots.data, roots.data)
-    shutil.copytree(session_roots.models, roots.models)
+    roots = copy_roots(session_roots, base)
     uploads = base / "uploads"
     uploads.mkdir()
     with pytest.MonkeyPatch.context() as patch:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from schemathesis.schemas import APIOperation
 
 from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.schemas import UPLOAD_FIELDS
-from tests.conftest import seed_photo
+from tests.conftest import copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_run
 
 EXAMPLES_ENV = "SEEDS_TF_FUZZ_EXAMPLES"
@@ -82,9 +81,7 @@ def server(tmp_path_factory, session_roots: Roots, tiny_run: str) -> Iterator[Li
     """One `deepaas-run` for the module, over copies of the tiny dataset and run, with uploads and
     the Keras cache in folders of their own."""
     base = tmp_path_factory.mktemp("fuzz")
-    roots = Roots(data=base / "data", models=base / "models")
-    shutil.copytree(session_roots.data, roots.data)
-    shutil.copytree(session_roots.models, roots.models)
+    roots = copy_roots(session_roots, base)
     uploads = base / "uploads"
     uploads.mkdir()
     env = {
