@@ -6,8 +6,11 @@ Small inputs (71 px, the least Xception takes) keep the suite fast on 2 CPU core
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,27 @@ def copy_roots(source: Roots, base: Path) -> Roots:
     shutil.copytree(source.data, copied.data)
     shutil.copytree(source.models, copied.models)
     return copied
+
+
+@contextlib.contextmanager
+def in_process_service(base: Path, session_roots: Roots, **env: str) -> Iterator[tuple]:
+    """The DEEPaaS app in this process over copies of the session's dataset and run in `base`, with
+    uploads in `base`/uploads so a test can check that none is left behind; yields (app, roots,
+    uploads). `env` adds environment variables for the service."""
+    from tests.deepaas_harness import InProcessDeepaas
+
+    roots = copy_roots(session_roots, base)
+    uploads = base / "uploads"
+    uploads.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {DATA_ENV: str(roots.data), MODELS_ENV: str(roots.models), **env}.items():
+            patch.setenv(name, value)
+        patch.setattr(tempfile, "tempdir", str(uploads))
+        app = InProcessDeepaas()
+        try:
+            yield app, roots, uploads
+        finally:
+            app.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import base64
 import http.server
 import io
-import tempfile
 import time
 
 import numpy as np
@@ -11,9 +10,8 @@ import PIL.Image
 import pytest
 
 from seeds_tf import runs
-from seeds_tf.paths import DATA_ENV, MODELS_ENV
-from tests.conftest import TINY_OPTIONS, copy_roots, encode, seed_photo
-from tests.deepaas_harness import MODEL_URL, InProcessDeepaas
+from tests.conftest import TINY_OPTIONS, encode, in_process_service, seed_photo
+from tests.deepaas_harness import MODEL_URL
 from tests.loopback import http_server
 
 
@@ -21,21 +19,11 @@ from tests.loopback import http_server
 def service(tmp_path_factory, session_roots, tiny_run):
     """One DEEPaaS app for the module, over copies of the tiny dataset and run. Uploads land in a
     temporary folder of their own, so the tests can check that none is left behind."""
-    base = tmp_path_factory.mktemp("api")
-    roots = copy_roots(session_roots, base)
-    uploads = base / "uploads"
-    uploads.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(DATA_ENV, str(roots.data))
-        patch.setenv(MODELS_ENV, str(roots.models))
-        patch.setattr(tempfile, "tempdir", str(uploads))
-        # Photos served by the test from loopback; every other loopback address stays refused.
-        patch.setenv("SEEDS_TF_URL_ALLOW", "127.0.0.1")
-        app = InProcessDeepaas()
-        try:
-            yield app, roots, uploads
-        finally:
-            app.close()
+    # Photos served by the test from loopback; every other loopback address stays refused.
+    with in_process_service(
+        tmp_path_factory.mktemp("api"), session_roots, SEEDS_TF_URL_ALLOW="127.0.0.1"
+    ) as made:
+        yield made
 
 
 @pytest.fixture

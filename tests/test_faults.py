@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -23,9 +22,8 @@ import pytest
 
 from seeds_tf import api, cli, config, demo, inference, runs
 from seeds_tf.errors import InputError
-from seeds_tf.paths import DATA_ENV, MODELS_ENV
-from tests.conftest import TINY_OPTIONS, copy_roots, seed_photo
-from tests.deepaas_harness import MODEL_URL, InProcessDeepaas
+from tests.conftest import TINY_OPTIONS, in_process_service, seed_photo
+from tests.deepaas_harness import MODEL_URL
 
 SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32}
 """A network that trains faster than the tiny Xception, for trainings that only have to reach a save."""
@@ -219,19 +217,8 @@ def test_make_serve_trains_the_demo_when_every_run_is_broken(roots, tiny_run, mo
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, session_roots, tiny_run):
     """One DEEPaaS app (one worker) over copies of the tiny dataset and run, as in test_api.py."""
-    base = tmp_path_factory.mktemp("faults")
-    roots = copy_roots(session_roots, base)
-    uploads = base / "uploads"
-    uploads.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(DATA_ENV, str(roots.data))
-        patch.setenv(MODELS_ENV, str(roots.models))
-        patch.setattr(tempfile, "tempdir", str(uploads))
-        app = InProcessDeepaas()
-        try:
-            yield app, roots
-        finally:
-            app.close()
+    with in_process_service(tmp_path_factory.mktemp("faults"), session_roots) as (app, roots, _):
+        yield app, roots
 
 
 def _worker_pids() -> list[int]:
