@@ -142,9 +142,15 @@ def head_model(model: keras.Model) -> keras.Model:
 
 
 def save_classifier(model: keras.Model, path: Path) -> None:
-    """Saves `model` to `path` (a .keras file) atomically: a crash never leaves half a model."""
+    """Saves `model` to `path` (a .keras file) atomically: a crash never leaves half a model.
+
+    Only the architecture and weights are saved: checkpoints are loaded for inference and export,
+    and Adam's two moments per weight would triple the file (resuming uses the training backup).
+    The same layers in a new, uncompiled functional model carry no optimizer.
+    """
+    weights_only = keras.Model(model.inputs, model.outputs, name=model.name)
     with runs.atomic_path(path) as temporary:
-        model.save(temporary)
+        weights_only.save(temporary)
 
 
 def load_classifier(path: Path) -> keras.Model:

@@ -30,6 +30,19 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     np.testing.assert_allclose(expected.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_a_checkpoint_of_a_trained_model_holds_no_optimizer_state(tmp_path):
+    model = build_classifier(TINY, num_classes=5)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(IMAGES, np.arange(3), epochs=1, verbose=0)
+    assert model.optimizer.variables  # Adam's moments: twice the weights
+    save_classifier(model, tmp_path / "final.keras")
+
+    weights_bytes = sum(weight.nbytes for weight in model.get_weights())
+    assert (tmp_path / "final.keras").stat().st_size < 1.1 * weights_bytes
+    loaded = load_classifier(tmp_path / "final.keras")
+    np.testing.assert_array_equal(loaded.predict_on_batch(IMAGES), model.predict_on_batch(IMAGES))
+
+
 def test_the_model_carries_the_backbone_preprocessing():
     model = build_classifier(TINY, num_classes=3)
     preprocessed = model.get_layer("preprocessing")(IMAGES)
