@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from seeds_tf.paths import DATA_ENV, MODELS_ENV
-from tests.conftest import TINY_OPTIONS, seed_photo
+from tests.conftest import SMALL_OPTIONS, seed_photo
 
 BIN = Path(sys.executable).parent
 
@@ -45,7 +45,7 @@ def test_deepaas_cli_predict(roots, tiny_run, tmp_path):
 
 def test_deepaas_cli_train(roots, tiny_run, tmp_path):
     output = tmp_path / "training.json"
-    flags = [f"--{name}={value}" for name, value in TINY_OPTIONS.items()]
+    flags = [f"--{name}={value}" for name, value in SMALL_OPTIONS.items()]
     done = _run(
         [str(BIN / "deepaas-cli"), "--deepaas_method_output", str(output), "train", *flags],
         _env(roots),

@@ -12,7 +12,7 @@ import requests
 
 from benchmarks import load
 from seeds_tf.paths import DATA_ENV, MODELS_ENV
-from tests.conftest import TINY_OPTIONS
+from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import MODEL_URL
 
 TRAINING_TIMEOUT_S = 180
@@ -46,7 +46,7 @@ def test_predictions_are_answered_while_a_training_runs(roots, tiny_run, tmp_pat
     env = {DATA_ENV: str(roots.data), MODELS_ENV: str(roots.models), "TMPDIR": str(uploads)}
     with load.serving(env, tmp_path / "server.log", workers=2) as (url, pid), requests.Session() as session:
         target = load.load_target(url, roots, tiny_run)
-        started = requests.post(f"{url}{MODEL_URL}/train/", data=TINY_OPTIONS, timeout=30)
+        started = requests.post(f"{url}{MODEL_URL}/train/", data=SMALL_OPTIONS, timeout=30)
         assert started.status_code == 200, started.text
 
         training, tally = _requests_during_training(session, target, started.json()["uuid"])

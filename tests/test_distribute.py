@@ -12,7 +12,7 @@ from seeds_tf import distribute, runs
 from seeds_tf.model import load_classifier
 from seeds_tf.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.training import weights_digest
-from tests.conftest import TINY_OPTIONS
+from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import free_port
 
 SEEDS_TF = Path(sys.executable).parent / "seeds-tf"
@@ -25,7 +25,7 @@ def _tf_config(ports: list[int], index: int) -> str:
 
 def test_two_workers_train_one_run_and_agree(roots, tmp_path):
     ports = [free_port(), free_port()]
-    flags = [f"--{name}={value}" for name, value in TINY_OPTIONS.items()]
+    flags = [f"--{name}={value}" for name, value in SMALL_OPTIONS.items()]
     workers = [
         subprocess.Popen(
             [str(SEEDS_TF), "--quiet", "train", *flags],

@@ -9,7 +9,7 @@ import pytest
 from seeds_tf import config, runs, training
 from seeds_tf.errors import InputError
 from seeds_tf.inference import load_run
-from tests.conftest import TINY_OPTIONS, write_colour_dataset
+from tests.conftest import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
 
 
 def test_a_trained_run_explains_itself(roots, tiny_run):
@@ -87,7 +87,7 @@ def test_unreadable_images_are_skipped_and_counted(roots):
     train_txt = roots.data / "tiny" / "dataset_files" / "train.txt"
     first = train_txt.read_text().splitlines()[0].rsplit(" ", 1)[0]
     (roots.data / "tiny" / "images" / first).write_bytes(b"not a jpeg")
-    result = training.train(config.RunConfig.from_options(**TINY_OPTIONS), roots)
+    result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
     summary = runs.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
     assert summary["skipped_images"] == 1
 

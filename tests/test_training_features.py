@@ -17,11 +17,11 @@ import pytest
 from seeds_tf import config, runs, training
 from seeds_tf.inference import load_run
 from seeds_tf.model import build_classifier
-from tests.conftest import TINY_OPTIONS, write_colour_dataset
+from tests.conftest import SMALL_OPTIONS, write_colour_dataset
 
 BIN = Path(sys.executable).parent
 COLOURS = {
-    **TINY_OPTIONS,
+    **SMALL_OPTIONS,
     "images_directory": "colours/images",
     "splits_directory": "colours/dataset_files",
     "batch_size": 8,
