@@ -201,13 +201,8 @@ def engine_agreement(layout: runs.RunLayout, images_dir: Path) -> dict:
     test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "test")
     calibration = export.calibration_images(layout, images_dir)
     figures = {"run_id": layout.run_id}
-    for fmt, precision in (
-        ("tflite", "fp32"),
-        ("tflite", "dynamic_int8"),
-        ("tflite", "int8"),
-        ("onnx", "fp32"),
-    ):
-        spec = export.ExportSpec(fmt, precision)
+    for name in ENGINE_EXPORTS:
+        spec = export.ExportSpec(*name.split("_", 1))
         export.export_run(layout, spec, calibration if spec.precision == "int8" else ())
         figures[spec.name] = export.compare_with_keras(run, spec.name, test)
         export.record_export(layout, spec.name, figures[spec.name], serve=False)

@@ -130,7 +130,7 @@ def _import_legacy(args: argparse.Namespace, roots: Roots):
 
 
 def _export(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import export, inference
+    from seeds_tf import engines, export, inference
     from seeds_tf.splits import read_split
 
     spec = export.ExportSpec(args.format, args.precision)
@@ -139,7 +139,7 @@ def _export(args: argparse.Namespace, roots: Roots):
     images_dir = roots.data_path(training.images_directory, "images_directory")
     calibration = export.calibration_images(layout, images_dir) if spec.precision == "int8" else ()
     path = export.export_run(layout, spec, calibration)
-    if spec.format == "savedmodel":
+    if spec.name not in engines.ENGINES:
         return {"export": str(path)}
     run = inference.load_run(layout)
     test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "run")
@@ -219,8 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     exporter.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "dynamic_int8", "int8"],
-        help="int8: weights and activations, calibrated on the run's training images (tflite only)",
+        choices=["fp32", "dynamic_int8", "int8", "bf16"],
+        help="int8: weights and activations, calibrated on the run's training images (tflite only); "
+        "bf16: bfloat16 compute for CPUs with AVX512-BF16 or AMX (savedmodel only)",
     )
     exporter.add_argument(
         "--serve",

@@ -2,12 +2,14 @@
 
 `keras` runs the run's Keras model (the reference). The others run an export of it made by
 `seeds-tf export` (seeds_tf.export): TensorFlow Lite with XNNPACK (`tflite_fp32`,
-`tflite_dynamic_int8`, `tflite_int8`) or ONNX Runtime (`onnx_fp32`). All take float32 RGB batches
+`tflite_dynamic_int8`, `tflite_int8`), ONNX Runtime (`onnx_fp32`) or TensorFlow itself on a
+bfloat16 SavedModel (`savedmodel_bf16`, for CPUs with bf16 units). All take float32 RGB batches
 of shape (n, size, size, 3) in [0, 255] and return (n, classes) softmax probabilities.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -17,7 +19,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-ENGINES = ("keras", "tflite_fp32", "tflite_dynamic_int8", "tflite_int8", "onnx_fp32")
+from seeds_tf.inference_model import fold_batch_norms
+
+ENGINES = ("keras", "tflite_fp32", "tflite_dynamic_int8", "tflite_int8", "onnx_fp32", "savedmodel_bf16")
+
+BF16_ENGINES = ("savedmodel_bf16",)
+"""Engines that are fast only on CPUs with bf16 instructions, and slow emulations elsewhere."""
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 THREADS_ENV = "SEEDS_TF_ENGINE_THREADS"
 
@@ -29,15 +38,21 @@ class Engine(Protocol):
 
 
 class KerasEngine:
-    """The run's Keras model in one traced TensorFlow function for every batch size: no per-call
-    tf.data pipeline as in `model.predict`, no retracing as batch sizes change."""
+    """The run's Keras model, its batch normalisations folded into the convolutions before them
+    (the same function, 1.1-1.2x faster: benchmarks/NOTES.md), in one traced TensorFlow function
+    for every batch size: no per-call tf.data pipeline as in `model.predict`, no retracing as batch
+    sizes change. A plain forward pass has no Python control flow for AutoGraph to convert, and
+    AutoGraph would leave its generated source in the temporary folder of a server that is killed."""
 
     name = "keras"
 
     def __init__(self, model: keras.Model):
+        folded = fold_batch_norms(model)
         size = model.input_shape[1]
         signature = [tf.TensorSpec((None, size, size, 3), tf.float32)]
-        self._forward = tf.function(lambda batch: model(batch, training=False), input_signature=signature)
+        self._forward = tf.function(
+            lambda batch: folded(batch, training=False), input_signature=signature, autograph=False
+        )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._forward(np.asarray(batch, dtype=np.float32)).numpy()
@@ -69,6 +84,22 @@ class TFLiteEngine:
             return self._interpreter.get_tensor(self._output).copy()
 
 
+class SavedModelEngine:
+    """A SavedModel's serving function in TensorFlow (thread-safe), here the bfloat16 copy whose
+    convolutions oneDNN runs on AVX512-BF16 and AMX."""
+
+    def __init__(self, name: str, path: Path):
+        self.name = name
+        self._saved_model = tf.saved_model.load(str(path))
+        # The serving signature, as TensorFlow Serving calls it: one named input, one output.
+        self._serve = self._saved_model.signatures["serving_default"]
+        (self._input,) = self._serve.structured_input_signature[1]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        (output,) = self._serve(**{self._input: tf.constant(batch, dtype=tf.float32)}).values()
+        return output.numpy()
+
+
 class OnnxEngine:
     """An ONNX model in ONNX Runtime's CPU execution provider (thread-safe by design)."""
 
@@ -96,14 +127,34 @@ def load_engine(name: str, model: keras.Model, exports_dir: Path) -> Engine:
     if name == "keras":
         engine = KerasEngine(model)
     else:
-        suffix = ".tflite" if name.startswith("tflite") else ".onnx"
-        path = exports_dir / f"{name}{suffix}"
-        if not path.is_file():
+        path = export_path(exports_dir, name)
+        if not path.exists():
             raise FileNotFoundError(path)
-        engine = TFLiteEngine(name, path) if suffix == ".tflite" else OnnxEngine(name, path)
+        engine = _LOADERS[name.split("_", 1)[0]](name, path)
     size = model.input_shape[1]
     engine(np.zeros((1, size, size, 3), np.float32))
     return engine
+
+
+@functools.cache
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def export_path(exports_dir: Path, name: str) -> Path:
+    """Where the export called `name` (format_precision, e.g. tflite_int8) lives in a run."""
+    return exports_dir / f"{name}{_SUFFIXES[name.split('_', 1)[0]]}"
+
+
+_SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "savedmodel": ""}
+_LOADERS = {"tflite": TFLiteEngine, "onnx": OnnxEngine, "savedmodel": SavedModelEngine}
 
 
 def _threads() -> int:

@@ -2,7 +2,9 @@
 
 The Keras model stays the reference. TensorFlow Lite runs it with XNNPACK, in fp32 or with int8
 weights (dynamic range) or int8 weights and activations calibrated on the run's own training
-images; ONNX Runtime runs an fp32 export; a SavedModel serves TensorFlow Serving and friends.
+images; ONNX Runtime runs an fp32 export; a SavedModel serves TensorFlow Serving and friends, and
+its bf16 precision (batch norms folded into the convolutions, bfloat16 up to the float32 softmax)
+is an engine for CPUs with AVX512-BF16 or AMX.
 Every export takes the same input as the Keras model (float32 RGB in [0, 255], the backbone's
 preprocessing is inside) and gives the same softmax, so an engine can replace the other.
 """
@@ -20,17 +22,21 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf import images, inference, runs
+from seeds_tf import engines, images, inference, runs
 from seeds_tf.errors import InputError
+from seeds_tf.inference_model import bfloat16_copy, fold_batch_norms
 from seeds_tf.model import load_classifier
 from seeds_tf.splits import Split
 
 _LOGGER = logging.getLogger(__name__)
 
-PRECISIONS = {"tflite": ("fp32", "dynamic_int8", "int8"), "onnx": ("fp32",), "savedmodel": ("fp32",)}
+PRECISIONS = {
+    "tflite": ("fp32", "dynamic_int8", "int8"),
+    "onnx": ("fp32",),
+    "savedmodel": ("fp32", "bf16"),
+}
 """The precisions each format is exported in."""
 
-_SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "savedmodel": ""}
 CALIBRATION_IMAGES = 64
 """Training images that calibrate int8 activations: enough to cover the classes' colour ranges."""
 ONNX_OPSET = 17
@@ -59,7 +65,7 @@ class ExportSpec:
         return f"{self.format}_{self.precision}"
 
     def path(self, layout: runs.RunLayout) -> Path:
-        return layout.exports_dir / f"{self.name}{_SUFFIXES[self.format]}"
+        return engines.export_path(layout.exports_dir, self.name)
 
 
 def export_run(
@@ -88,6 +94,8 @@ def export_model(
     """Writes `model` in the format and precision of `spec` to `destination`, atomically."""
     if spec.precision == "int8" and not calibration:
         raise InputError("precision", "int8 needs calibration images; the run's train split has none")
+    if spec.precision == "bf16":
+        model = bfloat16_copy(fold_batch_norms(model))
     with tempfile.TemporaryDirectory(prefix="seeds_tf_export_") as scratch:
         saved_model = Path(scratch) / "savedmodel"
         model.export(str(saved_model), format="tf_saved_model", verbose=False)

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from seeds_tf import images, runs
 from seeds_tf.config import ModelConfig, PredictConfig, RunConfig
-from seeds_tf.engines import Engine, load_engine
+from seeds_tf.engines import BF16_ENGINES, ENGINES, Engine, cpu_has_bf16, export_path, load_engine
 from seeds_tf.errors import InputError
 from seeds_tf.model import load_classifier
 from seeds_tf.paths import Roots
@@ -65,7 +65,11 @@ class LoadedRun:
                 try:
                     self._engines[name] = load_engine(name, self.model, self.exports_dir)
                 except FileNotFoundError:
-                    made = sorted(path.stem for path in self.exports_dir.glob("*_*.*"))
+                    made = [
+                        export
+                        for export in ENGINES
+                        if export != "keras" and export_path(self.exports_dir, export).exists()
+                    ]
                     raise InputError(
                         "engine",
                         f"run {self.run_id} has no {name} export (made: {made or 'none'}); "
@@ -76,9 +80,12 @@ class LoadedRun:
 
 
 def default_engine(exports_dir: Path) -> str:
-    """The engine a run serves with when a request says "auto": set by `seeds-tf export --serve`."""
+    """The engine a run serves with when a request says "auto": set by `seeds-tf export --serve`.
+    A bf16 engine falls back to keras on a CPU without bf16 units, where it would be a slow
+    emulation: one run folder serves on every node of a mixed fleet."""
     index = exports_dir / runs.EXPORTS_INDEX
-    return runs.read_json(index).get("serve", "keras") if index.is_file() else "keras"
+    chosen = runs.read_json(index).get("serve", "keras") if index.is_file() else "keras"
+    return "keras" if chosen in BF16_ENGINES and not cpu_has_bf16() else chosen
 
 
 def load_run(layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:

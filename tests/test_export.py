@@ -1,5 +1,6 @@
-"""Exports of a run to TensorFlow Lite, ONNX and SavedModel, and the engines that run them, checked
-against the run's own Keras model on a small real run (MobileNetV3Small at 32 px: fast to convert)."""
+"""Exports of a run to TensorFlow Lite, ONNX and SavedModel (fp32 and bf16), and the engines that
+run them, checked against the run's own Keras model on a small real run (MobileNetV3Small at 32 px:
+fast to convert)."""
 
 import json
 import shutil
@@ -46,6 +47,7 @@ def test_every_export_is_written_into_the_run(small, exported):
     _, layout = small
     assert sorted(path.name for path in layout.exports_dir.iterdir()) == [
         "onnx_fp32.onnx",
+        "savedmodel_bf16",
         "savedmodel_fp32",
         "tflite_dynamic_int8.tflite",
         "tflite_fp32.tflite",
@@ -57,7 +59,13 @@ def test_every_export_is_written_into_the_run(small, exported):
 
 @pytest.mark.parametrize(
     ("engine", "tolerance"),
-    [("tflite_fp32", 1e-4), ("onnx_fp32", 1e-4), ("tflite_dynamic_int8", 0.05), ("tflite_int8", 0.1)],
+    [
+        ("tflite_fp32", 1e-4),
+        ("onnx_fp32", 1e-4),
+        ("tflite_dynamic_int8", 0.05),
+        ("tflite_int8", 0.1),
+        ("savedmodel_bf16", 0.05),
+    ],
 )
 def test_each_engine_gives_the_keras_probabilities(small, exported, engine, tolerance):
     roots, layout = small
