@@ -148,7 +148,7 @@ def save_classifier(model: keras.Model, path: Path) -> None:
     and Adam's two moments per weight would triple the file (resuming uses the training backup).
     The same layers in a new, uncompiled functional model carry no optimizer.
     """
-    weights_only = keras.Model(model.inputs, model.outputs, name=model.name)
+    weights_only = keras.Model(model.input, model.output, name=model.name)
     with runs.atomic_path(path) as temporary:
         weights_only.save(temporary)
 

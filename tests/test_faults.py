@@ -46,7 +46,8 @@ def half_then_wait(archive, name, data, *args, **kwargs):
         time.sleep(600)
 
 zipfile.ZipFile.writestr = half_then_wait
-model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256), keras.layers.Dense(3)])
+inputs = keras.Input((64,))
+model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(256)(inputs)))
 save_classifier(model, Path(sys.argv[1]))
 """
 

@@ -40,6 +40,8 @@ def test_a_checkpoint_of_a_trained_model_holds_no_optimizer_state(tmp_path):
     weights_bytes = sum(weight.nbytes for weight in model.get_weights())
     assert (tmp_path / "final.keras").stat().st_size < 1.1 * weights_bytes
     loaded = load_classifier(tmp_path / "final.keras")
+    assert loaded.name == model.name
+    assert (loaded.input.shape, loaded.output.shape) == ((None, 71, 71, 3), (None, 5))
     np.testing.assert_array_equal(loaded.predict_on_batch(IMAGES), model.predict_on_batch(IMAGES))
 
 
