@@ -135,7 +135,25 @@ def compute_efficiency(run: inference.LoadedRun, peak: dict, repeats: int) -> di
             "of_peak": round(achieved / peak["peak_gmac_per_s"], 3),
         }
     best = max(figures.values(), key=lambda entry: entry["of_peak"])
-    return {"gmac_per_image": round(gmac, 2), **figures, "best_of_peak": best["of_peak"]}
+    ceiling = gemm_ceiling(repeats)
+    return {
+        "gmac_per_image": round(gmac, 2),
+        **figures,
+        "best_of_peak": best["of_peak"],
+        "gemm_ceiling": {**ceiling, "of_peak": round(ceiling["gmac_per_s"] / peak["peak_gmac_per_s"], 3)},
+        "best_of_gemm_ceiling": round(best["gmac_per_s"] / ceiling["gmac_per_s"], 3),
+    }
+
+
+def gemm_ceiling(repeats: int, side: int = 2048) -> dict:
+    """What this machine really sustains: one large fp32 matrix product through TensorFlow (oneDNN),
+    the most compute-dense operation there is. A network can at best approach it."""
+    import tensorflow as tf
+
+    a, b = (tf.constant(np.random.default_rng(i).standard_normal((side, side)), tf.float32) for i in (0, 1))
+    product = tf.function(lambda: tf.matmul(a, b), autograph=False)
+    seconds = seconds_per_call(lambda: product().numpy(), repeats)
+    return {"matmul": f"{side}x{side} fp32", "gmac_per_s": round(side**3 / seconds / 1e9, 1)}
 
 
 def tuning(model, size: int, repeats: int) -> dict:
@@ -171,8 +189,19 @@ def tuning(model, size: int, repeats: int) -> dict:
 
 
 def engine_speed(model, size: int, calibration: list[Path], scratch: Path, repeats: int) -> dict:
-    """Images per second of every engine at batch 1 and 8, each against Keras fp32 in the same run."""
-    made = {"keras": engines.load_engine("keras", model, scratch)}
+    """Images per second of every engine at batch 1 and 8 in the same run, each against Keras fp32
+    two ways: the model as trained (`keras_as_trained`, one traced function, batch norms as they
+    are) and seeds_tf's `keras` engine (batch norms folded into the convolutions)."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec((None, size, size, 3), tf.float32)]
+    as_trained = tf.function(
+        lambda batch: model(batch, training=False), input_signature=signature, autograph=False
+    )
+    made = {
+        "keras_as_trained": lambda batch: as_trained(batch).numpy(),
+        "keras": engines.load_engine("keras", model, scratch),
+    }
     for name in ENGINE_EXPORTS:
         spec = export.ExportSpec(*name.split("_", 1))
         started = time.perf_counter()
@@ -188,7 +217,11 @@ def engine_speed(model, size: int, calibration: list[Path], scratch: Path, repea
             for name, engine in made.items()
         }
         figures[f"batch_{batch}"] = {
-            name: {"images_per_s": round(rate, 2), "vs_keras": round(rate / rates["keras"], 2)}
+            name: {
+                "images_per_s": round(rate, 2),
+                "vs_keras_as_trained": round(rate / rates["keras_as_trained"], 2),
+                "vs_keras": round(rate / rates["keras"], 2),
+            }
             for name, rate in rates.items()
         }
     return figures

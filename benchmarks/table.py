@@ -26,11 +26,11 @@ def _x(value: float) -> str:
 
 
 def _best_engine(results: dict) -> tuple[str, dict]:
-    """The fastest engine at batch 1 whose agreement with Keras is at least 99%."""
+    """The fastest export at batch 1 whose agreement with Keras is at least 99%."""
     speed, agreement = results["engines"]["speed"]["batch_1"], results["engines"]["agreement"]
-    agreeing = [name for name in speed if name == "keras" or agreement[name]["agreement_top1"] >= 0.99]
-    name = max(agreeing, key=lambda engine: speed[engine]["vs_keras"])
-    return name, {**speed[name], **agreement.get(name, {})}
+    agreeing = [name for name in agreement if name in speed and agreement[name]["agreement_top1"] >= 0.99]
+    name = max(agreeing, key=lambda engine: speed[engine]["vs_keras_as_trained"])
+    return name, {**speed[name], **agreement[name]}
 
 
 ROWS: list[Row] = [
@@ -58,7 +58,9 @@ ROWS: list[Row] = [
         "2. compute efficiency: Xception MAC/s at the best batch vs fp32 peak",
         lambda r: (
             f"{_pct(r['inference']['compute_efficiency']['best_of_peak'])} of "
-            f"{r['inference']['cpu']['peak_gmac_per_s']} GMAC/s"
+            f"{r['inference']['cpu']['peak_gmac_per_s']} GMAC/s; a 2048^2 fp32 matmul reaches "
+            f"{_pct(r['inference']['compute_efficiency']['gemm_ceiling']['of_peak'])}, the network "
+            f"{_pct(r['inference']['compute_efficiency']['best_of_gemm_ceiling'])} of that"
         ),
         ">= 70%",
         lambda r: r["inference"]["compute_efficiency"]["best_of_peak"] >= 0.7,
@@ -104,10 +106,24 @@ ROWS: list[Row] = [
         lambda r: max(r["serving"]["scaling"]["train_epoch"]["relative_deviation"][1:]) < 0.1,
     ),
     (
-        "engine: fastest export with >= 99% top-1 agreement, throughput vs Keras fp32 (batch 1)",
-        lambda r: f"{_best_engine(r)[0]}: {_x(_best_engine(r)[1]['vs_keras'])}",
+        "engine: fastest export with >= 99% top-1 agreement, throughput vs Keras fp32 as trained "
+        "(and vs seeds_tf's folded keras engine), batch 1",
+        lambda r: (
+            f"{_best_engine(r)[0]}: {_x(_best_engine(r)[1]['vs_keras_as_trained'])} "
+            f"({_x(_best_engine(r)[1]['vs_keras'])})"
+        ),
         ">= 2x",
-        lambda r: _best_engine(r)[1]["vs_keras"] >= 2,
+        lambda r: _best_engine(r)[1]["vs_keras_as_trained"] >= 2,
+    ),
+    (
+        "tuning: seeds_tf's keras engine (batch norms folded) vs Keras as trained, batch 1 / 8",
+        lambda r: " / ".join(
+            _x(r["engines"]["speed"][f"batch_{b}"]["keras"]["vs_keras_as_trained"]) for b in (1, 8)
+        ),
+        "faster",
+        lambda r: all(
+            r["engines"]["speed"][f"batch_{b}"]["keras"]["vs_keras_as_trained"] > 1 for b in (1, 8)
+        ),
     ),
     (
         "engine: its top-1 agreement with Keras and accuracy change (demo run, 240 test images)",
@@ -119,9 +135,9 @@ ROWS: list[Row] = [
         lambda r: _best_engine(r)[1].get("agreement_top1", 1.0) >= 0.99,
     ),
     (
-        "engine: tflite_int8 (full integer) throughput vs Keras / agreement",
+        "engine: tflite_int8 (full integer) throughput vs Keras as trained / agreement",
         lambda r: (
-            f"{_x(r['engines']['speed']['batch_1']['tflite_int8']['vs_keras'])} / "
+            f"{_x(r['engines']['speed']['batch_1']['tflite_int8']['vs_keras_as_trained'])} / "
             f"{_pct(r['engines']['agreement']['tflite_int8']['agreement_top1'])}"
         ),
         ">= 2x / >= 99%",

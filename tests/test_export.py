@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from seeds_tf import cli, config, export, images, inference, runs, training
+from seeds_tf import cli, config, engines, export, images, inference, runs, training
 from seeds_tf.errors import InputError
 from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.splits import read_split
@@ -126,6 +126,10 @@ def test_a_prediction_names_its_engine_and_refuses_a_missing_export(small, expor
         inference.load_run(bare).engine("tflite_int8")
     assert missing.value.field == "engine"
     assert f"seeds-tf export {layout.run_id} --format tflite --precision int8" in missing.value.problem
+
+
+def test_every_engine_can_be_asked_for_by_name():
+    assert config.option_specs("prediction")["engine"].choices == ("auto", *engines.ENGINES)
 
 
 def test_bad_export_requests_are_refused():
