@@ -33,26 +33,27 @@ def _best_engine(results: dict) -> tuple[str, dict]:
     return name, {**speed[name], **agreement[name]}
 
 
+def _overhead_row(photo: str, title: str) -> Row:
+    """Row 1 for one kind of photo: the predict path's overhead at batch 1 and 16."""
+
+    def overheads(results: dict) -> list[float]:
+        measured = results["inference"]["predict_overhead"]
+        return [measured[f"{photo}_batch_{batch}"]["overhead"] for batch in (1, 16)]
+
+    return (
+        title,
+        lambda r: " / ".join(_pct(overhead) for overhead in overheads(r)),
+        "< 5%",
+        lambda r: all(overhead < 0.05 for overhead in overheads(r)),
+    )
+
+
 ROWS: list[Row] = [
-    (
-        "1. predict overhead vs bare forward, Xception 299 px, 299-px JPEG, batch 1 / 16",
-        lambda r: " / ".join(
-            _pct(r["inference"]["predict_overhead"][f"299px_jpeg_batch_{b}"]["overhead"]) for b in (1, 16)
-        ),
-        "< 5%",
-        lambda r: all(
-            r["inference"]["predict_overhead"][f"299px_jpeg_batch_{b}"]["overhead"] < 0.05 for b in (1, 16)
-        ),
+    _overhead_row(
+        "299px_jpeg", "1. predict overhead vs bare forward, Xception 299 px, 299-px JPEG, batch 1 / 16"
     ),
-    (
-        "1. the same with 1200x900 phone photos (decode and resize included), batch 1 / 16",
-        lambda r: " / ".join(
-            _pct(r["inference"]["predict_overhead"][f"1200x900_jpeg_batch_{b}"]["overhead"]) for b in (1, 16)
-        ),
-        "< 5%",
-        lambda r: all(
-            r["inference"]["predict_overhead"][f"1200x900_jpeg_batch_{b}"]["overhead"] < 0.05 for b in (1, 16)
-        ),
+    _overhead_row(
+        "1200x900_jpeg", "1. the same with 1200x900 phone photos (decode and resize included), batch 1 / 16"
     ),
     (
         "2. compute efficiency: Xception MAC/s at the best batch vs fp32 peak",
