@@ -136,6 +136,21 @@ ROWS: list[Row] = [
         lambda r: _best_engine(r)[1].get("agreement_top1", 1.0) >= 0.99,
     ),
     (
+        "engine: savedmodel_bf16 (AMX / AVX512-BF16) vs Keras as trained, batch 1 / 8, and agreement",
+        lambda r: (
+            " / ".join(
+                _x(r["engines"]["speed"][f"batch_{b}"]["savedmodel_bf16"]["vs_keras_as_trained"])
+                for b in (1, 8)
+            )
+            + f", {_pct(r['engines']['agreement']['savedmodel_bf16']['agreement_top1'])}"
+        ),
+        ">= 2x, >= 99%",
+        lambda r: (
+            r["engines"]["speed"]["batch_1"]["savedmodel_bf16"]["vs_keras_as_trained"] >= 2
+            and r["engines"]["agreement"]["savedmodel_bf16"]["agreement_top1"] >= 0.99
+        ),
+    ),
+    (
         "engine: tflite_int8 (full integer) throughput vs Keras as trained / agreement",
         lambda r: (
             f"{_x(r['engines']['speed']['batch_1']['tflite_int8']['vs_keras_as_trained'])} / "
