@@ -1,5 +1,6 @@
 """Inference speed, side by side in one process: the seeds_tf predict path against a bare Keras
-forward pass, the forward pass against this CPU's fp32 peak, and the exported engines against Keras.
+forward pass, the forward pass against this CPU's fp32 peak, and the exported engines against Keras;
+and TensorFlow's start-up settings (oneDNN, thread pools), each in a fresh process.
 
     .venv/bin/python benchmarks/inference.py [--size 299] [--classes 743] [--run RUN_ID] [--quick]
 
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -227,6 +231,55 @@ def engine_speed(model, size: int, calibration: list[Path], scratch: Path, repea
     return figures
 
 
+SETTINGS = {
+    "defaults": ({}, []),
+    "onednn_off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, []),
+    "intra_op_threads_1": ({}, ["--intra-op-threads", "1"]),
+    "inter_op_threads_1": ({}, ["--inter-op-threads", "1"]),
+}
+"""TensorFlow settings fixed at process start-up, each against TensorFlow's defaults here (oneDNN
+on, as many intra-op and inter-op threads as cores): environment and arguments of a fresh process."""
+
+
+def settings(size: int, classes: int, rounds: int = 2) -> dict:
+    """The keras engine's time per image at batch 1 and 8 under each of SETTINGS, each in a fresh
+    process, in interleaved rounds (a noisy neighbour then hits every setting alike)."""
+    times: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    for _ in range(rounds):
+        for name, (env, arguments) in SETTINGS.items():
+            done = subprocess.run(
+                [
+                    *(sys.executable, __file__, "--forward-only"),
+                    *("--size", str(size), "--classes", str(classes)),
+                    *arguments,
+                ],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            times[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    figures = {}
+    for name, measured in times.items():
+        figures[name] = {}
+        for batch in ("batch_1", "batch_8"):
+            ms = statistics.median(entry[batch] for entry in measured)
+            default = statistics.median(entry[batch] for entry in times["defaults"])
+            figures[name][batch] = {"ms_per_image": round(ms, 1), "speed_vs_defaults": round(default / ms, 3)}
+    return figures
+
+
+def forward_times(size: int, classes: int, repeats: int) -> dict:
+    """Milliseconds per image of the keras engine at batch 1 and 8, in this process's settings."""
+    model = build_classifier(config.load(config.ModelConfig, image_size=size, weights="none"), classes)
+    engine = engines.load_engine("keras", model, Path("."))
+    pixels = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
+    return {
+        f"batch_{batch}": 1000 * seconds_per_call(lambda batch=batch: engine(pixels[:batch]), repeats) / batch
+        for batch in (1, 8)
+    }
+
+
 def engine_agreement(layout: runs.RunLayout, images_dir: Path) -> dict:
     """Top-1 agreement with Keras and top-1 accuracy change of each export of a trained run, on its
     test split (the exports are made here, into the run)."""
@@ -248,10 +301,26 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=743)
     parser.add_argument("--run", default="", help="trained run for the agreement figures; newest by default")
     parser.add_argument("--quick", action="store_true", help="few repeats and a small model: a smoke check")
-    parser.add_argument("--parts", default="overhead,efficiency,tuning,engines", help="comma-separated")
+    parser.add_argument(
+        "--parts", default="overhead,efficiency,tuning,settings,engines", help="comma-separated"
+    )
+    parser.add_argument("--forward-only", action="store_true", help="print forward_times as JSON (settings)")
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=0, help="with --forward-only; 0: TF's default"
+    )
+    parser.add_argument(
+        "--inter-op-threads", type=int, default=0, help="with --forward-only; 0: TF's default"
+    )
     args = parser.parse_args()
     repeats = 3 if args.quick else 15
     size = 96 if args.quick else args.size
+    if args.forward_only:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+        print(json.dumps(forward_times(size, args.classes, max(3, repeats // 3))))
+        return
 
     model_config = config.load(config.ModelConfig, image_size=size, weights="none")
     model = build_classifier(model_config, args.classes)
@@ -271,6 +340,8 @@ def main() -> None:
             figures["compute_efficiency"] = compute_efficiency(run, peak, repeats)
         if "tuning" in parts:
             figures["tuning"] = tuning(model, size, repeats)
+        if "settings" in parts:
+            figures["settings"] = settings(size, args.classes)
         record("inference", figures)
         if "engines" not in parts:
             return

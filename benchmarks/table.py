@@ -117,6 +117,21 @@ ROWS: list[Row] = [
         ),
     ),
     (
+        "tuning: TensorFlow settings vs defaults, batch 1 / 8: oneDNN off; 1 intra-op; 1 inter-op thread",
+        lambda r: "; ".join(
+            " / ".join(
+                _x(r["inference"]["settings"][name][f"batch_{b}"]["speed_vs_defaults"]) for b in (1, 8)
+            )
+            for name in ("onednn_off", "intra_op_threads_1", "inter_op_threads_1")
+        ),
+        "keep the best",
+        lambda r: all(
+            r["inference"]["settings"][name][f"batch_{b}"]["speed_vs_defaults"] <= 1.03
+            for name in ("onednn_off", "intra_op_threads_1", "inter_op_threads_1")
+            for b in (1, 8)
+        ),
+    ),
+    (
         "engine: fastest export with >= 99% top-1 agreement, throughput vs Keras fp32 as trained "
         "(and vs seeds_tf's folded keras engine), batch 1",
         lambda r: (
