@@ -259,14 +259,22 @@ def settings(size: int, classes: int, rounds: int = 2) -> dict:
                 check=True,
             )
             times[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    figures = {}
-    for name, measured in times.items():
-        figures[name] = {}
-        for batch in ("batch_1", "batch_8"):
-            ms = statistics.median(entry[batch] for entry in measured)
-            default = statistics.median(entry[batch] for entry in times["defaults"])
-            figures[name][batch] = {"ms_per_image": round(ms, 1), "speed_vs_defaults": round(default / ms, 3)}
-    return figures
+    medians = {
+        name: {
+            batch: statistics.median(entry[batch] for entry in measured) for batch in ("batch_1", "batch_8")
+        }
+        for name, measured in times.items()
+    }
+    return {
+        name: {
+            batch: {
+                "ms_per_image": round(ms, 1),
+                "speed_vs_defaults": round(medians["defaults"][batch] / ms, 3),
+            }
+            for batch, ms in by_batch.items()
+        }
+        for name, by_batch in medians.items()
+    }
 
 
 def forward_times(size: int, classes: int, repeats: int) -> dict:
