@@ -35,6 +35,16 @@ def evaluate_split(
     return reports.evaluate(split.labels, probabilities, classes, split.name)
 
 
+def test_metrics(evaluation: reports.Evaluation) -> dict[str, float]:
+    """The headline figures of an evaluation, as a run records them in run.json and stats.json."""
+    return {
+        "test_accuracy": round(evaluation.top1, 6),
+        "test_top5_accuracy": round(evaluation.top5, 6),
+        "test_loss": round(evaluation.log_loss, 6),
+        "test_macro_f1": round(evaluation.macro_f1, 6),
+    }
+
+
 def evaluate_run(roots: Roots, run_id: str, split_file: Path, batch_size: int = 32) -> reports.Evaluation:
     """Re-evaluates a complete run on any split file (paths relative to the run's images folder) and
     writes `reports/<split name>_evaluation.json` and its confusion-matrix PNG into the run."""

@@ -6,11 +6,18 @@ The original seeds model is a tarball (`seeds.tar.xz`) of one run folder: `ckpts
 model file, but the same architecture built here loads its weights exactly; the original fed images
 through the backbone's own `preprocess_input`, which seeds_tf models carry inside, so predictions are
 the same. The result is an ordinary, complete seeds_tf run.
+
+A tarball is identified by its SHA-256, logged on every import and recorded in the run; given an
+expected digest, any other tarball is refused before anything is written (the pre-trained image's
+build pins the published model this way). The run records its held-out accuracy when the test split's
+images come with the tarball or lie in the data folder, and says why not otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import tarfile
 import tempfile
 from pathlib import Path
@@ -18,37 +25,54 @@ from typing import Any
 
 import requests
 
-from seeds_tf import runs
+from seeds_tf import evaluation, reports, runs
 from seeds_tf.config import RunConfig
 from seeds_tf.errors import InputError
 from seeds_tf.model import build_classifier, save_classifier
 from seeds_tf.paths import Roots
-from seeds_tf.splits import copy_split_files, read_lines
+from seeds_tf.splits import copy_split_files, read_lines, read_split
 
 _LOGGER = logging.getLogger(__name__)
 
-PUBLISHED_SEEDS_MODEL = "https://cephrgw01.ifca.es:8080/swift/v1/seeds-tf/seeds.tar.xz"
-"""Where the original service published its seeds model (743 species, 493 genera)."""
+PUBLISHED_SEEDS_MODEL = "https://api.cloud.ifca.es:8080/swift/v1/seeds-tf/seeds.tar.xz"
+"""Where the original service's seeds model (743 species, 493 genera) is published today (the DEEP-era
+address cephrgw01.ifca.es served the same object store)."""
 
 MAX_DOWNLOAD_BYTES = 4 * 1024**3
 LEGACY_DENSE_UNITS = 1024
 _TIMEOUTS = (10, 60)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def import_legacy(source: str, roots: Roots) -> str:
+def import_legacy(source: str, roots: Roots, *, sha256: str = "", batch_size: int = 32) -> str:
     """Imports a legacy run tarball (a local path or an http(s) URL) as a new complete run.
+
+    Args:
+        source: path or http(s) URL of the tarball.
+        roots: where the run goes (`roots.models`) and where test images may be (`roots.data`).
+        sha256: expected SHA-256 of the tarball, 64 hex digits; empty (the default) accepts any
+            tarball, logging its digest so that it can be pinned.
+        batch_size: batch size of the held-out evaluation. Defaults to 32.
 
     Returns:
         The id of the new run.
 
     Raises:
-        InputError: naming `source`, when it cannot be read or is not a legacy run.
+        InputError: naming `sha256` for a malformed or different digest, `source` when the tarball
+            cannot be read or is not a legacy run; nothing is written to the models folder then.
     """
+    expected = sha256.strip().lower()
+    if expected and not _SHA256.fullmatch(expected):
+        raise InputError("sha256", f"expected 64 hexadecimal digits. Received: {sha256!r}")
     with tempfile.TemporaryDirectory(prefix="seeds_tf_legacy_") as folder:
         scratch = Path(folder)
         archive = _download(source, scratch) if source.startswith(("http://", "https://")) else Path(source)
         if not archive.is_file():
             raise InputError("source", f"{source!r} is not a file or an http(s) URL")
+        digest = file_sha256(archive)
+        _LOGGER.warning("SHA-256 of %s: %s", source, digest)
+        if expected and digest != expected:
+            raise InputError("sha256", f"{source} has SHA-256 {digest}, not the expected {expected}: refused")
         run_folder = _extract(archive, scratch / "run")
         weights, options, dataset_dir = _legacy_parts(run_folder)
         classes = read_lines(dataset_dir / "classes.txt")
@@ -70,16 +94,60 @@ def import_legacy(source: str, roots: Roots) -> str:
         copy_split_files(dataset_dir, layout.dataset_dir)
         runs.write_conf(layout, config.to_dict())
         save_classifier(model, layout.final_model)
+        test_images = [scratch / "run" / path for path in _images_folders(scratch / "run")]
+        metrics, held_out = _held_out_evaluation(
+            model, config, layout, [*test_images, roots.data / "images"], batch_size=batch_size
+        )
     runs.mark_complete(
         layout,
         modelname=config.model.modelname,
         image_size=config.model.image_size,
         num_classes=len(classes),
-        metrics={},
+        metrics=metrics,
         imported_from=source,
+        sha256=digest,
+        held_out=held_out,
     )
-    _LOGGER.info("Imported %s as run %s (%d classes)", source, layout.run_id, len(classes))
+    _LOGGER.info("Imported %s as run %s (%d classes): %s", source, layout.run_id, len(classes), held_out)
     return layout.run_id
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _images_folders(extracted: Path) -> list[Path]:
+    """`images/` folders that came in the tarball, relative to where it was extracted."""
+    return sorted(path.relative_to(extracted) for path in extracted.rglob("images") if path.is_dir())
+
+
+def _held_out_evaluation(
+    model, config: RunConfig, layout: runs.RunLayout, images_dirs: list[Path], *, batch_size: int
+) -> tuple[dict[str, float], str]:
+    """The test metrics of the imported model and a sentence saying on what they were measured, or
+    why there are none: the published tarball lists its test split but does not hold its images."""
+    classes = tuple(read_lines(layout.dataset_dir / "classes.txt"))
+    test_file = layout.dataset_dir / "test.txt"
+    if not test_file.is_file():
+        return {}, "not evaluated: the tarball has no test split (dataset_files/test.txt)"
+    problems = []
+    for images_dir in images_dirs:
+        try:
+            split = read_split(test_file, "test", images_dir, len(classes), "source")
+        except InputError as error:
+            problems.append(f"{images_dir}: {error.problem}")
+            continue
+        if split.labels is None:
+            return {}, "not evaluated: the tarball's test split has no labels"
+        result = evaluation.evaluate_split(model, split, classes, config.model.image_size, batch_size)
+        reports.write_evaluation(result, layout.reports_dir, prefix="test")
+        return evaluation.test_metrics(result), f"evaluated on {len(split.paths)} test images in {images_dir}"
+    return {}, "not evaluated: the test split's images are in neither place (" + "; ".join(problems) + ")"
 
 
 def _download(url: str, folder: Path) -> Path:

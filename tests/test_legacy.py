@@ -2,17 +2,28 @@
 from loopback, becomes a seeds_tf run that predicts exactly as the original model did."""
 
 import functools
+import hashlib
 import http.server
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from seeds_tf import images, inference, legacy, runs
 from seeds_tf.errors import InputError
+from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from tests.conftest import encode
 from tests.loopback import http_server
+
+ROOT = Path(__file__).resolve().parents[1]
+SH = shutil.which("sh")
 
 CLASSES = ["Lens culinaris", "Lens nigricans", "Phaseolus vulgaris"]
 
@@ -30,7 +41,9 @@ def legacy_model():
     return tf_keras.Model(base.input, outputs)
 
 
-def _tarball(tmp_path, model, extra_member=None):
+def _tarball(tmp_path, model, extra_member=None, test_images=False):
+    """The original run layout as a tarball; with `test_images`, a labelled test split whose images
+    come in the tarball's images/ folder (the published tarball lists its split without them)."""
     run = tmp_path / "legacy" / "2019-06-01_120000"
     (run / "ckpts").mkdir(parents=True)
     (run / "conf").mkdir()
@@ -41,6 +54,14 @@ def _tarball(tmp_path, model, extra_member=None):
     (run / "conf" / "conf.json").write_text(json.dumps(conf))
     (run / "dataset_files" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (run / "dataset_files" / "info.txt").write_text("lentil\nblack lentil\ncommon bean\n")
+    rng = np.random.default_rng(1)
+    lines = [f"seeds/{index}.png {index % len(CLASSES)}" for index in range(6)]
+    (run / "dataset_files" / "test.txt").write_text("\n".join(lines) + "\n")
+    if test_images:
+        (run / "images" / "seeds").mkdir(parents=True)
+        for index in range(6):
+            pixels = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+            (run / "images" / "seeds" / f"{index}.png").write_bytes(encode(pixels, "PNG"))
     archive = tmp_path / "seeds.tar.xz"
     with tarfile.open(archive, "w:xz", preset=0) as tar:
         tar.add(run, arcname=run.name)
@@ -67,7 +88,12 @@ def test_a_legacy_run_imports_and_predicts_as_the_original(
     run_id = legacy.import_legacy(f"{tarball_server}/seeds.tar.xz", empty_roots)
     layout = runs.RunLayout(empty_roots.models / run_id)
     assert layout.is_complete()
-    assert runs.read_json(layout.summary_file)["imported_from"].endswith("seeds.tar.xz")
+    summary = runs.read_json(layout.summary_file)
+    assert summary["imported_from"].endswith("seeds.tar.xz")
+    assert summary["sha256"] == hashlib.sha256((tmp_path / "seeds.tar.xz").read_bytes()).hexdigest()
+    # The published tarball lists its test split without the images: the run says so.
+    assert summary["metrics"] == {}
+    assert summary["held_out"].startswith("not evaluated: the test split's images are in neither place")
 
     pixels = np.random.default_rng(0).integers(0, 256, (4, 90, 110, 3), dtype=np.uint8)
     batch = np.stack([images.resize(p, 71).numpy() for p in pixels])
@@ -94,3 +120,85 @@ def test_a_tarball_that_escapes_its_folder_is_refused(empty_roots, tmp_path, leg
 def test_unreadable_sources_are_named(empty_roots, source, problem):
     with pytest.raises(InputError, match=problem):
         legacy.import_legacy(source, empty_roots)
+
+
+def test_the_held_out_accuracy_is_recorded_when_the_test_images_come_along(
+    empty_roots, tmp_path, legacy_model
+):
+    archive = _tarball(tmp_path, legacy_model, test_images=True)
+    run_id = legacy.import_legacy(str(archive), empty_roots, sha256=legacy.file_sha256(archive))
+    layout = runs.RunLayout(empty_roots.models / run_id)
+    summary = runs.read_json(layout.summary_file)
+    assert summary["held_out"].startswith("evaluated on 6 test images")
+    assert 0.0 <= summary["metrics"]["test_accuracy"] <= 1.0
+    assert set(summary["metrics"]) == {"test_accuracy", "test_top5_accuracy", "test_loss", "test_macro_f1"}
+    assert (layout.reports_dir / "test_evaluation.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("sha256", "problem"),
+    [("0" * 64, "not the expected 0000"), ("not-hex", "expected 64 hexadecimal digits")],
+)
+def test_a_tarball_with_another_checksum_is_refused_and_nothing_is_written(
+    empty_roots, tmp_path, legacy_model, sha256, problem
+):
+    archive = _tarball(tmp_path, legacy_model)
+    with pytest.raises(InputError, match=problem) as raised:
+        legacy.import_legacy(str(archive), empty_roots, sha256=sha256)
+    assert raised.value.field == "sha256"
+    assert list(empty_roots.models.iterdir()) == []
+
+
+def test_the_image_build_step_installs_the_published_model_and_deepaas_cli_serves_it(
+    tmp_path, legacy_model, tarball_server
+):
+    """docker/install-model.sh, as the pre-trained image's build runs it, against a tarball on
+    loopback: the wrong checksum stops it with a clear error and writes nothing; the right one
+    installs a run that the serverless path (OSCAR's `deepaas-cli predict`, JSON output) answers with."""
+    archive = _tarball(tmp_path, legacy_model)
+    models = tmp_path / "image" / "models"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        MODELS_ENV: str(models),
+        DATA_ENV: str(tmp_path / "image" / "data"),
+        "DEEPAAS_V2_MODEL": "seeds_tf",
+    }
+    url = f"{tarball_server}/seeds.tar.xz"
+    script = str(ROOT / "docker" / "install-model.sh")
+    refused = subprocess.run(
+        [SH, script, url, "f" * 64], check=False, env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 2
+    assert f"sha256: {url} has SHA-256 {legacy.file_sha256(archive)}, not the expected" in refused.stderr
+    assert not models.exists() or list(models.iterdir()) == []
+
+    installed = subprocess.run(
+        [SH, script, url, legacy.file_sha256(archive)], check=False, env=env, capture_output=True, text=True
+    )
+    assert installed.returncode == 0, installed.stderr
+    (run_id,) = runs.complete_runs(models)
+
+    photo = tmp_path / "seed.png"
+    photo.write_bytes(encode(np.full((90, 90, 3), 120, dtype=np.uint8), "PNG"))
+    output = tmp_path / "prediction.json"
+    predicted = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("deepaas-cli")),
+            "--deepaas_method_output",
+            str(output),
+            "predict",
+            "--image",
+            str(photo),
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    answer = json.loads(output.read_text())
+    assert answer["run_id"] == run_id
+    assert sorted(answer["labels"]) == sorted(CLASSES)
+    assert sum(answer["probabilities"]) == pytest.approx(1.0, abs=1e-4)
