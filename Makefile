@@ -9,8 +9,9 @@ PORT ?= 5000
 STAMP := $(VENV)/.installed
 MAX_UPLOAD ?= 52428800
 FUZZ_EXAMPLES ?= 1000
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test lint demo bench learning fuzz load audit clean
+.PHONY: serve test system lint demo bench learning fuzz load audit clean
 
 # The environment: rebuilt whenever the package metadata changes.
 $(STAMP): setup.cfg setup.py
@@ -61,8 +62,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check seeds_tf tests benchmarks
 	$(BIN)/bandit -q -c pyproject.toml -r seeds_tf
 
+## system: Debian packages the tests run for real (rclone: copies to a WebDAV server on loopback)
+system:
+	command -v rclone >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends rclone; }
+
 ## test: set up, lint, and run the whole suite
-test: lint
+test: system lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -16,13 +16,16 @@ from typing import Any
 
 from aiohttp import web
 
-from seeds_tf import __version__, config, request_parsing, runs, schemas
+from seeds_tf import __version__, config, monitor, request_parsing, runs, schemas
 from seeds_tf.errors import InputError
 from seeds_tf.paths import Roots
 
 _LOGGER = logging.getLogger(__name__)
 
-schema = schemas.PredictionResponse
+schema = schemas.ModelPredictionResponse
+
+MODEL_NAME = "seeds_tf"
+"""The name setup.cfg registers in the deepaas.v2.model group, and DEEPaaS' route to this model."""
 
 
 request_parsing.install()
@@ -52,7 +55,7 @@ def get_metadata() -> dict[str, Any]:
     broken runs with the reason each cannot serve."""
     listing = runs.list_runs(Roots.from_env().models)
     return {
-        "name": "seeds_tf",
+        "name": MODEL_NAME,
         "version": __version__,
         "summary": "Identifies plant species (and genus) from photos of their seeds.",
         "description": (
@@ -64,9 +67,15 @@ def get_metadata() -> dict[str, Any]:
         "authors": ["seeds_tf developers"],
         "license": "Apache-2.0",
         "url": "https://github.com/seeds-tf/seeds_tf",
+        # DEEPaaS' own self link is replaced by these, so it is repeated; its schema wants a type.
         "links": [
-            {"rel": "source", "href": "https://github.com/seeds-tf/seeds_tf"},
-            {"rel": "predecessor", "href": "https://github.com/deephdc/image-classification-tf"},
+            {"rel": "self", "href": f"/v2/models/{MODEL_NAME}", "type": "application/json"},
+            {"rel": "source", "href": "https://github.com/seeds-tf/seeds_tf", "type": "text/html"},
+            {
+                "rel": "predecessor",
+                "href": "https://github.com/deephdc/image-classification-tf",
+                "type": "text/html",
+            },
         ],
         "runs": list(listing.working),
         "broken": listing.broken_list(),
@@ -76,9 +85,11 @@ def get_metadata() -> dict[str, Any]:
 
 def warm() -> None:
     """Loads the newest working run into this worker with its engine, run once on a blank image so
-    that the first request pays no tracing; without a run, the server still starts."""
+    that the first request pays no tracing; without a run, the server still starts. Starts
+    TensorBoard on the monitor port when `SEEDS_TF_MONITOR` is on."""
     from seeds_tf import inference
 
+    monitor.ensure_from_env(Roots.from_env().models)
     try:
         inference.choose_run(Roots.from_env(), _run_cache()).engine("auto")
     except InputError as error:
@@ -124,7 +135,9 @@ def train(**args) -> dict[str, Any]:
     from seeds_tf import training
 
     run_config = config.RunConfig.from_options(**args)
-    return training.train(run_config, Roots.from_env()).to_dict()
+    roots = Roots.from_env()
+    monitor.ensure_from_env(roots.models)
+    return training.train(run_config, roots).to_dict()
 
 
 @functools.cache

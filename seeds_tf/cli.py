@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import training
+    from seeds_tf import monitor, training
 
+    monitor.ensure_from_env(roots.models)
     names = [name for section in config.RUN_SECTIONS for name in config.option_specs(section)]
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return training.train(config.RunConfig.from_options(**overrides), roots).to_dict()
@@ -126,7 +127,7 @@ def _evaluate(args: argparse.Namespace, roots: Roots):
 def _import_legacy(args: argparse.Namespace, roots: Roots):
     from seeds_tf import legacy
 
-    return {"run_id": legacy.import_legacy(args.source, roots)}
+    return {"run_id": legacy.import_legacy(args.source, roots, sha256=args.sha256)}
 
 
 def _export(args: argparse.Namespace, roots: Roots):
@@ -209,6 +210,9 @@ def _parser() -> argparse.ArgumentParser:
         "import-legacy", help="import a run of the original service (e.g. the published seeds model)"
     )
     importer.add_argument("source", help="path or http(s) URL of the run tarball, e.g. seeds.tar.xz")
+    importer.add_argument(
+        "--sha256", default="", help="refuse the tarball unless its SHA-256 is this (64 hex digits)"
+    )
     importer.set_defaults(command=_import_legacy)
 
     exporter = commands.add_parser(

@@ -94,6 +94,7 @@ class TrainConfig:
     mixed_precision: str
     resume: str
     seed: int
+    upload_to: str
 
     def __post_init__(self):
         _check_fields(self, "training")

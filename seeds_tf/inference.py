@@ -291,14 +291,18 @@ def predict(
     if config.merge:
         # One specimen in several photos: one answer from the mean of their probabilities.
         names, probabilities = [" + ".join(names)], probabilities.mean(axis=0, keepdims=True)
+    results = [
+        {"image": name, **ranked(run, row, config.top_k)}
+        for name, row in zip(names, probabilities, strict=True)
+    ]
+    first = results[0]["species"]
     return {
         "run_id": run.run_id,
         "checkpoint": run.checkpoint,
         "tta": config.tta,
         "engine": engine,
         "merged": config.merge,
-        "results": [
-            {"image": name, **ranked(run, row, config.top_k)}
-            for name, row in zip(names, probabilities, strict=True)
-        ],
+        "results": results,
+        "labels": [species["label"] for species in first],
+        "probabilities": [species["probability"] for species in first],
     }

@@ -49,9 +49,10 @@ def predict_arguments() -> dict[str, fields.Field]:
             metadata={
                 "type": "file",
                 "location": "form",
-                "description": "Photo of a seed: JPEG, PNG, WebP, TIFF, BMP or GIF."
+                # The platform's Gradio UI draws an image widget only for a description with "image".
+                "description": "Image of a seed (a photo): JPEG, PNG, WebP, TIFF, BMP or GIF."
                 if name == "image"
-                else "Another photo, for several seeds or one specimen in several photos (merge).",
+                else "Another image, for several seeds or one specimen in several photos (merge).",
             },
         )
         for name in UPLOAD_FIELDS
@@ -135,8 +136,8 @@ class _ImageResult(marshmallow.Schema):
     )
 
 
-class PredictionResponse(marshmallow.Schema):
-    """The JSON answer of predict."""
+class ModelPredictionResponse(marshmallow.Schema):
+    """The JSON answer of predict. The name is the one the platform's Gradio UI looks up in the spec."""
 
     run_id = fields.Str(required=True, metadata={"description": "Run that made the prediction."})
     checkpoint = fields.Str(required=True, metadata={"description": "Checkpoint of the run used."})
@@ -145,6 +146,17 @@ class PredictionResponse(marshmallow.Schema):
     merged = fields.Bool(required=True, metadata={"description": "All images answered as one specimen."})
     results = fields.List(
         fields.Nested(_ImageResult), required=True, metadata={"description": "One per image."}
+    )
+    # The platform's Gradio UI draws a classification widget for top-level labels and probabilities.
+    labels = fields.List(
+        fields.Str(),
+        required=True,
+        metadata={"description": "The first result's species, most probable first (as in results)."},
+    )
+    probabilities = fields.List(
+        fields.Float(),
+        required=True,
+        metadata={"description": "The probabilities of `labels`, in the same order."},
     )
 
 

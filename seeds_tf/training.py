@@ -22,11 +22,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf import datasets, distribute, images, reports, runs, tracking
+from seeds_tf import datasets, distribute, images, remote, reports, runs, tracking
 from seeds_tf.backbones import get_backbone
 from seeds_tf.config import RunConfig
 from seeds_tf.errors import InputError
-from seeds_tf.evaluation import evaluate_split
+from seeds_tf.evaluation import evaluate_split, test_metrics
 from seeds_tf.model import (
     BackboneScaledAdam,
     backbone_layers,
@@ -44,12 +44,14 @@ _LOGGER = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     """What a finished training reports: the run, its test metrics (empty without a labelled test
-    split) and a digest of its final weights (equal on every worker of a distributed run)."""
+    split), a digest of its final weights (equal on every worker of a distributed run) and, with
+    `upload_to`, what became of the copy to the remote."""
 
     run_id: str
     metrics: dict[str, float]
     training_time_s: float
     weights_digest: str
+    upload: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +119,8 @@ def _check_inputs(config: RunConfig, roots: Roots, staging: Path) -> tuple[Datas
             f"{model.modelname} needs at least {backbone.min_size}. Received: {model.image_size}",
         )
     weights = _initial_weights(model.weights, roots)
+    if training.upload_to:
+        remote.check_destination(training.upload_to)
     if training.mode == "fast" and weights is None:
         raise InputError(
             "mode",
@@ -232,7 +236,10 @@ def _train_run(
         weights_digest=digest,
     )
     _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
-    return TrainResult(layout.run_id, metrics, training_time, digest)
+    upload = None
+    if training.upload_to and distribute.is_chief():
+        upload = remote.upload_run(layout.root, training.upload_to).to_dict()
+    return TrainResult(layout.run_id, metrics, training_time, digest, upload)
 
 
 @contextlib.contextmanager
@@ -370,12 +377,7 @@ def _write_reports(
         model, test, dataset.classes, config.model.image_size, config.training.batch_size
     )
     reports.write_evaluation(evaluation, layout.reports_dir, prefix="test")
-    return {
-        "test_accuracy": round(evaluation.top1, 6),
-        "test_top5_accuracy": round(evaluation.top5, 6),
-        "test_loss": round(evaluation.log_loss, 6),
-        "test_macro_f1": round(evaluation.macro_f1, 6),
-    }
+    return test_metrics(evaluation)
 
 
 def _flat_options(config: RunConfig) -> dict[str, Any]:

@@ -127,21 +127,21 @@ def deepaas_run(env: dict[str, str], log: Path, *extra: str, timeout: float = 12
 
 @contextlib.contextmanager
 def deepaas_process(
-    env: dict[str, str], log: Path, *extra: str, timeout: float = 120
+    env: dict[str, str], log: Path, *extra: str, timeout: float = 120, bare: bool = False
 ) -> Iterator[tuple[str, int]]:
     """`deepaas_run` that also yields the server's PID (its workers are its children), for
-    measuring it; stops it with SIGTERM, then SIGKILL of what is left of its process group."""
+    measuring it; stops it with SIGTERM, then SIGKILL of what is left of its process group.
+
+    With `bare`, the command is the one deep-start runs on the platform, the listen address and port
+    alone: every other setting must come from a DEEPaaS configuration file.
+    """
     port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("deepaas-run")),
-        "--model-name",
-        "seeds_tf",
-        "--listen-ip",
-        "127.0.0.1",
-        "--listen-port",
-        str(port),
-        *extra,
-    ]
+    command = [str(Path(sys.executable).with_name("deepaas-run"))]
+    if bare:
+        command += ["--listen-ip=127.0.0.1", f"--listen-port={port}"]
+    else:
+        command += ["--model-name", "seeds_tf", "--listen-ip", "127.0.0.1", "--listen-port", str(port)]
+    command += extra
     with open(log, "wb") as output:
         process = subprocess.Popen(
             command,

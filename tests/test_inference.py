@@ -5,7 +5,7 @@ import pytest
 
 from seeds_tf import config, images, inference, runs
 from seeds_tf.errors import InputError
-from seeds_tf.schemas import PredictionResponse
+from seeds_tf.schemas import ModelPredictionResponse
 from tests.conftest import seed_photo
 
 PIXELS = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
@@ -34,7 +34,7 @@ def _predict(roots, **options):
 
 def test_a_prediction_names_species_with_info_links_and_genera(roots, tiny_run):
     answer = _predict(roots, top_k=3)
-    assert PredictionResponse().load(answer) == answer
+    assert ModelPredictionResponse().load(answer) == answer
     assert (answer["run_id"], answer["checkpoint"], answer["tta"]) == (tiny_run, "final", "none")
     (result,) = answer["results"]
     classes = (roots.data / "tiny" / "dataset_files" / "classes.txt").read_text().splitlines()

@@ -1,0 +1,122 @@
+"""TensorBoard on the platform's monitor port, over every run's logs.
+
+The AI4OS platform routes its "monitor" URL to port 6006 of the module (on GPU nodes, to the port
+deep-start exports as `monitorPORT`), and the service it replaces launched TensorBoard there itself.
+With `SEEDS_TF_MONITOR=on` (set in the image), the DEEPaaS workers' warm-up and every training make
+sure one TensorBoard runs there: started once, detached, so it outlives a cancelled training's
+worker, and found again through a pid file instead of started twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+_LOGGER = logging.getLogger(__name__)
+
+ENABLE_ENV = "SEEDS_TF_MONITOR"
+PORT_ENV = "SEEDS_TF_MONITOR_PORT"
+HOST_ENV = "SEEDS_TF_MONITOR_HOST"
+PLATFORM_PORT_ENV = "monitorPORT"
+"""Exported by deep-start: 6006, or the port the platform gives the monitor on a GPU node."""
+DEFAULT_PORT = 6006
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorSettings:
+    """Where TensorBoard listens. `host` defaults to loopback; the image sets 0.0.0.0."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> MonitorSettings | None:
+        """The settings, or None unless `SEEDS_TF_MONITOR` is on. The port is `monitorPORT` (the
+        platform's), else `SEEDS_TF_MONITOR_PORT`, else 6006."""
+        if environ.get(ENABLE_ENV, "").lower() not in ("1", "on", "true", "yes"):
+            return None
+        raw = environ.get(PLATFORM_PORT_ENV) or environ.get(PORT_ENV) or str(DEFAULT_PORT)
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise ValueError(f"Expected a TCP port in {PLATFORM_PORT_ENV} or {PORT_ENV}. Received: {raw!r}")
+        return cls(port=int(raw), host=environ.get(HOST_ENV) or "127.0.0.1")
+
+
+def ensure_from_env(logdir: Path, environ: Mapping[str, str] = os.environ) -> int | None:
+    """`ensure_tensorboard` with the settings of the environment; None when the monitor is off or
+    misconfigured (logged: the service and the training go on without it)."""
+    try:
+        settings = MonitorSettings.from_env(environ)
+        return ensure_tensorboard(logdir, settings) if settings else None
+    except (ValueError, OSError) as error:
+        _LOGGER.warning("TensorBoard not started: %s", error)
+        return None
+
+
+def ensure_tensorboard(logdir: Path, settings: MonitorSettings) -> int:
+    """Starts TensorBoard over `logdir` on the settings' address unless ours already runs there.
+
+    Several DEEPaaS workers warm up at once: a lock around the pid file lets one of them start it.
+
+    Returns:
+        The process id of the TensorBoard serving there.
+    """
+    pid_file = pid_path(settings.port)
+    with open(pid_file.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        running = _running_pid(pid_file)
+        if running is not None:
+            return running
+        log = pid_file.with_suffix(".log")
+        with open(log, "ab") as output:
+            process = subprocess.Popen(  # noqa: S603 - our own interpreter running TensorBoard
+                [
+                    sys.executable,
+                    "-m",
+                    "tensorboard.main",
+                    "--logdir",
+                    str(logdir),
+                    "--host",
+                    settings.host,
+                    "--port",
+                    str(settings.port),
+                    "--reload_interval",
+                    "15",
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        pid_file.write_text(str(process.pid))
+    _LOGGER.info(
+        "TensorBoard over %s on http://%s:%d (pid %d, log %s)",
+        logdir,
+        settings.host,
+        settings.port,
+        process.pid,
+        log,
+    )
+    return process.pid
+
+
+def pid_path(port: int) -> Path:
+    """Where the pid of the TensorBoard on `port` is kept (the temporary folder of this machine)."""
+    return Path(tempfile.gettempdir()) / f"seeds_tf-tensorboard-{port}.pid"
+
+
+def _running_pid(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if that process still runs TensorBoard."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"tensorboard" in command:
+            return pid
+    return None

@@ -1,0 +1,172 @@
+"""seeds_tf as the AI4OS platform starts it: `deep-start --deepaas` runs a bare
+`deepaas-run --listen-ip=... --listen-port=...`, so every other setting comes from the DEEPaaS
+configuration file the image installs; TensorBoard answers on the monitor port; the platform's
+Gradio UI finds an image input and a classification output; the platform's CI accepts the metadata.
+
+One real server, started as the platform starts it, serves the HTTP checks of this module."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from seeds_tf import monitor
+from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from tests.conftest import copy_roots, seed_photo
+from tests.deepaas_harness import MODEL_URL, deepaas_process, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def platform_server(tmp_path_factory, session_roots, tiny_run):
+    """`deepaas-run` with deep-start's flags alone, its settings in ~/.deepaas/deepaas.conf (the
+    repository's etc/deepaas.conf, as the image installs it in /etc/deepaas/), and the monitor on as
+    in the image, on a free loopback port. Yields (url, server pid, roots, TensorBoard port)."""
+    base = tmp_path_factory.mktemp("platform")
+    roots = copy_roots(session_roots, base)
+    home = base / "home"
+    (home / ".deepaas").mkdir(parents=True)
+    shutil.copy(ROOT / "etc" / "deepaas.conf", home / ".deepaas" / "deepaas.conf")
+    runtime = base / "tmp"
+    runtime.mkdir()
+    board_port = free_port()
+    env = {
+        "HOME": str(home),
+        "TMPDIR": str(runtime),
+        DATA_ENV: str(roots.data),
+        MODELS_ENV: str(roots.models),
+        monitor.ENABLE_ENV: "on",
+        monitor.PORT_ENV: str(board_port),
+        monitor.HOST_ENV: "127.0.0.1",
+        "DEEPAAS_V2_MODEL": "",  # the model name must come from the file
+    }
+    with deepaas_process(env, base / "server.log", timeout=180, bare=True) as (url, pid):
+        try:
+            yield url, pid, roots, board_port
+        finally:
+            _stop_tensorboard(runtime / monitor.pid_path(board_port).name)
+
+
+def _stop_tensorboard(pid_file: Path) -> None:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_the_configuration_file_chooses_the_model_and_the_workers(platform_server):
+    url, pid, _, _ = platform_server
+    models = requests.get(f"{url}/v2/models/", timeout=10).json()["models"]
+    assert [model["name"] for model in models] == ["seeds_tf"]
+    workers = [child for child in psutil.Process(pid).children() if "spawn_main" in " ".join(child.cmdline())]
+    assert len(workers) == 2, [child.cmdline() for child in workers]
+    spec = requests.get(f"{url}/swagger.json", timeout=10).json()
+    assert f"{MODEL_URL}/train/" in spec["paths"], "train_endpoint = true is in force"
+
+
+def test_a_body_over_the_configured_cap_gets_413(platform_server):
+    url = platform_server[0]
+    body = b"x" * (52428800 + 1024)
+    answer = requests.post(
+        f"{url}{MODEL_URL}/predict/",
+        files={"image": ("big.jpg", body, "image/jpeg")},
+        timeout=60,
+    )
+    assert answer.status_code == 413
+    # The server goes on answering.
+    assert requests.get(f"{url}/v2/models/", timeout=10).status_code == 200
+
+
+def test_metadata_keeps_deepaas_self_link_with_types(platform_server):
+    url = platform_server[0]
+    metadata = requests.get(f"{url}{MODEL_URL}/", timeout=10).json()
+    assert {"name", "author", "license", "description"} <= set(metadata)
+    assert metadata["name"] == "seeds_tf"
+    assert metadata["license"] == "Apache-2.0"
+    links = {link["rel"]: link for link in metadata["links"]}
+    assert links["self"]["href"] == MODEL_URL
+    assert all(set(link) == {"rel", "href", "type"} for link in metadata["links"])
+    assert requests.get(f"{url}{links['self']['href']}/", timeout=10).status_code == 200
+
+
+def test_the_gradio_ui_sees_an_image_input_and_a_classification(platform_server):
+    """deepaas_ui draws a file argument as an image widget when its description has "image" and no
+    other media word, and a classification widget when the spec's ModelPredictionResponse has
+    top-level labels and probabilities, which it zips together."""
+    url, _, roots, _ = platform_server
+    spec = requests.get(f"{url}/swagger.json", timeout=10).json()
+    (path,) = [path for path in spec["paths"] if path.endswith("predict/")]
+    parameters = {parameter["name"]: parameter for parameter in spec["paths"][path]["post"]["parameters"]}
+    for name in ("image", "image_2", "image_3", "image_4"):
+        description = parameters[name]["description"].lower()
+        assert parameters[name]["type"] == "file"
+        assert "image" in description and "audio" not in description and "video" not in description
+    properties = spec["definitions"]["ModelPredictionResponse"]["properties"]
+    assert {"labels", "probabilities"} <= set(properties)
+
+    with open(seed_photo(roots), "rb") as photo:
+        answer = requests.post(
+            f"{url}{MODEL_URL}/predict/", files={"image": photo}, data={"top_k": 3}, timeout=120
+        )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    first = body["results"][0]["species"]
+    assert body["labels"] == [species["label"] for species in first]
+    assert body["probabilities"] == [species["probability"] for species in first]
+    assert len(body["labels"]) == 3
+
+
+def test_tensorboard_answers_on_the_monitor_port_with_the_runs(platform_server, tiny_run):
+    """Started once by the workers' warm-up (two workers, one TensorBoard), over the models folder."""
+    board_port = platform_server[3]
+    deadline = time.monotonic() + 120
+    listed = []
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.ConnectionError):
+            listed = requests.get(f"http://127.0.0.1:{board_port}/data/runs", timeout=5).json()
+            if any(run.startswith(tiny_run) for run in listed):
+                break
+        time.sleep(1)
+    assert any(run.startswith(tiny_run) for run in listed), listed
+    boards = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if "tensorboard.main" in (process.info["cmdline"] or [])
+        and str(board_port) in process.info["cmdline"]
+    ]
+    assert len(boards) == 1
+
+
+def test_monitor_settings_follow_the_platform():
+    assert monitor.MonitorSettings.from_env({}) is None
+    assert monitor.MonitorSettings.from_env({monitor.ENABLE_ENV: "on"}) == monitor.MonitorSettings(6006)
+    on_gpu_node = {monitor.ENABLE_ENV: "on", monitor.PLATFORM_PORT_ENV: "31456", monitor.PORT_ENV: "7000"}
+    assert monitor.MonitorSettings.from_env(on_gpu_node).port == 31456
+    with pytest.raises(ValueError, match="Received: 'x'"):
+        monitor.MonitorSettings.from_env({monitor.ENABLE_ENV: "on", monitor.PORT_ENV: "x"})
+    assert monitor.ensure_from_env(Path("."), {monitor.ENABLE_ENV: "on", monitor.PORT_ENV: "0"}) is None
+
+
+def test_the_metadata_file_passes_the_platform_validator():
+    """The platform's CI validates ai4-metadata.yml against schema 2.0.0; the latest schema also
+    checks the resources."""
+    validator = BIN / "ai4-metadata"
+    for version in ("2.0.0", "2.3.0"):
+        result = subprocess.run(
+            [str(validator), "validate", "--metadata-version", version, str(ROOT / "ai4-metadata.yml")],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr

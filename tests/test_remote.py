@@ -1,0 +1,120 @@
+"""Runs copied to the user's storage with real rclone, against a real WebDAV server on loopback
+(`rclone serve webdav`, standing in for the platform's Nextcloud), configured as the platform
+configures its `rshare` remote: through RCLONE_CONFIG_RSHARE_* variables."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from seeds_tf import config, remote, runs, training
+from seeds_tf.errors import InputError
+from tests.conftest import SMALL_OPTIONS
+from tests.deepaas_harness import free_port
+
+USER, PASSWORD = "botanist", "s3cret-seeds"
+RCLONE = shutil.which("rclone") or "rclone"  # make test installs Debian's rclone
+
+
+@contextlib.contextmanager
+def webdav_server(folder: Path) -> Iterator[str]:
+    """`rclone serve webdav` of `folder` with basic auth on a free loopback port; yields its URL and
+    stops it by its process id."""
+    port = free_port()
+    server = [
+        "serve",
+        "webdav",
+        str(folder),
+        "--addr",
+        f"127.0.0.1:{port}",
+        "--user",
+        USER,
+        "--pass",
+        PASSWORD,
+    ]
+    process = subprocess.Popen(
+        [RCLONE, *server],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("rclone serve webdav did not start")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+
+
+def configure_rshare(monkeypatch, tmp_path: Path, url: str, password: str) -> None:
+    """The platform's remote: RCLONE_CONFIG_RSHARE_* variables, with an empty config file."""
+    obscured = subprocess.run(
+        [RCLONE, "obscure", password], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    (tmp_path / "rclone.conf").touch()
+    monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "rclone.conf"))
+    monkeypatch.setenv("RCLONE_CONFIG_RSHARE_TYPE", "webdav")
+    monkeypatch.setenv("RCLONE_CONFIG_RSHARE_URL", url)
+    monkeypatch.setenv("RCLONE_CONFIG_RSHARE_VENDOR", "other")
+    monkeypatch.setenv("RCLONE_CONFIG_RSHARE_USER", USER)
+    monkeypatch.setenv("RCLONE_CONFIG_RSHARE_PASS", obscured)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("password", [PASSWORD, "wrong-password"])
+def test_a_finished_run_arrives_whole_on_the_remote_or_the_failure_is_reported(
+    roots, tmp_path, monkeypatch, password
+):
+    storage = tmp_path / "nextcloud"
+    storage.mkdir()
+    with webdav_server(storage) as url:
+        configure_rshare(monkeypatch, tmp_path, url, password)
+        options = {**SMALL_OPTIONS, "upload_to": "rshare:/models"}
+        result = training.train(config.RunConfig.from_options(**options), roots)
+
+    layout = runs.RunLayout(roots.models / result.run_id)
+    assert layout.is_complete(), "the local run is complete either way"
+    assert result.upload["destination"] == f"rshare:/models/{result.run_id}"
+    if password == PASSWORD:
+        assert result.upload == {
+            "destination": f"rshare:/models/{result.run_id}",
+            "status": "copied",
+            "error": "",
+        }
+        assert tree(storage / "models" / result.run_id) == tree(layout.root)
+    else:
+        assert result.upload["status"] == "failed"
+        assert "401" in result.upload["error"] or "Unauthorized" in result.upload["error"]
+        assert not (storage / "models" / result.run_id).exists()
+
+
+@pytest.mark.parametrize("destination", ["no-colon-here", ":leading", "rshare\x00:/x"])
+def test_a_malformed_destination_is_refused_before_training(destination):
+    with pytest.raises(InputError, match="expected an rclone destination") as raised:
+        remote.check_destination(destination)
+    assert raised.value.field == "upload_to"
+
+
+def test_a_training_with_a_bad_destination_writes_no_run(roots):
+    before = runs.complete_runs(roots.models)
+    with pytest.raises(InputError, match="upload_to"):
+        training.train(config.RunConfig.from_options(**SMALL_OPTIONS, upload_to="nowhere"), roots)
+    assert runs.complete_runs(roots.models) == before
+    assert runs.incomplete_runs(roots.models) == []
