@@ -1,53 +1,197 @@
-"""Optional MLflow tracking of training runs, on when `MLFLOW_TRACKING_URI` is set.
+"""MLflow tracking of training runs, on when `MLFLOW_TRACKING_URI` is set, as the AI4OS platform does.
 
-MLflow is an extra (`pip install seeds_tf[mlflow]`); without the variable nothing is imported.
+The platform injects `MLFLOW_TRACKING_URI`, `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`;
+MLflow's client reads all three. Each run logs its options, per-epoch metrics, test metrics, reports
+and configuration, and its final model, registered as a new version of the model `seeds_tf` with the
+alias `challenger` (promoting it to `champion` is a person's decision).
+
+Tracking never fails a training: an MLflow that is not installed, not reachable or refuses the
+credentials is named in a warning, and the run completes locally. The client's retries are bounded
+(unless the environment sets them), so a tracking server that goes down costs seconds, not minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
+import requests
+
+_LOGGER = logging.getLogger(__name__)
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT = "seeds_tf"
+REGISTERED_MODEL = "seeds_tf"
+NEW_VERSION_ALIAS = "challenger"
+_CLIENT_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+"""MLflow's defaults retry for about 4 minutes per call against a server that is down."""
+_PREFLIGHT_TIMEOUT_S = 10
+Result = TypeVar("Result")
 
 
-def mlflow_enabled() -> bool:
-    return bool(os.environ.get(TRACKING_ENV))
+def mlflow_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    return bool(environ.get(TRACKING_ENV))
+
+
+def start_logger(run_id: str, options: dict[str, Any]) -> MlflowLogger | None:
+    """An MlflowLogger for this run, or None (with a warning naming the reason) when MLflow is not
+    installed, the tracking server cannot be reached, or it refuses the credentials."""
+    try:
+        import mlflow
+    except ImportError:
+        _LOGGER.warning(
+            "%s is set but MLflow is not installed (pip install 'seeds_tf[mlflow]'): not tracking run %s",
+            TRACKING_ENV,
+            run_id,
+        )
+        return None
+    problem = _preflight(os.environ[TRACKING_ENV])
+    if problem is not None:
+        _LOGGER.warning("MLflow tracking off for run %s: %s", run_id, problem)
+        return None
+    return MlflowLogger(mlflow, run_id, options)
 
 
 class MlflowLogger(keras.callbacks.Callback):
-    """Logs a run's options, per-epoch metrics, test metrics and report files to MLflow.
+    """Logs one seeds_tf run to MLflow; the MLflow run is named after the seeds_tf run id and tagged
+    with it, so either finds the other. The first failure turns it off with a warning."""
 
-    The MLflow run is named after the seeds_tf run id and tagged with it, so either finds the other.
-    """
-
-    def __init__(self, run_id: str, options: dict[str, Any]):
+    def __init__(self, mlflow, run_id: str, options: dict[str, Any]):
         super().__init__()
-        import mlflow
-
         self._mlflow = mlflow
         self._run_id = run_id
         self._options = options
+        self._on = True
 
     def on_train_begin(self, logs=None):
+        self._safely("start the run", self._start)
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {name: float(value) for name, value in (logs or {}).items()}
+        self._safely("log the epoch's metrics", lambda: self._mlflow.log_metrics(metrics, step=epoch + 1))
+
+    def finish(self, model: keras.Model, metrics: dict[str, float], folders: list[Path]) -> str | None:
+        """Logs the final metrics, the run's folders (reports, conf) and the model, registers it
+        with the alias `challenger`, and closes the MLflow run.
+
+        Returns:
+            The registered version, or None when it could not be registered.
+        """
+        version = self._safely("log the final model", lambda: self._log_model(model, metrics, folders))
+        self._safely("close the run", self._mlflow.end_run)
+        return version
+
+    def abort(self) -> None:
+        if self._safely("look up the run", self._mlflow.active_run) is not None:
+            self._safely("mark the run failed", lambda: self._mlflow.end_run(status="FAILED"))
+
+    def _start(self) -> None:
         self._mlflow.set_experiment(EXPERIMENT)
         self._mlflow.start_run(run_name=self._run_id, tags={"seeds_tf.run_id": self._run_id})
         self._mlflow.log_params(self._options)
 
-    def on_epoch_end(self, epoch, logs=None):
-        metrics = {name: float(value) for name, value in (logs or {}).items()}
-        self._mlflow.log_metrics(metrics, step=epoch + 1)
-
-    def finish(self, metrics: dict[str, float], reports_dir: Path) -> None:
-        """Logs the final metrics and reports and closes the MLflow run."""
+    def _log_model(self, model: keras.Model, metrics: dict[str, float], folders: list[Path]) -> str:
         self._mlflow.log_metrics(metrics)
-        self._mlflow.log_artifacts(str(reports_dir), artifact_path="reports")
-        self._mlflow.end_run()
+        for folder in folders:
+            if folder.is_dir():
+                self._mlflow.log_artifacts(str(folder), artifact_path=folder.name)
+        info = self._mlflow.keras.log_model(
+            model, name="model", signature=_signature(model), pip_requirements=_requirements()
+        )
+        registered = self._mlflow.register_model(info.model_uri, REGISTERED_MODEL)
+        self._mlflow.MlflowClient().set_registered_model_alias(
+            REGISTERED_MODEL, NEW_VERSION_ALIAS, registered.version
+        )
+        _LOGGER.info(
+            "Run %s registered as %s version %s (@%s)",
+            self._run_id,
+            REGISTERED_MODEL,
+            registered.version,
+            NEW_VERSION_ALIAS,
+        )
+        return str(registered.version)
 
-    def abort(self) -> None:
-        if self._mlflow.active_run() is not None:
-            self._mlflow.end_run(status="FAILED")
+    def _safely(self, action: str, call: Callable[[], Result]) -> Result | None:
+        """`call()` with bounded retries; its first failure warns and turns tracking off."""
+        if not self._on:
+            return None
+        with _bounded_retries():
+            try:
+                return call()
+            except Exception as error:
+                self._on = False
+                _LOGGER.warning(
+                    "MLflow could not %s for run %s, tracking off for the rest of it: %s",
+                    action,
+                    self._run_id,
+                    error,
+                )
+                with contextlib.suppress(Exception):
+                    self._mlflow.end_run(status="FAILED")
+                return None
+
+
+def _preflight(uri: str) -> str | None:
+    """Why the tracking server at `uri` cannot be used (unreachable, credentials refused), or None.
+    Asks once, with a short timeout, instead of letting every MLflow call retry."""
+    if not uri.startswith(("http://", "https://")):
+        return None  # a local store (file:, sqlite:): MLflow reports its own errors
+    username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    auth = (username, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if username else None
+    try:
+        answer = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
+            params={"experiment_name": EXPERIMENT},
+            auth=auth,
+            timeout=_PREFLIGHT_TIMEOUT_S,
+        )
+    except requests.RequestException as error:
+        return f"the tracking server {uri} cannot be reached ({type(error).__name__})"
+    if answer.status_code in (401, 403):
+        return f"the tracking server {uri} refused the credentials (HTTP {answer.status_code})"
+    return None
+
+
+@contextlib.contextmanager
+def _bounded_retries() -> Iterator[None]:
+    """MLflow's client reads its retry settings from the environment at each call: bound them for
+    the duration of one call, keeping any the user set."""
+    added = [name for name in _CLIENT_LIMITS if name not in os.environ]
+    os.environ.update({name: _CLIENT_LIMITS[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _signature(model: keras.Model):
+    """The model's input and output tensors, stated rather than inferred from an example."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.input_shape[1:]), "images")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, model.output_shape[-1]), "probabilities")]),
+    )
+
+
+def _requirements() -> list[str]:
+    """What loading the logged model needs, stated rather than inferred (faster, and exact)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for package in ("seeds_tf", "keras", "tensorflow", "tensorflow-cpu"):
+        with contextlib.suppress(PackageNotFoundError):
+            pinned.append(f"{package}=={version(package)}")
+    return pinned

@@ -206,8 +206,11 @@ def _train_run(
     with _dtype_policy(training.mixed_precision), strategy.scope():
         model = _compiled_model(config, num_classes, weights)
         distribute.synchronize_batch_norm(model, strategy)
+    # Tracked by the chief alone: the other workers of a cluster train the same run.
     mlflow = (
-        tracking.MlflowLogger(layout.run_id, _flat_options(config)) if tracking.mlflow_enabled() else None
+        tracking.start_logger(layout.run_id, _flat_options(config))
+        if tracking.mlflow_enabled() and distribute.is_chief()
+        else None
     )
     try:
         history = _fit(model, config, dataset, layout, strategy, mlflow=mlflow)
@@ -224,8 +227,9 @@ def _train_run(
     runs.write_json_atomic(
         layout.stats_file, {"epochs": history, "training_time_s": training_time, "test": metrics}
     )
+    registered = None
     if mlflow is not None:
-        mlflow.finish(metrics, layout.reports_dir)
+        registered = mlflow.finish(model, metrics, [layout.reports_dir, layout.conf_file.parent])
     runs.mark_complete(
         layout,
         modelname=config.model.modelname,
@@ -234,6 +238,7 @@ def _train_run(
         metrics=metrics,
         skipped_images=skipped,
         weights_digest=digest,
+        mlflow_model_version=registered,
     )
     _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
     upload = None

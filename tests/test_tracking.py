@@ -1,0 +1,147 @@
+"""MLflow as the AI4OS platform runs it: a real `mlflow server` with basic auth on loopback, the
+credentials in MLFLOW_TRACKING_USERNAME/PASSWORD. A training logs its options, per-epoch metrics,
+reports, configuration and model, registered with the alias `challenger`; a tracking server that is
+down or refuses the credentials costs a warning, never the training."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from seeds_tf import config, runs, tracking, training
+from tests.conftest import SMALL_OPTIONS
+from tests.deepaas_harness import free_port
+
+ADMIN, PASSWORD = "admin", "seeds-admin-password-1234"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server --app-name basic-auth` with a SQLite store and served artifacts, on a free
+    loopback port; stopped through its process group (uvicorn and its worker)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    (folder / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{folder}/auth.db\n"
+        f"admin_username = {ADMIN}\nadmin_password = {PASSWORD}\nauth_cache_ttl_seconds = 60\n"
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    command = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder}/mlflow.db",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+    ]
+    with open(folder / "server.log", "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError((folder / "server.log").read_text()[-3000:])
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not answer within 120 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
+
+
+def tracked_by(monkeypatch, url: str, password: str = PASSWORD) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def test_a_training_is_tracked_and_its_model_registered(roots, monkeypatch, mlflow_server):
+    from mlflow import MlflowClient
+
+    tracked_by(monkeypatch, mlflow_server)
+    options = {**SMALL_OPTIONS, "epochs": 2, "lr_schedule": "cosine"}
+    result = training.train(config.RunConfig.from_options(**options), roots)
+    summary = runs.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.`seeds_tf.run_id` = '{result.run_id}'")
+    assert run.info.run_name == result.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr_schedule"] == "cosine"
+    assert run.data.params["modelname"] == "MobileNetV3Small"
+    assert "test_accuracy" in run.data.metrics
+    assert [metric.step for metric in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert {"reports", "conf"} <= artifacts
+    reports = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "reports")}
+    assert "reports/training_curves.png" in reports
+
+    version = client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.NEW_VERSION_ALIAS)
+    assert version.run_id == run.info.run_id
+    assert summary["mlflow_model_version"] == version.version
+
+
+@pytest.mark.parametrize("case", ["down", "wrong credentials"])
+def test_an_unusable_tracking_server_costs_a_warning_not_the_training(
+    roots, monkeypatch, mlflow_server, caplog, case
+):
+    if case == "down":
+        tracked_by(monkeypatch, f"http://127.0.0.1:{free_port()}")
+        expected = "cannot be reached"
+    else:
+        tracked_by(monkeypatch, mlflow_server, password="not-the-password")  # noqa: S106 - wrong on purpose
+        expected = "refused the credentials (HTTP 401)"
+    with caplog.at_level(logging.WARNING, logger="seeds_tf.tracking"):
+        result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
+    layout = runs.RunLayout(roots.models / result.run_id)
+    assert layout.is_complete()
+    assert runs.read_json(layout.summary_file)["mlflow_model_version"] is None
+    assert any(expected in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_without_mlflow_installed_the_run_is_not_tracked(monkeypatch, caplog):
+    """An image built without the mlflow extra, on a platform that injects MLFLOW_TRACKING_URI."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # what `import mlflow` meets when it is absent
+    with caplog.at_level(logging.WARNING, logger="seeds_tf.tracking"):
+        assert tracking.start_logger("2026-11-30_000000", {}) is None
+    assert "MLflow is not installed" in caplog.text
