@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
 STAMP := $(VENV)/.installed
-MAX_UPLOAD ?= 52428800
 FUZZ_EXAMPLES ?= 1000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -21,10 +20,10 @@ $(STAMP): setup.cfg setup.py
 	touch $(STAMP)
 
 ## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
+## with the image's settings (etc/deepaas.conf: upload cap, workers), on $(HOST):$(PORT)
 serve: $(STAMP)
 	$(BIN)/seeds-tf demo
-	$(BIN)/deepaas-run --model-name seeds_tf --listen-ip $(HOST) --listen-port $(PORT) \
-		--client-max-size $(MAX_UPLOAD)
+	$(BIN)/deepaas-run --config-file etc/deepaas.conf --listen-ip $(HOST) --listen-port $(PORT)
 
 ## demo: train the demo run even if runs exist
 demo: $(STAMP)
