@@ -26,18 +26,24 @@ MAX_PIXELS = 40_000_000
 MIN_SIDE = 16
 """Smallest width or height accepted: a thinner picture holds no seed to name, only a confident guess."""
 
+FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+"""The only formats handed to a decoder. Pillow knows dozens more; some decode in slow pure Python
+(a small upload can hold a worker for many seconds) and PostScript goes to Ghostscript, so nothing
+else is even identified."""
+
 
 def decode_image(data: bytes, field: str, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decodes image bytes into an RGB array of shape (height, width, 3), dtype uint8.
 
     Args:
-        data: the encoded image (JPEG, PNG, WebP, TIFF, BMP, GIF: its first frame, ...).
+        data: the encoded image, in one of FORMATS (of a GIF, its first frame).
         field: the argument the bytes came from, named in errors.
         name: the file name or URL the bytes came from, named in errors.
         max_pixels: refuse images with more pixels than this, before decoding them.
 
     Raises:
-        InputError: when the bytes are empty, not an image, truncated, too large or too small.
+        InputError: when the bytes are empty, not an image in one of FORMATS, broken, truncated, too
+            large or too small, whatever exception the decoder raised.
     """
     if not data:
         raise InputError(field, f"{name!r} is empty")
@@ -47,15 +53,22 @@ def decode_image(data: bytes, field: str, name: str, max_pixels: int = MAX_PIXEL
             # about broken EXIF blocks (which only lose the orientation): neither is the caller's.
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
-            return _decoded(PIL.Image.open(io.BytesIO(data)), field, name, max_pixels)
+            return _decoded(open_image(data), field, name, max_pixels)
+    except (InputError, MemoryError):
+        raise
     except PIL.Image.DecompressionBombError as error:
         raise InputError(field, f"{name!r} has too many pixels: {error}") from None
     except PIL.UnidentifiedImageError:
-        raise InputError(field, f"{name!r} is not an image in a format Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, InputError):
-            raise
-        raise InputError(field, f"{name!r} is a broken or truncated image ({error})") from None
+        raise InputError(field, f"{name!r} is not an image in one of {', '.join(FORMATS)}") from None
+    except Exception as error:  # which types a decoder raises varies by format and Pillow release
+        raise InputError(
+            field, f"{name!r} is a broken or truncated image ({type(error).__name__}: {error})"
+        ) from None
+
+
+def open_image(data: bytes) -> PIL.Image.Image:
+    """Opens encoded bytes lazily (the header only), trying only the accepted FORMATS."""
+    return PIL.Image.open(io.BytesIO(data), formats=FORMATS)
 
 
 def _decoded(image: PIL.Image.Image, field: str, name: str, max_pixels: int) -> np.ndarray:
@@ -105,13 +118,15 @@ def find_unreadable(paths: Sequence[Path], threads: int = 8) -> dict[Path, str]:
 
 def _problem_of(path: Path) -> str | None:
     try:
-        with PIL.Image.open(path) as image:
+        with PIL.Image.open(path, formats=FORMATS) as image:
             if image.width * image.height > MAX_PIXELS:
                 return f"{image.width}x{image.height} pixels, more than the limit of {MAX_PIXELS}"
             image.draft("RGB", (64, 64))
             image.load()
         return None
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # as in decode_image: any decoder failure is a bad file
         return f"{type(error).__name__}: {error}"
 
 

@@ -127,7 +127,7 @@ class MlflowLogger(keras.callbacks.Callback):
         with _bounded_retries():
             try:
                 return call()
-            except Exception as error:
+            except Exception as error:  # tracking must never end a training
                 self._on = False
                 _LOGGER.warning(
                     "MLflow could not %s for run %s, tracking off for the rest of it: %s",

@@ -128,3 +128,31 @@ def test_several_images_decode_in_order_and_the_first_bad_one_is_named():
     assert [pixels.shape[1] for pixels in decoded] == [20, 21, 22, 23, 24]
     with pytest.raises(InputError, match=r"'bad\.jpg' is not an image"):
         images.decode_images([*uploads, ("bad.jpg", b"words"), ("worse.jpg", b"")])
+
+
+@pytest.mark.parametrize("fmt", ["PCX", "TGA", "PPM", "ICO", "SGI", "XBM"])
+def test_formats_beyond_the_six_never_reach_a_decoder(fmt):
+    """Pillow reads these, some in slow pure Python: a request gets a 422 without decoding them."""
+    pixels = PHOTO if fmt != "XBM" else PHOTO[..., 0]
+    image = PIL.Image.fromarray(pixels).convert("1") if fmt == "XBM" else PIL.Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    assert PIL.Image.open(io.BytesIO(buffer.getvalue())).format == fmt  # Pillow itself would read it
+    with pytest.raises(InputError, match=r"is not an image in one of JPEG, PNG, WEBP, TIFF, BMP, GIF"):
+        images.decode_image(buffer.getvalue(), "image", f"seed.{fmt.lower()}")
+
+
+@pytest.mark.parametrize("fmt", images.FORMATS)
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9])
+def test_every_broken_file_of_the_six_formats_is_a_clear_error(fmt, cut):
+    """Whatever each decoder raises for a file cut short, or with garbage in its middle."""
+    data = bytearray(encode(PHOTO, fmt))
+    truncated = bytes(data[: int(len(data) * cut)])
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(range(64))
+    for broken in (truncated, bytes(data)):
+        try:
+            images.decode_image(broken, "image", f"seed.{fmt.lower()}")
+        except InputError as error:
+            assert error.field == "image"
+            assert f"seed.{fmt.lower()}" in error.problem
