@@ -82,3 +82,43 @@ def test_importing_the_plugin_does_not_load_tensorflow():
     script = "import sys, seeds_tf.api; seeds_tf.api.get_predict_args(); print('tensorflow' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+KNOWN_FIXES = {
+    "keras": (
+        "3.12",
+        "safe-mode bypasses when loading model files (CVE-2025-1550 fixed in 3.9, CVE-2025-8747 in 3.11)",
+    ),
+    "pillow": (
+        "11.3",
+        "decoder and encoder memory errors (CVE-2024-28219 fixed in 10.3, CVE-2025-48379 in 11.3)",
+    ),
+    "aiohttp": (
+        "3.12.14",
+        "request smuggling and parser bugs (CVE-2024-52304 fixed in 3.10.11, CVE-2025-53643 in 3.12.14)",
+    ),
+    "requests": ("2.32.4", ".netrc credential leak to redirected hosts (CVE-2024-47081, fixed in 2.32.4)"),
+    "urllib3": (
+        "2.6",
+        "redirect and decompression bombs (CVE-2025-50181 fixed in 2.5, CVE-2025-66471 in 2.6)",
+    ),
+}
+"""The libraries that parse untrusted input, with the release that fixed their known advisories."""
+
+
+@pytest.mark.parametrize("package", sorted(KNOWN_FIXES))
+def test_untrusted_input_parsers_exclude_releases_with_known_advisories(package):
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    fixed, advisories = KNOWN_FIXES[package]
+    (declared,) = [
+        Requirement(line) for line in requires("seeds_tf") if Requirement(line).name.lower() == package
+    ]
+    lowest = min(Version(spec.version) for spec in declared.specifier if spec.operator == ">=")
+    assert lowest >= Version(fixed), f"setup.cfg admits {package} {lowest}: {advisories}"
+    assert Version(version(package)) >= Version(fixed), (
+        f"installed {package} {version(package)}: {advisories}"
+    )
