@@ -19,6 +19,7 @@ apply), and a host exempted by name is trusted whatever it resolves to."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -167,6 +168,10 @@ def gather_images(
 ) -> list[tuple[str, bytes]]:
     """(name, bytes) of every image of a request, in order: uploads, then URLs, then data URIs.
 
+    The images are counted before anything is split, fetched or decoded, so a huge field costs no
+    more than reading it. The URLs are fetched at once, in threads, each within the policy's
+    deadline: the fetching of the whole request ends within `policy.total_timeout_s`.
+
     Args:
         uploads: the uploaded files, already read.
         urls: http(s) URLs separated by whitespace or commas.
@@ -177,16 +182,36 @@ def gather_images(
     Raises:
         InputError: for no image at all, too many, or any URL or data URI that fails.
     """
-    url_list = [url for url in re.split(r"[\s,]+", urls.strip()) if url]
-    uri_list = [uri for uri in data_uris.split() if uri]
-    count = len(uploads) + len(url_list) + len(uri_list)
+    limit = max_images + 1  # counting stops one past the limit: enough to refuse
+    count = len(uploads) + _count(_URL_SEPARATED, urls, limit) + _count(_SPACE_SEPARATED, data_uris, limit)
     if count == 0:
         raise InputError("image", "no image: upload one (image), or give urls or data")
     if count > max_images:
-        raise InputError("image", f"{count} images in one request; the limit is {max_images}")
-    fetched = [(url, fetch_image_bytes(url, policy, "urls")) for url in url_list]
+        raise InputError("image", f"more than {max_images} images in one request; the limit is {max_images}")
+    url_list = _URL_SEPARATED.findall(urls)
+    for url in url_list:
+        if len(url) > MAX_URL_LENGTH:
+            raise InputError("urls", f"a URL of {len(url)} characters; the limit is {MAX_URL_LENGTH}")
+    fetched = []
+    if url_list:
+        with concurrent.futures.ThreadPoolExecutor(len(url_list)) as pool:
+            bodies = pool.map(lambda url: fetch_image_bytes(url, policy, "urls"), url_list)
+            fetched = list(zip(url_list, bodies, strict=True))
+    uri_list = _SPACE_SEPARATED.findall(data_uris)
     decoded = [(f"data URI {i + 1}", decode_data_uri(uri, "data")) for i, uri in enumerate(uri_list)]
     return [*uploads, *fetched, *decoded]
+
+
+MAX_URL_LENGTH = 2048
+"""Longest URL accepted (browsers and servers refuse longer ones anyway)."""
+
+_URL_SEPARATED = re.compile(r"[^\s,]+")
+_SPACE_SEPARATED = re.compile(r"\S+")
+
+
+def _count(pattern: re.Pattern, text: str, limit: int) -> int:
+    """How many items `pattern` finds in `text`, counting no further than `limit`."""
+    return sum(1 for _ in itertools.islice(pattern.finditer(text), limit))
 
 
 def decode_data_uri(uri: str, field: str = "image", max_bytes: int = MAX_BYTES) -> bytes:

@@ -614,3 +614,43 @@ def test_data_uri_size_limit():
     with pytest.raises(InputError, match="is too large: more than 100 bytes") as caught:
         decode_data_uri(huge, max_bytes=100)  # caught before decoding
     assert len(str(caught.value)) < 200  # the message shows the start of the URI, not all of it
+
+
+def test_the_urls_of_a_request_are_fetched_together_within_one_deadline(server):
+    """Eight URLs that each drip until the deadline: fetched at once, they all start before the first
+    one's deadline, and the request ends at about one deadline, not eight."""
+    urls = " ".join(server.url(f"/drip?{index}") for index in range(sources.MAX_IMAGES))
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"timed out: the download took over 1\.5 s") as caught:
+        sources.gather_images([], urls, "", LOOPBACK)
+    elapsed = time.monotonic() - started
+    assert caught.value.field == "urls"
+    assert sorted(server.paths) == sorted(f"/drip?{index}" for index in range(sources.MAX_IMAGES))
+    assert elapsed < 2 * LOOPBACK.total_timeout_s
+
+
+@pytest.mark.parametrize("field", ["urls", "data"])
+def test_images_are_counted_before_a_huge_field_is_split(field):
+    """A 10 MiB field of a million short items is refused for its count without building the list
+    of items (which would cost hundreds of MiB): the call allocates almost nothing."""
+    import tracemalloc
+
+    huge = "x " * (5 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="more than 8 images in one request"):
+            sources.gather_images(
+                [], huge if field == "urls" else "", huge if field == "data" else "", LOOPBACK
+            )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+def test_an_overlong_url_is_refused_before_fetching(server):
+    url = server.url("/seed.png?" + "a" * sources.MAX_URL_LENGTH)
+    with pytest.raises(InputError, match="the limit is 2048") as caught:
+        sources.gather_images([], url, "", LOOPBACK)
+    assert caught.value.field == "urls"
+    assert server.paths == []
