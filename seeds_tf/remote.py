@@ -47,7 +47,7 @@ def check_destination(destination: str, field: str = "upload_to") -> None:
         raise InputError(
             field, f"expected an rclone destination such as rshare:/models. Received: {destination!r}"
         )
-    if shutil.which("rclone") is None:
+    if _rclone_path() is None:
         raise InputError(field, "rclone is not installed (apt-get install rclone)")
 
 
@@ -65,9 +65,16 @@ def upload_run(run_folder: Path, destination: str) -> UploadResult:
     return UploadResult(target, "copied")
 
 
+def _rclone_path() -> str | None:
+    return shutil.which("rclone")
+
+
 def _rclone(*arguments: str) -> None:
-    subprocess.run(  # noqa: S603 - rclone found on PATH, arguments from checked options
-        ["rclone", *_RCLONE_FLAGS, *arguments],  # noqa: S607 - rclone is wherever the system put it
+    program = _rclone_path()
+    if program is None:
+        raise FileNotFoundError("rclone is not installed")
+    subprocess.run(  # noqa: S603 - rclone by its full path, arguments from checked options
+        [program, *_RCLONE_FLAGS, *arguments],
         check=True,
         capture_output=True,
         text=True,
