@@ -7,10 +7,11 @@ the pixels a trained model sees at prediction time are computed exactly as durin
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,13 @@ MAX_PIXELS = 40_000_000
 
 MIN_SIDE = 16
 """Smallest width or height accepted: a thinner picture holds no seed to name, only a confident guess."""
+
+MAX_REQUEST_PIXELS = 64_000_000
+"""Most pixels in one request, all its images together (e.g. five 12-megapixel phone photos), checked
+from the headers before any decoding."""
+
+DECODE_BUDGET_PIXELS = MAX_PIXELS
+"""Most pixels decoding at once: one image at the per-image limit, or several smaller ones together."""
 
 FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 """The only formats handed to a decoder. Pillow knows dozens more; some decode in slow pure Python
@@ -45,15 +53,38 @@ def decode_image(data: bytes, field: str, name: str, max_pixels: int = MAX_PIXEL
         InputError: when the bytes are empty, not an image in one of FORMATS, broken, truncated, too
             large or too small, whatever exception the decoder raised.
     """
+    with _decoding_errors(data, field, name):
+        return _decoded(open_image(data), field, name, max_pixels)
+
+
+def image_pixels(data: bytes, field: str, name: str) -> int:
+    """Width x height of encoded image bytes, read from the header alone (nothing is decoded).
+
+    Raises:
+        InputError: as decode_image, for bytes that are not an image in one of FORMATS.
+    """
+    with _decoding_errors(data, field, name):
+        width, height = open_image(data).size
+    return width * height
+
+
+def open_image(data: bytes) -> PIL.Image.Image:
+    """Opens encoded bytes lazily (the header only), trying only the accepted FORMATS."""
+    return PIL.Image.open(io.BytesIO(data), formats=FORMATS)
+
+
+@contextlib.contextmanager
+def _decoding_errors(data: bytes, field: str, name: str) -> Iterator[None]:
+    """Turns every failure of Pillow on `data` into an InputError naming `field` and `name`."""
     if not data:
         raise InputError(field, f"{name!r} is empty")
     try:
         with warnings.catch_warnings():
-            # Pillow warns before its own, larger bomb limit (the explicit check below decides) and
+            # Pillow warns before its own, larger bomb limit (our explicit checks decide) and
             # about broken EXIF blocks (which only lose the orientation): neither is the caller's.
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
-            return _decoded(open_image(data), field, name, max_pixels)
+            yield
     except (InputError, MemoryError):
         raise
     except PIL.Image.DecompressionBombError as error:
@@ -64,11 +95,6 @@ def decode_image(data: bytes, field: str, name: str, max_pixels: int = MAX_PIXEL
         raise InputError(
             field, f"{name!r} is a broken or truncated image ({type(error).__name__}: {error})"
         ) from None
-
-
-def open_image(data: bytes) -> PIL.Image.Image:
-    """Opens encoded bytes lazily (the header only), trying only the accepted FORMATS."""
-    return PIL.Image.open(io.BytesIO(data), formats=FORMATS)
 
 
 def _decoded(image: PIL.Image.Image, field: str, name: str, max_pixels: int) -> np.ndarray:
@@ -91,13 +117,51 @@ def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
         return image
 
 
-def decode_images(uploads: Sequence[tuple[str, bytes]], field: str = "image") -> list[np.ndarray]:
-    """Decodes (name, bytes) pairs in parallel threads (Pillow decodes without the GIL), in order;
-    the first undecodable one raises its InputError."""
-    if len(uploads) == 1:
-        return [decode_image(uploads[0][1], field, uploads[0][0])]
-    with concurrent.futures.ThreadPoolExecutor(min(len(uploads), 8)) as pool:
-        return list(pool.map(lambda upload: decode_image(upload[1], field, upload[0]), uploads))
+def decode_images(
+    uploads: Sequence[tuple[str, bytes]],
+    field: str = "image",
+    max_request_pixels: int = MAX_REQUEST_PIXELS,
+) -> list[np.ndarray]:
+    """Decodes the (name, bytes) pairs of one request, in order, within a memory budget.
+
+    Every header is read first: a request whose images add up to more than `max_request_pixels`
+    is refused before anything is decoded. Then images decode in parallel threads (Pillow decodes
+    without the GIL), but only as many at once as fit in DECODE_BUDGET_PIXELS: decoding costs up to
+    ~30 bytes per pixel (RGBA and float images), so that bounds the request's peak memory.
+
+    Raises:
+        InputError: for the first image that cannot be decoded, or a request over the budget.
+    """
+    sizes = [image_pixels(data, field, name) for name, data in uploads]
+    if sum(sizes) > max_request_pixels:
+        raise InputError(
+            field,
+            f"{len(uploads)} images of {sum(sizes)} pixels together; the limit per request is "
+            f"{max_request_pixels} pixels",
+        )
+    decoded: list[np.ndarray] = []
+    for group in _decoding_groups(sizes, DECODE_BUDGET_PIXELS):
+        batch = [uploads[index] for index in group]
+        if len(batch) == 1:
+            decoded.append(decode_image(batch[0][1], field, batch[0][0]))
+            continue
+        with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+            decoded.extend(pool.map(lambda upload: decode_image(upload[1], field, upload[0]), batch))
+    return decoded
+
+
+def _decoding_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive indices of `sizes` in groups whose sum stays within `budget` (an image larger
+    than the budget alone makes a group of one)."""
+    groups: list[list[int]] = []
+    total = budget + 1
+    for index, size in enumerate(sizes):
+        if total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += size
+    return groups
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -143,7 +207,7 @@ def _to_rgb(image: PIL.Image.Image) -> np.ndarray:
     """Converts any Pillow mode to 8-bit RGB: 16-bit and float images are scaled, not clipped, and
     transparent pixels are laid on white (the usual background of seed photos)."""
     if image.mode.startswith("I") or image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image, dtype=np.float32)
         # Integer modes hold 16-bit samples; float images have no fixed range, so use their peak.
         peak = max(pixels.max(), 1e-12) if image.mode == "F" else 65535.0
         gray = np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)

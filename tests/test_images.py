@@ -156,3 +156,22 @@ def test_every_broken_file_of_the_six_formats_is_a_clear_error(fmt, cut):
         except InputError as error:
             assert error.field == "image"
             assert f"seed.{fmt.lower()}" in error.problem
+
+
+def test_a_request_over_the_pixel_budget_is_refused_from_the_headers():
+    """The last image is broken past its header: refused for the total first, nothing was decoded."""
+    photo = encode(PHOTO, "PNG")
+    broken = photo[: len(photo) // 2]
+    uploads = [("a.png", photo), ("b.png", photo), ("c.png", broken)]
+    pixels = PHOTO.shape[0] * PHOTO.shape[1]
+    with pytest.raises(InputError, match=f"3 images of {3 * pixels} pixels together") as raised:
+        images.decode_images(uploads, max_request_pixels=3 * pixels - 1)
+    assert raised.value.field == "image"
+    with pytest.raises(InputError, match="broken or truncated"):
+        images.decode_images(uploads, max_request_pixels=3 * pixels)
+
+
+def test_images_decode_together_only_within_the_budget():
+    budget = 100
+    assert images._decoding_groups([40, 50, 20, 100, 150, 1], budget) == [[0, 1], [2], [3], [4], [5]]
+    assert images._decoding_groups([], budget) == []

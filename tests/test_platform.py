@@ -8,6 +8,7 @@ One real server, started as the platform starts it, serves the HTTP checks of th
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import PIL.Image
 import psutil
 import pytest
 import requests
@@ -85,6 +87,27 @@ def test_a_body_over_the_configured_cap_gets_413(platform_server):
     assert answer.status_code == 413
     # The server goes on answering.
     assert requests.get(f"{url}/v2/models/", timeout=10).status_code == 200
+
+
+def _blank_png(width: int, height: int) -> bytes:
+    """A semi-transparent RGBA PNG: a few hundred KB that decode to ~30 bytes per pixel."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGBA", (width, height), (120, 90, 40, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_worst_accepted_request_is_answered_and_the_first_refused_one_named(platform_server):
+    """The per-request pixel budget: a 40-megapixel and a 24-megapixel RGBA PNG (64 megapixels, the
+    limit) are answered; one more row of pixels is refused from the headers, before decoding."""
+    url = platform_server[0]
+    largest = _blank_png(8000, 5000)
+    for height, status in ((6000, 200), (6001, 422)):
+        files = [("image", ("a.png", largest, "image/png")), ("image_2", ("b.png", _blank_png(4000, height)))]
+        answer = requests.post(f"{url}{MODEL_URL}/predict/", files=files, timeout=300)
+        assert answer.status_code == status, answer.text
+    refusal = answer.json()
+    assert refusal["field"] == "image"
+    assert "64004000 pixels together; the limit per request is 64000000 pixels" in refusal["message"]
 
 
 def test_metadata_keeps_deepaas_self_link_with_types(platform_server):
