@@ -78,6 +78,7 @@ USER ${user}
 
 # 5000: the DEEPaaS API; 6006: TensorBoard (the platform's monitor port); 8888: the IDE.
 EXPOSE 5000 6006 8888
-HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/v2/models/', timeout=5)"]
+# A real prediction, so that hung workers fail it (a listing route is answered by the server alone).
+HEALTHCHECK --interval=60s --timeout=45s --start-period=300s --retries=3 \
+    CMD ["seeds-tf", "--quiet", "healthcheck", "--timeout", "40"]
 CMD ["deep-start", "--deepaas"]

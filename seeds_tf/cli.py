@@ -9,6 +9,7 @@
     seeds-tf evaluate 2026-11-21_215742 other.txt    # a run on another labelled split
     seeds-tf import-legacy seeds.tar.xz              # the original service's published seeds model
     seeds-tf export 2026-11-21_215742 --format tflite --precision int8 --serve   # a faster engine
+    seeds-tf healthcheck                             # exit 1 when the service cannot predict in time
 
 Mistakes in the input end with a message naming the argument and exit status 2.
 """
@@ -149,6 +150,15 @@ def _export(args: argparse.Namespace, roots: Roots):
     return {"export": str(path), **figures, "serve": recorded["serve"]}
 
 
+def _healthcheck(args: argparse.Namespace, roots: Roots):
+    from seeds_tf import health
+
+    problem = health.check_service(args.url, args.timeout)
+    if problem is not None:
+        print(f"seeds-tf: unhealthy: {problem}", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def _runs(args: argparse.Namespace, roots: Roots):
     listing = runs.list_runs(roots.models)
     return {"runs": list(listing.working.values()), "broken": listing.broken_list()}
@@ -206,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(command=_evaluate)
 
+    _add_run_commands(commands)
+    return parser
+
+
+def _add_run_commands(commands) -> None:
+    """The commands about runs and the running service: import, export, list, health."""
     importer = commands.add_parser(
         "import-legacy", help="import a run of the original service (e.g. the published seeds model)"
     )
@@ -234,11 +250,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     exporter.set_defaults(command=_export)
 
+    checker = commands.add_parser(
+        "healthcheck", help="exit 0 when the running service answers a real prediction in time, else 1"
+    )
+    checker.add_argument(
+        "--url", default="", help="the service (default: $SEEDS_TF_HEALTHCHECK_URL or :5000)"
+    )
+    checker.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
+    checker.set_defaults(command=_healthcheck)
+
     listing = commands.add_parser(
         "runs", help="list the working runs with their test metrics, and the broken runs with the reason"
     )
     listing.set_defaults(command=_runs)
-    return parser
 
 
 def _add_option(parser, spec: config.OptionSpec, use_default: bool = False) -> None:

@@ -193,3 +193,24 @@ def test_the_metadata_file_passes_the_platform_validator():
             timeout=120,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_healthcheck_predicts_and_fails_when_the_workers_hang(platform_server):
+    """The image's HEALTHCHECK command: green while a worker can predict; red within its timeout
+    when every worker is stopped (as a worker killed for memory leaves DEEPaaS 2.6), although the
+    listing routes, answered by the server process, still answer."""
+    url, pid, _, _ = platform_server
+    command = [str(BIN / "seeds-tf"), "--quiet", "healthcheck", "--url", url, "--timeout", "5"]
+    healthy = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+    assert healthy.returncode == 0, healthy.stderr
+    workers = [child for child in psutil.Process(pid).children() if "spawn_main" in " ".join(child.cmdline())]
+    for worker in workers:
+        worker.suspend()
+    try:
+        hung = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+        assert requests.get(f"{url}/v2/models/", timeout=10).status_code == 200
+    finally:
+        for worker in workers:
+            worker.resume()
+    assert hung.returncode == 1
+    assert "no answer to a prediction within 5 s" in hung.stderr

@@ -1,0 +1,47 @@
+"""Whether a running service can still predict: the container's healthcheck.
+
+DEEPaaS answers its listing routes from the server process, so a check of /v2/models/ stays green
+while every worker is hung (a worker killed for memory is never replaced in DEEPaaS 2.6's pool).
+This check sends a real prediction of a small generated image: it passes when a worker answers
+within the timeout, with a prediction or a client error of its own (such as "no run yet").
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import PIL.Image
+import requests
+
+URL_ENV = "SEEDS_TF_HEALTHCHECK_URL"
+DEFAULT_URL = "http://127.0.0.1:5000"
+PREDICT_PATH = "/v2/models/seeds_tf/predict/"
+
+
+def check_service(url: str = "", timeout_s: float = 30.0) -> str | None:
+    """Why the service at `url` (default `$SEEDS_TF_HEALTHCHECK_URL` or 127.0.0.1:5000) is not
+    healthy, or None when a worker answered a prediction within `timeout_s` seconds."""
+    base = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    try:
+        answer = requests.post(
+            f"{base}{PREDICT_PATH}",
+            files={"image": ("health.png", _probe_image(), "image/png")},
+            timeout=timeout_s,
+        )
+    except requests.Timeout:
+        return f"no answer to a prediction within {timeout_s:g} s: the workers are busy or hung"
+    except requests.RequestException as error:
+        return f"{base} cannot be reached: {type(error).__name__}"
+    if answer.status_code >= 500:
+        return f"a prediction failed with HTTP {answer.status_code}"
+    return None
+
+
+def _probe_image() -> bytes:
+    """A 64 x 64 PNG of soft noise: cheap to decode and to classify."""
+    pixels = np.random.default_rng(0).integers(96, 160, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
