@@ -25,6 +25,8 @@ ARG deep_start_ref=e0c13017530d2fbccd0c69d9f02ad8faef92b223
 ARG MODEL_URL=https://api.cloud.ifca.es:8080/swift/v1/seeds-tf/seeds.tar.xz
 ARG MODEL_SHA256=""
 ARG user=10001
+# The DEEPaaS settings: etc/deepaas-serve-only.conf turns the train endpoint off for public images.
+ARG deepaas_conf=etc/deepaas.conf
 
 ENV LANG=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -68,7 +70,7 @@ COPY seeds_tf/ seeds_tf/
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[mlflow]"
 
-COPY etc/deepaas.conf /etc/deepaas/deepaas.conf
+COPY ${deepaas_conf} /etc/deepaas/deepaas.conf
 COPY docker/install-model.sh /usr/local/bin/seeds-tf-install-model
 RUN seeds-tf-install-model "${MODEL_URL}" "${MODEL_SHA256}" \
     && chown -R 10001:10001 "${SEEDS_TF_DATA_DIR}" "${SEEDS_TF_MODELS_DIR}" /srv/.rclone

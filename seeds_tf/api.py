@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from seeds_tf import __version__, config, monitor, request_parsing, runs, schemas
+from seeds_tf import __version__, admission, config, monitor, request_parsing, runs, schemas
 from seeds_tf.errors import InputError
 from seeds_tf.paths import Roots
 
@@ -28,7 +28,13 @@ MODEL_NAME = "seeds_tf"
 """The name setup.cfg registers in the deepaas.v2.model group, and DEEPaaS' route to this model."""
 
 
-request_parsing.install()
+def _refuse_a_second_training() -> None:
+    """Runs in the server process for each POST train: a second training gets a 409 at once, not a
+    place in the workers' queue."""
+    admission.check_no_training(Roots.from_env().models)
+
+
+request_parsing.install(before_training=_refuse_a_second_training)
 
 
 class ClientError(web.HTTPUnprocessableEntity):
@@ -51,9 +57,10 @@ class ClientError(web.HTTPUnprocessableEntity):
 
 
 def get_metadata() -> dict[str, Any]:
-    """The model's description, its working runs (the newest one's summary as `model`) and its
-    broken runs with the reason each cannot serve."""
-    listing = runs.list_runs(Roots.from_env().models)
+    """The model's description, its working runs, the promoted run, the summary of the run that
+    serves requests naming none (`model`), and the broken runs with the reason each cannot serve."""
+    models = Roots.from_env().models
+    listing = runs.list_runs(models)
     return {
         "name": MODEL_NAME,
         "version": __version__,
@@ -79,7 +86,8 @@ def get_metadata() -> dict[str, Any]:
         ],
         "runs": list(listing.working),
         "broken": listing.broken_list(),
-        "model": list(listing.working.values())[-1] if listing.working else None,
+        "promoted": runs.promoted_run(models),
+        "model": listing.working[runs.default_order(models, listing)[0]] if listing.working else None,
     }
 
 
@@ -137,7 +145,8 @@ def train(**args) -> dict[str, Any]:
     run_config = config.RunConfig.from_options(**args)
     roots = Roots.from_env()
     monitor.ensure_from_env(roots.models)
-    return training.train(run_config, roots).to_dict()
+    # Anyone who can reach the API may train: such a run is a candidate until an operator promotes it.
+    return training.train(run_config, roots, candidate=True).to_dict()
 
 
 @functools.cache

@@ -10,6 +10,7 @@
     seeds-tf import-legacy seeds.tar.xz              # the original service's published seeds model
     seeds-tf export 2026-11-21_215742 --format tflite --precision int8 --serve   # a faster engine
     seeds-tf healthcheck                             # exit 1 when the service cannot predict in time
+    seeds-tf promote 2026-11-21_215742               # the run served when a request names none
 
 Mistakes in the input end with a message naming the argument and exit status 2.
 """
@@ -150,6 +151,10 @@ def _export(args: argparse.Namespace, roots: Roots):
     return {"export": str(path), **figures, "serve": recorded["serve"]}
 
 
+def _promote(args: argparse.Namespace, roots: Roots):
+    return runs.promote(roots.models, args.run)
+
+
 def _healthcheck(args: argparse.Namespace, roots: Roots):
     from seeds_tf import health
 
@@ -249,6 +254,12 @@ def _add_run_commands(commands) -> None:
         help="make this export the run's engine for engine=auto, if it agrees with Keras on >= 99%%",
     )
     exporter.set_defaults(command=_export)
+
+    promoter = commands.add_parser(
+        "promote", help="make a run the one served when a request names none (recorded in the models folder)"
+    )
+    promoter.add_argument("run", help="run id (YYYY-mm-dd_HHMMSS)")
+    promoter.set_defaults(command=_promote)
 
     checker = commands.add_parser(
         "healthcheck", help="exit 0 when the running service answers a real prediction in time, else 1"

@@ -90,6 +90,7 @@ class TrainConfig:
     use_early_stopping: bool
     early_stopping_patience: int
     ckpt_freq: int
+    keep_checkpoints: int
     augment: bool
     mixed_precision: str
     resume: str

@@ -157,9 +157,9 @@ def _broken_run(run_id: str, checkpoint: str, reason: str) -> BrokenRunError:
 
 
 def choose_run(roots: Roots, cache: RunCache, timestamp: str = "", checkpoint: str = "final") -> LoadedRun:
-    """The run `timestamp` names, or else the newest working run that loads: a run whose files
-    turn out not to load is logged and skipped for the next older one, so one damaged run never
-    takes the service down.
+    """The run `timestamp` names, or else the first working run of runs.default_order that loads
+    (the promoted run, else the newest): a run whose files turn out not to load is logged and
+    skipped for the next one, so one damaged run never takes the service down.
 
     Raises:
         InputError: naming `timestamp` for an unknown or broken run (or when no run loads), or
@@ -167,11 +167,11 @@ def choose_run(roots: Roots, cache: RunCache, timestamp: str = "", checkpoint: s
     """
     if timestamp:
         return cache.get(runs.resolve_run(roots.models, timestamp), checkpoint)
-    working = list(runs.list_runs(roots.models).working)
-    if not working:
+    listing = runs.list_runs(roots.models)
+    if not listing.working:
         runs.resolve_run(roots.models, "")  # raises: no working run, and why
     problems = []
-    for run_id in reversed(working):
+    for run_id in runs.default_order(roots.models, listing):
         try:
             return cache.get(runs.RunLayout(roots.models / run_id), checkpoint)
         except BrokenRunError as error:

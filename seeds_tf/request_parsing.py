@@ -1,26 +1,35 @@
-"""Two things DEEPaaS 2.6's argument parsing gets wrong, put right in the server process.
+"""What DEEPaaS 2.6's argument parsing gets wrong or cannot do, put right in the server process.
 
 DEEPaaS reads arguments with webargs 5 before any of seeds_tf's code runs, so neither can be fixed in
 predict or train:
 - a malformed multipart body (no boundary, a truncated part, a control character in a name) makes
   aiohttp raise inside webargs' form parsing, and the client gets a 500: it gets a 400 instead;
 - webargs 5 reads only the declared arguments and silently drops the others, so a misspelt option
-  (`top-k=3`, `epoch=5`) would be ignored: the client gets a 422 naming it instead.
+  (`top-k=3`, `epoch=5`) would be ignored: the client gets a 422 naming it instead;
+- DEEPaaS queues every training for a worker: a guard can refuse a POST train at once (409).
 `install()` wraps webargs' parser once; valid requests are untouched.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiohttp import http_exceptions, web
 from webargs import aiohttpparser
 
+from seeds_tf.errors import InputError
+
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
-def install() -> None:
-    """Wraps webargs' aiohttp parser, once per process."""
+def install(before_training: Callable[[], None] | None = None) -> None:
+    """Wraps webargs' aiohttp parser, once per process.
+
+    Args:
+        before_training: called before the arguments of a POST train are parsed; an InputError it
+            raises answers the request with a 409 naming its field. Defaults to None (no guard).
+    """
     parser_class = aiohttpparser.AIOHTTPParser
     if getattr(parser_class.parse, "seeds_tf_strict", False):
         return
@@ -33,6 +42,11 @@ def install() -> None:
             raise _error(web.HTTPBadRequest, f"malformed form body: {error}", "body") from None
 
     async def strict_parse(parser, argmap, req=None, *args, **kwargs):
+        if before_training is not None and req.method == "POST" and req.path.rstrip("/").endswith("/train"):
+            try:
+                before_training()
+            except InputError as error:
+                raise _error(web.HTTPConflict, error.problem, error.field) from None
         parsed = await parse(parser, argmap, req, *args, **kwargs)
         schema = parser._get_schema(argmap, req)
         known = {field.data_key or name for name, field in schema.fields.items()}

@@ -33,6 +33,9 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS
 file size limit, read-only file system, no permission."""
 
 
+PROMOTED_FILE = "promoted.json"
+"""In the models folder: the run that serves by default, as chosen with `seeds-tf promote`."""
+
 EXPORTS_INDEX = "exports.json"
 """In exports/: each export's agreement with the Keras model, and the engine the run serves with."""
 
@@ -209,7 +212,7 @@ def resolve_run(models_dir: Path, run_id: str, field: str = "timestamp") -> RunL
         if not available:
             broken = f" (broken: {listing.broken})" if listing.broken else ""
             raise InputError(field, f"no trained run in {models_dir}{broken}; train one first")
-        return RunLayout(models_dir / available[-1])
+        return RunLayout(models_dir / default_order(models_dir, listing)[0])
     if run_id in listing.broken:
         raise InputError(
             field, f"run {run_id!r} is broken: {listing.broken[run_id]}. Working runs: {available or 'none'}"
@@ -219,6 +222,40 @@ def resolve_run(models_dir: Path, run_id: str, field: str = "timestamp") -> RunL
         # never match, so they cannot reach the file system.
         raise InputError(field, f"unknown run {run_id!r}. Available: {available or 'none'}")
     return RunLayout(models_dir / run_id)
+
+
+def promote(models_dir: Path, run_id: str) -> dict[str, str]:
+    """Makes the working run `run_id` the one served when a request names none.
+
+    Raises:
+        InputError: naming `run`, for a run that is not a working run of models_dir.
+    """
+    layout = resolve_run(models_dir, run_id, field="run") if run_id else None
+    if layout is None:
+        raise InputError("run", "expected the id of a working run")
+    record = {"run_id": layout.run_id, "promoted": datetime.datetime.now().isoformat(timespec="seconds")}
+    write_json_atomic(models_dir / PROMOTED_FILE, record)
+    return record
+
+
+def promoted_run(models_dir: Path) -> str | None:
+    """The promoted run's id, or None when none was promoted (or the record is unreadable)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        return str(read_json(models_dir / PROMOTED_FILE)["run_id"])
+    return None
+
+
+def default_order(models_dir: Path, listing: RunListing) -> list[str]:
+    """The working runs in the order a request that names no run tries them: the promoted run; then
+    the newest runs trained by their operator (CLI, demo, import); then the newest candidates (runs
+    trained through the API, which anyone who can reach it may start), so that a remote training
+    never silently becomes what everyone is served while another run exists."""
+    promoted = promoted_run(models_dir)
+    newest_first = list(reversed(listing.working))
+    operators = [run for run in newest_first if not listing.working[run].get("candidate")]
+    candidates = [run for run in newest_first if listing.working[run].get("candidate")]
+    first = [promoted] if promoted in listing.working else []
+    return first + [run for run in operators + candidates if run != promoted]
 
 
 def resolve_interrupted_run(models_dir: Path, run_id: str, field: str = "resume") -> RunLayout:

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf import datasets, distribute, images, remote, reports, runs, tracking
+from seeds_tf import admission, datasets, distribute, images, remote, reports, runs, tracking
 from seeds_tf.backbones import get_backbone
 from seeds_tf.config import RunConfig
 from seeds_tf.errors import InputError
@@ -57,26 +57,39 @@ class TrainResult:
         return dataclasses.asdict(self)
 
 
-def train(config: RunConfig, roots: Roots) -> TrainResult:
+def train(config: RunConfig, roots: Roots, *, candidate: bool = False) -> TrainResult:
     """Trains a new run into `roots.models` (or resumes the run `config.training.resume`).
 
+    Args:
+        config: the run's options.
+        roots: the data and models folders.
+        candidate: a run started through the API: it does not become the default served run until
+            promoted (runs.default_order). Defaults to False (an operator's run).
+
     Raises:
-        InputError: for bad options or a bad dataset, before any run folder is created; naming
-            `models_dir` when the models folder cannot be written (full, read-only), in which case
-            the other runs are untouched and the new one stays unfinished, to resume.
+        InputError: for bad options or a bad dataset, while another training runs in the models
+            folder, or when the run would not fit on its disk, before any run folder is created;
+            naming `models_dir` when the models folder cannot be written (full, read-only), in
+            which case the other runs are untouched and the new one stays unfinished, to resume.
     """
     # On a cluster, collective operations must be configured before any other TensorFlow work.
     strategy = distribute.strategy()
-    if config.training.resume:
-        with runs.storage_errors(roots.models):
-            return _resume(config.training.resume, roots, strategy)
-    with tempfile.TemporaryDirectory(prefix="seeds_tf_splits_") as staging:
-        dataset, weights = _check_inputs(config, roots, Path(staging))
-        dataset, skipped = _skip_unreadable(dataset)
-        with runs.storage_errors(roots.models), _run_folder(roots) as layout:
-            copy_split_files(dataset.splits_dir, layout.dataset_dir)
-            runs.write_conf(layout, config.to_dict())
-            return _train_run(config, dataset, layout, strategy, weights=weights, skipped=skipped)
+    # The other workers of a cluster train the same run, into a scratch folder: the chief holds the slot.
+    slot = admission.training_slot(roots.models) if distribute.is_chief() else contextlib.nullcontext()
+    with slot:
+        if config.training.resume:
+            with runs.storage_errors(roots.models):
+                return _resume(config.training.resume, roots, strategy, candidate)
+        with tempfile.TemporaryDirectory(prefix="seeds_tf_splits_") as staging:
+            dataset, weights = _check_inputs(config, roots, Path(staging))
+            dataset, skipped = _skip_unreadable(dataset)
+            _check_disk(config, len(dataset.classes), roots)
+            with runs.storage_errors(roots.models), _run_folder(roots) as layout:
+                copy_split_files(dataset.splits_dir, layout.dataset_dir)
+                runs.write_conf(layout, config.to_dict())
+                return _train_run(
+                    config, dataset, layout, strategy, weights=weights, skipped=skipped, candidate=candidate
+                )
 
 
 def step_decay(initial_lr: float, epochs: int) -> Callable[[int], float]:
@@ -178,7 +191,20 @@ def _run_folder(roots: Roots) -> Iterator[runs.RunLayout]:
         yield runs.create_run(Path(scratch))
 
 
-def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy) -> TrainResult:
+def _check_disk(config: RunConfig, num_classes: int, roots: Roots) -> None:
+    """Refuses a run whose checkpoints would not fit in the free disk of the models folder. The
+    weights are counted on the network built at its backbone's smallest input: their number does
+    not depend on the input size."""
+    training = config.training
+    small = dataclasses.replace(config.model, image_size=get_backbone(config.model.modelname).min_size)
+    parameters = build_classifier(small, num_classes).count_params()
+    periodic = (
+        min(training.keep_checkpoints, training.epochs // training.ckpt_freq) if training.ckpt_freq else 0
+    )
+    admission.check_disk(roots.models, admission.run_bytes(parameters, periodic))
+
+
+def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool) -> TrainResult:
     """Continues an interrupted run with its own configuration and split files."""
     layout = runs.resolve_interrupted_run(roots.models, run_id)
     config = RunConfig.from_dict(runs.read_json(layout.conf_file))
@@ -186,7 +212,9 @@ def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy) -> Trai
     dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))
     _LOGGER.info("Resuming run %s", run_id)
     weights = _initial_weights(config.model.weights, roots)
-    return _train_run(config, dataset, layout, strategy, weights=weights, skipped=skipped)
+    return _train_run(
+        config, dataset, layout, strategy, weights=weights, skipped=skipped, candidate=candidate
+    )
 
 
 def _train_run(
@@ -197,6 +225,7 @@ def _train_run(
     *,
     weights: str | None,
     skipped: int,
+    candidate: bool,
 ) -> TrainResult:
     training = config.training
     num_classes = len(dataset.classes)
@@ -239,6 +268,7 @@ def _train_run(
         skipped_images=skipped,
         weights_digest=digest,
         mlflow_model_version=registered,
+        candidate=candidate,
     )
     _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
     upload = None
@@ -330,7 +360,13 @@ def _fit(
         _AtomicBackup(layout),
         keras.callbacks.LearningRateScheduler(schedule(training.initial_lr, training.epochs)),
         keras.callbacks.TensorBoard(log_dir=str(layout.logs_dir)),
-        _Checkpoints(model, layout, training.ckpt_freq, monitor="val_loss" if val_data else "loss"),
+        _Checkpoints(
+            model,
+            layout,
+            training.ckpt_freq,
+            training.keep_checkpoints,
+            monitor="val_loss" if val_data else "loss",
+        ),
     ]
     if training.use_early_stopping:
         callbacks.append(
@@ -462,20 +498,27 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
 
 
 class _Checkpoints(keras.callbacks.Callback):
-    """ckpts/epoch_NNNN.keras every `frequency` epochs and ckpts/best.keras at the best `monitor`,
-    written atomically, for the full classifier even while a head alone is being fitted."""
+    """ckpts/epoch_NNNN.keras every `frequency` epochs (the newest `keep` of them kept) and
+    ckpts/best.keras at the best `monitor`, written atomically, for the full classifier even while
+    a head alone is being fitted."""
 
-    def __init__(self, classifier: keras.Model, layout: runs.RunLayout, frequency: int, monitor: str):
+    def __init__(
+        self, classifier: keras.Model, layout: runs.RunLayout, frequency: int, keep: int, monitor: str
+    ):
         super().__init__()
         self._classifier = classifier
         self._layout = layout
         self._frequency = frequency
+        self._keep = keep
         self._monitor = monitor
         self._best = math.inf
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._frequency and (epoch + 1) % self._frequency == 0:
+        if self._frequency and self._keep and (epoch + 1) % self._frequency == 0:
             save_classifier(self._classifier, self._layout.ckpts_dir / f"epoch_{epoch + 1:04d}.keras")
+            periodic = sorted(self._layout.ckpts_dir.glob("epoch_*.keras"))
+            for stale in periodic[: -self._keep]:
+                stale.unlink()
         value = (logs or {}).get(self._monitor)
         if value is not None and value < self._best:
             self._best = value

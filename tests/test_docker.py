@@ -107,7 +107,8 @@ def test_starts_like_the_platform_with_deep_start():
 def test_deepaas_reads_its_settings_from_the_configuration_file():
     """deep-start passes only the address and port: the rest comes from /etc/deepaas/deepaas.conf,
     one of the files oslo.config reads for project "deepaas"."""
-    assert "etc/deepaas.conf /etc/deepaas/deepaas.conf" in arguments("COPY")
+    assert "${deepaas_conf} /etc/deepaas/deepaas.conf" in arguments("COPY")
+    assert key_values("ARG")["deepaas_conf"] == "etc/deepaas.conf"
     settings = configparser.ConfigParser()
     settings.read(ROOT / "etc" / "deepaas.conf")
     (plugin,) = listed(setup_cfg()["options.entry_points"]["deepaas.v2.model"])

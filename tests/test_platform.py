@@ -22,7 +22,7 @@ import psutil
 import pytest
 import requests
 
-from seeds_tf import monitor
+from seeds_tf import admission, monitor
 from seeds_tf.paths import DATA_ENV, MODELS_ENV
 from tests.conftest import copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_process, free_port
@@ -108,6 +108,35 @@ def test_the_worst_accepted_request_is_answered_and_the_first_refused_one_named(
     refusal = answer.json()
     assert refusal["field"] == "image"
     assert "64004000 pixels together; the limit per request is 64000000 pixels" in refusal["message"]
+
+
+def test_a_training_request_while_one_runs_gets_409_at_once(platform_server):
+    """Refused in the server process, instead of a place in the workers' queue."""
+    url, _, roots, _ = platform_server
+    with admission.training_slot(roots.models):
+        answer = requests.post(f"{url}{MODEL_URL}/train/", params={"epochs": 1}, timeout=30)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["field"] == "training"
+    assert "another training is running" in answer.json()["message"]
+
+
+def test_the_serve_only_configuration_has_no_train_endpoint(tmp_path):
+    """etc/deepaas-serve-only.conf, for public images: predict and metadata, no training."""
+    home = tmp_path / "home"
+    (home / ".deepaas").mkdir(parents=True)
+    shutil.copy(ROOT / "etc" / "deepaas-serve-only.conf", home / ".deepaas" / "deepaas.conf")
+    (tmp_path / "models").mkdir()
+    env = {
+        "HOME": str(home),
+        MODELS_ENV: str(tmp_path / "models"),
+        DATA_ENV: str(tmp_path),
+        "DEEPAAS_V2_MODEL": "",
+    }
+    with deepaas_process(env, tmp_path / "server.log", bare=True) as (url, _):
+        spec = requests.get(f"{url}/swagger.json", timeout=10).json()
+        assert f"{MODEL_URL}/predict/" in spec["paths"]
+        assert not any("/train" in path for path in spec["paths"])
+        assert requests.post(f"{url}{MODEL_URL}/train/", timeout=10).status_code in (402, 404, 405)
 
 
 def test_metadata_keeps_deepaas_self_link_with_types(platform_server):

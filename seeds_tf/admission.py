@@ -1,0 +1,94 @@
+"""Whether a training may start: one at a time per models folder, and only if its run fits on disk.
+
+Anyone who can reach a trainable service can start a training. Trainings queued without limit, or a
+run that fills the disk half-way, would take the service from everyone else: a second training is
+refused while one runs (a lock on the models folder, released by the kernel even when the worker is
+killed), and a run whose checkpoints would not fit in the free disk is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from seeds_tf.errors import InputError
+
+LOCK_FILE = ".training.lock"
+_BUSY = (errno.EAGAIN, errno.EACCES)
+
+
+@contextlib.contextmanager
+def training_slot(models_dir: Path) -> Iterator[None]:
+    """Holds the models folder's training lock for the block.
+
+    Raises:
+        InputError: naming `training`, while another training holds it.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in _BUSY:
+                raise
+            raise InputError("training", _busy(models_dir)) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def check_no_training(models_dir: Path) -> None:
+    """Refuses, in the server process, a training request while a training runs.
+
+    Raises:
+        InputError: naming `training`, as training_slot would.
+    """
+    with contextlib.suppress(FileNotFoundError), open(models_dir / LOCK_FILE) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in _BUSY:
+                raise InputError("training", _busy(models_dir)) from None
+            raise
+
+
+def run_bytes(parameters: int, periodic_checkpoints: int) -> int:
+    """The disk a run takes at its peak, from its number of weights.
+
+    A checkpoint holds the float32 weights (4 bytes each); final.keras and best.keras are two, plus
+    the periodic ones kept. The per-epoch backup holds the weights and Adam's two moments, and an
+    atomic rewrite keeps the old backup until the new one is complete: six copies. Logs, reports
+    and the temporary beside a file being written: 10% and 64 MiB more.
+    """
+    weights = 4 * parameters
+    return math.ceil(weights * (2 + periodic_checkpoints + 6) * 1.1) + 64 * 2**20
+
+
+def check_disk(models_dir: Path, needed: int) -> None:
+    """Refuses a run that would not fit in the free space of the models folder's file system.
+
+    Raises:
+        InputError: naming `models_dir`, with what is needed and what is free.
+    """
+    existing = models_dir
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise InputError(
+            "models_dir",
+            f"the run needs about {needed / 2**20:.0f} MiB and {models_dir} has {free / 2**20:.0f} MiB "
+            "free: free some space, or keep fewer checkpoints (ckpt_freq, keep_checkpoints)",
+        )
+
+
+def _busy(models_dir: Path) -> str:
+    return f"another training is running in {models_dir}: wait for it to finish, or cancel it, then try again"

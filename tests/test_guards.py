@@ -1,0 +1,68 @@
+"""A trainable service that anyone may reach stays the operators': trainings through the API are
+candidates until promoted, one training runs at a time per models folder, a run must fit on disk and
+keeps a bounded number of checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from seeds_tf import admission, api, cli, config, inference, runs, training
+from seeds_tf.errors import InputError
+from tests.conftest import SMALL_OPTIONS
+
+
+def test_a_remote_training_is_a_candidate_until_promoted(roots, tiny_run, capsys):
+    """The tiny run (an operator's) keeps serving after a newer API training; promoting the
+    candidate makes it the default, and the metadata shows which run serves and the promotion. The
+    candidate keeps only its newest two periodic checkpoints."""
+    options = {**SMALL_OPTIONS, "epochs": 4, "ckpt_freq": 1, "keep_checkpoints": 2}
+    candidate = training.train(config.RunConfig.from_options(**options), roots, candidate=True).run_id
+    assert runs.checkpoint_names(runs.RunLayout(roots.models / candidate)) == [
+        "best",
+        "epoch_0003",
+        "epoch_0004",
+        "final",
+    ]
+    listing = runs.list_runs(roots.models)
+    assert runs.default_order(roots.models, listing) == [tiny_run, candidate]
+    assert inference.choose_run(roots, inference.RunCache()).run_id == tiny_run
+    assert api.get_metadata()["model"]["run_id"] == tiny_run
+
+    assert cli.main(["promote", candidate]) == 0
+    assert runs.default_order(roots.models, runs.list_runs(roots.models))[0] == candidate
+    assert inference.choose_run(roots, inference.RunCache()).run_id == candidate
+    metadata = api.get_metadata()
+    assert metadata["promoted"] == candidate
+    assert metadata["model"]["run_id"] == candidate
+
+    assert cli.main(["promote", "../2026-01-01_000000"]) == 2
+    assert "run: unknown run '../2026-01-01_000000'" in capsys.readouterr().err
+
+
+def test_a_second_training_in_the_same_models_folder_is_refused(roots):
+    with admission.training_slot(roots.models):
+        with pytest.raises(InputError, match="another training is running") as raised:
+            training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
+        with pytest.raises(InputError, match="another training is running"):
+            admission.check_no_training(roots.models)
+    assert raised.value.field == "training"
+    admission.check_no_training(roots.models)  # free again
+    assert runs.incomplete_runs(roots.models) == []
+
+
+def test_a_run_that_would_not_fit_on_disk_is_refused_before_it_starts(roots, monkeypatch):
+    before = sorted(path.name for path in roots.models.iterdir())
+    free = shutil.disk_usage(roots.models)._replace(free=32 * 2**20)
+    monkeypatch.setattr(admission.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(InputError, match=r"the run needs about \d+ MiB and .* has 32 MiB free") as raised:
+        training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
+    assert raised.value.field == "models_dir"
+    assert sorted(path.name for path in roots.models.iterdir()) == before
+
+
+def test_the_disk_a_run_needs_grows_with_the_checkpoints_kept():
+    # 1M weights: 4 MB per copy; final + best + 3 periodic + 6 for the backup, 10% and 64 MiB more.
+    assert admission.run_bytes(1_000_000, 3) == pytest.approx(4e6 * 11 * 1.1 + 64 * 2**20, rel=1e-6)
+    assert admission.run_bytes(1_000_000, 0) < admission.run_bytes(1_000_000, 3)
