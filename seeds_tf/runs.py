@@ -230,9 +230,9 @@ def promote(models_dir: Path, run_id: str) -> dict[str, str]:
     Raises:
         InputError: naming `run`, for a run that is not a working run of models_dir.
     """
-    layout = resolve_run(models_dir, run_id, field="run") if run_id else None
-    if layout is None:
+    if not run_id:
         raise InputError("run", "expected the id of a working run")
+    layout = resolve_run(models_dir, run_id, field="run")
     record = {"run_id": layout.run_id, "promoted": datetime.datetime.now().isoformat(timespec="seconds")}
     write_json_atomic(models_dir / PROMOTED_FILE, record)
     return record
