@@ -7,6 +7,7 @@ import configparser
 import fnmatch
 import shlex
 import shutil
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -158,9 +159,11 @@ def test_labels_match_package_metadata():
 
 
 def copy_sources():
-    """Paths COPY'd from the build context (not from another stage)."""
+    """Paths COPY'd from the build context (not from another stage), with build arguments at their
+    defaults."""
+    defaults = key_values("ARG")
     return [
-        source.rstrip("/")
+        string.Template(source).substitute(defaults).rstrip("/")
         for args in arguments("COPY")
         if "--from" not in args
         for source in shlex.split(args)[:-1]
