@@ -97,9 +97,10 @@ def warm() -> None:
     TensorBoard on the monitor port when `SEEDS_TF_MONITOR` is on."""
     from seeds_tf import inference
 
-    monitor.ensure_from_env(Roots.from_env().models)
+    roots = Roots.from_env()
+    monitor.ensure_from_env(roots.models)
     try:
-        inference.choose_run(Roots.from_env(), _run_cache()).engine("auto")
+        inference.choose_run(roots, _run_cache()).engine("auto")
     except InputError as error:
         _LOGGER.warning("No model to warm up: %s", error)
 

@@ -94,7 +94,7 @@ def import_legacy(source: str, roots: Roots, *, sha256: str = "", batch_size: in
         copy_split_files(dataset_dir, layout.dataset_dir)
         runs.write_conf(layout, config.to_dict())
         save_classifier(model, layout.final_model)
-        test_images = [scratch / "run" / path for path in _images_folders(scratch / "run")]
+        test_images = _images_folders(scratch / "run")
         metrics, held_out = _held_out_evaluation(
             model, config, layout, [*test_images, roots.data / "images"], batch_size=batch_size
         )
@@ -122,8 +122,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _images_folders(extracted: Path) -> list[Path]:
-    """`images/` folders that came in the tarball, relative to where it was extracted."""
-    return sorted(path.relative_to(extracted) for path in extracted.rglob("images") if path.is_dir())
+    """The `images/` folders that came in the tarball."""
+    return sorted(path for path in extracted.rglob("images") if path.is_dir())
 
 
 def _held_out_evaluation(
