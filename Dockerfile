@@ -60,8 +60,8 @@ RUN groupadd --gid 10001 seeds \
     && mkdir -p "${SEEDS_TF_DATA_DIR}" "${SEEDS_TF_MODELS_DIR}"
 
 # The base image ships TensorFlow, so the package is installed without its cpu/gpu extra (a second
-# copy); the mlflow extra is the client the platform's MLflow needs. seeds_tf/config.yaml is a
-# symlink to ../etc/config.yaml, so etc/ comes too.
+# copy); the mlflow extra is the client the platform's MLflow needs. seeds_tf/core/config.yaml is a
+# symlink to ../../etc/config.yaml, so etc/ comes too.
 WORKDIR /opt/seeds_tf
 COPY pyproject.toml setup.cfg setup.py README.md LICENSE ./
 COPY etc/ etc/

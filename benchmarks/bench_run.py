@@ -3,7 +3,7 @@
 The original seeds model was an Xception at 299 px over 743 species. Speed and memory do not depend
 on what the weights learned, so a randomly initialised classifier of that size, saved as a complete
 run (conf/conf.json, dataset_files/classes.txt, ckpts/final.keras, run.json), is what a benchmark of
-serving needs: `deepaas-run` and `seeds_tf.inference.predict` accept it like any trained run.
+serving needs: `deepaas-run` and `seeds_tf.prediction.inference.predict` accept it like any trained run.
 
     from bench_run import make_benchmark_run, seed_jpeg
     layout = make_benchmark_run(models_dir)           # Xception, 299 px, 743 classes
@@ -17,8 +17,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from seeds_tf import config, runs, synthetic
-from seeds_tf.model import build_classifier, save_classifier
+from seeds_tf.classifier.model import build_classifier, save_classifier
+from seeds_tf.core import config, runs
+from seeds_tf.data import synthetic
 
 ORIGINAL_CLASSES = 743
 """Species of the original seeds model."""

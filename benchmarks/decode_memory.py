@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 from results import record  # noqa: E402
 
-from seeds_tf import images  # noqa: E402
+from seeds_tf.data import images  # noqa: E402
 
 CASES = {
     "before": [(8000, 5000)] * 8,

@@ -29,10 +29,13 @@ import numpy as np
 import PIL.Image
 from results import record, recorded
 
-from seeds_tf import config, engines, export, images, inference, runs
-from seeds_tf.model import build_classifier
-from seeds_tf.paths import Roots
-from seeds_tf.splits import read_split
+from seeds_tf.classifier import engines
+from seeds_tf.classifier.model import build_classifier
+from seeds_tf.core import config, runs
+from seeds_tf.core.paths import Roots
+from seeds_tf.data import images
+from seeds_tf.data.splits import read_split
+from seeds_tf.prediction import export, inference
 
 XCEPTION_GMAC = 8.4
 """Multiply-accumulates of one Xception forward pass at 299 px, in billions (Keras' model, 1000 classes;

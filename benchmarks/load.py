@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-from seeds_tf import config, runs  # noqa: E402
-from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots  # noqa: E402
+from seeds_tf.core import config, runs  # noqa: E402
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots  # noqa: E402
 from tests.deepaas_harness import MODEL_URL, deepaas_process  # noqa: E402
 
 MIX = ("predict", "predict", "not_an_image", "predict", "bad_top_k", "predict", "unknown_run", "predict")

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from results import record
 
-from seeds_tf import config, synthetic
-from seeds_tf.model import build_classifier
-from seeds_tf.pipeline import augmentation, make_dataset
-from seeds_tf.splits import read_dataset
-from seeds_tf.training import compile_classifier
+from seeds_tf.classifier.model import build_classifier
+from seeds_tf.core import config
+from seeds_tf.data import synthetic
+from seeds_tf.data.pipeline import augmentation, make_dataset
+from seeds_tf.data.splits import read_dataset
+from seeds_tf.learning.training import compile_classifier
 
 
 def images_per_second(data, batches: int) -> float:

@@ -39,7 +39,7 @@ from bench_run import ORIGINAL_CLASSES, class_names, make_benchmark_run, seed_jp
 from load import tree_rss_mib  # noqa: E402
 from results import record  # noqa: E402
 
-from seeds_tf import monitor  # noqa: E402
+from seeds_tf.hosting import monitor  # noqa: E402
 from tests.deepaas_harness import MODEL_URL, deepaas_process, free_port  # noqa: E402
 
 PREDICTIONS = 20

@@ -4,11 +4,11 @@ Parts (`--parts`, all by default), on a run of the original model's size: Xcepti
 classes, randomly initialised (bench_run.py), in a temporary models folder:
 
   http     One 299-px JPEG predicted through a real `deepaas-run` (127.0.0.1, one worker) against
-           `seeds_tf.inference.predict` in this process, same bytes, run and options, interleaved
+           `seeds_tf.prediction.inference.predict` in this process, same bytes, run and options, interleaved
            (the order alternates); p50 and p99 latency of each and their ratios. Goal: < 1.2x.
   memory   Resident memory of the server and its workers (load.tree_rss_mib) at rest after the
            1st and after the 500th prediction over HTTP (the http part's requests count among them).
-  fast     A run trained through seeds_tf.training.train with mode=fast, augment=false, Xception at
+  fast     A run trained through seeds_tf.learning.training.train with mode=fast, augment=false, Xception at
            96 px, 2 epochs, on a synthetic dataset (16 classes x 20 images), twice: epoch-2 seconds over
            epoch-1 seconds from the run's stats.json. Goal: < 0.05 (features cached after epoch 1).
            mode=fast refuses weights=none (a frozen random backbone is useless), so the backbone's
@@ -47,9 +47,12 @@ from bench_run import make_benchmark_run, seed_jpeg
 from load import MODEL_URL, serving, tree_rss_mib, uploads_left
 from results import RESULTS, record
 
-from seeds_tf import config, images, inference, runs, synthetic, training
-from seeds_tf.errors import InputError
-from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf.data import images, synthetic
+from seeds_tf.learning import training
+from seeds_tf.prediction import inference
 
 PARTS = ("http", "memory", "fast", "scaling")
 TOP_K = 5
@@ -245,8 +248,8 @@ def random_backbone_weights(path: Path, modelname: str, image_size: int) -> None
     build_classifier builds it (same layer names), so they load into it."""
     import keras
 
-    from seeds_tf.backbones import get_backbone
-    from seeds_tf.model import BackbonePreprocessing
+    from seeds_tf.classifier.backbones import get_backbone
+    from seeds_tf.classifier.model import BackbonePreprocessing
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     features = BackbonePreprocessing(modelname, name="preprocessing")(inputs)
@@ -357,9 +360,9 @@ def train_scaling(dataset_root: Path, counts: Sequence[int], seed: int = 42) -> 
     built and compiled once; every batch shape is traced before timing."""
     import keras
 
-    from seeds_tf.model import build_classifier
-    from seeds_tf.pipeline import augmentation, make_dataset
-    from seeds_tf.splits import Split, read_dataset
+    from seeds_tf.classifier.model import build_classifier
+    from seeds_tf.data.pipeline import augmentation, make_dataset
+    from seeds_tf.data.splits import Split, read_dataset
 
     run_config = config.RunConfig.from_options(weights="none", image_size=96, mode="normal")
     dataset = read_dataset(dataset_root / "dataset_files", dataset_root / "images")

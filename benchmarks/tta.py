@@ -14,9 +14,11 @@ import time
 import numpy as np
 from results import record
 
-from seeds_tf import config, images, inference, runs
-from seeds_tf.paths import Roots
-from seeds_tf.splits import read_split
+from seeds_tf.core import config, runs
+from seeds_tf.core.paths import Roots
+from seeds_tf.data import images
+from seeds_tf.data.splits import read_split
+from seeds_tf.prediction import inference
 
 MODES = ("none", "flip", "ten_crop")
 

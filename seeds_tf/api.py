@@ -16,9 +16,12 @@ from typing import Any
 
 from aiohttp import web
 
-from seeds_tf import __version__, admission, config, monitor, request_parsing, runs, schemas
-from seeds_tf.errors import InputError
-from seeds_tf.paths import Roots
+from seeds_tf import __version__
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
+from seeds_tf.hosting import admission, monitor
+from seeds_tf.service import request_parsing, schemas
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def warm() -> None:
     """Loads the newest working run into this worker with its engine, run once on a blank image so
     that the first request pays no tracing; without a run, the server still starts. Starts
     TensorBoard on the monitor port when `SEEDS_TF_MONITOR` is on."""
-    from seeds_tf import inference
+    from seeds_tf.prediction import inference
 
     roots = Roots.from_env()
     monitor.ensure_from_env(roots.models)
@@ -112,7 +115,8 @@ def get_predict_args() -> dict:
 def predict(**args) -> dict[str, Any] | bytes:
     """The species in the uploaded, linked or inlined images as JSON, or with `accept: image/png`
     the first image with a Grad-CAM heatmap of its top species."""
-    from seeds_tf import explain, inference, sources
+    from seeds_tf.data import sources
+    from seeds_tf.prediction import explain, inference
 
     files = [args[name] for name in schemas.UPLOAD_FIELDS if args.get(name) is not None]
     try:
@@ -141,7 +145,7 @@ def get_train_args() -> dict:
 def train(**args) -> dict[str, Any]:
     """Trains a new run. A bad option or dataset raises InputError, which DEEPaaS reports as the
     training's error message."""
-    from seeds_tf import training
+    from seeds_tf.learning import training
 
     run_config = config.RunConfig.from_options(**args)
     roots = Roots.from_env()
@@ -153,7 +157,7 @@ def train(**args) -> dict[str, Any]:
 @functools.cache
 def _run_cache():
     """The runs loaded in this worker process (made on first use, never in the server process)."""
-    from seeds_tf import inference
+    from seeds_tf.prediction import inference
 
     return inference.RunCache()
 

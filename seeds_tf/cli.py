@@ -23,9 +23,10 @@ import logging
 import sys
 from pathlib import Path
 
-from seeds_tf import __version__, config, runs
-from seeds_tf.errors import InputError
-from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf import __version__
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import monitor, training
+    from seeds_tf.hosting import monitor
+    from seeds_tf.learning import training
 
     monitor.ensure_from_env(roots.models)
     names = [name for section in config.RUN_SECTIONS for name in config.option_specs(section)]
@@ -60,7 +62,8 @@ def _train(args: argparse.Namespace, roots: Roots):
 
 
 def _predict(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import inference, sources
+    from seeds_tf.data import sources
+    from seeds_tf.prediction import inference
 
     options = config.load(
         config.PredictConfig, **{name: getattr(args, name) for name in config.option_specs("prediction")}
@@ -81,21 +84,21 @@ def _predict(args: argparse.Namespace, roots: Roots):
     )
     cache = inference.RunCache()
     if args.heatmap:
-        from seeds_tf import explain
+        from seeds_tf.prediction import explain
 
         Path(args.heatmap).write_bytes(explain.explain_request(roots, cache, options, uploads))
     return inference.predict(roots, cache, options, uploads)
 
 
 def _demo(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import demo
+    from seeds_tf.learning import demo
 
     run_id = demo.train_demo_run(roots) if args.force else demo.ensure_demo_run(roots)
     return {"run_id": run_id}
 
 
 def _synthetic(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import synthetic
+    from seeds_tf.data import synthetic
 
     splits_dir = synthetic.generate_dataset(
         args.output,
@@ -107,7 +110,7 @@ def _synthetic(args: argparse.Namespace, roots: Roots):
 
 
 def _check_dataset(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import datasets
+    from seeds_tf.data import datasets
 
     images_dir = roots.data_path(args.images_directory, "images_directory")
     splits_dir = None if args.folders else roots.data_path(args.splits_directory, "splits_directory")
@@ -121,20 +124,21 @@ def _check_dataset(args: argparse.Namespace, roots: Roots):
 
 
 def _evaluate(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import evaluation
+    from seeds_tf.learning import evaluation
 
     return evaluation.evaluate_run(roots, args.run, Path(args.split_file), args.batch_size).to_dict()
 
 
 def _import_legacy(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import legacy
+    from seeds_tf.learning import legacy
 
     return {"run_id": legacy.import_legacy(args.source, roots, sha256=args.sha256)}
 
 
 def _export(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import engines, export, inference
-    from seeds_tf.splits import read_split
+    from seeds_tf.classifier import engines
+    from seeds_tf.data.splits import read_split
+    from seeds_tf.prediction import export, inference
 
     spec = export.ExportSpec(args.format, args.precision)
     layout = runs.resolve_run(roots.models, args.run, field="run")
@@ -156,7 +160,7 @@ def _promote(args: argparse.Namespace, roots: Roots):
 
 
 def _healthcheck(args: argparse.Namespace, roots: Roots):
-    from seeds_tf import health
+    from seeds_tf.hosting import health
 
     problem = health.check_service(args.url, args.timeout)
     if problem is not None:

@@ -17,8 +17,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from seeds_tf import config, synthetic
-from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf.core import config
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf.data import synthetic
 
 TINY_OPTIONS = {
     "weights": "none",
@@ -49,7 +50,7 @@ def session_roots(tmp_path_factory) -> Roots:
 @pytest.fixture(scope="session")
 def tiny_run(session_roots) -> str:
     """The id of a tiny run trained by the real training code."""
-    from seeds_tf import training
+    from seeds_tf.learning import training
 
     result = training.train(config.RunConfig.from_options(**TINY_OPTIONS), session_roots)
     return result.run_id

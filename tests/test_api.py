@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from seeds_tf import runs
+from seeds_tf.core import runs
 from tests.conftest import TINY_OPTIONS, encode, in_process_service, seed_photo
 from tests.deepaas_harness import MODEL_URL
 from tests.loopback import http_server

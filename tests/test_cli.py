@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from tests.conftest import SMALL_OPTIONS, seed_photo
 
 BIN = Path(sys.executable).parent

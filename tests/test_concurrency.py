@@ -11,7 +11,7 @@ import time
 import requests
 
 from benchmarks import load
-from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import MODEL_URL
 

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import yaml
 
-from seeds_tf import config
-from seeds_tf.backbones import BACKBONES
-from seeds_tf.errors import InputError
+from seeds_tf.classifier.backbones import BACKBONES
+from seeds_tf.core import config
+from seeds_tf.core.errors import InputError
 
 
 def test_defaults_match_the_original_service():

@@ -9,9 +9,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from seeds_tf.datasets import DatasetReport, check_dataset, is_folder_dataset, split_folder_dataset
-from seeds_tf.errors import InputError
-from seeds_tf.splits import read_dataset
+from seeds_tf.core.errors import InputError
+from seeds_tf.data.datasets import DatasetReport, check_dataset, is_folder_dataset, split_folder_dataset
+from seeds_tf.data.splits import read_dataset
 
 
 def _photo(seed: int, fmt: str = "JPEG") -> bytes:
@@ -102,7 +102,7 @@ def test_paths_with_spaces_and_hashes_survive_the_split_files(tmp_path):
 
 def test_tiny_classes_go_to_train_only_with_a_warning(tmp_path, caplog):
     images = _folder_dataset(tmp_path, {"Big one": 10, "Small one": 2, "Single one": 1})
-    with caplog.at_level(logging.WARNING, logger="seeds_tf.datasets"):
+    with caplog.at_level(logging.WARNING, logger="seeds_tf.data.datasets"):
         destination = split_folder_dataset(images, tmp_path / "splits")
     labels = _labels_per_split(read_dataset(destination, images))
     assert labels["train"].count(1) == 1

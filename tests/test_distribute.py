@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from seeds_tf import distribute, runs
-from seeds_tf.model import load_classifier
-from seeds_tf.paths import DATA_ENV, MODELS_ENV
-from seeds_tf.training import weights_digest
+from seeds_tf.classifier.model import load_classifier
+from seeds_tf.core import runs
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.learning import distribute
+from seeds_tf.learning.training import weights_digest
 from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import free_port
 

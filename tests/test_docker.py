@@ -16,7 +16,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from seeds_tf import legacy, monitor
+from seeds_tf.hosting import monitor
+from seeds_tf.learning import legacy
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -180,7 +181,7 @@ def ignored_patterns():
 def test_copied_paths_exist_and_are_not_ignored():
     """Every COPY source must be in the repository and not excluded by .dockerignore
     (as fnmatch reads its patterns), and symlinks inside copied folders
-    (seeds_tf/config.yaml -> ../etc/config.yaml) must point into copied paths, or
+    (seeds_tf/core/config.yaml -> ../../etc/config.yaml) must point into copied paths, or
     they would dangle in the image."""
     sources = copy_sources()
     copied = [(ROOT / source).resolve() for source in sources]

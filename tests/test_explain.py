@@ -5,7 +5,8 @@ import io
 import numpy as np
 import PIL.Image
 
-from seeds_tf import config, explain, inference, runs
+from seeds_tf.core import config, runs
+from seeds_tf.prediction import explain, inference
 from tests.conftest import seed_photo
 
 

@@ -8,10 +8,15 @@ import shutil
 import numpy as np
 import pytest
 
-from seeds_tf import cli, config, engines, export, images, inference, runs, training
-from seeds_tf.errors import InputError
-from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
-from seeds_tf.splits import read_split
+from seeds_tf import cli
+from seeds_tf.classifier import engines
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf.data import images
+from seeds_tf.data.splits import read_split
+from seeds_tf.learning import training
+from seeds_tf.prediction import export, inference
 from tests.conftest import TINY_OPTIONS, seed_photo
 
 

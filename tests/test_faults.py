@@ -20,8 +20,11 @@ from pathlib import Path
 import deepaas.model.v2
 import pytest
 
-from seeds_tf import api, cli, config, demo, inference, runs
-from seeds_tf.errors import InputError
+from seeds_tf import api, cli
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.learning import demo
+from seeds_tf.prediction import inference
 from tests.conftest import TINY_OPTIONS, in_process_service, seed_photo
 from tests.deepaas_harness import MODEL_URL
 
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import keras
 
-from seeds_tf.model import save_classifier
+from seeds_tf.classifier.model import save_classifier
 
 def half_then_wait(archive, name, data, *args, **kwargs):
     with archive.open(str(name), "w") as entry:

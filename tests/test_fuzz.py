@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 from schemathesis.schemas import APIOperation
 
-from seeds_tf.paths import DATA_ENV, MODELS_ENV, Roots
-from seeds_tf.schemas import UPLOAD_FIELDS
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf.service.schemas import UPLOAD_FIELDS
 from tests.conftest import copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_run
 

@@ -8,8 +8,12 @@ import shutil
 
 import pytest
 
-from seeds_tf import admission, api, cli, config, inference, runs, training
-from seeds_tf.errors import InputError
+from seeds_tf import api, cli
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.hosting import admission
+from seeds_tf.learning import training
+from seeds_tf.prediction import inference
 from tests.conftest import SMALL_OPTIONS
 
 

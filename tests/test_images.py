@@ -6,8 +6,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from seeds_tf import images
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
+from seeds_tf.data import images
 from tests.conftest import encode
 
 RNG = np.random.default_rng(0)

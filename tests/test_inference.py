@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from seeds_tf import config, images, inference, runs
-from seeds_tf.errors import InputError
-from seeds_tf.schemas import ModelPredictionResponse
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.data import images
+from seeds_tf.prediction import inference
+from seeds_tf.service.schemas import ModelPredictionResponse
 from tests.conftest import seed_photo
 
 PIXELS = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)

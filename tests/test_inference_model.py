@@ -4,9 +4,11 @@ import keras
 import numpy as np
 import pytest
 
-from seeds_tf import config, engines, export, inference, runs
-from seeds_tf.inference_model import bfloat16_copy, fold_batch_norms
-from seeds_tf.model import build_classifier
+from seeds_tf.classifier import engines
+from seeds_tf.classifier.inference_model import bfloat16_copy, fold_batch_norms
+from seeds_tf.classifier.model import build_classifier
+from seeds_tf.core import config, runs
+from seeds_tf.prediction import export, inference
 
 IMAGES = np.random.default_rng(0).uniform(0, 255, (4, 71, 71, 3)).astype("float32")
 

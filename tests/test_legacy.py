@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seeds_tf import images, inference, legacy, runs
-from seeds_tf.errors import InputError
-from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.core import runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.data import images
+from seeds_tf.learning import legacy
+from seeds_tf.prediction import inference
 from tests.conftest import encode
 from tests.loopback import http_server
 

@@ -6,15 +6,15 @@ import keras
 import numpy as np
 import pytest
 
-from seeds_tf import config
-from seeds_tf.backbones import BACKBONES
-from seeds_tf.model import (
+from seeds_tf.classifier.backbones import BACKBONES
+from seeds_tf.classifier.model import (
     BackboneScaledAdam,
     backbone_layers,
     build_classifier,
     load_classifier,
     save_classifier,
 )
+from seeds_tf.core import config
 
 TINY = config.load(config.ModelConfig, image_size=71, dense_units=16, weights="none")
 IMAGES = np.random.default_rng(0).uniform(0, 255, (3, 71, 71, 3)).astype("float32")

@@ -38,7 +38,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_carries_the_config_as_a_real_file(wheel):
     with zipfile.ZipFile(wheel) as archive:
-        info = archive.getinfo("seeds_tf/config.yaml")
+        info = archive.getinfo("seeds_tf/core/config.yaml")
         assert archive.read(info) == (ROOT / "etc" / "config.yaml").read_bytes()
         entry_points = archive.read(next(n for n in archive.namelist() if n.endswith("entry_points.txt")))
     assert "[deepaas.v2.model]\nseeds_tf = seeds_tf.api" in entry_points.decode()
@@ -54,7 +54,7 @@ def test_a_non_editable_install_loads_its_config_and_uses_its_own_folders(wheel,
         timeout=300,
     )
     script = (
-        "import json, seeds_tf, seeds_tf.config as c, seeds_tf.paths as p;"
+        "import json, seeds_tf, seeds_tf.core.config as c, seeds_tf.core.paths as p;"
         "print(json.dumps([seeds_tf.__file__, c.load(c.PredictConfig).top_k,"
         " str(p.Roots.from_env().models)]))"
     )

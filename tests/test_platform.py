@@ -22,8 +22,8 @@ import psutil
 import pytest
 import requests
 
-from seeds_tf import admission, monitor
-from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.hosting import admission, monitor
 from tests.conftest import copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_process, free_port
 

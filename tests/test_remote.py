@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from seeds_tf import config, remote, runs, training
-from seeds_tf.errors import InputError
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.hosting import remote
+from seeds_tf.learning import training
 from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import free_port
 

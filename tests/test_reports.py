@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from seeds_tf import reports
+from seeds_tf.learning import reports
 
 CLASSES = ["Avena sativa", "Hordeum vulgare", "Triticum aestivum"]
 

@@ -6,9 +6,9 @@ import zipfile
 
 import pytest
 
-from seeds_tf import runs
-from seeds_tf.errors import InputError
-from seeds_tf.paths import Roots
+from seeds_tf.core import runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
 
 NOW = datetime.datetime(2026, 11, 21, 12, 0, 0)
 

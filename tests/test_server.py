@@ -5,7 +5,7 @@ import os
 import numpy as np
 import requests
 
-from seeds_tf.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from tests.conftest import encode, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_run
 

@@ -27,9 +27,15 @@ import pytest
 import requests.adapters
 import urllib3.util.connection
 
-from seeds_tf import sources
-from seeds_tf.errors import InputError
-from seeds_tf.sources import FetchPolicy, check_url, decode_data_uri, fetch_image_bytes, is_public_address
+from seeds_tf.core.errors import InputError
+from seeds_tf.data import sources
+from seeds_tf.data.sources import (
+    FetchPolicy,
+    check_url,
+    decode_data_uri,
+    fetch_image_bytes,
+    is_public_address,
+)
 
 
 def _encoded(fmt: str) -> bytes:

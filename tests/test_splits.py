@@ -2,8 +2,8 @@
 
 import pytest
 
-from seeds_tf.errors import InputError
-from seeds_tf.splits import parse_split_line, read_dataset
+from seeds_tf.core.errors import InputError
+from seeds_tf.data.splits import parse_split_line, read_dataset
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seeds_tf import synthetic
+from seeds_tf.data import synthetic
 
 IMAGES_PER_CLASS = 4
 IMAGE_SIZE = 48

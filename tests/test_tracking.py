@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from seeds_tf import config, runs, tracking, training
+from seeds_tf.core import config, runs
+from seeds_tf.learning import tracking, training
 from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import free_port
 
@@ -122,7 +123,7 @@ def test_a_training_is_tracked_and_its_model_registered(roots, monkeypatch, mlfl
 
 def test_refused_credentials_cost_a_warning_not_the_training(roots, monkeypatch, mlflow_server, caplog):
     tracked_by(monkeypatch, mlflow_server, password="not-the-password")  # noqa: S106 - wrong on purpose
-    with caplog.at_level(logging.WARNING, logger="seeds_tf.tracking"):
+    with caplog.at_level(logging.WARNING, logger="seeds_tf.learning.tracking"):
         result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
     layout = runs.RunLayout(roots.models / result.run_id)
     assert layout.is_complete()
@@ -133,7 +134,7 @@ def test_refused_credentials_cost_a_warning_not_the_training(roots, monkeypatch,
 def test_a_tracking_server_that_is_down_is_found_out_at_once(monkeypatch, caplog):
     """One short request tells (the preflight), instead of MLflow's minutes of retries per call."""
     tracked_by(monkeypatch, f"http://127.0.0.1:{free_port()}")
-    with caplog.at_level(logging.WARNING, logger="seeds_tf.tracking"):
+    with caplog.at_level(logging.WARNING, logger="seeds_tf.learning.tracking"):
         assert tracking.start_logger("2026-11-30_000000", {}) is None
     assert "cannot be reached" in caplog.text
 
@@ -142,6 +143,6 @@ def test_without_mlflow_installed_the_run_is_not_tracked(monkeypatch, caplog):
     """An image built without the mlflow extra, on a platform that injects MLFLOW_TRACKING_URI."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what `import mlflow` meets when it is absent
-    with caplog.at_level(logging.WARNING, logger="seeds_tf.tracking"):
+    with caplog.at_level(logging.WARNING, logger="seeds_tf.learning.tracking"):
         assert tracking.start_logger("2026-11-30_000000", {}) is None
     assert "MLflow is not installed" in caplog.text

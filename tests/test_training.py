@@ -6,9 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from seeds_tf import config, runs, training
-from seeds_tf.errors import InputError
-from seeds_tf.inference import load_run
+from seeds_tf.core import config, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.learning import training
+from seeds_tf.prediction.inference import load_run
 from tests.conftest import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
 
 

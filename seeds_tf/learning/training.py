@@ -22,21 +22,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf import admission, datasets, distribute, images, remote, reports, runs, tracking
-from seeds_tf.backbones import get_backbone
-from seeds_tf.config import RunConfig
-from seeds_tf.errors import InputError
-from seeds_tf.evaluation import evaluate_split, test_metrics
-from seeds_tf.model import (
+from seeds_tf.classifier.backbones import get_backbone
+from seeds_tf.classifier.model import (
     BackboneScaledAdam,
     backbone_layers,
     build_classifier,
     head_model,
     save_classifier,
 )
-from seeds_tf.paths import Roots
-from seeds_tf.pipeline import augmentation, make_dataset
-from seeds_tf.splits import Dataset, copy_split_files, read_dataset
+from seeds_tf.core import runs
+from seeds_tf.core.config import RunConfig
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
+from seeds_tf.data import datasets, images
+from seeds_tf.data.pipeline import augmentation, make_dataset
+from seeds_tf.data.splits import Dataset, copy_split_files, read_dataset
+from seeds_tf.hosting import admission, remote
+from seeds_tf.learning import distribute, reports, tracking
+from seeds_tf.learning.evaluation import evaluate_split, test_metrics
 
 _LOGGER = logging.getLogger(__name__)
 

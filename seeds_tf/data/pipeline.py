@@ -1,6 +1,6 @@
 """The tf.data input pipeline: parallel decode and resize, augmentation on the fly, prefetch.
 
-Decoding goes through `seeds_tf.images` (Pillow), so training reads every format prediction accepts
+Decoding goes through `seeds_tf.data.images` (Pillow), so training reads every format prediction accepts
 and prepares pixels exactly as prediction does. Unreadable images are screened out beforehand
 (`images.find_unreadable`), which keeps the number of batches known to Keras.
 """
@@ -13,9 +13,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf import images
-from seeds_tf.config import AugmentationConfig
-from seeds_tf.splits import Split
+from seeds_tf.data import images
+from seeds_tf.core.config import AugmentationConfig
+from seeds_tf.data.splits import Split
 
 
 def augmentation(config: AugmentationConfig, seed: int) -> keras.Sequential | None:

@@ -1,7 +1,7 @@
 """The demo run: what `make serve` trains when models/ holds no run yet.
 
 The real seeds images cannot be fetched everywhere, so the demo trains on the synthetic seeds dataset
-(`seeds_tf.synthetic`) with the small, fast settings of the `demo` section of etc/config.yaml.
+(`seeds_tf.data.synthetic`) with the small, fast settings of the `demo` section of etc/config.yaml.
 It is a demonstration of the service, not a model of real seeds.
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from seeds_tf import config, runs, synthetic
-from seeds_tf.paths import Roots
+from seeds_tf.core import config, runs
+from seeds_tf.core.paths import Roots
+from seeds_tf.data import synthetic
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def ensure_demo_run(roots: Roots) -> str:
 
 def train_demo_run(roots: Roots) -> str:
     """Generates the synthetic dataset (unless present) and trains the demo run on it."""
-    from seeds_tf import training
+    from seeds_tf.learning import training
 
     synthetic_args, overrides = config.demo_settings()
     dataset_root = roots.data / DEMO_FOLDER

@@ -19,7 +19,7 @@ import PIL.Image
 import PIL.ImageOps
 import tensorflow as tf
 
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
 
 MAX_PIXELS = 40_000_000
 """Largest width x height accepted: above it, decoding could exhaust memory (decompression bombs)."""

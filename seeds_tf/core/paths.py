@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
 
 DATA_ENV = "SEEDS_TF_DATA_DIR"
 MODELS_ENV = "SEEDS_TF_MODELS_DIR"
@@ -44,7 +44,7 @@ class Roots:
 
 
 def _default_base(environ: Mapping[str, str]) -> Path:
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / "setup.cfg").is_file() and (checkout / "seeds_tf").is_dir():
         return checkout
     xdg = environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"

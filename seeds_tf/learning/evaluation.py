@@ -8,12 +8,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from seeds_tf import reports, runs
-from seeds_tf.errors import InputError
-from seeds_tf.inference import load_run
-from seeds_tf.paths import Roots
-from seeds_tf.pipeline import images_only, make_dataset
-from seeds_tf.splits import Split, read_split
+from seeds_tf.core import runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
+from seeds_tf.data.pipeline import images_only, make_dataset
+from seeds_tf.data.splits import Split, read_split
+from seeds_tf.learning import reports
+from seeds_tf.prediction.inference import load_run
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -17,13 +17,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf import images, runs
-from seeds_tf.config import ModelConfig, PredictConfig, RunConfig
-from seeds_tf.engines import BF16_ENGINES, ENGINES, Engine, cpu_has_bf16, export_path, load_engine
-from seeds_tf.errors import InputError
-from seeds_tf.model import load_classifier
-from seeds_tf.paths import Roots
-from seeds_tf.splits import read_lines
+from seeds_tf.classifier.engines import BF16_ENGINES, ENGINES, Engine, cpu_has_bf16, export_path, load_engine
+from seeds_tf.classifier.model import load_classifier
+from seeds_tf.core import runs
+from seeds_tf.core.config import ModelConfig, PredictConfig, RunConfig
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
+from seeds_tf.data import images
+from seeds_tf.data.splits import read_lines
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class LoadedRun:
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, compare=False, repr=False)
 
     def engine(self, name: str = "auto") -> Engine:
-        """The engine called `name` (seeds_tf.engines.ENGINES); "auto" is the run's own choice,
+        """The engine called `name` (seeds_tf.classifier.engines.ENGINES); "auto" is the run's own choice,
         recorded by `seeds-tf export --serve`, else keras.
 
         Raises:

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -22,11 +22,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf import engines, images, inference, runs
-from seeds_tf.errors import InputError
-from seeds_tf.inference_model import bfloat16_copy, fold_batch_norms
-from seeds_tf.model import load_classifier
-from seeds_tf.splits import Split
+from seeds_tf.classifier import engines
+from seeds_tf.classifier.inference_model import bfloat16_copy, fold_batch_norms
+from seeds_tf.classifier.model import load_classifier
+from seeds_tf.core import runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.data import images
+from seeds_tf.data.splits import Split
+from seeds_tf.prediction import inference
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from seeds_tf import runs
+from seeds_tf.core import runs
 
 TOP_K = 5
 _MIN_PROBABILITY = 1e-7

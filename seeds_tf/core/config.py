@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
 
 CONFIG_ENV = "SEEDS_TF_CONFIG"
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -185,7 +185,7 @@ def config_path() -> Path:
     override = os.environ.get(CONFIG_ENV)
     if override:
         return Path(override)
-    return Path(str(importlib.resources.files("seeds_tf").joinpath("config.yaml")))
+    return Path(str(importlib.resources.files("seeds_tf.core").joinpath("config.yaml")))
 
 
 def option_specs(section: str) -> dict[str, OptionSpec]:

@@ -44,7 +44,7 @@ import urllib3.connection
 import urllib3.exceptions
 
 from seeds_tf import __version__
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
 
 _LOGGER = logging.getLogger(__name__)
 

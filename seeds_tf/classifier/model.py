@@ -17,9 +17,9 @@ from pathlib import Path
 
 import keras
 
-from seeds_tf import runs
-from seeds_tf.backbones import get_backbone
-from seeds_tf.config import ModelConfig
+from seeds_tf.classifier.backbones import get_backbone
+from seeds_tf.core import runs
+from seeds_tf.core.config import ModelConfig
 
 HEAD_LAYERS = ("head_dense", "predictions")
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import marshmallow
 from marshmallow import fields, validate
 
-from seeds_tf import runs
-from seeds_tf.config import RUN_SECTIONS, OptionSpec, option_specs
-from seeds_tf.errors import InputError
-from seeds_tf.paths import Roots
+from seeds_tf.core import runs
+from seeds_tf.core.config import RUN_SECTIONS, OptionSpec, option_specs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
 
 UPLOAD_FIELDS = ("image", "image_2", "image_3", "image_4")
 """The file fields of predict: DEEPaaS 2.6 passes one file per field, so several photos need several."""

@@ -3,7 +3,7 @@
 
 Folder-per-class means `images/<Genus species>/<any name>.jpg` (any common image format, nested
 folders allowed, hidden files and folders ignored). `split_folder_dataset` writes it out in the split-file
-format of `seeds_tf.splits`, so a run records exactly which images it trained, validated and tested on.
+format of `seeds_tf.data.splits`, so a run records exactly which images it trained, validated and tested on.
 
 `check_dataset` inspects either layout and collects every problem at once, where `splits.read_dataset`
 stops at the first: users fix their data in one pass instead of one training attempt per problem.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from seeds_tf.errors import InputError
-from seeds_tf.splits import SPLIT_NAMES, parse_split_line, read_lines
+from seeds_tf.core.errors import InputError
+from seeds_tf.data.splits import SPLIT_NAMES, parse_split_line, read_lines
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _scan_split(scan: _Scan, split: str, parsed: list[tuple[str, int | None]], r
 
 
 def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str) -> DatasetReport:
-    from seeds_tf import images  # TensorFlow, which images imports, is slow to load
+    from seeds_tf.data import images  # TensorFlow, which images imports, is slow to load
 
     splits_of: dict[Path, list[str]] = collections.defaultdict(list)
     for split in split_names:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from aiohttp import http_exceptions, web
 from webargs import aiohttpparser
 
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 

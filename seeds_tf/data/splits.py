@@ -13,8 +13,8 @@ import shutil
 from collections.abc import Collection
 from pathlib import Path
 
-from seeds_tf import runs
-from seeds_tf.errors import InputError
+from seeds_tf.core import runs
+from seeds_tf.core.errors import InputError
 
 SPLIT_NAMES = ("train", "val", "test")
 

@@ -17,10 +17,11 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import tensorflow as tf
 
-from seeds_tf import images, inference
-from seeds_tf.config import PredictConfig
-from seeds_tf.inference import LoadedRun, RunCache
-from seeds_tf.paths import Roots
+from seeds_tf.core.config import PredictConfig
+from seeds_tf.core.paths import Roots
+from seeds_tf.data import images
+from seeds_tf.prediction import inference
+from seeds_tf.prediction.inference import LoadedRun, RunCache
 
 MIN_SIDE, MAX_SIDE = 384, 768
 """Range of the longest side of the returned picture: room for the labels, small enough to send."""

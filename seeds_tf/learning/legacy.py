@@ -25,12 +25,13 @@ from typing import Any
 
 import requests
 
-from seeds_tf import evaluation, reports, runs
-from seeds_tf.config import RunConfig
-from seeds_tf.errors import InputError
-from seeds_tf.model import build_classifier, save_classifier
-from seeds_tf.paths import Roots
-from seeds_tf.splits import copy_split_files, read_lines, read_split
+from seeds_tf.classifier.model import build_classifier, save_classifier
+from seeds_tf.core import runs
+from seeds_tf.core.config import RunConfig
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
+from seeds_tf.data.splits import copy_split_files, read_lines, read_split
+from seeds_tf.learning import evaluation, reports
 
 _LOGGER = logging.getLogger(__name__)
 

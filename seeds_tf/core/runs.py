@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from seeds_tf import __version__
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
 
 RUN_ID_FORMAT = "%Y-%m-%d_%H%M%S"
 _RUN_ID_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}_\d{6}")

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from seeds_tf.errors import InputError
+from seeds_tf.core.errors import InputError
 
 LOCK_FILE = ".training.lock"
 _BUSY = (errno.EAGAIN, errno.EACCES)

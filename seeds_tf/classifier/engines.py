@@ -1,7 +1,7 @@
 """Inference engines: what turns a batch of pixels into class probabilities for a loaded run.
 
 `keras` runs the run's Keras model (the reference). The others run an export of it made by
-`seeds-tf export` (seeds_tf.export): TensorFlow Lite with XNNPACK (`tflite_fp32`,
+`seeds-tf export` (seeds_tf.prediction.export): TensorFlow Lite with XNNPACK (`tflite_fp32`,
 `tflite_dynamic_int8`, `tflite_int8`), ONNX Runtime (`onnx_fp32`) or TensorFlow itself on a
 bfloat16 SavedModel (`savedmodel_bf16`, for CPUs with bf16 units). All take float32 RGB batches
 of shape (n, size, size, 3) in [0, 255] and return (n, classes) softmax probabilities.
@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf.inference_model import fold_batch_norms
+from seeds_tf.classifier.inference_model import fold_batch_norms
 
 ENGINES = ("keras", "tflite_fp32", "tflite_dynamic_int8", "tflite_int8", "onnx_fp32", "savedmodel_bf16")
 

@@ -1,0 +1,1 @@
+"""The Keras network: backbones, building, saving and loading, folding for inference, engine specs."""

@@ -1,0 +1,1 @@
+"""The platform around a run: admission of trainings, TensorBoard, rclone copies, health checks."""

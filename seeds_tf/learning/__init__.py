@@ -1,0 +1,1 @@
+"""Making runs: training (local or distributed), tracking, evaluation and reports, the demo, legacy import."""
