@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from seeds_tf.classifier.model import build_classifier, save_classifier
-from seeds_tf.core import config, runs
+from seeds_tf.core import atomic, config, runs
 from seeds_tf.data import synthetic
 
 ORIGINAL_CLASSES = 743
@@ -51,7 +51,7 @@ def make_benchmark_run(
     model = build_classifier(run_config.model, num_classes)
     layout = runs.create_run(models_dir)
     runs.write_conf(layout, run_config.to_dict())
-    runs.write_text_atomic(layout.dataset_dir / "classes.txt", "\n".join(class_names(num_classes)) + "\n")
+    atomic.write_text(layout.dataset_dir / "classes.txt", "\n".join(class_names(num_classes)) + "\n")
     save_classifier(model, layout.final_model)
     runs.mark_complete(
         layout,

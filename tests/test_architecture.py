@@ -39,7 +39,8 @@ def _imported_parts(path: Path) -> set[tuple[int, str]]:
                 for alias in node.names
                 if alias.name.startswith("seeds_tf.")
             }
-    return {(line, "face" if name in {"api", "cli"} else name) for line, name in found if name != "__version__"}
+    faces = {"api", "cli"}
+    return {(line, "face" if name in faces else name) for line, name in found if name != "__version__"}
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))

@@ -21,7 +21,7 @@ import deepaas.model.v2
 import pytest
 
 from seeds_tf import api, cli
-from seeds_tf.core import config, runs
+from seeds_tf.core import atomic, config, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.learning import demo
 from seeds_tf.prediction import inference
@@ -81,7 +81,7 @@ def _copy_run(models: Path, run_id: str, new_id: str) -> runs.RunLayout:
     layout = runs.RunLayout(models / new_id)
     summary = runs.read_json(layout.summary_file)
     layout.summary_file.unlink()
-    runs.write_json_atomic(layout.summary_file, {**summary, "run_id": new_id, "created": new_id})
+    atomic.write_json(layout.summary_file, {**summary, "run_id": new_id, "created": new_id})
     return layout
 
 

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from seeds_tf.core import runs
+from seeds_tf.core import atomic, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 
@@ -71,17 +71,17 @@ def test_no_run_at_all_says_to_train_one(tmp_path):
 
 def test_atomic_writes_leave_no_temporary_files(tmp_path):
     target = tmp_path / "stats" / "stats.json"
-    runs.write_json_atomic(target, {"epochs": [1, 2]})
-    runs.write_json_atomic(target, {"epochs": [1, 2, 3]})
+    atomic.write_json(target, {"epochs": [1, 2]})
+    atomic.write_json(target, {"epochs": [1, 2, 3]})
     assert runs.read_json(target) == {"epochs": [1, 2, 3]}
     assert os.listdir(target.parent) == ["stats.json"]
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "conf.json"
-    runs.write_json_atomic(target, {"ok": True})
+    atomic.write_json(target, {"ok": True})
     with pytest.raises(TypeError):
-        runs.write_json_atomic(target, {"bad": object()})
+        atomic.write_json(target, {"bad": object()})
     assert runs.read_json(target) == {"ok": True}
     assert os.listdir(tmp_path) == ["conf.json"]
 
@@ -105,8 +105,8 @@ def test_roots_come_from_the_environment(tmp_path):
 
 def test_a_write_that_fails_half_way_leaves_the_previous_file_and_no_debris(tmp_path):
     target = tmp_path / "ckpts" / "final.keras"
-    runs.write_text_atomic(target, "version 1")
-    with pytest.raises(RuntimeError), runs.atomic_path(target) as temporary:
+    atomic.write_text(target, "version 1")
+    with pytest.raises(RuntimeError), atomic.replacement(target) as temporary:
         temporary.write_text("half of version 2")
         raise RuntimeError("killed mid-save")
     assert target.read_text() == "version 1"

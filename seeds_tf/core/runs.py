@@ -16,13 +16,13 @@ import errno
 import json
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from seeds_tf import __version__
+from seeds_tf.core import atomic
 from seeds_tf.core.errors import InputError
 
 RUN_ID_FORMAT = "%Y-%m-%d_%H%M%S"
@@ -234,7 +234,7 @@ def promote(models_dir: Path, run_id: str) -> dict[str, str]:
         raise InputError("run", "expected the id of a working run")
     layout = resolve_run(models_dir, run_id, field="run")
     record = {"run_id": layout.run_id, "promoted": datetime.datetime.now().isoformat(timespec="seconds")}
-    write_json_atomic(models_dir / PROMOTED_FILE, record)
+    atomic.write_json(models_dir / PROMOTED_FILE, record)
     return record
 
 
@@ -304,41 +304,9 @@ def storage_errors(models_dir: Path) -> Iterator[None]:
         ) from error
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` for the block to write; renamed over `path` when the block
-    succeeds, removed when it fails. Readers never see half a file, and a crash leaves the previous
-    version in place. Every artifact of a run (models, JSON, pictures) is written through this."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The whole suffix: Keras insists on names ending in ".weights.h5". The leading dot keeps the
-    # temporary out of every listing (runs, checkpoints) while it is written.
-    suffix = "".join(path.suffixes)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        # mkstemp makes the file private; runs are read by other processes and users.
-        temporary.chmod(0o644)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_conf(layout: RunLayout, conf: dict[str, Any]) -> None:
     """Writes the run's resolved configuration, with the seeds_tf version that made it."""
-    write_json_atomic(layout.conf_file, {**conf, "seeds_tf_version": __version__})
+    atomic.write_json(layout.conf_file, {**conf, "seeds_tf_version": __version__})
 
 
 def mark_complete(
@@ -349,7 +317,7 @@ def mark_complete(
     It records what the prediction side and the metadata need: the model, its classes, its
     checkpoints and test metrics, plus any `details` of how the run came to be.
     """
-    write_json_atomic(
+    atomic.write_json(
         layout.summary_file,
         {
             "run_id": layout.run_id,

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Collection
 from pathlib import Path
 
-from seeds_tf.core import runs
+from seeds_tf.core import atomic
 from seeds_tf.core.errors import InputError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -132,5 +132,5 @@ def copy_split_files(splits_dir: Path, destination: Path) -> None:
     for name in ("classes", "info", *SPLIT_NAMES):
         source = splits_dir / f"{name}.txt"
         if source.is_file():
-            with runs.atomic_path(destination / source.name) as temporary:
+            with atomic.replacement(destination / source.name) as temporary:
                 shutil.copyfile(source, temporary)

@@ -30,7 +30,7 @@ from seeds_tf.classifier.model import (
     head_model,
     save_classifier,
 )
-from seeds_tf.core import runs
+from seeds_tf.core import atomic, runs
 from seeds_tf.core.config import RunConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
@@ -256,7 +256,7 @@ def _train_run(
         raise
     training_time = round(time.monotonic() - started, 1)
     digest = weights_digest(model)
-    runs.write_json_atomic(
+    atomic.write_json(
         layout.stats_file, {"epochs": history, "training_time_s": training_time, "test": metrics}
     )
     registered = None
@@ -459,7 +459,7 @@ class _EpochLog(keras.callbacks.Callback):
             },
         }
         self.epochs.append(record)
-        runs.write_json_atomic(self._layout.stats_file, {"epochs": self.epochs})
+        atomic.write_json(self._layout.stats_file, {"epochs": self.epochs})
         _LOGGER.info("Run %s epoch %d: %s", self._layout.run_id, epoch + 1, record)
 
 
@@ -469,7 +469,7 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
     Keras rewrites `latest.weights.h5` in place and the epoch number in a second file after it: a
     kill while saving leaves truncated weights (the resumed run then fails) or weights an epoch
     ahead of their number. Here each epoch's weights go to a file of their own through
-    runs.atomic_path; only then does `state.json` (atomic too) name them as the last epoch done.
+    atomic.replacement; only then does `state.json` (atomic too) name them as the last epoch done.
     """
 
     def __init__(self, layout: runs.RunLayout):
@@ -478,9 +478,9 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
 
     def _save_model(self):
         weights = self._layout.backup_dir / f"epoch_{self._current_epoch:04d}.weights.h5"
-        with runs.atomic_path(weights) as temporary:
+        with atomic.replacement(weights) as temporary:
             self.model.save_weights(temporary)
-        runs.write_json_atomic(
+        atomic.write_json(
             self._layout.backup_state, {"epoch": self._current_epoch, "weights": weights.name}
         )
         for stale in self._layout.backup_dir.glob("epoch_*.weights.h5"):

@@ -25,7 +25,7 @@ import tensorflow as tf
 from seeds_tf.classifier import engines
 from seeds_tf.classifier.inference_model import bfloat16_copy, fold_batch_norms
 from seeds_tf.classifier.model import load_classifier
-from seeds_tf.core import runs
+from seeds_tf.core import atomic, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.data import images
 from seeds_tf.data.splits import Split
@@ -106,10 +106,10 @@ def export_model(
             _replace_folder(saved_model, destination)
         elif spec.format == "tflite":
             blob = _tflite(saved_model, spec.precision, model.input_shape[1], calibration)
-            with runs.atomic_path(destination) as temporary:
+            with atomic.replacement(destination) as temporary:
                 temporary.write_bytes(blob)
         else:
-            with runs.atomic_path(destination) as temporary:
+            with atomic.replacement(destination) as temporary:
                 _onnx(model, temporary)
     return destination
 
@@ -145,7 +145,7 @@ def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: boo
     refused = serve and (agreement is None or agreement < MIN_AGREEMENT)
     if serve and not refused:
         recorded["serve"] = engine
-    runs.write_json_atomic(index, recorded)
+    atomic.write_json(index, recorded)
     if refused:
         raise InputError(
             "serve",

@@ -1,0 +1,47 @@
+"""Atomic file writing: readers never see half a file, and a crash leaves the previous version.
+
+Every artifact of a run (models, JSON, pictures, split files, progress) is written through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes `data` as indented JSON with sorted keys (stable diffs between runs)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes `text` as UTF-8."""
+    with replacement(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def replacement(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; renamed over `path` when the block
+    succeeds, removed when it fails. For writers that need a file name (Keras, matplotlib)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The whole suffix: Keras insists on names ending in ".weights.h5". The leading dot keeps the
+    # temporary out of every listing (runs, checkpoints) while it is written.
+    suffix = "".join(path.suffixes)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        # mkstemp makes the file private; runs are read by other processes and users.
+        temporary.chmod(0o644)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
