@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from seeds_tf.classifier.model import build_classifier, save_classifier
-from seeds_tf.core import atomic, config, runs
+from seeds_tf.core import config, files, runs
 from seeds_tf.data import synthetic
 
 ORIGINAL_CLASSES = 743
@@ -51,13 +51,10 @@ def make_benchmark_run(
     model = build_classifier(run_config.model, num_classes)
     layout = runs.create_run(models_dir)
     runs.write_conf(layout, run_config.to_dict())
-    atomic.write_text(layout.dataset_dir / "classes.txt", "\n".join(class_names(num_classes)) + "\n")
+    files.write_text(layout.classes_file, "\n".join(class_names(num_classes)) + "\n")
     save_classifier(model, layout.final_model)
     runs.mark_complete(
         layout,
-        modelname=modelname,
-        image_size=image_size,
-        num_classes=num_classes,
         metrics={},
         benchmark="random weights, never trained",
     )

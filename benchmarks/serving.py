@@ -47,7 +47,7 @@ from bench_run import make_benchmark_run, seed_jpeg
 from load import MODEL_URL, serving, tree_rss_mib, uploads_left
 from results import RESULTS, record
 
-from seeds_tf.core import config, runs
+from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.data import images, synthetic
@@ -282,7 +282,7 @@ def fast_mode(roots: Roots, data_folder: str, sizes: Sizes) -> dict[str, Any]:
         wall_s, result = timed(
             lambda: training.train(config.RunConfig.from_options(weights=weights, **options), roots)
         )
-        stats = runs.read_json(runs.RunLayout(roots.models / result.run_id).stats_file)
+        stats = files.read_json(runs.RunLayout(roots.models / result.run_id).stats_file)
         seconds = [epoch["seconds"] for epoch in stats["epochs"]]
         trained.append({"epoch_seconds": seconds, "epoch2_over_epoch1": round(seconds[1] / seconds[0], 4)})
         trained[-1] |= {"training_time_s": stats["training_time_s"], "train_call_wall_s": round(wall_s, 1)}

@@ -124,3 +124,11 @@ def test_demo_overrides_are_valid_options():
     run = config.RunConfig.from_options(**overrides)
     assert run.model.weights == "none"
     assert synthetic_args["images_per_class"] >= 3
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_float_option_outside_its_range_is_refused_even_when_not_a_number(value):
+    """NaN compares False with every bound; it must not slip through a range check."""
+    with pytest.raises(InputError) as raised:
+        config.load(config.TrainConfig, val_fraction=value)
+    assert raised.value.field == "val_fraction"

@@ -149,16 +149,16 @@ def test_a_zero_fraction_writes_no_split_file_and_removes_a_stale_one(tmp_path):
         ({"Genus a": 3}, {}, "images_directory", "1 sub-folder(s) with images"),
         ({}, {}, "images_directory", "0 sub-folder(s)"),
         ({"Genus a": 3, " Genus b": 3}, {}, "images_directory", "cannot be written to a split file"),
-        ({"Genus a": 3, "Genus b": 3}, {"val_fraction": 0.6}, "val_fraction", "between 0 and 0.5"),
-        ({"Genus a": 3, "Genus b": 3}, {"test_fraction": -0.1}, "test_fraction", "between 0 and 0.5"),
-        ({"Genus a": 3, "Genus b": 3}, {"test_fraction": float("nan")}, "test_fraction", "between 0 and 0.5"),
+        ({"Genus a": 3, "Genus b": 3}, {"val_fraction": 0.6}, "val_fraction", "expected <= 0.5"),
+        ({"Genus a": 3, "Genus b": 3}, {"test_fraction": -0.1}, "test_fraction", "expected >= 0.0"),
+        ({"Genus a": 3, "Genus b": 3}, {"test_fraction": float("nan")}, "test_fraction", "expected >= 0.0"),
         (
             {"Genus a": 3, "Genus b": 3},
             {"val_fraction": 0.5, "test_fraction": 0.5},
             "test_fraction",
             "less than 1",
         ),
-        ({"Genus a": 3, "Genus b": 3}, {"seed": -1}, "seed", "non-negative"),
+        ({"Genus a": 3, "Genus b": 3}, {"seed": -1}, "seed", "expected >= 0"),
     ],
 )
 def test_bad_folder_datasets_and_options_are_refused(tmp_path, sizes, options, field, message):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from seeds_tf.classifier.model import load_classifier
-from seeds_tf.core import runs
+from seeds_tf.core import files, runs
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.learning import distribute
 from seeds_tf.learning.training import weights_digest
@@ -55,7 +55,7 @@ def test_two_workers_train_one_run_and_agree(roots, tmp_path):
     assert chief["weights_digest"] == other["weights_digest"]
     assert chief["metrics"] == other["metrics"]
     layout = runs.resolve_run(roots.models, chief["run_id"])
-    assert runs.read_json(layout.summary_file)["weights_digest"] == chief["weights_digest"]
+    assert files.read_json(layout.summary_file)["weights_digest"] == chief["weights_digest"]
     assert weights_digest(load_classifier(layout.final_model)) == chief["weights_digest"]
     assert list(tmp_path.glob("seeds_tf_worker_*")) == [], "the worker's scratch run was left behind"
 

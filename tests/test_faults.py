@@ -21,7 +21,7 @@ import deepaas.model.v2
 import pytest
 
 from seeds_tf import api, cli
-from seeds_tf.core import atomic, config, runs
+from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.learning import demo
 from seeds_tf.prediction import inference
@@ -79,9 +79,9 @@ def _copy_run(models: Path, run_id: str, new_id: str) -> runs.RunLayout:
     """A copy of a run made of hard links (fast, no space): replace files, never edit them in place."""
     shutil.copytree(models / run_id, models / new_id, copy_function=os.link)
     layout = runs.RunLayout(models / new_id)
-    summary = runs.read_json(layout.summary_file)
+    summary = files.read_json(layout.summary_file)
     layout.summary_file.unlink()
-    atomic.write_json(layout.summary_file, {**summary, "run_id": new_id, "created": new_id})
+    files.write_json(layout.summary_file, {**summary, "run_id": new_id, "created": new_id})
     return layout
 
 
@@ -292,7 +292,7 @@ def test_a_full_disk_ends_the_training_with_a_clear_error_and_keeps_the_runs(ser
     (unfinished,) = runs.incomplete_runs(roots.models)
     layout = runs.RunLayout(roots.models / unfinished)
     # It failed saving the first backup, after epoch 1 (whose record is in stats.json).
-    assert [epoch["epoch"] for epoch in runs.read_json(layout.stats_file)["epochs"]] == [1]
+    assert [epoch["epoch"] for epoch in files.read_json(layout.stats_file)["epochs"]] == [1]
     assert {path: digest for path, digest in _snapshot(roots.models).items() if path in before} == before
     assert runs.complete_runs(roots.models) == [tiny_run]
     # Nothing half-written at any artifact's name, and no temporary left behind.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seeds_tf.core import runs
+from seeds_tf.core import files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.data import images
@@ -91,7 +91,7 @@ def test_a_legacy_run_imports_and_predicts_as_the_original(
     run_id = legacy.import_legacy(f"{tarball_server}/seeds.tar.xz", empty_roots)
     layout = runs.RunLayout(empty_roots.models / run_id)
     assert layout.is_complete()
-    summary = runs.read_json(layout.summary_file)
+    summary = files.read_json(layout.summary_file)
     assert summary["imported_from"].endswith("seeds.tar.xz")
     assert summary["sha256"] == hashlib.sha256((tmp_path / "seeds.tar.xz").read_bytes()).hexdigest()
     # The published tarball lists its test split without the images: the run says so.
@@ -131,7 +131,7 @@ def test_the_held_out_accuracy_is_recorded_when_the_test_images_come_along(
     archive = _tarball(tmp_path, legacy_model, test_images=True)
     run_id = legacy.import_legacy(str(archive), empty_roots, sha256=legacy.file_sha256(archive))
     layout = runs.RunLayout(empty_roots.models / run_id)
-    summary = runs.read_json(layout.summary_file)
+    summary = files.read_json(layout.summary_file)
     assert summary["held_out"].startswith("evaluated on 6 test images")
     assert 0.0 <= summary["metrics"]["test_accuracy"] <= 1.0
     assert set(summary["metrics"]) == {"test_accuracy", "test_top5_accuracy", "test_loss", "test_macro_f1"}

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from seeds_tf.core import atomic, runs
+from seeds_tf.core import files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 
@@ -21,7 +21,7 @@ def _complete(models, now=NOW):
     with zipfile.ZipFile(layout.final_model, "w") as archive:
         archive.writestr("config.json", "{}")
         archive.writestr("model.weights.h5", b"")
-    runs.mark_complete(layout, modelname="Xception", image_size=71, num_classes=2, metrics={})
+    runs.mark_complete(layout, metrics={})
     return layout
 
 
@@ -71,18 +71,18 @@ def test_no_run_at_all_says_to_train_one(tmp_path):
 
 def test_atomic_writes_leave_no_temporary_files(tmp_path):
     target = tmp_path / "stats" / "stats.json"
-    atomic.write_json(target, {"epochs": [1, 2]})
-    atomic.write_json(target, {"epochs": [1, 2, 3]})
-    assert runs.read_json(target) == {"epochs": [1, 2, 3]}
+    files.write_json(target, {"epochs": [1, 2]})
+    files.write_json(target, {"epochs": [1, 2, 3]})
+    assert files.read_json(target) == {"epochs": [1, 2, 3]}
     assert os.listdir(target.parent) == ["stats.json"]
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "conf.json"
-    atomic.write_json(target, {"ok": True})
+    files.write_json(target, {"ok": True})
     with pytest.raises(TypeError):
-        atomic.write_json(target, {"bad": object()})
-    assert runs.read_json(target) == {"ok": True}
+        files.write_json(target, {"bad": object()})
+    assert files.read_json(target) == {"ok": True}
     assert os.listdir(tmp_path) == ["conf.json"]
 
 
@@ -105,8 +105,8 @@ def test_roots_come_from_the_environment(tmp_path):
 
 def test_a_write_that_fails_half_way_leaves_the_previous_file_and_no_debris(tmp_path):
     target = tmp_path / "ckpts" / "final.keras"
-    atomic.write_text(target, "version 1")
-    with pytest.raises(RuntimeError), atomic.replacement(target) as temporary:
+    files.write_text(target, "version 1")
+    with pytest.raises(RuntimeError), files.atomic_path(target) as temporary:
         temporary.write_text("half of version 2")
         raise RuntimeError("killed mid-save")
     assert target.read_text() == "version 1"

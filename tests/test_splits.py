@@ -3,7 +3,13 @@
 import pytest
 
 from seeds_tf.core.errors import InputError
-from seeds_tf.data.splits import parse_split_line, read_dataset
+from seeds_tf.data.splits import (
+    entry_problems,
+    parse_split_file,
+    parse_split_line,
+    read_dataset,
+    write_split_files,
+)
 
 
 @pytest.mark.parametrize(
@@ -80,3 +86,42 @@ def test_a_missing_images_folder_is_named(tmp_path):
     with pytest.raises(InputError) as raised:
         read_dataset(tmp_path, tmp_path / "nowhere")
     assert raised.value.field == "images_directory"
+
+
+def test_what_the_writer_writes_the_reader_reads_back(tmp_path):
+    images = tmp_path / "images"
+    for name in ("Genus a/one #1.jpg", "Genus b/two.jpg", "Genus b/three.jpg"):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / name).write_bytes(b"x")
+    entries = {
+        "train": [("Genus a/one #1.jpg", 0), ("Genus b/two.jpg", 1)],
+        "val": [("Genus b/three.jpg", 1)],
+        "test": [],
+    }
+    write_split_files(tmp_path / "splits", ["Genus a", "Genus b"], entries, info=["first", "second"])
+    dataset = read_dataset(tmp_path / "splits", images)
+    assert dataset.classes == ("Genus a", "Genus b")
+    assert dataset.info == ("first", "second")
+    assert dataset.split("train").paths == (
+        (images / "Genus a/one #1.jpg").resolve(),
+        (images / "Genus b/two.jpg").resolve(),
+    )
+    assert dataset.split("val").labels == (1,)
+    assert not (tmp_path / "splits" / "test.txt").exists()  # an empty split is not written
+
+
+def test_the_reader_stops_at_the_first_problem_the_checker_lists(tmp_path):
+    """One rule book: read_dataset refuses with the first of the problems check_dataset collects."""
+    splits, images = _dataset(
+        tmp_path, {"classes.txt": "A a\nB b", "train.txt": "a b.jpg 5\nnope.jpg 0\n../../x.jpg 1\n#c.jpg"}
+    )
+    problems = list(entry_problems("train", parse_split_file(splits / "train.txt"), 2, images))
+    assert [(problem.kind, problem.line) for problem in problems] == [
+        ("label", 1),
+        ("missing", 2),
+        ("outside", 3),
+        ("label", 4),
+    ]
+    with pytest.raises(InputError) as raised:
+        read_dataset(splits, images)
+    assert raised.value.problem.endswith(problems[0].message)

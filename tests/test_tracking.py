@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from seeds_tf.core import config, runs
+from seeds_tf.core import config, files, runs
 from seeds_tf.learning import tracking, training
 from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import free_port
@@ -100,7 +100,7 @@ def test_a_training_is_tracked_and_its_model_registered(roots, monkeypatch, mlfl
     tracked_by(monkeypatch, mlflow_server)
     options = {**SMALL_OPTIONS, "epochs": 2, "lr_schedule": "cosine"}
     result = training.train(config.RunConfig.from_options(**options), roots)
-    summary = runs.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
+    summary = files.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
@@ -127,7 +127,7 @@ def test_refused_credentials_cost_a_warning_not_the_training(roots, monkeypatch,
         result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
     layout = runs.RunLayout(roots.models / result.run_id)
     assert layout.is_complete()
-    assert runs.read_json(layout.summary_file)["mlflow_model_version"] is None
+    assert files.read_json(layout.summary_file)["mlflow_model_version"] is None
     assert "refused the credentials (HTTP 401)" in caplog.text
 
 

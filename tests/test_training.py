@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from seeds_tf.core import config, runs
+from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.learning import training
 from seeds_tf.prediction.inference import load_run
@@ -15,20 +15,22 @@ from tests.conftest import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
 
 def test_a_trained_run_explains_itself(roots, tiny_run):
     layout = runs.RunLayout(roots.models / tiny_run)
-    summary = runs.read_json(layout.summary_file)
+    summary = layout.summary()
     assert summary["run_id"] == tiny_run
-    assert summary["modelname"] == "Xception"
-    assert summary["image_size"] == 71
-    assert summary["num_classes"] == 16
+    assert layout.config().model.modelname == "Xception"
+    assert layout.config().model.image_size == 71
+    assert len(layout.classes()) == 16
+    described = runs.list_runs(roots.models).working[tiny_run]
+    assert (described["modelname"], described["image_size"], described["num_classes"]) == ("Xception", 71, 16)
     assert summary["skipped_images"] == 0
     assert set(summary["metrics"]) == {"test_loss", "test_accuracy", "test_top5_accuracy", "test_macro_f1"}
     assert summary["checkpoints"] == ["best", "final"]
     assert len(summary["weights_digest"]) == 64
 
-    saved = config.RunConfig.from_dict(runs.read_json(layout.conf_file))
+    saved = config.RunConfig.from_dict(files.read_json(layout.conf_file))
     assert saved == config.RunConfig.from_options(**TINY_OPTIONS)
 
-    stats = runs.read_json(layout.stats_file)
+    stats = files.read_json(layout.stats_file)
     assert [epoch["epoch"] for epoch in stats["epochs"]] == [1]
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"} <= set(stats["epochs"][0])
     assert stats["training_time_s"] > 0
@@ -38,7 +40,7 @@ def test_a_trained_run_explains_itself(roots, tiny_run):
     assert any(layout.logs_dir.rglob("events.out.tfevents.*"))
     for name in ("training_curves.png", "test_confusion_matrix.png", "test_evaluation.json"):
         assert (layout.reports_dir / name).stat().st_size > 0
-    evaluation = runs.read_json(layout.reports_dir / "test_evaluation.json")
+    evaluation = files.read_json(layout.reports_dir / "test_evaluation.json")
     assert evaluation["top1"] == pytest.approx(summary["metrics"]["test_accuracy"], abs=1e-6)
     assert len(evaluation["per_class"]) == 16
     assert not layout.backup_dir.exists(), "the resume backup outlived a finished run"
@@ -89,7 +91,7 @@ def test_unreadable_images_are_skipped_and_counted(roots):
     first = train_txt.read_text().splitlines()[0].rsplit(" ", 1)[0]
     (roots.data / "tiny" / "images" / first).write_bytes(b"not a jpeg")
     result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
-    summary = runs.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
+    summary = files.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
     assert summary["skipped_images"] == 1
 
 
@@ -121,7 +123,7 @@ def test_the_network_learns(roots):
         "augment": False,
     }
     result = training.train(config.RunConfig.from_options(**options), roots)
-    epochs = runs.read_json(runs.RunLayout(roots.models / result.run_id).stats_file)["epochs"]
+    epochs = files.read_json(runs.RunLayout(roots.models / result.run_id).stats_file)["epochs"]
     assert min(epoch["loss"] for epoch in epochs[-2:]) < 0.6 * epochs[0]["loss"]
     assert epochs[-1]["val_loss"] < 0.6 * epochs[0]["val_loss"]
     assert epochs[-1]["val_accuracy"] >= 0.8

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from seeds_tf.classifier.model import build_classifier
-from seeds_tf.core import config, runs
+from seeds_tf.core import config, files, runs
 from seeds_tf.learning import training
 from seeds_tf.prediction.inference import load_run
 from tests.conftest import SMALL_OPTIONS, write_colour_dataset
@@ -69,9 +69,9 @@ def test_a_run_with_every_option_on(colours, tmp_path, monkeypatch):
         "Viridis viridis",
     ]
 
-    summary = runs.read_json(layout.summary_file)
+    summary = files.read_json(layout.summary_file)
     assert summary["checkpoints"] == ["best", "epoch_0001", "epoch_0002", "final"]
-    epochs = runs.read_json(layout.stats_file)["epochs"]
+    epochs = files.read_json(layout.stats_file)["epochs"]
     assert [e["lr"] for e in epochs] == pytest.approx([0.001, 0.001 * 0.5 * (1 + math.cos(math.pi / 2))])
 
     # Early stopping restored the best epoch's weights, which best.keras holds too.
@@ -128,7 +128,7 @@ def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     deadline = time.monotonic() + 300
     while stats is None and time.monotonic() < deadline and process.poll() is None:
         for candidate in colours.models.glob("*/stats/stats.json"):
-            if candidate.parent.parent.name not in before and runs.read_json(candidate)["epochs"]:
+            if candidate.parent.parent.name not in before and files.read_json(candidate)["epochs"]:
                 stats = candidate
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
@@ -144,10 +144,10 @@ def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     output, errors = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, errors
     assert json.loads(output)["run_id"] == run_id
-    epochs = runs.read_json(layout.stats_file)["epochs"]
+    epochs = files.read_json(layout.stats_file)["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert layout.conf_file.read_bytes() == conf, "the resumed run's configuration changed"
-    assert config.RunConfig.from_dict(runs.read_json(layout.conf_file)).training.epochs == 3
+    assert config.RunConfig.from_dict(files.read_json(layout.conf_file)).training.epochs == 3
     assert layout.is_complete()
 
     again = _seeds_tf("train", "--resume", run_id)

@@ -18,7 +18,7 @@ from pathlib import Path
 import keras
 
 from seeds_tf.classifier.backbones import get_backbone
-from seeds_tf.core import atomic
+from seeds_tf.core import files
 from seeds_tf.core.config import ModelConfig
 
 HEAD_LAYERS = ("head_dense", "predictions")
@@ -149,7 +149,7 @@ def save_classifier(model: keras.Model, path: Path) -> None:
     The same layers in a new, uncompiled functional model carry no optimizer.
     """
     weights_only = keras.Model(model.input, model.output, name=model.name)
-    with atomic.replacement(path) as temporary:
+    with files.atomic_path(path) as temporary:
         weights_only.save(temporary)
 
 

@@ -47,9 +47,10 @@ class OptionSpec:
             raise InputError(self.name, f"expected a {self.type.__name__}. Received: {value!r}")
         if self.choices is not None and value not in self.choices:
             raise InputError(self.name, f"expected one of {list(self.choices)}. Received: {value!r}")
-        if self.min is not None and value < self.min:
+        # Written as "not within" so that NaN, which compares False with everything, is refused.
+        if self.min is not None and not value >= self.min:
             raise InputError(self.name, f"expected >= {self.min}. Received: {value!r}")
-        if self.max is not None and value > self.max:
+        if self.max is not None and not value <= self.max:
             raise InputError(self.name, f"expected <= {self.max}. Received: {value!r}")
         return value
 

@@ -13,16 +13,17 @@ import contextlib
 import dataclasses
 import datetime
 import errno
-import json
+import fcntl
 import os
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from seeds_tf import __version__
-from seeds_tf.core import atomic
+from seeds_tf.core import files
+from seeds_tf.core.config import RunConfig
 from seeds_tf.core.errors import InputError
 
 RUN_ID_FORMAT = "%Y-%m-%d_%H%M%S"
@@ -42,7 +43,8 @@ EXPORTS_INDEX = "exports.json"
 
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
-    """The paths inside one run folder."""
+    """The paths inside one run folder, and the readers of what they hold: every part of seeds_tf
+    reads a run's configuration, classes and summary through these."""
 
     root: Path
 
@@ -57,6 +59,11 @@ class RunLayout:
     @property
     def stats_file(self) -> Path:
         return self.root / "stats" / "stats.json"
+
+    @property
+    def progress_file(self) -> Path:
+        """How far the run's training is (seeds_tf.learning.progress), rewritten as it trains."""
+        return self.root / "stats" / "progress.json"
 
     @property
     def logs_dir(self) -> Path:
@@ -101,8 +108,34 @@ class RunLayout:
     def summary_file(self) -> Path:
         return self.root / "run.json"
 
+    @property
+    def classes_file(self) -> Path:
+        return self.dataset_dir / "classes.txt"
+
+    @property
+    def info_file(self) -> Path:
+        """Optional: one description per class, in the order of classes.txt."""
+        return self.dataset_dir / "info.txt"
+
     def is_complete(self) -> bool:
         return self.summary_file.is_file()
+
+    def config(self) -> RunConfig:
+        """The run's resolved configuration (conf/conf.json); options added to seeds_tf since the
+        run was made take their defaults."""
+        return RunConfig.from_dict(files.read_json(self.conf_file))
+
+    def classes(self) -> tuple[str, ...]:
+        """The class names, in the order of the model's outputs."""
+        return tuple(files.read_lines(self.classes_file))
+
+    def info(self) -> tuple[str, ...] | None:
+        """The classes' descriptions (info.txt), or None when the run has none."""
+        return tuple(files.read_lines(self.info_file)) if self.info_file.is_file() else None
+
+    def summary(self) -> dict[str, Any]:
+        """run.json: how the run came to be, its checkpoints and test metrics."""
+        return files.read_json(self.summary_file)
 
 
 def create_run(models_dir: Path, now: datetime.datetime | None = None) -> RunLayout:
@@ -182,6 +215,19 @@ def incomplete_runs(models_dir: Path) -> list[str]:
     ]
 
 
+def trainings_in_progress(models_dir: Path) -> list[dict[str, Any]]:
+    """The progress of each run being trained now (its progress.json with its `run_id`), oldest
+    first. A run whose training died (killed, cancelled, failed) is not among them, whatever its
+    progress file says: it is in progress only while a process holds it (mark_in_progress)."""
+    found = []
+    for layout in _run_folders(models_dir):
+        if layout.is_complete() or not _being_trained(layout):
+            continue
+        with contextlib.suppress(OSError, ValueError):  # not written yet, or not JSON
+            found.append({**files.read_json(layout.progress_file), "run_id": layout.run_id})
+    return found
+
+
 def resolve_checkpoint(layout: RunLayout, name: str, field: str = "ckpt_name") -> Path:
     """The model file of checkpoint `name` of a run; only names from the listing are accepted.
 
@@ -234,14 +280,14 @@ def promote(models_dir: Path, run_id: str) -> dict[str, str]:
         raise InputError("run", "expected the id of a working run")
     layout = resolve_run(models_dir, run_id, field="run")
     record = {"run_id": layout.run_id, "promoted": datetime.datetime.now().isoformat(timespec="seconds")}
-    atomic.write_json(models_dir / PROMOTED_FILE, record)
+    files.write_json(models_dir / PROMOTED_FILE, record)
     return record
 
 
 def promoted_run(models_dir: Path) -> str | None:
     """The promoted run's id, or None when none was promoted (or the record is unreadable)."""
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        return str(read_json(models_dir / PROMOTED_FILE)["run_id"])
+        return str(files.read_json(models_dir / PROMOTED_FILE)["run_id"])
     return None
 
 
@@ -273,11 +319,6 @@ def resolve_interrupted_run(models_dir: Path, run_id: str, field: str = "resume"
     return RunLayout(models_dir / run_id)
 
 
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as stream:
-        return json.load(stream)
-
-
 @contextlib.contextmanager
 def storage_errors(models_dir: Path) -> Iterator[None]:
     """Reports a failure to write into models_dir (disk full, quota, file size limit, read-only,
@@ -306,26 +347,35 @@ def storage_errors(models_dir: Path) -> Iterator[None]:
 
 def write_conf(layout: RunLayout, conf: dict[str, Any]) -> None:
     """Writes the run's resolved configuration, with the seeds_tf version that made it."""
-    atomic.write_json(layout.conf_file, {**conf, "seeds_tf_version": __version__})
+    files.write_json(layout.conf_file, {**conf, "seeds_tf_version": __version__})
 
 
-def mark_complete(
-    layout: RunLayout, *, modelname: str, image_size: int, num_classes: int, metrics: dict, **details: Any
-) -> None:
+@contextlib.contextmanager
+def mark_in_progress(layout: RunLayout) -> Iterator[None]:
+    """Marks the run as being trained for the block: a lock on a file of the run, which the kernel
+    releases when the process ends, killed or not (trainings_in_progress)."""
+    path = _progress_lock(layout)
+    with open(path, "a+") as lock:
+        # Blocks only while a reader checks the lock, for an instant.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def mark_complete(layout: RunLayout, *, metrics: dict, **details: Any) -> None:
     """Writes run.json, the last step of a run: from then on the run is offered for prediction.
 
-    It records what the prediction side and the metadata need: the model, its classes, its
-    checkpoints and test metrics, plus any `details` of how the run came to be.
+    It records the run's checkpoints and test metrics, plus any `details` of how the run came to
+    be; the model and its classes stay in conf.json and classes.txt, read through RunLayout.
     """
-    atomic.write_json(
+    files.write_json(
         layout.summary_file,
         {
             "run_id": layout.run_id,
             "created": layout.run_id,
             "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "modelname": modelname,
-            "image_size": image_size,
-            "num_classes": num_classes,
             "checkpoints": checkpoint_names(layout),
             "metrics": metrics,
             "seeds_tf_version": __version__,
@@ -334,23 +384,53 @@ def mark_complete(
     )
 
 
+class _BrokenRun(Exception):
+    """Why a complete run cannot serve."""
+
+
 def _check_run(layout: RunLayout) -> tuple[str | None, dict[str, Any]]:
-    """(problem or None, the run's summary) of a complete run."""
+    """(problem or None, the run's description) of a complete run: its run.json with the model,
+    image size and number of classes read from the run's configuration and classes."""
     try:
-        summary = read_json(layout.summary_file)
+        summary = _read(layout.summary, "run.json")
+        if not isinstance(summary, dict):
+            raise _BrokenRun("run.json is not a JSON object")
+        model = _read(lambda: layout.config().model, "conf/conf.json")
+        classes = _read(layout.classes, "dataset_files/classes.txt")
+    except _BrokenRun as broken:
+        return str(broken), {}
+    description = {**summary, "modelname": model.modelname, "image_size": model.image_size}
+    return _model_file_problem(layout.final_model), {**description, "num_classes": len(classes)}
+
+
+def _read(reader: Callable[[], Any], name: str) -> Any:
+    """What `reader` reads from the run file `name`, or _BrokenRun saying why it cannot."""
+    try:
+        return reader()
+    except FileNotFoundError:
+        raise _BrokenRun(f"{name} is missing") from None
+    except InputError as error:  # options that this seeds_tf refuses
+        raise _BrokenRun(f"{name} holds an invalid configuration: {error}") from None
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
-        return f"run.json is unreadable: {error}", {}
-    if not isinstance(summary, dict):
-        return "run.json is not a JSON object", {}
+        raise _BrokenRun(f"{name} is unreadable: {error}") from None
+    except (AttributeError, TypeError) as error:  # JSON of the wrong shape
+        raise _BrokenRun(f"{name} is not a run's {name}: {error}") from None
+
+
+def _progress_lock(layout: RunLayout) -> Path:
+    return layout.progress_file.with_name(".progress.lock")
+
+
+def _being_trained(layout: RunLayout) -> bool:
+    """Whether a process holds the run's mark_in_progress lock."""
     try:
-        conf = read_json(layout.conf_file)
-    except (OSError, ValueError) as error:
-        return f"conf/conf.json is unreadable: {error}", {}
-    if not isinstance(conf, dict) or not isinstance(conf.get("model"), dict):
-        return "conf/conf.json holds no model configuration", {}
-    if not (layout.dataset_dir / "classes.txt").is_file():
-        return "dataset_files/classes.txt is missing", {}
-    return _model_file_problem(layout.final_model), summary
+        with open(_progress_lock(layout)) as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # FileNotFoundError: no process ever held it, or the last one has finished
+        return False
+    return False
 
 
 def _model_file_problem(path: Path) -> str | None:

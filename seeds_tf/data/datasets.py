@@ -22,8 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from seeds_tf.core import config
 from seeds_tf.core.errors import InputError
-from seeds_tf.data.splits import SPLIT_NAMES, parse_split_line, read_lines
+from seeds_tf.data.splits import (
+    SPLIT_NAMES,
+    Problem,
+    entry_problems,
+    folder_problems,
+    listable,
+    parse_split_file,
+    read_labels,
+    write_split_files,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -77,22 +87,20 @@ def split_folder_dataset(
     if problems:
         raise InputError("images_directory", problems[0])
 
-    lines: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+    entries: dict[str, list[tuple[str, int]]] = {name: [] for name in SPLIT_NAMES}
     for label, (name, paths) in enumerate(classes.items()):
         rng = np.random.default_rng([seed, label])
         for split, chosen in _split_class(name, paths, fractions, rng).items():
-            lines[split] += [f"{path} {label}" for path in chosen]
+            entries[split] += [(path, label) for path in chosen]
 
     destination.mkdir(parents=True, exist_ok=True)
-    _write_lines(destination / "classes.txt", list(classes))
-    for split, split_lines in lines.items():
+    for split, split_entries in entries.items():
         target = destination / f"{split}.txt"
-        if split_lines:
-            _write_lines(target, split_lines)
-        else:
+        if not split_entries:
             if fractions.get(split):
                 _LOGGER.warning("No class has enough images for a %s split; %s is not written", split, target)
             target.unlink(missing_ok=True)
+    write_split_files(destination, list(classes), entries)
     return destination
 
 
@@ -236,47 +244,46 @@ class _Scan:
 
 
 def _scan_split_files(splits_dir: Path, root: Path) -> _Scan:
-    if not (splits_dir / "classes.txt").is_file():
-        raise InputError("splits_directory", f"{splits_dir} has no classes.txt")
-    classes = tuple(read_lines(splits_dir / "classes.txt"))
+    """Every problem of the split files, found by the rules `splits.read_dataset` stops at."""
+    classes, info = read_labels(splits_dir)
     scan = _Scan(classes, [])
-    if len(classes) < 2:
-        scan.file_problems.append(f"classes.txt names {len(classes)} class(es); at least 2 are needed")
-    repeated = [name for name, count in collections.Counter(classes).items() if count > 1]
-    scan.file_problems += [f"classes.txt repeats {name!r}" for name in repeated]
-    if (splits_dir / "info.txt").is_file():
-        info = read_lines(splits_dir / "info.txt")
-        if len(info) != len(classes):
-            scan.file_problems.append(f"info.txt has {len(info)} lines for {len(classes)} classes")
-    if not (splits_dir / "train.txt").is_file():
-        scan.file_problems.append("there is no train.txt")
+    problems = list(folder_problems(splits_dir, classes, info))
     for split in SPLIT_NAMES:
         path = splits_dir / f"{split}.txt"
         if path.is_file():
-            _scan_split(scan, split, [parse_split_line(line) for line in read_lines(path)], root)
+            entries = parse_split_file(path)
+            split_problems = list(entry_problems(split, entries, len(classes), root))
+            _scan_split(scan, split, entries, split_problems, root)
+            problems += split_problems
+    scan.file_problems += [problem.message for problem in problems if problem.kind == "file"]
     return scan
 
 
-def _scan_split(scan: _Scan, split: str, parsed: list[tuple[str, int | None]], root: Path) -> None:
-    """Adds one split file's entries and problems to scan, with the rules of `splits.read_split`."""
-    scan.entries[split] = []
-    if not parsed:
-        scan.file_problems.append(f"{split}.txt lists no images")
-    labels_optional = split == "test" and all(label is None for _, label in parsed)
-    if parsed and labels_optional:
+def _scan_split(
+    scan: _Scan, split: str, entries: list[tuple[str, int | None]], problems: list[Problem], root: Path
+) -> None:
+    """Adds one split file's problems to scan, and its entries that name an image in the folder
+    (with their label when it is valid)."""
+    found = {kind: [problem for problem in problems if problem.kind == kind] for kind in _ENTRY_KINDS}
+    scan.bad_labels += [_entry(problem, label=problem.label) for problem in found["label"]]
+    scan.outside += [_entry(problem) for problem in found["outside"]]
+    scan.missing += [_entry(problem) for problem in found["missing"]]
+    absent = {problem.line for problem in found["outside"] + found["missing"]}
+    bad_label = {problem.line for problem in found["label"]}
+    if entries and all(label is None for _, label in entries) and not bad_label:
         scan.unlabelled_splits.add(split)
-    for line, (relative, label) in enumerate(parsed, start=1):
-        entry = {"split": split, "line": line, "path": relative}
-        valid = label is not None and 0 <= label < len(scan.classes)
-        if not valid and not (label is None and labels_optional):
-            scan.bad_labels.append({**entry, "label": label})
-        image = (root / relative).resolve()
-        if not image.is_relative_to(root):
-            scan.outside.append(entry)
-        elif not image.is_file():
-            scan.missing.append(entry)
-        else:
-            scan.entries[split].append((image, label if valid else None))
+    scan.entries[split] = [
+        ((root / relative).resolve(), None if line in bad_label else label)
+        for line, (relative, label) in enumerate(entries, start=1)
+        if line not in absent
+    ]
+
+
+_ENTRY_KINDS = ("label", "outside", "missing")
+
+
+def _entry(problem: Problem, **extra: object) -> dict:
+    return {"split": problem.split, "line": problem.line, "path": problem.path, **extra}
 
 
 def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str) -> DatasetReport:
@@ -379,24 +386,21 @@ def _folder_problems(images_dir: Path, classes: dict[str, list[str]]) -> list[st
         problems.append(f"{images_dir} has {len(classes)} sub-folder(s) with images; at least 2 are needed")
     for name, paths in classes.items():
         problems += [
-            f"{text!r} cannot be written to a split file" for text in (name, *paths) if not _listable(text)
+            f"{text!r} cannot be written to a split file" for text in (name, *paths) if not listable(text)
         ]
     return problems
 
 
-def _listable(text: str) -> bool:
-    """Whether text reads back unchanged from a split file, which strips lines and treats tabs as spaces."""
-    return text == text.strip() and len(text.splitlines()) == 1 and "\t" not in text
-
-
 def _check_split_options(fractions: dict[str, float], seed: int) -> None:
-    for name, fraction in fractions.items():
-        if not 0 <= fraction <= 0.5:
-            raise InputError(f"{name}_fraction", f"must be between 0 and 0.5, got {fraction}")
+    """The training options' own checks (etc/config.yaml), and the one rule across them."""
+    specs = config.option_specs("training")
+    for name, value in {
+        **{f"{split}_fraction": value for split, value in fractions.items()},
+        "seed": seed,
+    }.items():
+        specs[name].check(value)
     if sum(fractions.values()) >= 1:
         raise InputError("test_fraction", "val_fraction + test_fraction must be less than 1")
-    if seed < 0:
-        raise InputError("seed", f"must be a non-negative integer, got {seed}")
 
 
 def _split_class(
@@ -425,7 +429,3 @@ def _split_counts(count: int, fractions: dict[str, float]) -> dict[str, int]:
         largest = max(counts, key=lambda name: counts[name])
         counts[largest] -= 1
     return counts
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    path.write_bytes("".join(f"{line}\n" for line in lines).encode("utf-8"))

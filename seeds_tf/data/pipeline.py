@@ -13,8 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf.data import images
 from seeds_tf.core.config import AugmentationConfig
+from seeds_tf.data import images
 from seeds_tf.data.splits import Split
 
 

@@ -8,12 +8,13 @@ a UTF-8 byte-order mark and Windows line ends are tolerated; test.txt may omit t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from seeds_tf.core import atomic
+from seeds_tf.core import files
 from seeds_tf.core.errors import InputError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -48,10 +49,24 @@ class Dataset:
         return self.splits.get(name)
 
 
-def read_lines(path: Path) -> list[str]:
-    """Non-blank lines of a UTF-8 text file, without line ends or surrounding whitespace."""
-    text = path.read_text(encoding="utf-8-sig")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset's files. `splits.read_dataset` stops at the first one;
+    `datasets.check_dataset` collects them all.
+
+    Attributes:
+        kind: "file" (the dataset files themselves), "label" (missing or out of range), "outside"
+            (a path leaving the images folder) or "missing" (no such image).
+        message: what is wrong, naming the file (relative to the splits folder) and the entry.
+        split, line, path, label: the entry at fault ("line" counts non-blank lines), for entries.
+    """
+
+    kind: str
+    message: str
+    split: str | None = None
+    line: int | None = None
+    path: str | None = None
+    label: int | None = None
 
 
 def parse_split_line(line: str) -> tuple[str, int | None]:
@@ -63,33 +78,79 @@ def parse_split_line(line: str) -> tuple[str, int | None]:
     return line, None
 
 
+def parse_split_file(path: Path) -> list[tuple[str, int | None]]:
+    """The (path, label or None) entries of a split file."""
+    return [parse_split_line(line) for line in files.read_lines(path)]
+
+
+def read_labels(splits_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """The class names (classes.txt) and their descriptions (info.txt, optional), unchecked.
+
+    Raises:
+        InputError: naming `splits_directory` when there is no classes.txt.
+    """
+    if not (splits_dir / "classes.txt").is_file():
+        raise InputError("splits_directory", f"{splits_dir} has no classes.txt")
+    classes = tuple(files.read_lines(splits_dir / "classes.txt"))
+    info_file = splits_dir / "info.txt"
+    return classes, tuple(files.read_lines(info_file)) if info_file.is_file() else None
+
+
+def folder_problems(
+    splits_dir: Path, classes: tuple[str, ...], info: tuple[str, ...] | None
+) -> Iterator[Problem]:
+    """Problems of the dataset files as a whole: too few or repeated classes, an info.txt of the
+    wrong length, no train.txt."""
+    if len(classes) < 2:
+        yield Problem("file", f"classes.txt names {len(classes)} class(es): fewer than 2 classes")
+    for name, count in collections.Counter(classes).items():
+        if count > 1:
+            yield Problem("file", f"classes.txt repeats {name!r}")
+    if info is not None and len(info) != len(classes):
+        yield Problem("file", f"info.txt has {len(info)} lines for {len(classes)} classes")
+    if not (splits_dir / "train.txt").is_file():
+        yield Problem("file", "there is no train.txt")
+
+
+def entry_problems(
+    split: str, entries: list[tuple[str, int | None]], num_classes: int, images_dir: Path
+) -> Iterator[Problem]:
+    """Problems of one split file's entries, in file order: an empty file, a missing or
+    out-of-range label (only test.txt may omit all its labels), a path leaving `images_dir`, a
+    missing image."""
+    if not entries:
+        yield Problem("file", f"{split}.txt lists no images", split)
+    unlabelled = [label is None for _, label in entries]
+    labels_optional = split == "test" and all(unlabelled)
+    why_unlabelled = "unlike the others" if not all(unlabelled) else "only test.txt may omit them"
+    root = images_dir.resolve()
+    for line, (relative, label) in enumerate(entries, start=1):
+        entry = {"split": split, "line": line, "path": relative}
+        if label is None and not labels_optional:
+            yield Problem("label", f"{split}.txt entry {line} has no label, {why_unlabelled}", **entry)
+        elif label is not None and not 0 <= label < num_classes:
+            message = f"{split}.txt entry {line} has label {label}, outside 0..{num_classes - 1}"
+            yield Problem("label", message, label=label, **entry)
+        image = (root / relative).resolve()
+        if not image.is_relative_to(root):
+            yield Problem("outside", f"{split}.txt entry {line} points outside the images folder", **entry)
+        elif not image.is_file():
+            yield Problem("missing", f"{split}.txt entry {line} names a missing image {relative!r}", **entry)
+
+
 def read_split(path: Path, name: str, images_dir: Path, num_classes: int, field: str) -> Split:
     """Reads one split file and checks every image exists and every label is in range.
 
     Raises:
-        InputError: naming `field`, with the file and line of the first problem found.
+        InputError: naming `field`, with the file and entry of the first problem found.
     """
-    entries = [parse_split_line(line) for line in read_lines(path)]
-    if not entries:
-        raise InputError(field, f"{path} lists no images")
-    labelled = [label is not None for _, label in entries]
-    if any(labelled) and not all(labelled):
-        line = labelled.index(False) + 1
-        raise InputError(field, f"{path}: entry {line} has no label, unlike the others")
-    if not all(labelled) and name != "test":
-        raise InputError(field, f"{path} has no labels; only test.txt may omit them")
-    paths = []
-    for number, (relative, label) in enumerate(entries, start=1):
-        if label is not None and not 0 <= label < num_classes:
-            raise InputError(field, f"{path}: entry {number} has label {label}, outside 0..{num_classes - 1}")
-        image = (images_dir / relative).resolve()
-        if not image.is_relative_to(images_dir.resolve()):
-            raise InputError(field, f"{path}: entry {number} points outside the images folder")
-        if not image.is_file():
-            raise InputError(field, f"{path}: entry {number} names a missing image {relative!r}")
-        paths.append(image)
-    labels = tuple(label for _, label in entries) if all(labelled) else None
-    return Split(name, tuple(paths), labels)
+    entries = parse_split_file(path)
+    problem = next(entry_problems(name, entries, num_classes, images_dir), None)
+    if problem is not None:
+        raise InputError(field, f"{path.parent}: {problem.message}")
+    paths = tuple((images_dir / relative).resolve() for relative, _ in entries)
+    labels = tuple(label for _, label in entries)
+    return Split(name, paths, None if None in labels else labels)
 
 
 def read_dataset(splits_dir: Path, images_dir: Path) -> Dataset:
@@ -100,29 +161,40 @@ def read_dataset(splits_dir: Path, images_dir: Path) -> Dataset:
     """
     if not images_dir.is_dir():
         raise InputError("images_directory", f"{images_dir} is not a folder")
-    if not (splits_dir / "classes.txt").is_file():
-        raise InputError("splits_directory", f"{splits_dir} has no classes.txt")
-    if not (splits_dir / "train.txt").is_file():
-        raise InputError("splits_directory", f"{splits_dir} has no train.txt")
-    classes = tuple(read_lines(splits_dir / "classes.txt"))
-    if len(classes) < 2:
-        raise InputError("splits_directory", f"{splits_dir}/classes.txt names fewer than 2 classes")
-    if len(set(classes)) != len(classes):
-        raise InputError("splits_directory", f"{splits_dir}/classes.txt repeats a class name")
-    info = None
-    if (splits_dir / "info.txt").is_file():
-        info = tuple(read_lines(splits_dir / "info.txt"))
-        if len(info) != len(classes):
-            raise InputError(
-                "splits_directory",
-                f"{splits_dir}/info.txt has {len(info)} lines for {len(classes)} classes",
-            )
+    classes, info = read_labels(splits_dir)
+    problem = next(folder_problems(splits_dir, classes, info), None)
+    if problem is not None:
+        raise InputError("splits_directory", f"{splits_dir}: {problem.message}")
     splits = {
         name: read_split(splits_dir / f"{name}.txt", name, images_dir, len(classes), "splits_directory")
         for name in SPLIT_NAMES
         if (splits_dir / f"{name}.txt").is_file()
     }
     return Dataset(splits_dir, images_dir, classes, info, splits)
+
+
+def write_split_files(
+    destination: Path,
+    classes: list[str],
+    entries: dict[str, list[tuple[str, int]]],
+    info: list[str] | None = None,
+) -> None:
+    """Writes classes.txt, info.txt (when given) and one `<split>.txt` per non-empty split of
+    `entries` (split name -> (path relative to the images folder, label)), atomically. The one
+    writer of the format: what it writes, `read_dataset` reads back unchanged."""
+    named = {
+        "classes": classes,
+        "info": info or [],
+        **{split: [f"{path} {label}" for path, label in lines] for split, lines in entries.items()},
+    }
+    for name, lines in named.items():
+        if lines:
+            files.write_text(destination / f"{name}.txt", "".join(f"{line}\n" for line in lines))
+
+
+def listable(text: str) -> bool:
+    """Whether text reads back unchanged from a split file, which strips lines and treats tabs as spaces."""
+    return text == text.strip() and len(text.splitlines()) == 1 and "\t" not in text
 
 
 def copy_split_files(splits_dir: Path, destination: Path) -> None:
@@ -132,5 +204,5 @@ def copy_split_files(splits_dir: Path, destination: Path) -> None:
     for name in ("classes", "info", *SPLIT_NAMES):
         source = splits_dir / f"{name}.txt"
         if source.is_file():
-            with atomic.replacement(destination / source.name) as temporary:
+            with files.atomic_path(destination / source.name) as temporary:
                 shutil.copyfile(source, temporary)

@@ -22,16 +22,18 @@ whatever the generation order.
 import dataclasses
 import logging
 import math
-import pathlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFilter
 
+from seeds_tf.core.errors import InputError
+from seeds_tf.data.splits import SPLIT_NAMES, write_split_files
+
 _LOGGER = logging.getLogger(__name__)
 
-_SPLITS = ("train", "val", "test")
 _JPEG_QUALITY = 92
 # Outlines are rasterised at this multiple of the image size and box-filtered
 # down, which anti-aliases the edges at any image size.
@@ -337,13 +339,13 @@ _BACKGROUND_COLOURS = ("#e2ded0", "#c4aa80", "#96968f", "#705840", "#5e6a58")
 
 
 def generate_dataset(
-    root: pathlib.Path | str,
+    root: Path | str,
     *,
     images_per_class: int = 100,
     image_size: int = 128,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
-) -> pathlib.Path:
+) -> Path:
     """Writes a synthetic seed dataset in the original split-file layout.
 
     Args:
@@ -359,28 +361,26 @@ def generate_dataset(
         The `root/dataset_files` directory.
 
     Raises:
-        ValueError: If an argument is out of range.
+        InputError: naming the argument that is out of range.
     """
     _check_at_least("images_per_class", images_per_class, 3)
     _check_at_least("image_size", image_size, 32)
     _check_split_fractions(split_fractions)
     _check_at_least("seed", seed, 0)
-    root = pathlib.Path(root)
+    root = Path(root)
     files_dir = root / "dataset_files"
     files_dir.mkdir(parents=True, exist_ok=True)
-    split_lines: dict[str, list[str]] = {split: [] for split in _SPLITS}
+    entries: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLIT_NAMES}
     for label, species in enumerate(SPECIES):
         class_dir = species.name.replace(" ", "_")
         _write_class_images(root / "images" / class_dir, label, images_per_class, image_size, seed)
         split_rng = np.random.default_rng([seed, _SPLIT_STREAM, label])
         parts = _split_indices(images_per_class, split_fractions, split_rng)
-        for split, indices in zip(_SPLITS, parts, strict=True):
-            split_lines[split].extend(f"{class_dir}/{_image_name(index)} {label}" for index in indices)
+        for split, indices in zip(SPLIT_NAMES, parts, strict=True):
+            entries[split] += [(f"{class_dir}/{_image_name(index)}", label) for index in indices]
     # The text files come last, so their presence marks a complete dataset.
-    _write_lines(files_dir / "classes.txt", [species.name for species in SPECIES])
-    _write_lines(files_dir / "info.txt", [species.info for species in SPECIES])
-    for split, lines in split_lines.items():
-        _write_lines(files_dir / f"{split}.txt", lines)
+    classes = [species.name for species in SPECIES]
+    write_split_files(files_dir, classes, entries, info=[species.info for species in SPECIES])
     _LOGGER.info(
         "Wrote %d synthetic seed images of %d species under %s.",
         images_per_class * len(SPECIES),
@@ -402,11 +402,12 @@ def draw_seed_image(species_index: int, image_size: int, rng: np.random.Generato
         An RGB image.
 
     Raises:
-        ValueError: If `species_index` or `image_size` is out of range.
+        InputError: naming `species_index` or `image_size` when out of range.
     """
     if not 0 <= species_index < len(SPECIES):
-        raise ValueError(
-            f"Expected 0 <= species_index < {len(SPECIES)}. Received: species_index={species_index}"
+        raise InputError(
+            "species_index",
+            f"Expected 0 <= species_index < {len(SPECIES)}. Received: species_index={species_index}",
         )
     _check_at_least("image_size", image_size, 32)
     species = SPECIES[species_index]
@@ -422,14 +423,15 @@ def draw_seed_image(species_index: int, image_size: int, rng: np.random.Generato
 
 def _check_at_least(name: str, value: int, minimum: int) -> None:
     if value < minimum:
-        raise ValueError(f"Expected {name} >= {minimum}. Received: {name}={value}")
+        raise InputError(name, f"Expected {name} >= {minimum}. Received: {name}={value}")
 
 
 def _check_split_fractions(split_fractions: Sequence[float]) -> None:
     if len(split_fractions) != 3 or min(split_fractions) <= 0 or not math.isclose(sum(split_fractions), 1.0):
-        raise ValueError(
+        raise InputError(
+            "split_fractions",
             "Expected split_fractions to be three positive fractions (train, val, "
-            f"test) summing to 1. Received: split_fractions={split_fractions}"
+            f"test) summing to 1. Received: split_fractions={split_fractions}",
         )
 
 
@@ -437,7 +439,7 @@ def _image_name(index: int) -> str:
     return f"{index:04d}.jpg"
 
 
-def _write_class_images(class_dir: pathlib.Path, label: int, count: int, image_size: int, seed: int) -> None:
+def _write_class_images(class_dir: Path, label: int, count: int, image_size: int, seed: int) -> None:
     class_dir.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         # A generator per image makes each image independent of the others.
@@ -455,10 +457,6 @@ def _split_indices(
     second = int(np.clip(round((fractions[0] + fractions[1]) * count), first + 1, count - 1))
     train, val, test = np.split(rng.permutation(count), [first, second])
     return np.sort(train), np.sort(val), np.sort(test)
-
-
-def _write_lines(path: pathlib.Path, lines: Sequence[str]) -> None:
-    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def _random_pose(image_size: int, rng: np.random.Generator) -> _Pose:

@@ -51,8 +51,7 @@ def evaluate_run(roots: Roots, run_id: str, split_file: Path, batch_size: int = 
     writes `reports/<split name>_evaluation.json` and its confusion-matrix PNG into the run."""
     layout = runs.resolve_run(roots.models, run_id)
     run = load_run(layout)
-    training = runs.read_json(layout.conf_file)["training"]
-    images_dir = roots.data_path(training["images_directory"], "images_directory")
+    images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
     if not split_file.is_file():
         raise InputError("split_file", f"{split_file} is not a file")
     split = read_split(split_file, split_file.stem, images_dir, len(run.classes), "split_file")

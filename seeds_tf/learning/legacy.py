@@ -26,11 +26,11 @@ from typing import Any
 import requests
 
 from seeds_tf.classifier.model import build_classifier, save_classifier
-from seeds_tf.core import runs
+from seeds_tf.core import files, runs
 from seeds_tf.core.config import RunConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
-from seeds_tf.data.splits import copy_split_files, read_lines, read_split
+from seeds_tf.data.splits import copy_split_files, read_split
 from seeds_tf.learning import evaluation, reports
 
 _LOGGER = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def import_legacy(source: str, roots: Roots, *, sha256: str = "", batch_size: in
             raise InputError("sha256", f"{source} has SHA-256 {digest}, not the expected {expected}: refused")
         run_folder = _extract(archive, scratch / "run")
         weights, options, dataset_dir = _legacy_parts(run_folder)
-        classes = read_lines(dataset_dir / "classes.txt")
+        classes = files.read_lines(dataset_dir / "classes.txt")
         config = RunConfig.from_options(
             modelname=options.get("modelname", "Xception"),
             image_size=int(options.get("image_size", 224)),
@@ -101,9 +101,6 @@ def import_legacy(source: str, roots: Roots, *, sha256: str = "", batch_size: in
         )
     runs.mark_complete(
         layout,
-        modelname=config.model.modelname,
-        image_size=config.model.image_size,
-        num_classes=len(classes),
         metrics=metrics,
         imported_from=source,
         sha256=digest,
@@ -132,7 +129,7 @@ def _held_out_evaluation(
 ) -> tuple[dict[str, float], str]:
     """The test metrics of the imported model and a sentence saying on what they were measured, or
     why there are none: the published tarball lists its test split but does not hold its images."""
-    classes = tuple(read_lines(layout.dataset_dir / "classes.txt"))
+    classes = layout.classes()
     test_file = layout.dataset_dir / "test.txt"
     if not test_file.is_file():
         return {}, "not evaluated: the tarball has no test split (dataset_files/test.txt)"
@@ -195,7 +192,7 @@ def _legacy_parts(run_folder: Path) -> tuple[Path, dict[str, Any], Path]:
     options: dict[str, Any] = {}
     conf_file = run_folder / "conf" / "conf.json"
     if conf_file.is_file():
-        conf = runs.read_json(conf_file)
+        conf = files.read_json(conf_file)
         model_group = conf.get("model", {}) if isinstance(conf, dict) else {}
         # The original saved either plain values or {"value": ...} entries per option.
         options = {

@@ -21,7 +21,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from seeds_tf.core import atomic
+from seeds_tf.core import files
 
 TOP_K = 5
 _MIN_PROBABILITY = 1e-7
@@ -116,7 +116,7 @@ def write_evaluation(evaluation: Evaluation, folder: Path, prefix: str = "test")
         The paths written, JSON first.
     """
     json_path = folder / f"{prefix}_evaluation.json"
-    atomic.write_json(json_path, evaluation.to_dict())
+    files.write_json(json_path, evaluation.to_dict())
     png_path = _save_png_atomic(_confusion_figure(evaluation), folder / f"{prefix}_confusion_matrix.png")
     return [json_path, png_path]
 
@@ -336,6 +336,6 @@ def _duration(seconds: float) -> str:
 def _save_png_atomic(figure: Figure, path: Path) -> Path:
     """Renders `figure` to a PNG at `path`, atomically."""
     FigureCanvasAgg(figure)  # attaches itself to the figure: rendering needs no pyplot backend
-    with atomic.replacement(path) as temporary:
+    with files.atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=_DPI, facecolor="white")
     return path

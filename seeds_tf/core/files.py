@@ -1,6 +1,7 @@
-"""Atomic file writing: readers never see half a file, and a crash leaves the previous version.
+"""The package's plain files: written atomically, read back with one rule per format.
 
-Every artifact of a run (models, JSON, pictures, split files, progress) is written through here.
+Writing is atomic (readers never see half a file, and a crash leaves the previous version): every
+artifact of a run (models, JSON, pictures, split files, progress) is written through here.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Writes `text` as UTF-8."""
-    with replacement(path) as temporary:
+    with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
 
 
 @contextlib.contextmanager
-def replacement(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` for the block to write; renamed over `path` when the block
     succeeds, removed when it fails. For writers that need a file name (Keras, matplotlib)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,3 +46,16 @@ def replacement(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in `path` (UTF-8)."""
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-blank lines of a UTF-8 text file (a byte-order mark allowed), without line ends or
+    surrounding whitespace: the format of classes.txt, info.txt and the split files."""
+    text = path.read_text(encoding="utf-8-sig")
+    return [line.strip() for line in text.splitlines() if line.strip()]
