@@ -67,3 +67,27 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     module.write_text("def f():\n    from seeds_tf.learning import training\n")
     assert _imported_parts(module) == {(2, "learning")}
     assert "learning" not in BELOW["data"]
+
+
+PLAIN = ("core", "hosting", "data/images.py", "data/sources.py", "data/splits.py", "data/datasets.py")
+"""Modules that the DEEPaaS server process and the CLI load before any model: no TensorFlow or
+Keras at import, which would cost seconds and hundreds of MiB where no model runs."""
+
+
+@pytest.mark.parametrize("prefix", PLAIN)
+def test_plain_modules_do_not_import_tensorflow(prefix):
+    modules = [path for path in MODULES if str(path.relative_to(PACKAGE)).startswith(prefix)]
+    assert modules
+    heavy = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno}"
+        for path in modules
+        for node in ast.parse(path.read_text()).body  # module level only: lazy imports are the point
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(
+            name.split(".")[0] in {"tensorflow", "keras"}
+            for name in (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            )
+        )
+    ]
+    assert heavy == []

@@ -113,13 +113,6 @@ def test_unreadable_dataset_images_are_found(tmp_path):
     assert set(problems) == {truncated, text}
 
 
-def test_resize_gives_float_pixels_in_range():
-    resized = images.resize(PHOTO, 71).numpy()
-    assert resized.shape == (71, 71, 3)
-    assert resized.dtype == np.float32
-    assert resized.min() >= 0.0 and resized.max() <= 255.0
-
-
 def test_several_images_decode_in_order_and_the_first_bad_one_is_named():
     uploads = [
         (f"{index}.png", encode(np.full((20, 20 + index, 3), index, np.uint8), "PNG")) for index in range(5)

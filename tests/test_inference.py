@@ -5,7 +5,7 @@ import pytest
 
 from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
-from seeds_tf.data import images
+from seeds_tf.data import pipeline
 from seeds_tf.prediction import inference
 from seeds_tf.service.schemas import ModelPredictionResponse
 from tests.conftest import seed_photo
@@ -81,5 +81,5 @@ def test_checkpoints_are_chosen_by_name_and_unknown_ones_listed(roots, tiny_run)
 def test_an_image_at_the_model_size_skips_the_resize_and_gives_the_same_pixels():
     pixels = np.random.default_rng(3).integers(0, 256, (71, 71, 3), dtype=np.uint8)
     np.testing.assert_array_equal(
-        inference.tta_views(pixels, 71, "none")[0], images.resize(pixels, 71).numpy()
+        inference.tta_views(pixels, 71, "none")[0], pipeline.resize(pixels, 71).numpy()
     )

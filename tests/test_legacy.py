@@ -19,7 +19,7 @@ import pytest
 from seeds_tf.core import files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
-from seeds_tf.data import images
+from seeds_tf.data import pipeline
 from seeds_tf.learning import legacy
 from seeds_tf.prediction import inference
 from tests.conftest import encode
@@ -99,7 +99,7 @@ def test_a_legacy_run_imports_and_predicts_as_the_original(
     assert summary["held_out"].startswith("not evaluated: the test split's images are in neither place")
 
     pixels = np.random.default_rng(0).integers(0, 256, (4, 90, 110, 3), dtype=np.uint8)
-    batch = np.stack([images.resize(p, 71).numpy() for p in pixels])
+    batch = np.stack([pipeline.resize(p, 71).numpy() for p in pixels])
     before = legacy_model.predict(tf_keras.applications.xception.preprocess_input(batch.copy()), verbose=0)
     run = inference.load_run(layout)
     after = run.model.predict_on_batch(batch)

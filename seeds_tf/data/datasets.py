@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from seeds_tf.core import config
+from seeds_tf.data import images
 from seeds_tf.core.errors import InputError
 from seeds_tf.data.splits import (
     SPLIT_NAMES,
@@ -287,8 +288,6 @@ def _entry(problem: Problem, **extra: object) -> dict:
 
 
 def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str) -> DatasetReport:
-    from seeds_tf.data import images  # TensorFlow, which images imports, is slow to load
-
     splits_of: dict[Path, list[str]] = collections.defaultdict(list)
     for split in split_names:
         for image, _ in scan.entries[split]:

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-import tensorflow as tf
 
 from seeds_tf.core.errors import InputError
 
@@ -192,15 +191,6 @@ def _problem_of(path: Path) -> str | None:
         raise
     except Exception as error:  # as in decode_image: any decoder failure is a bad file
         return f"{type(error).__name__}: {error}"
-
-
-def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resizes uint8 RGB images (one or a batch) to image_size x image_size float32 in [0, 255].
-
-    Antialiasing keeps fine seed texture from aliasing when large photos are shrunk a lot.
-    """
-    resized = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
-    return tf.clip_by_value(resized, 0.0, 255.0)
 
 
 def _to_rgb(image: PIL.Image.Image) -> np.ndarray:

@@ -18,6 +18,15 @@ from seeds_tf.data import images
 from seeds_tf.data.splits import Split
 
 
+def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resizes uint8 RGB images (one or a batch) to image_size x image_size float32 in [0, 255].
+
+    Antialiasing keeps fine seed texture from aliasing when large photos are shrunk a lot.
+    """
+    resized = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
 def augmentation(config: AugmentationConfig, seed: int) -> keras.Sequential | None:
     """Random changes a seed photo can plausibly undergo: any orientation, a closer or farther
     camera, other light and colour, sensor noise, blur, occlusion. None when all are off.
@@ -87,7 +96,7 @@ def make_dataset(
     def load(path, *label):
         pixels = tf.numpy_function(_read, [path], tf.uint8, stateful=False)
         pixels.set_shape([None, None, 3])
-        return (images.resize(pixels, image_size), *label)
+        return (resize(pixels, image_size), *label)
 
     data = data.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Training drops the last, partial batch: a few images give noisy batch-norm statistics, and a

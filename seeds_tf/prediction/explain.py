@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from seeds_tf.core.config import PredictConfig
 from seeds_tf.core.paths import Roots
-from seeds_tf.data import images
+from seeds_tf.data import pipeline
 from seeds_tf.prediction import inference
 from seeds_tf.prediction.inference import LoadedRun, RunCache
 
@@ -31,7 +31,7 @@ def gradcam(run: LoadedRun, pixels: np.ndarray, class_index: int) -> np.ndarray:
     """Heatmap in [0, 1] of shape (h, w), the backbone's output grid, for class `class_index`."""
     features = run.model.get_layer("avg_pool").input
     explainer = keras.Model(run.model.inputs, [features, run.model.output])
-    batch = images.resize(pixels, run.config.image_size)[tf.newaxis]
+    batch = pipeline.resize(pixels, run.config.image_size)[tf.newaxis]
     with tf.GradientTape() as tape:
         maps, probabilities = explainer(batch, training=False)
         score = probabilities[:, class_index]
