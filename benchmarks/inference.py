@@ -34,7 +34,6 @@ from seeds_tf.classifier.model import build_classifier
 from seeds_tf.core import config, runs
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import images
-from seeds_tf.data.splits import read_split
 from seeds_tf.prediction import export, inference
 
 XCEPTION_GMAC = 8.4
@@ -46,7 +45,7 @@ FMA_UNITS_PER_CORE = 2
 and 5; AMD Zen 4 pipes FP0 and FP1), each one vector of fp32 multiply-adds per cycle."""
 
 
-ENGINE_EXPORTS = tuple(name for name in engines.ENGINES if name != "keras")
+ENGINE_EXPORTS = tuple(spec for spec in engines.EXPORTS if spec.serves)
 
 
 def cpu_peak() -> dict:
@@ -209,12 +208,11 @@ def engine_speed(model, size: int, calibration: list[Path], scratch: Path, repea
         "keras_as_trained": lambda batch: as_trained(batch).numpy(),
         "keras": engines.load_engine("keras", model, scratch),
     }
-    for name in ENGINE_EXPORTS:
-        spec = export.ExportSpec(*name.split("_", 1))
+    for spec in ENGINE_EXPORTS:
         started = time.perf_counter()
-        export.export_model(model, spec, spec.path(runs.RunLayout(scratch)), calibration)
-        print(f"exported {name} in {time.perf_counter() - started:.0f} s", flush=True)
-        made[name] = engines.load_engine(name, model, scratch / "exports")
+        export.export_model(model, spec, spec.path(scratch / "exports"), calibration)
+        print(f"exported {spec.name} in {time.perf_counter() - started:.0f} s", flush=True)
+        made[spec.name] = engines.load_engine(spec.name, model, scratch / "exports")
     figures = {}
     for batch in (1, 8):
         ready = np.random.default_rng(batch).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
@@ -291,18 +289,13 @@ def forward_times(size: int, classes: int, repeats: int) -> dict:
     }
 
 
-def engine_agreement(layout: runs.RunLayout, images_dir: Path) -> dict:
+def engine_agreement(roots: Roots, run_id: str) -> dict:
     """Top-1 agreement with Keras and top-1 accuracy change of each export of a trained run, on its
-    test split (the exports are made here, into the run)."""
-    run = inference.load_run(layout)
-    test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "test")
-    calibration = export.calibration_images(layout, images_dir)
-    figures = {"run_id": layout.run_id}
-    for name in ENGINE_EXPORTS:
-        spec = export.ExportSpec(*name.split("_", 1))
-        export.export_run(layout, spec, calibration if spec.precision == "int8" else ())
-        figures[spec.name] = export.compare_with_keras(run, spec.name, test)
-        export.record_export(layout, spec.name, figures[spec.name], serve=False)
+    test split (the exports are made here, into the run, as `seeds-tf export` makes them)."""
+    figures = {"run_id": run_id}
+    for spec in ENGINE_EXPORTS:
+        done = export.export_run(roots, run_id, spec)
+        figures[spec.name] = {key: value for key, value in done.items() if key not in {"export", "serve"}}
     return figures
 
 
@@ -358,11 +351,11 @@ def main() -> None:
             return
         roots = Roots.from_env()
         layout = runs.resolve_run(roots.models, args.run)
-        training = config.RunConfig.from_dict(runs.read_json(layout.conf_file)).training
+        training = layout.config().training
         images_dir = roots.data_path(training.images_directory, "images_directory")
         calibration = export.calibration_images(layout, images_dir, count=16 if args.quick else 32)
         speed = engine_speed(model, size, calibration, Path(scratch), repeats)
-    record("engines", {"speed": speed, "agreement": engine_agreement(layout, images_dir)})
+    record("engines", {"speed": speed, "agreement": engine_agreement(roots, layout.run_id)})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from seeds_tf import __version__
+from seeds_tf.classifier import engines
 from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
@@ -136,23 +137,10 @@ def _import_legacy(args: argparse.Namespace, roots: Roots):
 
 
 def _export(args: argparse.Namespace, roots: Roots):
-    from seeds_tf.classifier import engines
-    from seeds_tf.data.splits import read_split
-    from seeds_tf.prediction import export, inference
+    from seeds_tf.prediction import export
 
-    spec = export.ExportSpec(args.format, args.precision)
-    layout = runs.resolve_run(roots.models, args.run, field="run")
-    training = config.RunConfig.from_dict(runs.read_json(layout.conf_file)).training
-    images_dir = roots.data_path(training.images_directory, "images_directory")
-    calibration = export.calibration_images(layout, images_dir) if spec.precision == "int8" else ()
-    path = export.export_run(layout, spec, calibration)
-    if spec.name not in engines.ENGINES:
-        return {"export": str(path)}
-    run = inference.load_run(layout)
-    test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "run")
-    figures = export.compare_with_keras(run, spec.name, test) if test.labels else {}
-    recorded = export.record_export(layout, spec.name, figures, args.serve)
-    return {"export": str(path), **figures, "serve": recorded["serve"]}
+    spec = engines.export_spec(args.format, args.precision)
+    return export.export_run(roots, args.run, spec, serve=args.serve)
 
 
 def _promote(args: argparse.Namespace, roots: Roots):
@@ -244,13 +232,14 @@ def _add_run_commands(commands) -> None:
         "export", help="export a run to TensorFlow Lite, ONNX or a SavedModel, and check it against Keras"
     )
     exporter.add_argument("run", help="run id (YYYY-mm-dd_HHMMSS)")
-    exporter.add_argument("--format", default="tflite", choices=["tflite", "onnx", "savedmodel"])
+    exporter.add_argument("--format", default="tflite", choices=engines.FORMATS)
     exporter.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "dynamic_int8", "int8", "bf16"],
-        help="int8: weights and activations, calibrated on the run's training images (tflite only); "
-        "bf16: bfloat16 compute for CPUs with AVX512-BF16 or AMX (savedmodel only)",
+        choices=engines.PRECISIONS,
+        help="int8: weights and activations, calibrated on the run's training images; bf16: bfloat16 "
+        "compute for CPUs with AVX512-BF16 or AMX; the exports: "
+        + ", ".join(spec.name for spec in engines.EXPORTS),
     )
     exporter.add_argument(
         "--serve",

@@ -2,13 +2,10 @@
 
 import keras
 import numpy as np
-import pytest
 
-from seeds_tf.classifier import engines
 from seeds_tf.classifier.inference_model import bfloat16_copy, fold_batch_norms
 from seeds_tf.classifier.model import build_classifier
-from seeds_tf.core import config, runs
-from seeds_tf.prediction import export, inference
+from seeds_tf.core import config
 
 IMAGES = np.random.default_rng(0).uniform(0, 255, (4, 71, 71, 3)).astype("float32")
 
@@ -84,27 +81,3 @@ def test_the_bfloat16_copy_computes_in_bf16_up_to_a_float32_softmax():
     assert probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert np.abs(probabilities - model(IMAGES, training=False)).max() < 0.05
-
-
-@pytest.mark.parametrize(
-    ("flags", "expected"),
-    [
-        ("fpu avx512f avx512_bf16 amx_tile", True),
-        ("fpu avx512f amx_bf16 amx_tile", True),
-        ("fpu avx2 fma avx512f avx512_vnni", False),
-    ],
-)
-def test_bf16_support_is_read_from_the_cpu_flags(flags, expected):
-    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
-    assert engines.cpu_has_bf16(cpuinfo) is expected
-
-
-def test_a_bf16_engine_chosen_for_auto_falls_back_to_keras_without_bf16_units(tmp_path, monkeypatch):
-    layout = runs.RunLayout(tmp_path / "2026-11-22_000000")
-    layout.exports_dir.mkdir(parents=True)
-    export.record_export(layout, "savedmodel_bf16", {"agreement_top1": 1.0}, serve=True)
-
-    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: True)
-    assert inference.default_engine(layout.exports_dir) == "savedmodel_bf16"
-    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: False)
-    assert inference.default_engine(layout.exports_dir) == "keras"

@@ -1,32 +1,36 @@
 """Inference engines: what turns a batch of pixels into class probabilities for a loaded run.
 
-`keras` runs the run's Keras model (the reference). The others run an export of it made by
-`seeds-tf export` (seeds_tf.prediction.export): TensorFlow Lite with XNNPACK (`tflite_fp32`,
-`tflite_dynamic_int8`, `tflite_int8`), ONNX Runtime (`onnx_fp32`) or TensorFlow itself on a
-bfloat16 SavedModel (`savedmodel_bf16`, for CPUs with bf16 units). All take float32 RGB batches
-of shape (n, size, size, 3) in [0, 255] and return (n, classes) softmax probabilities.
+`SPECS` is the one table of them, from which the request choices, the export choices and the
+messages are derived: adding an engine is one entry. `keras` runs the run's Keras model (the
+reference). The others run an export of it made by `seeds-tf export` (seeds_tf.prediction.export):
+TensorFlow Lite with XNNPACK (`tflite_fp32`, `tflite_dynamic_int8`, `tflite_int8`), ONNX Runtime
+(`onnx_fp32`) or TensorFlow itself on a bfloat16 SavedModel (`savedmodel_bf16`, for CPUs with bf16
+units); `savedmodel_fp32` is exported for TensorFlow Serving, not run here. All take float32 RGB
+batches of shape (n, size, size, 3) in [0, 255] and return (n, classes) softmax probabilities.
+
+Importing this module imports no runtime (the CLI builds its choices from the table without
+TensorFlow); each engine imports its own when it is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-from seeds_tf.classifier.inference_model import fold_batch_norms
+from seeds_tf.core.errors import InputError
 
-ENGINES = ("keras", "tflite_fp32", "tflite_dynamic_int8", "tflite_int8", "onnx_fp32", "savedmodel_bf16")
+if TYPE_CHECKING:
+    import keras
 
-BF16_ENGINES = ("savedmodel_bf16",)
-"""Engines that are fast only on CPUs with bf16 instructions, and slow emulations elsewhere."""
-
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""CPU flags of bf16 units (AVX512-BF16, AMX), which bf16 engines need to be fast."""
 
 THREADS_ENV = "SEEDS_TF_ENGINE_THREADS"
 
@@ -47,6 +51,10 @@ class KerasEngine:
     name = "keras"
 
     def __init__(self, model: keras.Model):
+        import tensorflow as tf
+
+        from seeds_tf.classifier.inference_model import fold_batch_norms
+
         folded = fold_batch_norms(model)
         size = model.input_shape[1]
         signature = [tf.TensorSpec((None, size, size, 3), tf.float32)]
@@ -89,14 +97,17 @@ class SavedModelEngine:
     convolutions oneDNN runs on AVX512-BF16 and AMX."""
 
     def __init__(self, name: str, path: Path):
+        import tensorflow as tf
+
         self.name = name
         self._saved_model = tf.saved_model.load(str(path))
         # The serving signature, as TensorFlow Serving calls it: one named input, one output.
         self._serve = self._saved_model.signatures["serving_default"]
         (self._input,) = self._serve.structured_input_signature[1]
+        self._tensor = functools.partial(tf.constant, dtype=tf.float32)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        (output,) = self._serve(**{self._input: tf.constant(batch, dtype=tf.float32)}).values()
+        (output,) = self._serve(**{self._input: self._tensor(batch)}).values()
         return output.numpy()
 
 
@@ -116,45 +127,126 @@ class OnnxEngine:
         return self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """One way to run a run's network: its Keras model, or an export of it named
+    `<format>_<precision>` and written by seeds_tf.prediction.export.
+
+    Attributes:
+        name: what requests, `seeds-tf export` and exports.json call it.
+        format: the export's format (tflite, onnx, savedmodel); "keras" for the model itself.
+        precision: fp32, dynamic_int8 (int8 weights), int8 (int8 weights and activations) or bf16.
+        suffix: the export's file suffix in the run's exports/ folder; "" for a folder.
+        loader: runs the export, from (name, path); None where seeds_tf does not run it.
+        needs_bf16: fast only on CPUs with bf16 units; a slow emulation elsewhere.
+        exported: made by `seeds-tf export`; False for keras, the run's own model.
+        calibrated: its int8 activation ranges are set on the run's training images.
+    """
+
+    name: str
+    format: str
+    precision: str = "fp32"
+    suffix: str = ""
+    loader: Callable[[str, Path], Engine] | None = None
+    needs_bf16: bool = False
+    exported: bool = True
+    calibrated: bool = False
+
+    @property
+    def serves(self) -> bool:
+        """Whether seeds_tf predicts with it: keras, and every export it has a loader for."""
+        return not self.exported or self.loader is not None
+
+    def path(self, exports_dir: Path) -> Path:
+        """Where this export lives in a run's `exports_dir`."""
+        return exports_dir / f"{self.name}{self.suffix}"
+
+    def runs_natively(self, cpu_flags: Collection[str]) -> bool:
+        """Whether a CPU with these flags (see `cpu_flags`) runs it at full speed."""
+        return not self.needs_bf16 or not BF16_CPU_FLAGS.isdisjoint(cpu_flags)
+
+
+SPECS = (
+    EngineSpec("keras", "keras", exported=False),
+    EngineSpec("tflite_fp32", "tflite", "fp32", ".tflite", TFLiteEngine),
+    EngineSpec("tflite_dynamic_int8", "tflite", "dynamic_int8", ".tflite", TFLiteEngine),
+    EngineSpec("tflite_int8", "tflite", "int8", ".tflite", TFLiteEngine, calibrated=True),
+    EngineSpec("onnx_fp32", "onnx", "fp32", ".onnx", OnnxEngine),
+    EngineSpec("savedmodel_fp32", "savedmodel", "fp32"),  # for TensorFlow Serving: no loader here
+    EngineSpec("savedmodel_bf16", "savedmodel", "bf16", "", SavedModelEngine, needs_bf16=True),
+)
+"""Every engine and export, in the order choices are listed."""
+
+ENGINES = tuple(spec.name for spec in SPECS if spec.serves)
+"""The engines a request may name (besides "auto"): etc/config.yaml's `engine` choices, which
+tests/test_engines.py holds equal to this."""
+
+EXPORTS = tuple(spec for spec in SPECS if spec.exported)
+FORMATS = tuple(dict.fromkeys(spec.format for spec in EXPORTS))
+PRECISIONS = tuple(dict.fromkeys(spec.precision for spec in EXPORTS))
+
+
+def engine_spec(name: str) -> EngineSpec:
+    """The engine called `name`.
+
+    Raises:
+        InputError: naming `engine`, for a name not in ENGINES.
+    """
+    for spec in SPECS:
+        if spec.name == name and spec.serves:
+            return spec
+    raise InputError("engine", f"expected one of {list(ENGINES)}. Received: {name!r}")
+
+
+def export_spec(fmt: str, precision: str = "fp32") -> EngineSpec:
+    """The export of format `fmt` in `precision`.
+
+    Raises:
+        InputError: naming `format` or `precision`, for a combination not in EXPORTS.
+    """
+    if fmt not in FORMATS:
+        raise InputError("format", f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
+    precisions = {spec.precision: spec for spec in EXPORTS if spec.format == fmt}
+    if precision not in precisions:
+        raise InputError("precision", f"{fmt} exports in {list(precisions)}, not {precision!r}")
+    return precisions[precision]
+
+
 def load_engine(name: str, model: keras.Model, exports_dir: Path) -> Engine:
     """The engine called `name` for a run whose Keras model is `model` and exports are in
     `exports_dir`, run once on a blank image so that the first request does not pay for tracing,
     delegate set-up or memory planning.
 
     Raises:
+        InputError: naming `engine`, for a name not in ENGINES.
         FileNotFoundError: when the run has no such export.
     """
-    if name == "keras":
-        engine = KerasEngine(model)
-    else:
-        path = export_path(exports_dir, name)
+    spec = engine_spec(name)
+    if spec.exported:
+        path = spec.path(exports_dir)
         if not path.exists():
             raise FileNotFoundError(path)
-        engine = _LOADERS[name.split("_", 1)[0]](name, path)
+        engine = spec.loader(spec.name, path)
+    else:
+        engine = KerasEngine(model)
     size = model.input_shape[1]
     engine(np.zeros((1, size, size, 3), np.float32))
     return engine
 
 
 @functools.cache
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The feature flags of this CPU, from /proc/cpuinfo (or the `cpuinfo` text given); none where
+    it cannot be read. What `EngineSpec.runs_natively` and the default engine go by."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return False
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
-
-
-def export_path(exports_dir: Path, name: str) -> Path:
-    """Where the export called `name` (format_precision, e.g. tflite_int8) lives in a run."""
-    return exports_dir / f"{name}{_SUFFIXES[name.split('_', 1)[0]]}"
-
-
-_SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "savedmodel": ""}
-_LOADERS = {"tflite": TFLiteEngine, "onnx": OnnxEngine, "savedmodel": SavedModelEngine}
+            return frozenset()
+    lines = cpuinfo.splitlines()
+    return frozenset(
+        flag for line in lines if line.startswith("flags") for flag in line.partition(":")[2].split()
+    )
 
 
 def _threads() -> int:

@@ -7,11 +7,12 @@ its bf16 precision (batch norms folded into the convolutions, bfloat16 up to the
 is an engine for CPUs with AVX512-BF16 or AMX.
 Every export takes the same input as the Keras model (float32 RGB in [0, 255], the backbone's
 preprocessing is inside) and gives the same softmax, so an engine can replace the other.
+What can be exported is seeds_tf.classifier.engines' table; `export_run` is the whole use case
+(export, compare with Keras, record), behind `seeds-tf export` and the benchmarks.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -25,20 +26,14 @@ import tensorflow as tf
 from seeds_tf.classifier import engines
 from seeds_tf.classifier.inference_model import bfloat16_copy, fold_batch_norms
 from seeds_tf.classifier.model import load_classifier
-from seeds_tf.core import atomic, runs
+from seeds_tf.core import files, runs
 from seeds_tf.core.errors import InputError
-from seeds_tf.data import images
-from seeds_tf.data.splits import Split
+from seeds_tf.core.paths import Roots
+from seeds_tf.data import images, pipeline
+from seeds_tf.data.splits import Split, read_split
 from seeds_tf.prediction import inference
 
 _LOGGER = logging.getLogger(__name__)
-
-PRECISIONS = {
-    "tflite": ("fp32", "dynamic_int8", "int8"),
-    "onnx": ("fp32",),
-    "savedmodel": ("fp32", "bf16"),
-}
-"""The precisions each format is exported in."""
 
 CALIBRATION_IMAGES = 64
 """Training images that calibrate int8 activations: enough to cover the classes' colour ranges."""
@@ -47,33 +42,39 @@ MIN_AGREEMENT = 0.99
 """Top-1 agreement with the Keras model an export needs before a run may serve with it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ExportSpec:
-    """One export: its format and precision, named as the engine that runs it (e.g. tflite_int8)."""
+def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool = False) -> dict:
+    """Exports a complete run's final model as `spec` (from `engines.export_spec`), calibrated on
+    the run's training images where the export needs it; for an engine seeds_tf runs, compares it
+    with the Keras model on the run's test split and records the figures in exports.json.
 
-    format: str
-    precision: str = "fp32"
+    Args:
+        roots: the data and models folders.
+        run_id: the run to export.
+        spec: what to export.
+        serve: make the export the run's engine for requests that say "auto", if it agrees
+            closely enough with the Keras model (see `record_export`).
 
-    def __post_init__(self) -> None:
-        if self.format not in PRECISIONS:
-            raise InputError("format", f"unknown format {self.format!r}; choose one of {list(PRECISIONS)}")
-        if self.precision not in PRECISIONS[self.format]:
-            raise InputError(
-                "precision",
-                f"{self.format} exports in {list(PRECISIONS[self.format])}, not {self.precision!r}",
-            )
+    Returns:
+        The export's path, and for an engine its figures (see `compare_with_keras`) and the
+        engine the run now serves with.
+    """
+    layout = runs.resolve_run(roots.models, run_id, field="run")
+    training = layout.config().training
+    images_dir = roots.data_path(training.images_directory, "images_directory")
+    calibration = calibration_images(layout, images_dir) if spec.calibrated else ()
+    path = export_checkpoint(layout, spec, calibration)
+    if not spec.serves:
+        return {"export": str(path)}
+    run = inference.load_run(layout)
+    test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "run")
+    figures = compare_with_keras(run, spec.name, test) if test.labels else {}
+    recorded = record_export(layout, spec.name, figures, serve)
+    return {"export": str(path), **figures, "serve": recorded["serve"]}
 
-    @property
-    def name(self) -> str:
-        return f"{self.format}_{self.precision}"
 
-    def path(self, layout: runs.RunLayout) -> Path:
-        return engines.export_path(layout.exports_dir, self.name)
-
-
-def export_run(
+def export_checkpoint(
     layout: runs.RunLayout,
-    spec: ExportSpec,
+    spec: engines.EngineSpec,
     calibration: Sequence[Path] = (),
     checkpoint: str = "final",
 ) -> Path:
@@ -82,21 +83,23 @@ def export_run(
     Args:
         layout: a complete run.
         spec: what to export.
-        calibration: image files whose activations set the int8 ranges (only for tflite int8).
+        calibration: image files whose activations set the int8 ranges (only for calibrated exports).
         checkpoint: the checkpoint to export.
     """
     model = load_classifier(runs.resolve_checkpoint(layout, checkpoint))
-    destination = export_model(model, spec, spec.path(layout), calibration)
+    destination = export_model(model, spec, spec.path(layout.exports_dir), calibration)
     _LOGGER.info("Exported run %s/%s as %s", layout.run_id, checkpoint, destination)
     return destination
 
 
 def export_model(
-    model: keras.Model, spec: ExportSpec, destination: Path, calibration: Sequence[Path] = ()
+    model: keras.Model, spec: engines.EngineSpec, destination: Path, calibration: Sequence[Path] = ()
 ) -> Path:
     """Writes `model` in the format and precision of `spec` to `destination`, atomically."""
-    if spec.precision == "int8" and not calibration:
-        raise InputError("precision", "int8 needs calibration images; the run's train split has none")
+    if spec.calibrated and not calibration:
+        raise InputError(
+            "precision", f"{spec.precision} needs calibration images; the run's train split has none"
+        )
     if spec.precision == "bf16":
         model = bfloat16_copy(fold_batch_norms(model))
     with tempfile.TemporaryDirectory(prefix="seeds_tf_export_") as scratch:
@@ -106,10 +109,10 @@ def export_model(
             _replace_folder(saved_model, destination)
         elif spec.format == "tflite":
             blob = _tflite(saved_model, spec.precision, model.input_shape[1], calibration)
-            with atomic.replacement(destination) as temporary:
+            with files.atomic_path(destination) as temporary:
                 temporary.write_bytes(blob)
         else:
-            with atomic.replacement(destination) as temporary:
+            with files.atomic_path(destination) as temporary:
                 _onnx(model, temporary)
     return destination
 
@@ -139,13 +142,13 @@ def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: boo
     """Adds an export's figures to exports.json; with `serve`, makes it the run's engine for
     requests that say "auto", if it agrees closely enough with the Keras model."""
     index = layout.exports_dir / runs.EXPORTS_INDEX
-    recorded = runs.read_json(index) if index.is_file() else {"serve": "keras", "exports": {}}
+    recorded = files.read_json(index) if index.is_file() else {"serve": "keras", "exports": {}}
     recorded["exports"][engine] = figures
     agreement = figures.get("agreement_top1")
     refused = serve and (agreement is None or agreement < MIN_AGREEMENT)
     if serve and not refused:
         recorded["serve"] = engine
-    atomic.write_json(index, recorded)
+    files.write_json(index, recorded)
     if refused:
         raise InputError(
             "serve",
@@ -177,7 +180,7 @@ def _tflite(saved_model: Path, precision: str, image_size: int, calibration: Seq
 
 def _representative(calibration: Sequence[Path], image_size: int) -> Iterator[list[np.ndarray]]:
     for path in calibration:
-        pixels = images.resize(images.read_image(path), image_size)
+        pixels = pipeline.resize(images.read_image(path), image_size)
         yield [np.asarray(pixels, dtype=np.float32)[None]]
 
 

@@ -9,7 +9,7 @@ import itertools
 import logging
 import threading
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf.classifier.engines import BF16_ENGINES, ENGINES, Engine, cpu_has_bf16, export_path, load_engine
+from seeds_tf.classifier.engines import EXPORTS, Engine, cpu_flags, engine_spec, load_engine
 from seeds_tf.classifier.model import load_classifier
-from seeds_tf.core import runs
-from seeds_tf.core.config import ModelConfig, PredictConfig, RunConfig
+from seeds_tf.core import files, runs
+from seeds_tf.core.config import ModelConfig, PredictConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
-from seeds_tf.data import images
-from seeds_tf.data.splits import read_lines
+from seeds_tf.data import images, pipeline
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -52,11 +51,11 @@ class LoadedRun:
         recorded by `seeds-tf export --serve`, else keras.
 
         Raises:
-            InputError: naming `engine`, for an export this run does not have; exports are made
-                of the final model only.
+            InputError: naming `engine`, for a name not in ENGINES or an export this run does not
+                have; exports are made of the final model only.
         """
         if name == "auto":
-            name = default_engine(self.exports_dir) if self.checkpoint == "final" else "keras"
+            name = default_engine(self.exports_dir, cpu_flags()) if self.checkpoint == "final" else "keras"
         with self._lock:
             if name not in self._engines:
                 if name != "keras" and self.checkpoint != "final":
@@ -67,35 +66,34 @@ class LoadedRun:
                     self._engines[name] = load_engine(name, self.model, self.exports_dir)
                 except FileNotFoundError:
                     made = [
-                        export
-                        for export in ENGINES
-                        if export != "keras" and export_path(self.exports_dir, export).exists()
+                        spec.name for spec in EXPORTS if spec.serves and spec.path(self.exports_dir).exists()
                     ]
+                    spec = engine_spec(name)
                     raise InputError(
                         "engine",
                         f"run {self.run_id} has no {name} export (made: {made or 'none'}); "
-                        f"make it with: seeds-tf export {self.run_id} --format {name.split('_', 1)[0]} "
-                        f"--precision {name.split('_', 1)[1]}",
+                        f"make it with: seeds-tf export {self.run_id} --format {spec.format} "
+                        f"--precision {spec.precision}",
                     ) from None
             return self._engines[name]
 
 
-def default_engine(exports_dir: Path) -> str:
+def default_engine(exports_dir: Path, flags: Collection[str]) -> str:
     """The engine a run serves with when a request says "auto": set by `seeds-tf export --serve`.
-    A bf16 engine falls back to keras on a CPU without bf16 units, where it would be a slow
-    emulation: one run folder serves on every node of a mixed fleet."""
+    An engine that a CPU with these `flags` (this one's: seeds_tf.classifier.engines.cpu_flags())
+    would only emulate, as bf16 without bf16 units, falls back to keras: one run folder serves on
+    every node of a mixed fleet."""
     index = exports_dir / runs.EXPORTS_INDEX
-    chosen = runs.read_json(index).get("serve", "keras") if index.is_file() else "keras"
-    return "keras" if chosen in BF16_ENGINES and not cpu_has_bf16() else chosen
+    chosen = files.read_json(index).get("serve", "keras") if index.is_file() else "keras"
+    return chosen if engine_spec(chosen).runs_natively(flags) else "keras"
 
 
 def load_run(layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
     """Loads a checkpoint of a complete run, with its class names and model config."""
     model_file = runs.resolve_checkpoint(layout, checkpoint)
-    config = RunConfig.from_dict(runs.read_json(layout.conf_file)).model
-    classes = tuple(read_lines(layout.dataset_dir / "classes.txt"))
-    info_file = layout.dataset_dir / "info.txt"
-    info = tuple(read_lines(info_file)) if info_file.is_file() else None
+    config = layout.config().model
+    classes = layout.classes()
+    info = layout.info()
     model = load_classifier(model_file)
     if model.output_shape[-1] != len(classes):
         raise ValueError(
@@ -190,7 +188,7 @@ def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
     """
     if tta == "ten_crop":
         enlarged = round(image_size / TEN_CROP_FRACTION)
-        big = images.resize(pixels, enlarged)
+        big = pipeline.resize(pixels, enlarged)
         far = enlarged - image_size
         corners = [(0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2)]
         crops = tf.stack([big[y : y + image_size, x : x + image_size] for y, x in corners])
@@ -198,7 +196,7 @@ def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
     if pixels.shape[:2] == (image_size, image_size):
         view = tf.cast(pixels, tf.float32)[tf.newaxis]  # what resizing to its own size gives
     else:
-        view = images.resize(pixels, image_size)[tf.newaxis]
+        view = pipeline.resize(pixels, image_size)[tf.newaxis]
     if tta == "flip":
         view = tf.concat([view, tf.image.flip_left_right(view)], axis=0)
     return view.numpy()
