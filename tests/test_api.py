@@ -9,9 +9,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from seeds_tf.core import runs
-from tests.conftest import TINY_OPTIONS, encode, in_process_service, seed_photo
+from seeds_tf.core import files, runs
 from tests.deepaas_harness import MODEL_URL
+from tests.helpers import TINY_OPTIONS, encode, in_process_service, seed_photo
 from tests.loopback import http_server
 
 
@@ -179,17 +179,17 @@ def test_a_cancelled_training_is_never_offered_and_resumes_with_its_own_config(a
 
     layout = runs.RunLayout(roots.models / started)
     conf = layout.conf_file.read_bytes()
-    backed_up = runs.read_json(layout.backup_state)["epoch"]
-    done_before = runs.read_json(layout.stats_file)["epochs"][:backed_up]
+    backed_up = files.read_json(layout.backup_state)["epoch"]
+    done_before = files.read_json(layout.stats_file)["epochs"][:backed_up]
     resumed = app.request("POST", f"{MODEL_URL}/train/", params={"resume": started})
     assert resumed.status == 200, resumed.body
     status = app.wait_for_training(resumed.json()["uuid"])
     assert status["status"] == "done", status
     assert status["result"]["output"]["run_id"] == started
     assert layout.conf_file.read_bytes() == conf
-    summary = runs.read_json(layout.summary_file)
-    assert (summary["modelname"], summary["image_size"]) == ("VGG16", 32)
-    epochs = runs.read_json(layout.stats_file)["epochs"]
+    model = layout.config().model
+    assert (model.modelname, model.image_size) == ("VGG16", 32)
+    epochs = files.read_json(layout.stats_file)["epochs"]
     assert [epoch["epoch"] for epoch in epochs] == [1, 2]
     assert epochs[:backed_up] == done_before, "backed-up epochs were trained again instead of restored"
     assert not layout.backup_dir.exists()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
-from tests.conftest import SMALL_OPTIONS, seed_photo
+from tests.helpers import SMALL_OPTIONS, seed_photo
 
 BIN = Path(sys.executable).parent
 

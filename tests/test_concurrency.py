@@ -12,8 +12,8 @@ import requests
 
 from benchmarks import load
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
-from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import MODEL_URL
+from tests.helpers import SMALL_OPTIONS
 
 TRAINING_TIMEOUT_S = 180
 PAUSE_S = 0.5

@@ -13,8 +13,8 @@ from seeds_tf.core import files, runs
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.learning import distribute
 from seeds_tf.learning.training import weights_digest
-from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import free_port
+from tests.helpers import SMALL_OPTIONS
 
 SEEDS_TF = Path(sys.executable).parent / "seeds-tf"
 

@@ -7,7 +7,7 @@ import PIL.Image
 
 from seeds_tf.core import config, runs
 from seeds_tf.prediction import explain, inference
-from tests.conftest import seed_photo
+from tests.helpers import seed_photo
 
 
 def test_gradcam_is_a_normalised_map_over_the_backbone_grid(roots, tiny_run):

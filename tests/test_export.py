@@ -17,7 +17,7 @@ from seeds_tf.data import images
 from seeds_tf.data.splits import read_split
 from seeds_tf.learning import training
 from seeds_tf.prediction import export, inference
-from tests.conftest import TINY_OPTIONS, seed_photo
+from tests.helpers import TINY_OPTIONS, seed_photo
 
 
 @pytest.fixture(scope="module")

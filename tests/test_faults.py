@@ -25,8 +25,8 @@ from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.learning import demo
 from seeds_tf.prediction import inference
-from tests.conftest import TINY_OPTIONS, in_process_service, seed_photo
 from tests.deepaas_harness import MODEL_URL
+from tests.helpers import TINY_OPTIONS, in_process_service, seed_photo
 
 SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32}
 """A network that trains faster than the tiny Xception, for trainings that only have to reach a save."""

@@ -33,8 +33,8 @@ from schemathesis.schemas import APIOperation
 
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.service.schemas import UPLOAD_FIELDS
-from tests.conftest import copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_run
+from tests.helpers import copy_roots, seed_photo
 
 EXAMPLES_ENV = "SEEDS_TF_FUZZ_EXAMPLES"
 DEFAULT_EXAMPLES = 10

@@ -14,7 +14,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.hosting import admission
 from seeds_tf.learning import training
 from seeds_tf.prediction import inference
-from tests.conftest import SMALL_OPTIONS
+from tests.helpers import SMALL_OPTIONS
 
 
 def test_a_remote_training_is_a_candidate_until_promoted(roots, tiny_run, capsys):

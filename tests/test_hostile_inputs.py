@@ -27,8 +27,8 @@ import requests
 from seeds_tf import cli
 from seeds_tf.core import config
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
-from tests.conftest import copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_run, free_port
+from tests.helpers import copy_roots, seed_photo
 from tests.loopback import http_server
 
 BOUND_S = 20

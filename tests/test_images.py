@@ -8,7 +8,7 @@ import pytest
 
 from seeds_tf.core.errors import InputError
 from seeds_tf.data import images
-from tests.conftest import encode
+from tests.helpers import encode
 
 RNG = np.random.default_rng(0)
 PHOTO = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)

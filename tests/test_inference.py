@@ -8,7 +8,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.data import pipeline
 from seeds_tf.prediction import inference
 from seeds_tf.service.schemas import ModelPredictionResponse
-from tests.conftest import seed_photo
+from tests.helpers import seed_photo
 
 PIXELS = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
 

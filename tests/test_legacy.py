@@ -1,5 +1,5 @@
-"""Importing a run of the original service: a Keras 2 .h5 made with tf-keras, in a tarball served
-from loopback, becomes a seeds_tf run that predicts exactly as the original model did."""
+"""Importing a run of the original service: a Keras 2 .h5 (tests.helpers.save_keras2_h5), in a
+tarball served from loopback, becomes a seeds_tf run that predicts exactly as the original model did."""
 
 import functools
 import hashlib
@@ -13,6 +13,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -22,7 +23,7 @@ from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.data import pipeline
 from seeds_tf.learning import legacy
 from seeds_tf.prediction import inference
-from tests.conftest import encode
+from tests.helpers import encode, save_keras2_h5
 from tests.loopback import http_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +34,13 @@ CLASSES = ["Lens culinaris", "Lens nigricans", "Phaseolus vulgaris"]
 
 @pytest.fixture(scope="module")
 def legacy_model():
-    """The original architecture in Keras 2 (tf-keras): Xception, pooling, Dense(1024), softmax."""
-    import tf_keras
-
-    tf_keras.utils.set_random_seed(3)
-    base = tf_keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3))
-    x = tf_keras.layers.GlobalAveragePooling2D()(base.output)
-    x = tf_keras.layers.Dense(1024, activation="relu")(x)
-    outputs = tf_keras.layers.Dense(len(CLASSES), activation="softmax")(x)
-    return tf_keras.Model(base.input, outputs)
+    """The original architecture: Xception, pooling, Dense(1024), softmax, on raw [-1, 1] input."""
+    keras.utils.set_random_seed(3)
+    base = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3))
+    x = keras.layers.GlobalAveragePooling2D()(base.output)
+    x = keras.layers.Dense(1024, activation="relu")(x)
+    outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
+    return keras.Model(base.input, outputs)
 
 
 def _tarball(tmp_path, model, extra_member=None, test_images=False):
@@ -51,8 +50,7 @@ def _tarball(tmp_path, model, extra_member=None, test_images=False):
     (run / "ckpts").mkdir(parents=True)
     (run / "conf").mkdir()
     (run / "dataset_files").mkdir()
-    with pytest.warns(UserWarning, match="legacy"):  # the Keras 2 format is the point here
-        model.save(run / "ckpts" / "final_model.h5")
+    save_keras2_h5(model, run / "ckpts" / "final_model.h5")
     conf = {"model": {"modelname": "Xception", "image_size": 71, "num_classes": 3, "preprocess_mode": "tf"}}
     (run / "conf" / "conf.json").write_text(json.dumps(conf))
     (run / "dataset_files" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
@@ -85,8 +83,6 @@ def tarball_server(tmp_path):
 def test_a_legacy_run_imports_and_predicts_as_the_original(
     empty_roots, tmp_path, legacy_model, tarball_server
 ):
-    import tf_keras
-
     _tarball(tmp_path, legacy_model)
     run_id = legacy.import_legacy(f"{tarball_server}/seeds.tar.xz", empty_roots)
     layout = runs.RunLayout(empty_roots.models / run_id)
@@ -100,7 +96,7 @@ def test_a_legacy_run_imports_and_predicts_as_the_original(
 
     pixels = np.random.default_rng(0).integers(0, 256, (4, 90, 110, 3), dtype=np.uint8)
     batch = np.stack([pipeline.resize(p, 71).numpy() for p in pixels])
-    before = legacy_model.predict(tf_keras.applications.xception.preprocess_input(batch.copy()), verbose=0)
+    before = legacy_model.predict(keras.applications.xception.preprocess_input(batch.copy()), verbose=0)
     run = inference.load_run(layout)
     after = run.model.predict_on_batch(batch)
     np.testing.assert_allclose(after, before, atol=1e-5)

@@ -24,8 +24,8 @@ import requests
 
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.hosting import admission, monitor
-from tests.conftest import copy_roots, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_process, free_port
+from tests.helpers import copy_roots, seed_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

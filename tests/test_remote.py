@@ -20,8 +20,8 @@ from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.hosting import remote
 from seeds_tf.learning import training
-from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import free_port
+from tests.helpers import SMALL_OPTIONS
 
 USER, PASSWORD = "botanist", "s3cret-seeds"
 RCLONE = shutil.which("rclone") or "rclone"  # make test installs Debian's rclone

@@ -6,8 +6,8 @@ import numpy as np
 import requests
 
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
-from tests.conftest import encode, seed_photo
 from tests.deepaas_harness import MODEL_URL, deepaas_run
+from tests.helpers import encode, seed_photo
 
 
 def test_deepaas_run_serves_the_model(roots, tiny_run, tmp_path):

@@ -18,8 +18,8 @@ import requests
 
 from seeds_tf.core import config, files, runs
 from seeds_tf.learning import tracking, training
-from tests.conftest import SMALL_OPTIONS
 from tests.deepaas_harness import free_port
+from tests.helpers import SMALL_OPTIONS
 
 ADMIN, PASSWORD = "admin", "seeds-admin-password-1234"
 

@@ -10,7 +10,7 @@ from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.learning import training
 from seeds_tf.prediction.inference import load_run
-from tests.conftest import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
+from tests.helpers import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
 
 
 def test_a_trained_run_explains_itself(roots, tiny_run):

@@ -18,7 +18,7 @@ from seeds_tf.classifier.model import build_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.learning import training
 from seeds_tf.prediction.inference import load_run
-from tests.conftest import SMALL_OPTIONS, write_colour_dataset
+from tests.helpers import SMALL_OPTIONS, write_colour_dataset
 
 BIN = Path(sys.executable).parent
 COLOURS = {

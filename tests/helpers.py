@@ -1,0 +1,126 @@
+"""What the tests share besides fixtures: options of tiny runs, files in the formats the service
+reads (images, colour datasets, a Keras 2 model of the original service), in-process services."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import PIL.Image
+import pytest
+
+from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
+from seeds_tf.data.splits import write_split_files
+
+TINY_OPTIONS = {
+    "weights": "none",
+    "image_size": 71,
+    "dense_units": 16,
+    "epochs": 1,
+    "batch_size": 16,
+    "images_directory": "tiny/images",
+    "splits_directory": "tiny/dataset_files",
+}
+"""Training options for a run that trains in seconds: for the code paths, not for accuracy."""
+
+SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "MobileNetV3Small", "image_size": 32}
+"""For tests of the training machinery (resume, cancel, workers, bad images, every option): the
+same code with a registered backbone of 1M weights at 32 px, which trains and saves many times
+faster than Xception's 21M at 71 px."""
+
+
+def copy_roots(source: Roots, base: Path) -> Roots:
+    """Copies of the data and models folders of `source` in `base`/data and `base`/models."""
+    copied = Roots(data=base / "data", models=base / "models")
+    shutil.copytree(source.data, copied.data)
+    shutil.copytree(source.models, copied.models)
+    return copied
+
+
+@contextlib.contextmanager
+def in_process_service(base: Path, session_roots: Roots, **env: str) -> Iterator[tuple]:
+    """The DEEPaaS app in this process over copies of the session's dataset and run in `base`, with
+    uploads in `base`/uploads so a test can check that none is left behind; yields (app, roots,
+    uploads). `env` adds environment variables for the service."""
+    from tests.deepaas_harness import InProcessDeepaas
+
+    roots = copy_roots(session_roots, base)
+    uploads = base / "uploads"
+    uploads.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {DATA_ENV: str(roots.data), MODELS_ENV: str(roots.models), **env}.items():
+            patch.setenv(name, value)
+        patch.setattr(tempfile, "tempdir", str(uploads))
+        app = InProcessDeepaas()
+        try:
+            yield app, roots, uploads
+        finally:
+            app.close()
+
+
+def encode(pixels: np.ndarray, fmt: str, **save_args) -> bytes:
+    """An image array encoded in the given Pillow format."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def seed_photo(roots: Roots, index: int = 0) -> Path:
+    """A test image of the tiny dataset."""
+    line = (roots.data / "tiny" / "dataset_files" / "test.txt").read_text().splitlines()[index]
+    return roots.data / "tiny" / "images" / line.rsplit(" ", 1)[0]
+
+
+def write_colour_dataset(root: Path, per_class: int = 20, size: int = 80, seed: int = 0) -> None:
+    """Three classes anyone can tell apart (a red, a green or a blue disc on noise) in the split-file
+    format: a network that cannot learn these has a broken training loop."""
+    rng = np.random.default_rng(seed)
+    colours = {
+        "Rubra ruber": (220, 30, 30),
+        "Viridis viridis": (30, 200, 30),
+        "Caerulea caerulea": (30, 30, 220),
+    }
+    splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+    for label, (name, colour) in enumerate(colours.items()):
+        (root / "images" / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3)).astype(np.float64)
+            yy, xx = np.mgrid[:size, :size]
+            cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 4) ** 2
+            pixels[disc] = colour
+            relative = f"{name}/{index:03d}.png"
+            PIL.Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / relative)
+            split = "train" if index < per_class * 0.6 else "val" if index < per_class * 0.8 else "test"
+            splits[split].append((relative, label))
+    write_split_files(root / "dataset_files", list(colours), splits)
+
+
+def save_keras2_h5(model: keras.Model, path: Path, keras_version: str = "2.2.4-tf") -> None:
+    """Writes `model`'s weights as the original service's Keras 2 (TF 1.14) `model.save` left them
+    in an .h5 file, with h5py: the version attributes, `model_weights` with the layer names in model
+    order, and per layer its `weight_names` ("layer/kernel:0", trainable weights first) and one
+    dataset per weight under those names. The importer rebuilds the architecture from conf.json and
+    reads only the weights, so the model's JSON config is not written. Keras 3 alone can no longer
+    save this format, and tf-keras would pull a second, full TensorFlow into the environment."""
+    with h5py.File(path, "w") as file:
+        file.attrs["keras_version"] = keras_version.encode()
+        file.attrs["backend"] = b"tensorflow"
+        group = file.create_group("model_weights")
+        group.attrs["keras_version"] = keras_version.encode()
+        group.attrs["backend"] = b"tensorflow"
+        group.attrs["layer_names"] = np.array([layer.name.encode() for layer in model.layers])
+        for layer in model.layers:
+            layer_group = group.create_group(layer.name)
+            weights = layer.trainable_weights + layer.non_trainable_weights
+            names = [f"{layer.name}/{weight.name}:0".encode() for weight in weights]
+            layer_group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([], "S1")
+            for name, weight in zip(names, weights, strict=True):
+                layer_group.create_dataset(name.decode(), data=keras.ops.convert_to_numpy(weight))
