@@ -6,31 +6,39 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
-STAMP := $(VENV)/.installed
+SERVING := $(VENV)/.installed-serving
+TESTING := $(VENV)/.installed-testing
 FUZZ_EXAMPLES ?= 1000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve test system lint demo bench learning fuzz load audit clean
 
-# The environment: rebuilt whenever the package metadata changes.
-$(STAMP): setup.cfg setup.py
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# The environment: what serving needs (`make serve`), plus the test and lint tools (`make test`);
+# each is reinstalled whenever the package metadata changes.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+
+$(SERVING): setup.cfg setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[cpu]"
+	touch $@
+
+$(TESTING): setup.cfg setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -e ".[cpu,test]"
-	touch $(STAMP)
+	touch $@ $(SERVING)
 
 ## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
 ## with the image's settings (etc/deepaas.conf: upload cap, workers), on $(HOST):$(PORT)
-serve: $(STAMP)
+serve: $(SERVING)
 	$(BIN)/seeds-tf demo
 	$(BIN)/deepaas-run --config-file etc/deepaas.conf --listen-ip $(HOST) --listen-port $(PORT)
 
 ## demo: train the demo run even if runs exist
-demo: $(STAMP)
+demo: $(SERVING)
 	$(BIN)/seeds-tf demo --force
 
 ## bench: benchmarks, figures as ratios measured side by side (benchmarks/results.json), then the table
-bench: $(STAMP)
+bench: $(TESTING)
 	$(BIN)/seeds-tf demo
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/tta.py
@@ -39,24 +47,24 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python table.py
 
 ## learning: the >= 90% top-1 check on the synthetic seeds dataset, through the CLI (~20 min)
-learning: $(STAMP)
+learning: $(TESTING)
 	$(BIN)/python benchmarks/learning.py
 
 ## fuzz: schemathesis against a live deepaas-run, many more examples than the suite's run
-fuzz: $(STAMP)
+fuzz: $(TESTING)
 	SEEDS_TF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py
 
 ## load: concurrent clients against deepaas-run with 1 and 2 workers: failures, p50/p99, memory
-load: $(STAMP)
+load: $(TESTING)
 	$(BIN)/seeds-tf demo
 	$(BIN)/python benchmarks/load.py
 
 ## audit: known vulnerabilities of the installed dependencies (pip-audit; its database changes daily)
-audit: $(STAMP)
+audit: $(TESTING)
 	$(BIN)/pip-audit --strict --skip-editable --progress-spinner off
 
 ## lint: ruff (style, bugs, bandit rules) and bandit itself
-lint: $(STAMP)
+lint: $(TESTING)
 	$(BIN)/ruff check seeds_tf tests benchmarks
 	$(BIN)/ruff format --check seeds_tf tests benchmarks
 	$(BIN)/bandit -q -c pyproject.toml -r seeds_tf

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-from seeds_tf.core import config, files, runs  # noqa: E402
+from seeds_tf.core import runs  # noqa: E402
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots  # noqa: E402
 from tests.deepaas_harness import MODEL_URL, deepaas_process  # noqa: E402
 
@@ -98,7 +98,7 @@ class Tally:
 def load_target(url: str, roots: Roots, run_id: str) -> Target:
     """The run's first test image as a JPEG, and the number of species its predictions list."""
     layout = runs.resolve_run(roots.models, run_id)
-    training = config.RunConfig.from_dict(files.read_json(layout.conf_file)).training
+    training = layout.config().training
     images_dir = roots.data_path(training.images_directory, "images_directory")
     first = (layout.dataset_dir / "test.txt").read_text().splitlines()[0]
     photo = (images_dir / first.rsplit(" ", 1)[0]).read_bytes()
@@ -106,7 +106,7 @@ def load_target(url: str, roots: Roots, run_id: str) -> Target:
         buffer = io.BytesIO()
         PIL.Image.open(io.BytesIO(photo)).convert("RGB").save(buffer, format="JPEG", quality=90)
         photo = buffer.getvalue()
-    classes = files.read_json(layout.summary_file)["num_classes"]
+    classes = len(layout.classes())
     return Target(url, layout.run_id, photo, min(TOP_K, classes))
 
 

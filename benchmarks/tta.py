@@ -14,7 +14,7 @@ import time
 import numpy as np
 from results import record
 
-from seeds_tf.core import config, files, runs
+from seeds_tf.core import runs
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import images
 from seeds_tf.data.splits import read_split
@@ -31,7 +31,7 @@ def main() -> None:
     roots = Roots.from_env()
     layout = runs.resolve_run(roots.models, args.run)
     run = inference.load_run(layout)
-    training = config.RunConfig.from_dict(files.read_json(layout.conf_file)).training
+    training = layout.config().training
     images_dir = roots.data_path(training.images_directory, "images_directory")
     test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "test")
     pixels = [images.read_image(path) for path in test.paths]

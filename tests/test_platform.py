@@ -76,6 +76,19 @@ def test_the_configuration_file_chooses_the_model_and_the_workers(platform_serve
     assert f"{MODEL_URL}/train/" in spec["paths"], "train_endpoint = true is in force"
 
 
+def test_the_server_log_of_a_normal_start_is_clean(platform_server):
+    """After start and warm-up: no deprecation noise from the pinned DEEPaaS stack and no CUDA
+    messages on a CPU machine. The one deprecation left is DEEPaaS 2.6's own
+    `web.Application(debug=...)`, which it raises before any plugin is loaded."""
+    url, _, roots, _ = platform_server
+    assert requests.get(f"{url}/v2/models/seeds_tf/", timeout=10).status_code == 200
+    log = (roots.data.parent / "server.log").read_text()  # deepaas_process writes it beside the roots
+    warnings = [line for line in log.splitlines() if "Warning:" in line]
+    assert [line for line in warnings if "debug argument is deprecated" not in line] == []
+    assert "cuda" not in log.lower()
+    assert "Traceback" not in log
+
+
 def test_a_body_over_the_configured_cap_gets_413(platform_server):
     url = platform_server[0]
     body = b"x" * (52428800 + 1024)

@@ -27,7 +27,7 @@ def test_a_trained_run_explains_itself(roots, tiny_run):
     assert summary["checkpoints"] == ["best", "final"]
     assert len(summary["weights_digest"]) == 64
 
-    saved = config.RunConfig.from_dict(files.read_json(layout.conf_file))
+    saved = layout.config()
     assert saved == config.RunConfig.from_options(**TINY_OPTIONS)
 
     stats = files.read_json(layout.stats_file)

@@ -147,7 +147,7 @@ def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     epochs = files.read_json(layout.stats_file)["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert layout.conf_file.read_bytes() == conf, "the resumed run's configuration changed"
-    assert config.RunConfig.from_dict(files.read_json(layout.conf_file)).training.epochs == 3
+    assert layout.config().training.epochs == 3
     assert layout.is_complete()
 
     again = _seeds_tf("train", "--resume", run_id)
