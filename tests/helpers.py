@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +129,31 @@ def save_keras2_h5(model: keras.Model, path: Path, keras_version: str = "2.2.4-t
             layer_group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([], "S1")
             for name, weight in zip(names, weights, strict=True):
                 layer_group.create_dataset(name.decode(), data=keras.ops.convert_to_numpy(weight))
+
+
+def interrupted_run(models: Path, options: dict, timeout: float = 300) -> str:
+    """A run as a crash leaves it: `seeds-tf train` with `options` (the data and models folders
+    from the environment), SIGKILLed as soon as its first epoch is backed up. Returns its id."""
+    before = set(os.listdir(models)) if models.is_dir() else set()
+    flags = [f"--{name}={value}" for name, value in options.items() if not isinstance(value, bool)]
+    seeds_tf = Path(sys.executable).parent / "seeds-tf"
+    process = subprocess.Popen(
+        [str(seeds_tf), "--quiet", "train", *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            backed_up = [
+                state.parents[2].name
+                for state in models.glob("*/ckpts/backup/state.json")
+                if state.parents[2].name not in before
+            ]
+            if backed_up:
+                return backed_up[0]
+            time.sleep(0.1)
+        raise AssertionError(
+            f"no epoch was backed up: {process.stderr.read() if process.poll() else 'timeout'}"
+        )
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()

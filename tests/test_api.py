@@ -11,7 +11,7 @@ import pytest
 
 from seeds_tf.core import files, runs
 from tests.deepaas_harness import MODEL_URL
-from tests.helpers import TINY_OPTIONS, encode, in_process_service, seed_photo
+from tests.helpers import SMALL_OPTIONS, TINY_OPTIONS, encode, in_process_service, interrupted_run, seed_photo
 from tests.loopback import http_server
 
 
@@ -149,24 +149,19 @@ def test_a_dataset_problem_ends_the_training_with_a_clear_message(app, service):
     assert "no classes.txt" in status["message"]
 
 
-def test_a_cancelled_training_is_never_offered_and_resumes_with_its_own_config(app, service, photo):
+def test_a_cancelled_training_is_never_offered(app, service, photo):
     """DEEPaaS kills the worker of a cancelled training (its DELETE answers 500 in 2.6.0, a server
-    bug); the half-made run is never offered and the replacement worker loads a model lazily. Then
-    `resume=<run id>` finishes that run from its last backed-up epoch, with the configuration it
-    started with, not the defaults of the resume request. A VGG16 at 32 px keeps it short."""
+    bug); the half-made run is never offered and the replacement worker loads a model lazily."""
     roots = service[1]
     before = set(runs.complete_runs(roots.models))
     interrupted_before = set(runs.incomplete_runs(roots.models))
-    options = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32, "epochs": 2}
+    options = {**SMALL_OPTIONS, "epochs": 2}
     uuid = app.request("POST", f"{MODEL_URL}/train/", params=options).json()["uuid"]
-    # Cancelled once epoch 1 is backed up, while epoch 2 trains.
     deadline = time.monotonic() + 300
     started = None
     while started is None and time.monotonic() < deadline:
-        for run_id in set(runs.incomplete_runs(roots.models)) - interrupted_before:
-            if runs.RunLayout(roots.models / run_id).backup_state.is_file():
-                started = run_id
-        time.sleep(0.2)
+        started = next(iter(set(runs.incomplete_runs(roots.models)) - interrupted_before), None)
+        time.sleep(0.1)
     assert started is not None, app.request("GET", f"{MODEL_URL}/train/{uuid}").body
     app.request("DELETE", f"{MODEL_URL}/train/{uuid}")
     assert set(runs.complete_runs(roots.models)) == before
@@ -177,15 +172,29 @@ def test_a_cancelled_training_is_never_offered_and_resumes_with_its_own_config(a
     assert answer.status == 200, answer.body
     assert answer.json()["run_id"] != started
 
-    layout = runs.RunLayout(roots.models / started)
+
+@pytest.fixture
+def interrupted(service) -> runs.RunLayout:
+    """A VGG16 run at 32 px of 2 epochs, killed once its first epoch is backed up."""
+    models = service[1].models
+    return runs.RunLayout(
+        models
+        / interrupted_run(models, {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32, "epochs": 2})
+    )
+
+
+def test_resume_finishes_an_interrupted_run_with_its_own_config(app, interrupted, photo):
+    """`resume=<run id>` finishes the run from its last backed-up epoch, with the configuration it
+    started with, not the defaults of the resume request; the run then serves by name."""
+    layout = interrupted
     conf = layout.conf_file.read_bytes()
     backed_up = files.read_json(layout.backup_state)["epoch"]
     done_before = files.read_json(layout.stats_file)["epochs"][:backed_up]
-    resumed = app.request("POST", f"{MODEL_URL}/train/", params={"resume": started})
+    resumed = app.request("POST", f"{MODEL_URL}/train/", params={"resume": layout.run_id})
     assert resumed.status == 200, resumed.body
     status = app.wait_for_training(resumed.json()["uuid"])
     assert status["status"] == "done", status
-    assert status["result"]["output"]["run_id"] == started
+    assert status["result"]["output"]["run_id"] == layout.run_id
     assert layout.conf_file.read_bytes() == conf
     model = layout.config().model
     assert (model.modelname, model.image_size) == ("VGG16", 32)
@@ -193,7 +202,7 @@ def test_a_cancelled_training_is_never_offered_and_resumes_with_its_own_config(a
     assert [epoch["epoch"] for epoch in epochs] == [1, 2]
     assert epochs[:backed_up] == done_before, "backed-up epochs were trained again instead of restored"
     assert not layout.backup_dir.exists()
-    by_name = app.predict({"image": ("a.jpg", photo)}, timestamp=started)
+    by_name = app.predict({"image": ("a.jpg", photo)}, timestamp=layout.run_id)
     assert by_name.status == 200, by_name.body
 
 

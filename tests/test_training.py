@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from seeds_tf.classifier.model import backbone_layers, build_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.learning import training
@@ -101,11 +102,22 @@ def test_fast_mode_trains_the_head_only(roots, tmp_path):
     weights = roots.data / "xception_notop.weights.h5"
     backbone.save_weights(weights)
     options = {**TINY_OPTIONS, "mode": "fast", "weights": weights.name}
-    result = training.train(config.RunConfig.from_options(**options), roots)
-    trained = load_run(runs.RunLayout(roots.models / result.run_id)).model
+    run_config = config.RunConfig.from_options(**options)
+    result = training.train(run_config, roots)
+    layout = runs.RunLayout(roots.models / result.run_id)
+    trained = load_run(layout).model
     np.testing.assert_array_equal(
         trained.get_layer("block1_conv1").kernel.numpy(), backbone.get_layer("block1_conv1").kernel.numpy()
     )
+    # The head as training initialised it (same seed, same weights file): every layer of it moved.
+    keras.utils.set_random_seed(run_config.training.seed)
+    initial = build_classifier(run_config.model, len(layout.classes()), str(weights))
+    frozen = {layer.name for layer in backbone_layers(initial)}
+    head = [layer.name for layer in initial.layers if layer.weights and layer.name not in frozen]
+    assert head
+    for name in head:
+        before, after = initial.get_layer(name).weights[0].numpy(), trained.get_layer(name).weights[0].numpy()
+        assert not np.array_equal(before, after), f"{name} did not train"
 
 
 def test_the_network_learns(roots):

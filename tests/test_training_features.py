@@ -4,10 +4,8 @@ mixed precision, MLflow, resume after a crash, check-dataset and evaluate."""
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -18,7 +16,7 @@ from seeds_tf.classifier.model import build_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.learning import training
 from seeds_tf.prediction.inference import load_run
-from tests.helpers import SMALL_OPTIONS, write_colour_dataset
+from tests.helpers import SMALL_OPTIONS, interrupted_run, write_colour_dataset
 
 BIN = Path(sys.executable).parent
 COLOURS = {
@@ -121,20 +119,7 @@ def _flags(options: dict) -> list[str]:
 
 
 def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
-    options = {**COLOURS, "epochs": 3}
-    before = set(os.listdir(colours.models))
-    process = _seeds_tf("train", *_flags(options))
-    stats = None
-    deadline = time.monotonic() + 300
-    while stats is None and time.monotonic() < deadline and process.poll() is None:
-        for candidate in colours.models.glob("*/stats/stats.json"):
-            if candidate.parent.parent.name not in before and files.read_json(candidate)["epochs"]:
-                stats = candidate
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    _, errors = process.communicate()
-    assert stats is not None, errors
-    run_id = stats.parent.parent.name
+    run_id = interrupted_run(colours.models, {**COLOURS, "epochs": 3})
     assert run_id not in runs.complete_runs(colours.models)
     assert run_id in runs.incomplete_runs(colours.models)
     layout = runs.RunLayout(colours.models / run_id)
