@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -61,7 +62,8 @@ class ClientError(web.HTTPUnprocessableEntity):
 
 def get_metadata() -> dict[str, Any]:
     """The model's description, its working runs, the promoted run, the summary of the run that
-    serves requests naming none (`model`), and the broken runs with the reason each cannot serve."""
+    serves requests naming none (`model`), the broken runs with the reason each cannot serve, and
+    the trainings in progress with how far each is (seeds_tf.learning.progress)."""
     models = Roots.from_env().models
     listing = runs.list_runs(models)
     return {
@@ -91,6 +93,7 @@ def get_metadata() -> dict[str, Any]:
         "broken": listing.broken_list(),
         "promoted": runs.promoted_run(models),
         "model": listing.working[runs.default_order(models, listing)[0]] if listing.working else None,
+        "trainings_in_progress": runs.trainings_in_progress(models),
     }
 
 
@@ -100,6 +103,7 @@ def warm() -> None:
     TensorBoard on the monitor port when `SEEDS_TF_MONITOR` is on."""
     from seeds_tf.prediction import inference
 
+    _worker_logging()
     roots = Roots.from_env()
     monitor.ensure_from_env(roots.models)
     try:
@@ -118,6 +122,7 @@ def predict(**args) -> dict[str, Any] | bytes:
     from seeds_tf.data import sources
     from seeds_tf.prediction import explain, inference
 
+    _worker_logging()
     files = [args[name] for name in schemas.UPLOAD_FIELDS if args.get(name) is not None]
     try:
         with _client_errors():
@@ -147,11 +152,33 @@ def train(**args) -> dict[str, Any]:
     training's error message."""
     from seeds_tf.learning import training
 
+    _worker_logging()
     run_config = config.RunConfig.from_options(**args)
     roots = Roots.from_env()
     monitor.ensure_from_env(roots.models)
     # Anyone who can reach the API may train: such a run is a candidate until an operator promotes it.
     return training.train(run_config, roots, candidate=True).to_dict()
+
+
+_WORKER_LOG_FORMAT = "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s [-] %(message)s"
+"""oslo.log's default format, which deepaas-run's own lines have."""
+
+
+@functools.cache
+def _worker_logging() -> None:
+    """Sends this process's log to its stderr when nothing else does, once per process.
+
+    DEEPaaS starts its workers with `spawn` and sets up no logging in them: their INFO lines (a
+    training's epochs) were lost and their warnings printed bare. A worker's stderr is deepaas-run's,
+    so its lines join the server's log, in the server's format: seeds_tf's from INFO, other
+    libraries' from WARNING. Where logging is already set up (deepaas-cli, tests), nothing changes.
+    """
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_WORKER_LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("seeds_tf").setLevel(logging.INFO)
 
 
 @functools.cache

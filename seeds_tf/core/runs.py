@@ -4,7 +4,8 @@ A run is `models/<YYYY-mm-dd_HHMMSS>/` with the layout of the original service (
 logs/, dataset_files/) plus reports/ and `run.json`. `run.json` is written last, by an atomic rename:
 a run without it died half-way and is never offered for prediction. A complete run whose files were
 damaged afterwards (a truncated model, a run.json that is not JSON) is listed as broken, with the
-reason, and skipped: the other runs keep serving.
+reason, and skipped: the other runs keep serving. A run without it is in progress only while a
+process trains it (mark_in_progress); its stats/progress.json then says how far it is.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from seeds_tf.classifier.model import (
     head_model,
     save_classifier,
 )
-from seeds_tf.core import atomic, runs
+from seeds_tf.core import files, runs
 from seeds_tf.core.config import RunConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
@@ -38,7 +39,7 @@ from seeds_tf.data import datasets, images
 from seeds_tf.data.pipeline import augmentation, make_dataset
 from seeds_tf.data.splits import Dataset, copy_split_files, read_dataset
 from seeds_tf.hosting import admission, remote
-from seeds_tf.learning import distribute, reports, tracking
+from seeds_tf.learning import distribute, progress, reports, tracking
 from seeds_tf.learning.evaluation import evaluate_split, test_metrics
 
 _LOGGER = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def _check_disk(config: RunConfig, num_classes: int, roots: Roots) -> None:
 def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool) -> TrainResult:
     """Continues an interrupted run with its own configuration and split files."""
     layout = runs.resolve_interrupted_run(roots.models, run_id)
-    config = RunConfig.from_dict(runs.read_json(layout.conf_file))
+    config = layout.config()
     images_dir = roots.data_path(config.training.images_directory, "images_directory")
     dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))
     _LOGGER.info("Resuming run %s", run_id)
@@ -234,45 +235,45 @@ def _train_run(
     num_classes = len(dataset.classes)
     _LOGGER.info("Training run %s on %d classes (%s)", layout.run_id, num_classes, type(strategy).__name__)
     started = time.monotonic()
-    keras.utils.set_random_seed(training.seed)
-    with _dtype_policy(training.mixed_precision), strategy.scope():
-        model = _compiled_model(config, num_classes, weights)
-        distribute.synchronize_batch_norm(model, strategy)
-    # Tracked by the chief alone: the other workers of a cluster train the same run.
-    mlflow = (
-        tracking.start_logger(layout.run_id, _flat_options(config))
-        if tracking.mlflow_enabled() and distribute.is_chief()
-        else None
-    )
-    try:
-        history = _fit(model, config, dataset, layout, strategy, mlflow=mlflow)
-        if training.mixed_precision != "none":
-            model = _float32_copy(model, config, num_classes)
-        save_classifier(model, layout.final_model)
-        metrics = _write_reports(model, config, dataset, layout, history)
-    except BaseException:
+    # Marked in progress until complete: the model's metadata shows how far it is.
+    with progress.tracking(layout, training.epochs) as tracker:
+        keras.utils.set_random_seed(training.seed)
+        with _dtype_policy(training.mixed_precision), strategy.scope():
+            model = _compiled_model(config, num_classes, weights)
+            distribute.synchronize_batch_norm(model, strategy)
+        # Tracked by the chief alone: the other workers of a cluster train the same run.
+        mlflow = (
+            tracking.start_logger(layout.run_id, _flat_options(config))
+            if tracking.mlflow_enabled() and distribute.is_chief()
+            else None
+        )
+        try:
+            history = _fit(model, config, dataset, layout, strategy, mlflow=mlflow, progress_log=tracker)
+            if training.mixed_precision != "none":
+                model = _float32_copy(model, config, num_classes)
+            save_classifier(model, layout.final_model)
+            metrics = _write_reports(model, config, dataset, layout, history)
+        except BaseException:
+            if mlflow is not None:
+                mlflow.abort()
+            raise
+        training_time = round(time.monotonic() - started, 1)
+        digest = weights_digest(model)
+        files.write_json(
+            layout.stats_file, {"epochs": history, "training_time_s": training_time, "test": metrics}
+        )
+        registered = None
         if mlflow is not None:
-            mlflow.abort()
-        raise
-    training_time = round(time.monotonic() - started, 1)
-    digest = weights_digest(model)
-    atomic.write_json(
-        layout.stats_file, {"epochs": history, "training_time_s": training_time, "test": metrics}
-    )
-    registered = None
-    if mlflow is not None:
-        registered = mlflow.finish(model, metrics, [layout.reports_dir, layout.conf_file.parent])
-    runs.mark_complete(
-        layout,
-        modelname=config.model.modelname,
-        image_size=config.model.image_size,
-        num_classes=num_classes,
-        metrics=metrics,
-        skipped_images=skipped,
-        weights_digest=digest,
-        mlflow_model_version=registered,
-        candidate=candidate,
-    )
+            registered = mlflow.finish(model, metrics, [layout.reports_dir, layout.conf_file.parent])
+        tracker.finish()
+        runs.mark_complete(
+            layout,
+            metrics=metrics,
+            skipped_images=skipped,
+            weights_digest=digest,
+            mlflow_model_version=registered,
+            candidate=candidate,
+        )
     _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
     upload = None
     if training.upload_to and distribute.is_chief():
@@ -331,6 +332,7 @@ def _fit(
     strategy: tf.distribute.Strategy,
     *,
     mlflow: tracking.MlflowLogger | None,
+    progress_log: progress.ProgressLog,
 ) -> list[dict[str, float]]:
     """Runs model.fit with the run's callbacks; returns the per-epoch records of stats.json."""
     training, size = config.training, config.model.image_size
@@ -381,6 +383,13 @@ def _fit(
         )
     if mlflow is not None:
         callbacks.append(mlflow)
+    # On a terminal, Keras' progress bar shows the batches of each epoch; it is placed here so that
+    # it ends its line before the progress line (Keras would add it after every other callback).
+    terminal = sys.stdout.isatty()
+    if terminal:
+        callbacks.append(keras.callbacks.ProgbarLogger())
+    # Last, so that an epoch's time includes the saving after it.
+    callbacks.append(progress_log)
     fitted.fit(
         train_data,
         validation_data=val_data,
@@ -388,7 +397,7 @@ def _fit(
         shuffle=False,  # make_dataset shuffles, seeded; Keras cannot shuffle a tf.data.Dataset
         class_weight=class_weights(train_split.labels, num_classes) if training.use_class_weights else None,
         callbacks=callbacks,
-        verbose=0,
+        verbose=1 if terminal else 0,  # elsewhere (a DEEPaaS worker's log, a file), no bar
     )
     return epoch_log.epochs
 
@@ -429,8 +438,8 @@ def _flat_options(config: RunConfig) -> dict[str, Any]:
 
 
 class _EpochLog(keras.callbacks.Callback):
-    """Logs a line per epoch and rewrites stats/stats.json, so progress shows while a run trains.
-    A resumed run keeps the records of the epochs it had already completed."""
+    """Rewrites stats/stats.json after each epoch (the line in the log comes from
+    progress.ProgressLog). A resumed run keeps the records of the epochs it had already completed."""
 
     def __init__(self, layout: runs.RunLayout):
         super().__init__()
@@ -440,7 +449,7 @@ class _EpochLog(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self._layout.stats_file.is_file():
-            self.epochs = runs.read_json(self._layout.stats_file).get("epochs", [])
+            self.epochs = files.read_json(self._layout.stats_file).get("epochs", [])
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.monotonic()
@@ -459,8 +468,7 @@ class _EpochLog(keras.callbacks.Callback):
             },
         }
         self.epochs.append(record)
-        atomic.write_json(self._layout.stats_file, {"epochs": self.epochs})
-        _LOGGER.info("Run %s epoch %d: %s", self._layout.run_id, epoch + 1, record)
+        files.write_json(self._layout.stats_file, {"epochs": self.epochs})
 
 
 class _AtomicBackup(keras.callbacks.BackupAndRestore):
@@ -469,7 +477,7 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
     Keras rewrites `latest.weights.h5` in place and the epoch number in a second file after it: a
     kill while saving leaves truncated weights (the resumed run then fails) or weights an epoch
     ahead of their number. Here each epoch's weights go to a file of their own through
-    atomic.replacement; only then does `state.json` (atomic too) name them as the last epoch done.
+    files.atomic_path; only then does `state.json` (atomic too) name them as the last epoch done.
     """
 
     def __init__(self, layout: runs.RunLayout):
@@ -478,11 +486,9 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
 
     def _save_model(self):
         weights = self._layout.backup_dir / f"epoch_{self._current_epoch:04d}.weights.h5"
-        with atomic.replacement(weights) as temporary:
+        with files.atomic_path(weights) as temporary:
             self.model.save_weights(temporary)
-        atomic.write_json(
-            self._layout.backup_state, {"epoch": self._current_epoch, "weights": weights.name}
-        )
+        files.write_json(self._layout.backup_state, {"epoch": self._current_epoch, "weights": weights.name})
         for stale in self._layout.backup_dir.glob("epoch_*.weights.h5"):
             if stale != weights:
                 stale.unlink()
@@ -490,7 +496,7 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
     def _load_model(self):
         if not self._layout.backup_state.is_file():
             return
-        state = runs.read_json(self._layout.backup_state)
+        state = files.read_json(self._layout.backup_state)
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             # The optimizer's variables must exist before the saved ones are loaded into them.
