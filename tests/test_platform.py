@@ -77,7 +77,7 @@ def test_the_configuration_file_chooses_the_model_and_the_workers(platform_serve
 
 
 def test_the_server_log_of_a_normal_start_is_clean(platform_server):
-    """After start and warm-up: no deprecation noise from the pinned DEEPaaS stack and no CUDA
+    """After start and warm-up: no deprecation noise from the dependencies and no CUDA
     messages on a CPU machine. The one deprecation left is DEEPaaS 2.6's own
     `web.Application(debug=...)`, which it raises before any plugin is loaded."""
     url, _, roots, _ = platform_server
