@@ -22,7 +22,7 @@ from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.hosting import admission, monitor
-from seeds_tf.service import request_parsing, schemas
+from seeds_tf.service import dependency_warnings, request_parsing, schemas
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def _refuse_a_second_training() -> None:
     admission.check_no_training(Roots.from_env().models)
 
 
+dependency_warnings.silence_deprecations()
 request_parsing.install(before_training=_refuse_a_second_training)
 
 
