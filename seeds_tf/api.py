@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import sys
@@ -47,18 +46,16 @@ class ClientError(web.HTTPUnprocessableEntity):
 
     DEEPaaS sends an HTTPException raised in a worker back as the response, but aiohttp's own
     exceptions cannot be unpickled (the request would hang): `__reduce__` rebuilds this one from
-    its message and field.
+    its field and problem. The body has the shape of every client error (request_parsing.error_text).
     """
 
-    def __init__(self, message: str, field: str):
-        super().__init__(
-            text=json.dumps({"message": message, "field": field}), content_type="application/json"
-        )
-        self.message = message
+    def __init__(self, field: str, problem: str):
+        super().__init__(text=request_parsing.error_text(field, problem), content_type="application/json")
         self.field = field
+        self.problem = problem
 
     def __reduce__(self):
-        return (type(self), (self.message, self.field))
+        return (type(self), (self.field, self.problem))
 
 
 def get_metadata() -> dict[str, Any]:
@@ -124,7 +121,7 @@ def predict(**args) -> dict[str, Any] | bytes:
     from seeds_tf.prediction import explain, inference
 
     _worker_logging()
-    files = [args[name] for name in schemas.UPLOAD_FIELDS if args.get(name) is not None]
+    files = [args[name] for name in schemas.UPLOAD_FIELDS if args.get(name)]  # empty: no file
     try:
         with _client_errors():
             options = config.load(
@@ -195,7 +192,7 @@ def _client_errors():
     try:
         yield
     except InputError as error:
-        raise ClientError(str(error), error.field) from None
+        raise ClientError(error.field, error.problem) from None
 
 
 def _read_upload(upload) -> tuple[str, bytes]:

@@ -255,7 +255,8 @@ def test_the_service_reports_broken_runs_and_keeps_serving(service, tiny_run):
         # Refused in the server when the listing shows the damage; in the worker when loading does.
         listed = app.predict({"image": photo}, timestamp=damaged["truncated"].run_id)
         assert listed.status == 422, listed.body
-        assert "is broken: ckpts/final.keras" in " ".join(listed.json()["timestamp"])
+        assert listed.json()["field"] == "timestamp"
+        assert "is broken: ckpts/final.keras" in listed.json()["message"]
         loaded = app.predict({"image": photo}, timestamp=damaged["weights"].run_id)
         assert loaded.status == 422, loaded.body
         assert loaded.json()["field"] == "timestamp"

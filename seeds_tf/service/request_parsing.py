@@ -1,13 +1,22 @@
-"""What DEEPaaS 2.6's argument parsing gets wrong or cannot do, put right in the server process.
+"""What DEEPaaS 2.6's request handling gets wrong or cannot do, put right in the server process.
 
-DEEPaaS reads arguments with webargs 5 before any of seeds_tf's code runs, so neither can be fixed in
-predict or train:
+DEEPaaS reads arguments with webargs 5 and builds its answers around seeds_tf's code, so none of this
+can be fixed in predict or train:
+- every client error has one shape, `{"message": "<field>: <problem>", "field": "<field>"}`
+  (`error_text`): webargs' per-field dicts of invalid arguments, its invalid-JSON answer and the
+  plain-text 4xx of aiohttp and DEEPaaS (an unknown training, a body over the size limit) are put in
+  it, as are seeds_tf's own refusals;
+- an empty body is an empty form: the Swagger UI's predict with no file chosen sends multipart with no
+  boundary, and gets the model's "no image" answer instead of a 400 about the boundary;
 - a malformed multipart body (no boundary, a truncated part, a control character in a name) makes
-  aiohttp raise inside webargs' form parsing, and the client gets a 500: it gets a 400 instead;
+  aiohttp raise inside webargs' form parsing, and the client got a 500: it gets a 400 instead;
 - webargs 5 reads only the declared arguments and silently drops the others, so a misspelt option
   (`top-k=3`, `epoch=5`) would be ignored: the client gets a 422 naming it instead;
-- DEEPaaS queues every training for a worker: a guard can refuse a POST train at once (409).
-`install()` wraps webargs' parser once; valid requests are untouched.
+- DEEPaaS queues every training for a worker: a guard can refuse a POST train at once (409);
+- a training's status lists `status` (and its `result` or `message`) first, not after the echo of
+  every argument.
+`install()` wraps webargs' parser and two functions of DEEPaaS 2.6 (setup.cfg keeps it below 2.7)
+once per process; valid requests are untouched.
 """
 
 from __future__ import annotations
@@ -16,15 +25,28 @@ import json
 from collections.abc import Callable
 
 from aiohttp import http_exceptions, web
-from webargs import aiohttpparser
+from deepaas.api import v2
+from deepaas.api.v2 import train as v2_train
+from webargs import aiohttpparser, core
 
 from seeds_tf.core.errors import InputError
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
+_LEADING = ("status", "result", "message", "uuid", "date")
+"""The keys a training's status answer starts with; the echoed `args` follow."""
+
+_FIELD_OF_STATUS = {404: "path", 405: "method", 413: "body"}
+"""The field a plain-text client error of aiohttp or DEEPaaS names, by status ("request" otherwise)."""
+
+
+def error_text(field: str, problem: str) -> str:
+    """The body of every client error: `{"message": "<field>: <problem>", "field": "<field>"}`."""
+    return json.dumps({"message": f"{field}: {problem}", "field": field})
+
 
 def install(before_training: Callable[[], None] | None = None) -> None:
-    """Wraps webargs' aiohttp parser, once per process.
+    """Wraps webargs' aiohttp parser and DEEPaaS' v2 app and training handler, once per process.
 
     Args:
         before_training: called before the arguments of a POST train are parsed; an InputError it
@@ -36,35 +58,41 @@ def install(before_training: Callable[[], None] | None = None) -> None:
     parse, parse_form = parser_class.parse, parser_class.parse_form
 
     async def checked_parse_form(parser, request, name, field):
+        if not request.body_exists:
+            return core.missing
         try:
             return await parse_form(parser, request, name, field)
         except (ValueError, LookupError, http_exceptions.HttpProcessingError) as error:
-            raise _error(web.HTTPBadRequest, f"malformed form body: {error}", "body") from None
+            raise _error(web.HTTPBadRequest, "body", f"malformed form body: {error}") from None
 
     async def strict_parse(parser, argmap, req=None, *args, **kwargs):
         if before_training is not None and req.method == "POST" and req.path.rstrip("/").endswith("/train"):
             try:
                 before_training()
             except InputError as error:
-                raise _error(web.HTTPConflict, error.problem, error.field) from None
+                raise _error(web.HTTPConflict, error.field, error.problem) from None
         parsed = await parse(parser, argmap, req, *args, **kwargs)
         schema = parser._get_schema(argmap, req)
         known = {field.data_key or name for name, field in schema.fields.items()}
         unknown = sorted(await _sent_names(req) - known)
         if unknown:
             problem = f"unknown argument {', '.join(map(repr, unknown))}; the arguments are {sorted(known)}"
-            raise _error(web.HTTPUnprocessableEntity, problem, unknown[0])
+            raise _error(web.HTTPUnprocessableEntity, unknown[0], problem)
         return parsed
 
     strict_parse.seeds_tf_strict = True
     parser_class.parse = strict_parse
     parser_class.parse_form = checked_parse_form
+    parser_class.handle_invalid_json_error = _invalid_json
+    aiohttpparser.parser.error_callback = _invalid_arguments
+    v2.get_app = _with_one_error_shape(v2.get_app)
+    v2_train._get_handler = _with_status_first(v2_train._get_handler)
 
 
 async def _sent_names(request: web.Request) -> set[str]:
     """The argument names a request sends in its query string and form or JSON body."""
     names = set(request.query)
-    if request.content_type in _FORMS:
+    if request.content_type in _FORMS and request.body_exists:
         names |= set(await request.post())  # aiohttp parses the body once and keeps it
     elif request.content_type == "application/json" and request.body_exists:
         try:
@@ -76,6 +104,74 @@ async def _sent_names(request: web.Request) -> set[str]:
     return names
 
 
-def _error(kind: type[web.HTTPException], problem: str, field: str) -> web.HTTPException:
-    body = json.dumps({"message": f"{field}: {problem}", "field": field})
-    return kind(text=body, content_type="application/json")
+def _invalid_arguments(error, request, schema, error_status_code=None, error_headers=None):
+    """webargs' error callback: a 422 naming the first invalid argument (in the schema's order),
+    with the problems of every invalid argument in the message."""
+    order = list(schema.fields)
+    names = sorted(error.messages, key=lambda name: order.index(name) if name in order else len(order))
+    problems = [_joined(error.messages[name]) for name in names]
+    others = [f"{name}: {problem}" for name, problem in zip(names[1:], problems[1:], strict=True)]
+    raise _error(web.HTTPUnprocessableEntity, names[0], "; ".join([problems[0], *others]))
+
+
+def _joined(messages) -> str:
+    """marshmallow's messages of one field (a list, or a dict for a nested value) as one line."""
+    if isinstance(messages, dict):
+        return " ".join(_joined(value) for value in messages.values())
+    if isinstance(messages, list):
+        return " ".join(_joined(value) for value in messages)
+    return str(messages)
+
+
+def _invalid_json(parser, error, request, *args, **kwargs):
+    raise _error(web.HTTPBadRequest, "body", f"invalid JSON: {error}")
+
+
+def _with_one_error_shape(get_app: Callable[..., web.Application]) -> Callable[..., web.Application]:
+    """DEEPaaS' v2 app factory, its app given `_one_error_shape` as a middleware."""
+
+    def get_app_with_one_error_shape(*args, **kwargs) -> web.Application:
+        app = get_app(*args, **kwargs)
+        app.middlewares.append(_one_error_shape)
+        return app
+
+    return get_app_with_one_error_shape
+
+
+@web.middleware
+async def _one_error_shape(request: web.Request, handler):
+    """Puts the plain-text client errors of aiohttp and DEEPaaS in the one shape, keeping their
+    status and headers (an unknown training id names `uuid`)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if not 400 <= error.status < 500 or error.content_type == "application/json":
+            raise
+        field = "uuid" if "uuid" in request.match_info else _FIELD_OF_STATUS.get(error.status, "request")
+        problem = (error.text or error.reason).removeprefix(f"{error.status}: ")
+        error.text = error_text(field, problem)
+        error.content_type = "application/json"
+        raise
+
+
+def _with_status_first(get_handler: Callable) -> Callable:
+    """DEEPaaS' training handler factory, its handler answering with `_LEADING` keys first."""
+
+    def get_handler_with_status_first(model_name, model_obj):
+        handler = get_handler(model_name, model_obj)
+        build = handler.build_train_response
+
+        def build_train_response(uuid, training):
+            answer = build(uuid, training)
+            if not answer:
+                return answer
+            return {**{key: answer[key] for key in _LEADING if key in answer}, **answer}
+
+        handler.build_train_response = build_train_response  # its methods call it through self
+        return handler
+
+    return get_handler_with_status_first
+
+
+def _error(kind: type[web.HTTPException], field: str, problem: str) -> web.HTTPException:
+    return kind(text=error_text(field, problem), content_type="application/json")

@@ -1,0 +1,161 @@
+"""seeds_tf.service.request_parsing through the real DEEPaaS app: what DEEPaaS 2.6 and webargs 5 get
+wrong, put right in the server process (one shape for every client error, an empty form, unknown
+arguments, the order of a training's status)."""
+
+import io
+
+import aiohttp
+import pytest
+from deepaas import config as deepaas_config
+
+from tests.deepaas_harness import MODEL_URL
+from tests.helpers import in_process_service, seed_photo
+
+PREDICT = f"{MODEL_URL}/predict/"
+TRAIN = f"{MODEL_URL}/train/"
+
+CLIENT_MAX_SIZE = 1024 * 1024
+"""The in-process app's cap on a request body, as a deployment sets one (etc/deepaas.conf)."""
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, session_roots, tiny_run):
+    deepaas_config.CONF.set_override("client_max_size", CLIENT_MAX_SIZE)
+    try:
+        with in_process_service(tmp_path_factory.mktemp("parsing"), session_roots) as (app, roots, _):
+            (roots.data / "no_images").mkdir()
+            yield app, roots
+    finally:
+        deepaas_config.CONF.clear_override("client_max_size")
+
+
+@pytest.fixture
+def app(service):
+    return service[0]
+
+
+@pytest.fixture
+def photo(service) -> bytes:
+    return seed_photo(service[1]).read_bytes()
+
+
+def assert_client_error(response, status: int, field: str, *words: str) -> dict:
+    """The one shape of every client error: `{"message": "<field>: <problem>", "field": "<field>"}`."""
+    assert response.status == status, response.body
+    assert response.headers["Content-Type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"message", "field"}, body
+    assert body["field"] == field, body
+    assert body["message"].startswith(f"{field}: "), body
+    for word in words:
+        assert word in body["message"], body
+    return body
+
+
+def test_an_empty_multipart_body_gets_the_no_image_answer(app):
+    """What the Swagger UI sends for predict with no file chosen: multipart, no boundary, no body."""
+    answer = app.request(
+        "POST", PREDICT, params={"top_k": "3"}, headers={"Content-Type": "multipart/form-data"}, data=b""
+    )
+    assert_client_error(answer, 422, "image", "no image: upload one (image), or give urls or data")
+
+
+def test_an_empty_form_body_leaves_the_arguments_to_the_query_string(app):
+    """An empty body is an empty form, not a malformed one, for any form content type."""
+    answer = app.request(
+        "POST",
+        PREDICT,
+        params={"data": "data:text/plain;base64,aGVsbG8="},
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        data=b"",
+    )
+    assert_client_error(answer, 422, "data", "image")
+
+
+def test_an_invalid_argument_is_refused_in_the_one_shape(app, photo):
+    answer = app.predict({"image": ("seed.jpg", photo)}, top_k=0)
+    assert_client_error(answer, 422, "top_k", "greater than or equal to 1")
+
+
+def test_several_invalid_arguments_name_the_first_and_tell_every_problem(app):
+    answer = app.request("POST", TRAIN, params={"epochs": "0", "mode": "slow", "weights": "none"})
+    # mode comes before epochs in config.yaml, so in the arguments.
+    assert_client_error(answer, 422, "mode", "mode: Must be one of: normal, fast", "; epochs: Must be")
+
+
+def test_a_check_against_the_disk_is_refused_in_the_one_shape(app, photo):
+    answer = app.predict({"image": ("seed.jpg", photo)}, timestamp="1999-01-01_000000")
+    assert_client_error(answer, 422, "timestamp", "1999-01-01_000000")
+
+
+def test_a_problem_found_by_the_worker_has_the_same_shape(app):
+    answer = app.predict({"image": ("notes.txt", b"not a photo at all")})
+    assert_client_error(answer, 422, "image", "notes.txt")
+
+
+@pytest.mark.parametrize(
+    ("path", "arguments", "unknown"),
+    [(PREDICT, {"top-k": "3"}, "top-k"), (TRAIN, {"epoch": "5", "weights": "none"}, "epoch")],
+)
+def test_an_unknown_argument_is_refused_and_named(app, photo, path, arguments, unknown):
+    files = {"image": ("seed.jpg", photo)} if path == PREDICT else {}
+    form = aiohttp.FormData()
+    for name, (filename, data) in files.items():
+        form.add_field(name, data, filename=filename)
+    for name, value in arguments.items():
+        form.add_field(name, value)
+    answer = app.request("POST", path, data=form)
+    assert_client_error(answer, 422, unknown, f"unknown argument {unknown!r}", "the arguments are")
+
+
+def test_a_malformed_multipart_body_is_a_400_naming_the_body(app):
+    answer = app.request(
+        "POST",
+        PREDICT,
+        headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+        data=b"--b0undary\r\nContent-Disposition: form-data; name=x\r\n\r\ntruncated",
+    )
+    assert_client_error(answer, 400, "body", "malformed form body")
+
+
+def test_an_invalid_json_body_is_a_400_naming_the_body(app):
+    answer = app.request("POST", TRAIN, headers={"Content-Type": "application/json"}, data=b"{not json")
+    assert_client_error(answer, 400, "body", "invalid JSON")
+
+
+def test_a_body_over_the_size_limit_is_a_413_naming_the_body(app):
+    form = aiohttp.FormData()
+    form.add_field("image", io.BytesIO(b"x" * (CLIENT_MAX_SIZE + 1)), filename="big.jpg")
+    answer = app.request("POST", PREDICT, data=form)
+    assert_client_error(answer, 413, "body", f"Maximum request body size {CLIENT_MAX_SIZE} exceeded")
+
+
+def test_an_unknown_training_is_a_404_naming_the_uuid(app):
+    assert_client_error(app.request("GET", f"{TRAIN}0123abcd"), 404, "uuid", "Not Found")
+
+
+def test_an_unknown_route_and_a_wrong_method_have_the_shape_too(app):
+    assert_client_error(app.request("GET", "/v2/models/seeds_tf/nothing/"), 404, "path")
+    wrong = app.request("PUT", PREDICT)
+    assert_client_error(wrong, 405, "method", "Method Not Allowed")
+    assert wrong.headers["Allow"] == "POST"
+
+
+def test_a_valid_request_is_untouched(app, photo):
+    answer = app.predict({"image": ("seed.jpg", photo)}, top_k=2, tta="flip")
+    assert answer.status == 200, answer.body
+    assert answer.json()["tta"] == "flip"
+    assert len(answer.json()["results"][0]["species"]) == 2
+
+
+def test_a_training_status_starts_with_its_status(app):
+    """DEEPaaS 2.6 builds it as date, args (every option echoed), uuid, then status: the status and
+    its message or result come first instead, the echo last."""
+    started = app.request("POST", TRAIN, params={"images_directory": "no_images", "weights": "none"})
+    assert started.status == 200, started.body
+    assert list(started.json()) == ["status", "uuid", "date", "args"]
+    ended = app.wait_for_training(started.json()["uuid"])
+    assert list(ended) == ["status", "message", "uuid", "date", "args"]
+    assert ended["status"] == "error"
+    listed = app.request("GET", TRAIN).json()
+    assert listed and all(next(iter(training)) == "status" for training in listed)
