@@ -2,11 +2,15 @@
 
 Each option is defined once, in etc/config.yaml; here it becomes a marshmallow field with its type,
 description, default and validation, so the Swagger UI documents exactly what the code accepts and
-webargs rejects bad values with a 422 before any worker is involved.
+webargs rejects bad values with a 422 before any worker is involved. The descriptions are written for
+the Swagger UI, which renders them as Markdown and shows neither a field's limits nor an empty default
+well: the limits are spelt out in the description, and an empty default is left out of the spec.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
 
 import marshmallow
@@ -20,13 +24,31 @@ from seeds_tf.core.paths import Roots
 UPLOAD_FIELDS = ("image", "image_2", "image_3", "image_4")
 """The file fields of predict: DEEPaaS 2.6 passes one file per field, so several photos need several."""
 
+_ANSWER_TYPES = ("application/json", "image/png")
+"""What predict answers with, chosen by the `accept` header (DEEPaaS adds `*/*`, answered as JSON)."""
+
 _FIELD_TYPES = {str: fields.Str, int: fields.Int, float: fields.Float, bool: fields.Bool}
 
 
+class _Unlisted(str):
+    """A default the OpenAPI spec leaves out, so the Swagger UI shows no empty "Default value :" and
+    preselects nothing. apispec skips callable defaults; marshmallow calls it for the plain string;
+    deepaas-cli, which takes the field's default as it is, gets a string all the same."""
+
+    def __call__(self) -> str:
+        return str(self)
+
+
 def option_field(spec: OptionSpec, extra_validator: Callable | None = None) -> fields.Field:
-    """A marshmallow field for one option: optional, defaulting to the config value."""
+    """A marshmallow field for one option: optional, defaulting to the config value.
+
+    Args:
+        spec: the option, from config.yaml.
+        extra_validator: a check the server process runs as well (a run or path that must exist),
+            raising marshmallow.ValidationError. Defaults to None (the spec's own checks only).
+    """
     validators = []
-    metadata = {"description": spec.help}
+    metadata = {"description": _description(spec)}
     if spec.choices is not None:
         validators.append(validate.OneOf(list(spec.choices)))
         metadata["enum"] = list(spec.choices)
@@ -34,26 +56,21 @@ def option_field(spec: OptionSpec, extra_validator: Callable | None = None) -> f
         validators.append(validate.Range(min=spec.min, max=spec.max))
     if extra_validator is not None:
         validators.append(extra_validator)
+    default = _Unlisted(spec.default) if spec.default == "" else spec.default
     return _FIELD_TYPES[spec.type](
-        required=False, load_default=spec.default, validate=validators, metadata=metadata
+        required=False, load_default=default, validate=validators, metadata=metadata
     )
 
 
 def predict_arguments() -> dict[str, fields.Field]:
-    """The arguments of POST predict: the image upload, the prediction options, the accept header."""
-    specs = option_specs("prediction")
+    """The arguments of POST predict: the image uploads, URLs and data URIs, the prediction options
+    of config.yaml, the accept header."""
     uploads = {
-        name: fields.Field(
-            required=False,
-            load_default=None,
-            metadata={
-                "type": "file",
-                "location": "form",
-                # The platform's Gradio UI draws an image widget only for a description with "image".
-                "description": "Image of a seed (a photo): JPEG, PNG, WebP, TIFF, BMP or GIF."
-                if name == "image"
-                else "Another image, for several seeds or one specimen in several photos (merge).",
-            },
+        # The platform's Gradio UI draws an image widget only for a description with "image".
+        name: _file_field(
+            "Image of a seed (a photo): JPEG, PNG, WebP, TIFF, BMP or GIF."
+            if name == "image"
+            else "Another image, for several seeds or one specimen in several photos (merge)."
         )
         for name in UPLOAD_FIELDS
     }
@@ -61,50 +78,69 @@ def predict_arguments() -> dict[str, fields.Field]:
         **uploads,
         "urls": fields.Str(
             required=False,
-            load_default="",
+            load_default=_Unlisted(""),
             metadata={"description": "http(s) URLs of photos, separated by spaces, commas or new lines."},
         ),
         "data": fields.Str(
             required=False,
-            load_default="",
+            load_default=_Unlisted(""),
             metadata={
-                "description": "Photos as base64 data URIs (data:image/jpeg;base64,...), space separated."
+                "description": "Photos as base64 data URIs (`data:image/jpeg;base64,...`), space separated."
             },
         ),
-        "top_k": option_field(specs["top_k"]),
-        "timestamp": option_field(specs["timestamp"], _existing_run),
-        "ckpt_name": option_field(specs["ckpt_name"]),
-        "merge": option_field(specs["merge"]),
-        "tta": option_field(specs["tta"]),
-        "engine": option_field(specs["engine"]),
-        # DEEPaaS appends "*/*" to this list and takes its first entry as the default.
-        "accept": fields.Str(
-            required=False,
-            load_default="application/json",
-            validate=validate.OneOf(["application/json", "image/png"]),
-            metadata={
-                "location": "headers",
-                "description": "application/json: the species and genera; image/png: the photo with a "
-                "Grad-CAM heatmap of the top species and the top three labels.",
-            },
-        ),
+        **_option_fields("prediction"),
+        "accept": _accept_field(),
     }
 
 
 def train_arguments() -> dict[str, fields.Field]:
     """The arguments of POST train: every model, training and augmentation option of the config."""
-    # splits_directory may be absent: a folder-per-class dataset is split by the training itself.
-    path_checks = {
-        "images_directory": _data_path("images_directory", must_be_folder=True),
-        "splits_directory": _data_path("splits_directory", must_be_folder=False),
-        "weights": _weights,
-        "resume": _interrupted_run,
-    }
+    return _option_fields(*RUN_SECTIONS)
+
+
+def _file_field(description: str) -> fields.Field:
+    """An optional upload. deepaas-cli recognises a file only by the exact type fields.Field, which
+    marshmallow 3.26 warns against instantiating: a warning about the pinned stack, kept out of the log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`Field` should not be instantiated", DeprecationWarning)
+        return fields.Field(
+            required=False,
+            load_default=_Unlisted(""),  # no file (None would show as "Default value : null")
+            metadata={"type": "file", "location": "form", "description": description},
+        )
+
+
+def _option_fields(*sections: str) -> dict[str, fields.Field]:
+    """The fields of the options of config.yaml's `sections`, in the file's order, each with the
+    check the server process runs for it (`_SERVER_CHECKS`)."""
     return {
-        name: option_field(spec, path_checks.get(name))
-        for section in RUN_SECTIONS
+        name: option_field(spec, _SERVER_CHECKS.get(name))
+        for section in sections
         for name, spec in option_specs(section).items()
     }
+
+
+def _accept_field() -> fields.Field:
+    """The `accept` header. DEEPaaS appends "*/*" to its choices, defaults to the first and lists them
+    all in the "Response content type" selector. The Swagger UI sends this field in place of that
+    selector, so the field lists no default (the selector decides unless a value is chosen here),
+    and its listed choices leave "*/*" to the selector (the UI's Markdown showed it as "/")."""
+    choices = [_Unlisted(_ANSWER_TYPES[0]), *_ANSWER_TYPES[1:]]
+    return fields.Str(
+        required=False,
+        load_default=choices[0],
+        validate=validate.OneOf(choices),
+        metadata={
+            "location": "headers",
+            "enum": list(_ANSWER_TYPES),
+            "description": "The answer's format: `application/json`, the species and genera; "
+            "`image/png`, the photo with a Grad-CAM heatmap of the top species and the top three "
+            "labels. `*/*` (curl's default) and no value answer JSON. In the Swagger UI, a value "
+            'chosen here wins over the "Response content type" selector; left empty, the selector '
+            "decides. Errors are JSON whatever is asked: a 4xx with "
+            '`{"message": "<field>: <problem>", "field": "<field>"}`.',
+        },
+    )
 
 
 class _Links(marshmallow.Schema):
@@ -200,3 +236,46 @@ def _data_path(field: str, must_be_folder: bool) -> Callable[[str], None]:
 def _weights(value: str) -> None:
     if value not in ("imagenet", "none"):
         _data_path("weights", must_be_folder=False)(value)
+
+
+_SERVER_CHECKS: dict[str, Callable[[str], None]] = {
+    "timestamp": _existing_run,
+    "images_directory": _data_path("images_directory", must_be_folder=True),
+    # splits_directory may be absent: a folder-per-class dataset is split by the training itself.
+    "splits_directory": _data_path("splits_directory", must_be_folder=False),
+    "weights": _weights,
+    "resume": _interrupted_run,
+}
+"""Checks of option values against the disk, run in the server process at request time, by name."""
+
+
+def _description(spec: OptionSpec) -> str:
+    """The option's help as Swagger UI Markdown, followed by its limits, which the UI does not show."""
+    limits = _limits(spec)
+    return f"{_markdown(spec.help)} {limits}" if limits else _markdown(spec.help)
+
+
+def _limits(spec: OptionSpec) -> str:
+    """The allowed range in words ("From 1 to 1000."), or "" for an option without one."""
+    low, high = (None if bound is None else _number(spec, bound) for bound in (spec.min, spec.max))
+    if low is not None and high is not None:
+        return f"From {low} to {high}."
+    if low is not None:
+        return f"At least {low}."
+    return f"At most {high}." if high is not None else ""
+
+
+def _number(spec: OptionSpec, value: float) -> str:
+    return str(int(value)) if spec.type is int else f"{value:g}"
+
+
+_MARKDOWN_SPECIAL = re.compile(r"\\|\*|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+"""What Markdown takes for emphasis or an escape: a backslash, an asterisk (`*/*` showed as "/"), an
+underscore at either end of a word. One inside a word (val_fraction) renders as it is."""
+
+
+def _markdown(text: str) -> str:
+    """`text` with the characters of `_MARKDOWN_SPECIAL` escaped, except inside `code` spans."""
+    parts = text.split("`")
+    parts[::2] = [_MARKDOWN_SPECIAL.sub(r"\\\g<0>", part) for part in parts[::2]]
+    return "`".join(parts)
