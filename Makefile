@@ -69,9 +69,11 @@ lint: $(TESTING)
 	$(BIN)/ruff format --check seeds_tf tests benchmarks
 	$(BIN)/bandit -q -c pyproject.toml -r seeds_tf
 
-## system: Debian packages the tests run for real (rclone: copies to a WebDAV server on loopback)
+## system: Debian packages the tests run for real (rclone: copies to a WebDAV server on loopback;
+## chromium and chromium-driver: the Swagger UI in a headless browser)
 system:
-	command -v rclone >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends rclone; }
+	command -v rclone >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends rclone chromium chromium-driver; }
 
 ## test: set up, lint, and run the whole suite
 test: system lint
