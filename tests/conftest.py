@@ -6,6 +6,8 @@ Small inputs (71 px, the least Xception takes) keep the suite fast on 2 CPU core
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from seeds_tf.core import config
@@ -34,12 +36,19 @@ def tiny_run(session_roots) -> str:
 
 @pytest.fixture
 def roots(tmp_path, monkeypatch, session_roots, tiny_run) -> Roots:
-    """Fresh folders for one test, holding copies of the tiny dataset and run, set in the
-    environment so DEEPaaS workers and subprocesses find them."""
-    fresh = copy_roots(session_roots, tmp_path)
-    monkeypatch.setenv(DATA_ENV, str(fresh.data))
-    monkeypatch.setenv(MODELS_ENV, str(fresh.models))
-    return fresh
+    """Fresh folders for one test, holding copies of the tiny dataset and run, set in the environment."""
+    return _in_environment(monkeypatch, copy_roots(session_roots, tmp_path))
+
+
+@pytest.fixture
+def data_roots(tmp_path, monkeypatch, session_roots) -> Roots:
+    """Fresh folders holding a copy of the tiny dataset and no run, set in the environment: for
+    tests that train or check data and never open the tiny run, which `roots` would copy (160 MB)
+    and train first."""
+    fresh = Roots(data=tmp_path / "data", models=tmp_path / "models")
+    shutil.copytree(session_roots.data, fresh.data)
+    fresh.models.mkdir()
+    return _in_environment(monkeypatch, fresh)
 
 
 @pytest.fixture
@@ -48,6 +57,11 @@ def empty_roots(tmp_path, monkeypatch) -> Roots:
     fresh = Roots(data=tmp_path / "data", models=tmp_path / "models")
     fresh.data.mkdir()
     fresh.models.mkdir()
+    return _in_environment(monkeypatch, fresh)
+
+
+def _in_environment(monkeypatch, fresh: Roots) -> Roots:
+    """`fresh` set in the environment, so DEEPaaS workers and subprocesses find its folders."""
     monkeypatch.setenv(DATA_ENV, str(fresh.data))
     monkeypatch.setenv(MODELS_ENV, str(fresh.models))
     return fresh

@@ -83,9 +83,12 @@ def seed_photo(roots: Roots, index: int = 0) -> Path:
     return roots.data / "tiny" / "images" / line.rsplit(" ", 1)[0]
 
 
-def write_colour_dataset(root: Path, per_class: int = 20, size: int = 80, seed: int = 0) -> None:
-    """Three classes anyone can tell apart (a red, a green or a blue disc on noise) in the split-file
-    format: a network that cannot learn these has a broken training loop."""
+def write_colour_dataset(
+    root: Path, per_class: int = 20, size: int = 80, seed: int = 0, *, split_files: bool = True
+) -> None:
+    """Three classes anyone can tell apart (a red, a green or a blue disc on noise) in `root`/images,
+    one folder per class, and in the split-file format in `root`/dataset_files unless `split_files`
+    is False: a network that cannot learn these has a broken training loop."""
     rng = np.random.default_rng(seed)
     colours = {
         "Rubra ruber": (220, 30, 30),
@@ -105,7 +108,8 @@ def write_colour_dataset(root: Path, per_class: int = 20, size: int = 80, seed: 
             PIL.Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / relative)
             split = "train" if index < per_class * 0.6 else "val" if index < per_class * 0.8 else "test"
             splits[split].append((relative, label))
-    write_split_files(root / "dataset_files", list(colours), splits)
+    if split_files:
+        write_split_files(root / "dataset_files", list(colours), splits)
 
 
 def save_keras2_h5(model: keras.Model, path: Path, keras_version: str = "2.2.4-tf") -> None:

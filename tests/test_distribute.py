@@ -24,7 +24,7 @@ def _tf_config(ports: list[int], index: int) -> str:
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
 
 
-def test_two_workers_train_one_run_and_agree(roots, tmp_path):
+def test_two_workers_train_one_run_and_agree(data_roots, tmp_path):
     ports = [free_port(), free_port()]
     flags = [f"--{name}={value}" for name, value in SMALL_OPTIONS.items()]
     workers = [
@@ -32,8 +32,8 @@ def test_two_workers_train_one_run_and_agree(roots, tmp_path):
             [str(SEEDS_TF), "--quiet", "train", *flags],
             env={
                 **os.environ,
-                DATA_ENV: str(roots.data),
-                MODELS_ENV: str(roots.models),
+                DATA_ENV: str(data_roots.data),
+                MODELS_ENV: str(data_roots.models),
                 "TF_CONFIG": _tf_config(ports, index),
                 "TMPDIR": str(tmp_path),
             },
@@ -54,7 +54,7 @@ def test_two_workers_train_one_run_and_agree(roots, tmp_path):
 
     assert chief["weights_digest"] == other["weights_digest"]
     assert chief["metrics"] == other["metrics"]
-    layout = runs.resolve_run(roots.models, chief["run_id"])
+    layout = runs.resolve_run(data_roots.models, chief["run_id"])
     assert files.read_json(layout.summary_file)["weights_digest"] == chief["weights_digest"]
     assert weights_digest(load_classifier(layout.final_model)) == chief["weights_digest"]
     assert list(tmp_path.glob("seeds_tf_worker_*")) == [], "the worker's scratch run was left behind"

@@ -20,7 +20,7 @@ def test_gradcam_is_a_normalised_map_over_the_backbone_grid(roots, tiny_run):
     assert cam.min() >= 0.0 and cam.max() <= 1.0
 
 
-def test_the_explained_picture_is_the_photo_with_labels(roots, tiny_run, tmp_path):
+def test_the_explained_picture_is_the_photo_with_labels(roots, tiny_run):
     photo = seed_photo(roots)
     request = config.load(config.PredictConfig, top_k=1)
     png = explain.explain_request(roots, inference.RunCache(), request, [(photo.name, photo.read_bytes())])
@@ -30,4 +30,3 @@ def test_the_explained_picture_is_the_photo_with_labels(roots, tiny_run, tmp_pat
         # Small photos are enlarged (to 384 px) so the labels fit; the aspect ratio stays.
         assert picture.width / picture.height == original.width / original.height
         assert max(picture.size) == 384
-    (tmp_path / "explained.png").write_bytes(png)

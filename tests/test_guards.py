@@ -45,25 +45,26 @@ def test_a_remote_training_is_a_candidate_until_promoted(roots, tiny_run, capsys
     assert "run: unknown run '../2026-01-01_000000'" in capsys.readouterr().err
 
 
-def test_a_second_training_in_the_same_models_folder_is_refused(roots):
-    with admission.training_slot(roots.models):
+def test_a_second_training_in_the_same_models_folder_is_refused(data_roots):
+    with admission.training_slot(data_roots.models):
         with pytest.raises(InputError, match="another training is running") as raised:
-            training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
+            training.train(config.RunConfig.from_options(**SMALL_OPTIONS), data_roots)
         with pytest.raises(InputError, match="another training is running"):
-            admission.check_no_training(roots.models)
+            admission.check_no_training(data_roots.models)
     assert raised.value.field == "training"
-    admission.check_no_training(roots.models)  # free again
-    assert runs.incomplete_runs(roots.models) == []
+    admission.check_no_training(data_roots.models)  # free again
+    assert runs.incomplete_runs(data_roots.models) == []
 
 
-def test_a_run_that_would_not_fit_on_disk_is_refused_before_it_starts(roots, monkeypatch):
-    before = sorted(path.name for path in roots.models.iterdir())
-    free = shutil.disk_usage(roots.models)._replace(free=32 * 2**20)
+def test_a_run_that_would_not_fit_on_disk_is_refused_before_it_starts(data_roots, monkeypatch):
+    before = sorted(path.name for path in data_roots.models.iterdir())
+    free = shutil.disk_usage(data_roots.models)._replace(free=32 * 2**20)
     monkeypatch.setattr(admission.shutil, "disk_usage", lambda path: free)
     with pytest.raises(InputError, match=r"the run needs about \d+ MiB and .* has 32 MiB free") as raised:
-        training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
+        training.train(config.RunConfig.from_options(**SMALL_OPTIONS), data_roots)
     assert raised.value.field == "models_dir"
-    assert sorted(path.name for path in roots.models.iterdir()) == before
+    # The training lock stays in a models folder once a training has asked for it; nothing else may appear.
+    assert sorted({path.name for path in data_roots.models.iterdir()} - {admission.LOCK_FILE}) == before
 
 
 def test_the_disk_a_run_needs_grows_with_the_checkpoints_kept():

@@ -82,16 +82,16 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("password", [PASSWORD, "wrong-password"])
 def test_a_finished_run_arrives_whole_on_the_remote_or_the_failure_is_reported(
-    roots, tmp_path, monkeypatch, password
+    data_roots, tmp_path, monkeypatch, password
 ):
     storage = tmp_path / "nextcloud"
     storage.mkdir()
     with webdav_server(storage) as url:
         configure_rshare(monkeypatch, tmp_path, url, password)
         options = {**SMALL_OPTIONS, "upload_to": "rshare:/models"}
-        result = training.train(config.RunConfig.from_options(**options), roots)
+        result = training.train(config.RunConfig.from_options(**options), data_roots)
 
-    layout = runs.RunLayout(roots.models / result.run_id)
+    layout = runs.RunLayout(data_roots.models / result.run_id)
     assert layout.is_complete(), "the local run is complete either way"
     assert result.upload["destination"] == f"rshare:/models/{result.run_id}"
     if password == PASSWORD:
@@ -114,9 +114,9 @@ def test_a_malformed_destination_is_refused_before_training(destination):
     assert raised.value.field == "upload_to"
 
 
-def test_a_training_with_a_bad_destination_writes_no_run(roots):
-    before = runs.complete_runs(roots.models)
+def test_a_training_with_a_bad_destination_writes_no_run(data_roots):
+    before = runs.complete_runs(data_roots.models)
     with pytest.raises(InputError, match="upload_to"):
-        training.train(config.RunConfig.from_options(**SMALL_OPTIONS, upload_to="nowhere"), roots)
-    assert runs.complete_runs(roots.models) == before
-    assert runs.incomplete_runs(roots.models) == []
+        training.train(config.RunConfig.from_options(**SMALL_OPTIONS, upload_to="nowhere"), data_roots)
+    assert runs.complete_runs(data_roots.models) == before
+    assert runs.incomplete_runs(data_roots.models) == []

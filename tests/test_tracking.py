@@ -94,13 +94,13 @@ def tracked_by(monkeypatch, url: str, password: str = PASSWORD) -> None:
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def test_a_training_is_tracked_and_its_model_registered(roots, monkeypatch, mlflow_server):
+def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch, mlflow_server):
     from mlflow import MlflowClient
 
     tracked_by(monkeypatch, mlflow_server)
     options = {**SMALL_OPTIONS, "epochs": 2, "lr_schedule": "cosine"}
-    result = training.train(config.RunConfig.from_options(**options), roots)
-    summary = files.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
+    result = training.train(config.RunConfig.from_options(**options), data_roots)
+    summary = files.read_json(runs.RunLayout(data_roots.models / result.run_id).summary_file)
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
@@ -121,11 +121,11 @@ def test_a_training_is_tracked_and_its_model_registered(roots, monkeypatch, mlfl
     assert summary["mlflow_model_version"] == version.version
 
 
-def test_refused_credentials_cost_a_warning_not_the_training(roots, monkeypatch, mlflow_server, caplog):
+def test_refused_credentials_cost_a_warning_not_the_training(data_roots, monkeypatch, mlflow_server, caplog):
     tracked_by(monkeypatch, mlflow_server, password="not-the-password")  # noqa: S106 - wrong on purpose
     with caplog.at_level(logging.WARNING, logger="seeds_tf.learning.tracking"):
-        result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
-    layout = runs.RunLayout(roots.models / result.run_id)
+        result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), data_roots)
+    layout = runs.RunLayout(data_roots.models / result.run_id)
     assert layout.is_complete()
     assert files.read_json(layout.summary_file)["mlflow_model_version"] is None
     assert "refused the credentials (HTTP 401)" in caplog.text

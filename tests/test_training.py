@@ -9,6 +9,7 @@ import pytest
 from seeds_tf.classifier.model import backbone_layers, build_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
+from seeds_tf.hosting import admission
 from seeds_tf.learning import training
 from seeds_tf.prediction.inference import load_run
 from tests.helpers import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
@@ -71,40 +72,41 @@ def test_a_loaded_run_predicts_as_the_trained_model_evaluated(roots, tiny_run):
         ({"weights": "missing.h5"}, "weights", "is none"),
     ],
 )
-def test_bad_training_inputs_fail_before_any_run_is_created(roots, overrides, field, problem):
-    before = sorted(os.listdir(roots.models))
+def test_bad_training_inputs_fail_before_any_run_is_created(data_roots, overrides, field, problem):
+    before = sorted(os.listdir(data_roots.models))
     with pytest.raises(InputError) as raised:
-        training.train(config.RunConfig.from_options(**{**TINY_OPTIONS, **overrides}), roots)
+        training.train(config.RunConfig.from_options(**{**TINY_OPTIONS, **overrides}), data_roots)
     assert raised.value.field == field
     assert problem in raised.value.problem
-    assert sorted(os.listdir(roots.models)) == before
+    # The training lock stays in a models folder once a training has asked for it; nothing else may appear.
+    assert sorted(set(os.listdir(data_roots.models)) - {admission.LOCK_FILE}) == before
 
 
-def test_a_split_naming_a_missing_image_fails_before_training(roots):
-    train_txt = roots.data / "tiny" / "dataset_files" / "train.txt"
+def test_a_split_naming_a_missing_image_fails_before_training(data_roots):
+    train_txt = data_roots.data / "tiny" / "dataset_files" / "train.txt"
     train_txt.write_text(train_txt.read_text() + "Lens_culinaris/gone.jpg 4\n")
     with pytest.raises(InputError, match=r"missing image 'Lens_culinaris/gone\.jpg'"):
-        training.train(config.RunConfig.from_options(**TINY_OPTIONS), roots)
+        training.train(config.RunConfig.from_options(**TINY_OPTIONS), data_roots)
 
 
-def test_unreadable_images_are_skipped_and_counted(roots):
-    train_txt = roots.data / "tiny" / "dataset_files" / "train.txt"
+def test_unreadable_images_are_skipped_and_counted(data_roots):
+    train_txt = data_roots.data / "tiny" / "dataset_files" / "train.txt"
     first = train_txt.read_text().splitlines()[0].rsplit(" ", 1)[0]
-    (roots.data / "tiny" / "images" / first).write_bytes(b"not a jpeg")
-    result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), roots)
-    summary = files.read_json(runs.RunLayout(roots.models / result.run_id).summary_file)
+    (data_roots.data / "tiny" / "images" / first).write_bytes(b"not a jpeg")
+    result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), data_roots)
+    summary = files.read_json(runs.RunLayout(data_roots.models / result.run_id).summary_file)
     assert summary["skipped_images"] == 1
 
 
-def test_fast_mode_trains_the_head_only(roots, tmp_path):
+def test_fast_mode_trains_the_head_only(data_roots):
     """A weights file inside the data folder initialises the backbone; fast mode keeps it fixed."""
     backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3))
-    weights = roots.data / "xception_notop.weights.h5"
+    weights = data_roots.data / "xception_notop.weights.h5"
     backbone.save_weights(weights)
     options = {**TINY_OPTIONS, "mode": "fast", "weights": weights.name}
     run_config = config.RunConfig.from_options(**options)
-    result = training.train(run_config, roots)
-    layout = runs.RunLayout(roots.models / result.run_id)
+    result = training.train(run_config, data_roots)
+    layout = runs.RunLayout(data_roots.models / result.run_id)
     trained = load_run(layout).model
     np.testing.assert_array_equal(
         trained.get_layer("block1_conv1").kernel.numpy(), backbone.get_layer("block1_conv1").kernel.numpy()
@@ -120,11 +122,11 @@ def test_fast_mode_trains_the_head_only(roots, tmp_path):
         assert not np.array_equal(before, after), f"{name} did not train"
 
 
-def test_the_network_learns(roots):
+def test_the_network_learns(empty_roots):
     """Loss falls and accuracy rises far above chance (1/3) on an easy dataset. A few dozen steps
     are all a test affords: a low batch-norm momentum lets the moving statistics, which inference
     uses, catch up within them."""
-    write_colour_dataset(roots.data / "colours")
+    write_colour_dataset(empty_roots.data / "colours")
     options = {
         **TINY_OPTIONS,
         "images_directory": "colours/images",
@@ -134,8 +136,8 @@ def test_the_network_learns(roots):
         "batchnorm_momentum": 0.5,
         "augment": False,
     }
-    result = training.train(config.RunConfig.from_options(**options), roots)
-    epochs = files.read_json(runs.RunLayout(roots.models / result.run_id).stats_file)["epochs"]
+    result = training.train(config.RunConfig.from_options(**options), empty_roots)
+    epochs = files.read_json(runs.RunLayout(empty_roots.models / result.run_id).stats_file)["epochs"]
     assert min(epoch["loss"] for epoch in epochs[-2:]) < 0.6 * epochs[0]["loss"]
     assert epochs[-1]["val_loss"] < 0.6 * epochs[0]["val_loss"]
     assert epochs[-1]["val_accuracy"] >= 0.8

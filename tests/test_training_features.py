@@ -28,14 +28,15 @@ COLOURS = {
 
 
 @pytest.fixture
-def colours(roots):
-    write_colour_dataset(roots.data / "colours", per_class=10)
-    return roots
+def colours(empty_roots):
+    write_colour_dataset(empty_roots.data / "colours", per_class=10)
+    return empty_roots
 
 
-def test_a_run_with_every_option_on(colours, tmp_path, monkeypatch):
+def test_a_run_with_every_option_on(empty_roots):
     """Folder-per-class data, cosine schedule, checkpoints every epoch, early stopping, label
     smoothing, class weights, bfloat16 mixed precision. (MLflow: test_tracking.py, against a server.)"""
+    write_colour_dataset(empty_roots.data / "colours", per_class=10, split_files=False)
     options = {
         **COLOURS,
         "splits_directory": "colours/no_split_files",
@@ -52,8 +53,8 @@ def test_a_run_with_every_option_on(colours, tmp_path, monkeypatch):
         "noise": 0.02,
         "cutout": 0.5,
     }
-    result = training.train(config.RunConfig.from_options(**options), colours)
-    layout = runs.RunLayout(colours.models / result.run_id)
+    result = training.train(config.RunConfig.from_options(**options), empty_roots)
+    layout = runs.RunLayout(empty_roots.models / result.run_id)
 
     # The folder dataset was split, stratified, and the split files were recorded in the run.
     split_sizes = {
