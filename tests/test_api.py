@@ -113,7 +113,7 @@ def test_a_missing_image_is_a_client_error(app):
 
 
 def test_train_through_the_api_then_predict_with_the_new_run(app, service, photo, tiny_run):
-    options = {**TINY_OPTIONS, "epochs": 1, "use_validation": "false"}
+    options = {**SMALL_OPTIONS, "epochs": 1, "use_validation": "false"}
     started = app.request("POST", f"{MODEL_URL}/train/", params=options)
     assert started.status == 200, started.body
     assert started.json()["status"] == "running"
@@ -179,7 +179,7 @@ def interrupted(service) -> runs.RunLayout:
     models = service[1].models
     return runs.RunLayout(
         models
-        / interrupted_run(models, {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32, "epochs": 2})
+        / interrupted_run(models, {**SMALL_OPTIONS, "epochs": 2})
     )
 
 
