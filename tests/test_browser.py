@@ -20,16 +20,17 @@ from tests.helpers import copy_roots, seed_photo
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="Debian's chromium and chromium-driver are not installed (`make system` installs them)",
-)
 
 WAIT_S = 120
 """The longest any step may take: generous, for a loaded 2-core machine; a step ends as soon as it can."""
 
 PREDICT_BLOCK = "operations-models-post_v2_models_seeds_tf_predict_"
 """The id the Swagger UI gives the predict operation's block."""
+
+
+def test_the_browser_is_installed():
+    """Missing is a failure, not a skip: `make test` installs Debian's chromium and chromium-driver."""
+    assert CHROMIUM and CHROMEDRIVER, "chromium or chromedriver is not on PATH: run `make system`"
 
 
 @pytest.fixture(scope="module")
