@@ -175,12 +175,9 @@ def test_a_cancelled_training_is_never_offered(app, service, photo):
 
 @pytest.fixture
 def interrupted(service) -> runs.RunLayout:
-    """A VGG16 run at 32 px of 2 epochs, killed once its first epoch is backed up."""
+    """A run of 2 epochs of the small backbone at 32 px, killed once its first epoch is backed up."""
     models = service[1].models
-    return runs.RunLayout(
-        models
-        / interrupted_run(models, {**SMALL_OPTIONS, "epochs": 2})
-    )
+    return runs.RunLayout(models / interrupted_run(models, {**SMALL_OPTIONS, "epochs": 2}))
 
 
 def test_resume_finishes_an_interrupted_run_with_its_own_config(app, interrupted, photo):
@@ -197,7 +194,7 @@ def test_resume_finishes_an_interrupted_run_with_its_own_config(app, interrupted
     assert status["result"]["output"]["run_id"] == layout.run_id
     assert layout.conf_file.read_bytes() == conf
     model = layout.config().model
-    assert (model.modelname, model.image_size) == ("VGG16", 32)
+    assert (model.modelname, model.image_size) == (SMALL_OPTIONS["modelname"], SMALL_OPTIONS["image_size"])
     epochs = files.read_json(layout.stats_file)["epochs"]
     assert [epoch["epoch"] for epoch in epochs] == [1, 2]
     assert epochs[:backed_up] == done_before, "backed-up epochs were trained again instead of restored"
