@@ -39,6 +39,7 @@ from bench_run import ORIGINAL_CLASSES, class_names, make_benchmark_run, seed_jp
 from load import tree_rss_mib  # noqa: E402
 from results import record  # noqa: E402
 
+from seeds_tf.data.splits import write_split_files  # noqa: E402
 from seeds_tf.hosting import monitor  # noqa: E402
 from tests.deepaas_harness import MODEL_URL, deepaas_process, free_port  # noqa: E402
 
@@ -107,17 +108,13 @@ def training(base: Path) -> dict:
     data = base / "data"
     rng = np.random.default_rng(0)
     (data / "images").mkdir(parents=True)
-    (data / "dataset_files").mkdir()
-    lines = []
+    entries = []
     for index in range(TRAIN_IMAGES + 32):
         pixels = rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)
         PIL.Image.fromarray(pixels).save(data / "images" / f"{index}.jpg", quality=90)
-        lines.append(f"{index}.jpg {index % ORIGINAL_CLASSES}")
-    splits = {"train": lines[:TRAIN_IMAGES], "val": lines[TRAIN_IMAGES:-16], "test": lines[-16:]}
-    for name, split in splits.items():
-        (data / "dataset_files" / f"{name}.txt").write_text("\n".join(split) + "\n")
-    names = class_names(ORIGINAL_CLASSES)
-    (data / "dataset_files" / "classes.txt").write_text("\n".join(names) + "\n")
+        entries.append((f"{index}.jpg", index % ORIGINAL_CLASSES))
+    splits = {"train": entries[:TRAIN_IMAGES], "val": entries[TRAIN_IMAGES:-16], "test": entries[-16:]}
+    write_split_files(data / "dataset_files", class_names(ORIGINAL_CLASSES), splits)
     models = base / "train_models"
     env = {**os.environ, "SEEDS_TF_DATA_DIR": str(data), "SEEDS_TF_MODELS_DIR": str(models)}
     command = [
