@@ -43,14 +43,17 @@ def legacy_model():
     return keras.Model(base.input, outputs)
 
 
-def _tarball(tmp_path, model, extra_member=None, test_images=False):
-    """The original run layout as a tarball; with `test_images`, a labelled test split whose images
-    come in the tarball's images/ folder (the published tarball lists its split without them)."""
-    run = tmp_path / "legacy" / "2019-06-01_120000"
+def _tarball(folder, model, *, extra_member=None, test_images=False, mode="w:xz"):
+    """The original run layout as a tarball in `folder`, compressed as published (xz) unless `mode`
+    says otherwise; with `test_images`, a labelled test split whose images come in the tarball's
+    images/ folder (the published tarball lists its split without them); without a `model`, no
+    weights file (for archives refused before their weights are read)."""
+    run = folder / "legacy" / "2019-06-01_120000"
     (run / "ckpts").mkdir(parents=True)
     (run / "conf").mkdir()
     (run / "dataset_files").mkdir()
-    save_keras2_h5(model, run / "ckpts" / "final_model.h5")
+    if model is not None:
+        save_keras2_h5(model, run / "ckpts" / "final_model.h5")
     conf = {"model": {"modelname": "Xception", "image_size": 71, "num_classes": 3, "preprocess_mode": "tf"}}
     (run / "conf" / "conf.json").write_text(json.dumps(conf))
     (run / "dataset_files" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
@@ -63,8 +66,9 @@ def _tarball(tmp_path, model, extra_member=None, test_images=False):
         for index in range(6):
             pixels = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
             (run / "images" / "seeds" / f"{index}.png").write_bytes(encode(pixels, "PNG"))
-    archive = tmp_path / "seeds.tar.xz"
-    with tarfile.open(archive, "w:xz", preset=0) as tar:
+    archive = folder / ("seeds.tar.xz" if mode == "w:xz" else "seeds.tar")
+    options = {"preset": 0} if mode == "w:xz" else {}
+    with tarfile.open(archive, mode, **options) as tar:
         tar.add(run, arcname=run.name)
         if extra_member is not None:
             info = tarfile.TarInfo(extra_member)
@@ -73,23 +77,25 @@ def _tarball(tmp_path, model, extra_member=None, test_images=False):
     return archive
 
 
-@pytest.fixture
-def tarball_server(tmp_path):
-    """Serves files of tmp_path over loopback HTTP."""
-    with http_server(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))) as url:
-        yield url
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, legacy_model):
+    """The published tarball's layout (xz, 80 MB of Keras 2 weights: made once, 10 s of xz),
+    served over loopback HTTP; yields (its file, its URL)."""
+    folder = tmp_path_factory.mktemp("published")
+    archive = _tarball(folder, legacy_model)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    with http_server(handler) as url:
+        yield archive, f"{url}/{archive.name}"
 
 
-def test_a_legacy_run_imports_and_predicts_as_the_original(
-    empty_roots, tmp_path, legacy_model, tarball_server
-):
-    _tarball(tmp_path, legacy_model)
-    run_id = legacy.import_legacy(f"{tarball_server}/seeds.tar.xz", empty_roots)
+def test_a_legacy_run_imports_and_predicts_as_the_original(empty_roots, legacy_model, published):
+    archive, url = published
+    run_id = legacy.import_legacy(url, empty_roots)
     layout = runs.RunLayout(empty_roots.models / run_id)
     assert layout.is_complete()
     summary = files.read_json(layout.summary_file)
     assert summary["imported_from"].endswith("seeds.tar.xz")
-    assert summary["sha256"] == hashlib.sha256((tmp_path / "seeds.tar.xz").read_bytes()).hexdigest()
+    assert summary["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
     # The published tarball lists its test split without the images: the run says so.
     assert summary["metrics"] == {}
     assert summary["held_out"].startswith("not evaluated: the test split's images are in neither place")
@@ -104,8 +110,8 @@ def test_a_legacy_run_imports_and_predicts_as_the_original(
     assert run.info == ("lentil", "black lentil", "common bean")
 
 
-def test_a_tarball_that_escapes_its_folder_is_refused(empty_roots, tmp_path, legacy_model):
-    archive = _tarball(tmp_path, legacy_model, extra_member="../../escaped.txt")
+def test_a_tarball_that_escapes_its_folder_is_refused(empty_roots, tmp_path):
+    archive = _tarball(tmp_path, None, extra_member="../../escaped.txt")
     with pytest.raises(InputError, match="not a readable tar archive"):
         legacy.import_legacy(str(archive), empty_roots)
     assert not (tmp_path.parent / "escaped.txt").exists()
@@ -124,7 +130,8 @@ def test_unreadable_sources_are_named(empty_roots, source, problem):
 def test_the_held_out_accuracy_is_recorded_when_the_test_images_come_along(
     empty_roots, tmp_path, legacy_model
 ):
-    archive = _tarball(tmp_path, legacy_model, test_images=True)
+    """An uncompressed tarball, too: the importer reads any tar archive."""
+    archive = _tarball(tmp_path, legacy_model, test_images=True, mode="w")
     run_id = legacy.import_legacy(str(archive), empty_roots, sha256=legacy.file_sha256(archive))
     layout = runs.RunLayout(empty_roots.models / run_id)
     summary = files.read_json(layout.summary_file)
@@ -150,13 +157,11 @@ def test_a_tarball_with_another_checksum_is_refused_and_nothing_is_written(
     assert list(empty_roots.models.iterdir()) == []
 
 
-def test_the_image_build_step_installs_the_published_model_and_deepaas_cli_serves_it(
-    tmp_path, legacy_model, tarball_server
-):
+def test_the_image_build_step_installs_the_published_model_and_deepaas_cli_serves_it(tmp_path, published):
     """docker/install-model.sh, as the pre-trained image's build runs it, against a tarball on
     loopback: the wrong checksum stops it with a clear error and writes nothing; the right one
     installs a run that the serverless path (OSCAR's `deepaas-cli predict`, JSON output) answers with."""
-    archive = _tarball(tmp_path, legacy_model)
+    archive, url = published
     models = tmp_path / "image" / "models"
     env = {
         **os.environ,
@@ -165,7 +170,6 @@ def test_the_image_build_step_installs_the_published_model_and_deepaas_cli_serve
         DATA_ENV: str(tmp_path / "image" / "data"),
         "DEEPAAS_V2_MODEL": "seeds_tf",
     }
-    url = f"{tarball_server}/seeds.tar.xz"
     script = str(ROOT / "docker" / "install-model.sh")
     refused = subprocess.run(
         [SH, script, url, "f" * 64], check=False, env=env, capture_output=True, text=True
