@@ -102,18 +102,20 @@ def export_model(
         )
     if spec.precision == "bf16":
         model = bfloat16_copy(fold_batch_norms(model))
+    if spec.format == "onnx":
+        with files.atomic_path(destination) as temporary:
+            _onnx(model, temporary)
+        return destination
+    # TensorFlow Lite converts from a SavedModel, the other format: the same one, in both cases.
     with tempfile.TemporaryDirectory(prefix="seeds_tf_export_") as scratch:
         saved_model = Path(scratch) / "savedmodel"
         model.export(str(saved_model), format="tf_saved_model", verbose=False)
         if spec.format == "savedmodel":
             _replace_folder(saved_model, destination)
-        elif spec.format == "tflite":
+        else:
             blob = _tflite(saved_model, spec.precision, model.input_shape[1], calibration)
             with files.atomic_path(destination) as temporary:
                 temporary.write_bytes(blob)
-        else:
-            with files.atomic_path(destination) as temporary:
-                _onnx(model, temporary)
     return destination
 
 
