@@ -106,6 +106,18 @@ class RunLayout:
         return self.root / "reports"
 
     @property
+    def calibration_file(self) -> Path:
+        """Optional: the temperature and the decision thresholds fitted after training
+        (seeds_tf.prediction.calibration); a run without it answers uncalibrated."""
+        return self.root / "calibration.json"
+
+    @property
+    def index_dir(self) -> Path:
+        """Optional: the embeddings of the run's training images, the reference specimens behind
+        an answer (seeds_tf.prediction.neighbours)."""
+        return self.root / "index"
+
+    @property
     def summary_file(self) -> Path:
         return self.root / "run.json"
 
