@@ -254,3 +254,64 @@ def test_generate_dataset_rejects_bad_arguments(tmp_path, arguments, name):
 def test_draw_seed_image_rejects_bad_arguments(species_index, image_size, name):
     with pytest.raises(ValueError, match=f"Received: {name}="):
         synthetic.draw_seed_image(species_index, image_size, np.random.default_rng(0))
+
+
+def test_held_out_species_are_one_per_genus_before_any_genus_loses_two():
+    four = synthetic.held_out(4)
+    genus_of = {species.name: species.genus for species in synthetic.SPECIES}
+    assert len({genus_of[name] for name in four}) == 4
+    assert synthetic.held_out(6)[:4] == four
+    assert synthetic.held_out(0) == ()
+    with pytest.raises(synthetic.InputError, match="held_out_species"):
+        synthetic.held_out(NUM_SPECIES - 1)
+
+
+def test_held_out_species_and_non_seeds_are_written_apart_from_the_classes(tmp_path, dataset_root):
+    root = tmp_path / "open_set"
+    synthetic.generate_dataset(
+        root,
+        images_per_class=IMAGES_PER_CLASS,
+        image_size=IMAGE_SIZE,
+        seed=3,
+        held_out_species=4,
+        non_seed_images=2,
+    )
+    classes = (root / "dataset_files" / "classes.txt").read_text().splitlines()
+    unseen = synthetic.held_out(4)
+    assert len(classes) == NUM_SPECIES - 4
+    assert not set(classes) & set(unseen)
+    species_dir = root / synthetic.UNSEEN_FOLDER / "species"
+    assert sorted(path.name for path in species_dir.iterdir()) == sorted(n.replace(" ", "_") for n in unseen)
+    assert all(len(list(folder.glob("*.jpg"))) == IMAGES_PER_CLASS for folder in species_dir.iterdir())
+    not_seeds = root / synthetic.UNSEEN_FOLDER / "not_seeds"
+    assert sorted(path.name for path in not_seeds.iterdir()) == sorted(synthetic.NON_SEED_KINDS)
+    for kind in synthetic.NON_SEED_KINDS:
+        for path in (not_seeds / kind).glob("*.jpg"):
+            with Image.open(path) as image:
+                assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    # A kept species has the same images and split as in the dataset without held-out species,
+    # under its new label.
+    kept = classes[0].replace(" ", "_")
+    assert (root / "images" / kept / "0000.jpg").read_bytes() == (
+        dataset_root / "images" / kept / "0000.jpg"
+    ).read_bytes()
+    train = (root / "dataset_files" / "train.txt").read_text()
+    assert all(int(line.rsplit(" ", 1)[1]) < len(classes) for line in train.splitlines())
+    assert [line.split()[0] for line in train.splitlines() if line.startswith(kept)] == [
+        line.split()[0]
+        for line in (dataset_root / "dataset_files" / "train.txt").read_text().splitlines()
+        if line.startswith(kept)
+    ]
+
+
+@pytest.mark.parametrize("kind", synthetic.NON_SEED_KINDS)
+def test_non_seed_images_depend_only_on_the_generator_state(kind):
+    first = synthetic.draw_non_seed_image(kind, 40, np.random.default_rng(5))
+    again = synthetic.draw_non_seed_image(kind, 40, np.random.default_rng(5))
+    assert first.mode == "RGB" and first.size == (40, 40)
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+
+
+def test_an_unknown_non_seed_kind_is_named():
+    with pytest.raises(synthetic.InputError, match="kind"):
+        synthetic.draw_non_seed_image("pebbles", 40, np.random.default_rng(0))

@@ -43,6 +43,12 @@ _OUTLINE_POINTS = 128
 # trailing zeros, so without them [seed, 0] and [seed, 0, 0] would collide.
 _IMAGE_STREAM = 0
 _SPLIT_STREAM = 1
+_NON_SEED_STREAM = 2
+
+UNSEEN_FOLDER = "unseen"
+"""Folder of the dataset root with images unlike the trained classes: `species/` (held-out
+species) and `not_seeds/` (photos without a seed)."""
+NON_SEED_KINDS = ("empty", "noise", "shapes")
 
 _Pattern = Literal["smooth", "stripes", "speckles", "mottled"]
 _Marking = Literal["none", "hilum", "ridge", "ring"]
@@ -345,8 +351,11 @@ def generate_dataset(
     image_size: int = 128,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
+    held_out_species: int = 0,
+    non_seed_images: int = 0,
 ) -> Path:
-    """Writes a synthetic seed dataset in the original split-file layout.
+    """Writes a synthetic seed dataset in the original split-file layout, and optionally images
+    unlike anything trained, to measure how well a run tells them apart (`UNSEEN_FOLDER`).
 
     Args:
         root: Directory to write `images/` and `dataset_files/` into.
@@ -356,6 +365,10 @@ def generate_dataset(
         split_fractions: Fractions of each species' images for the train,
             val and test splits.
         seed: Seed for all randomness; the same arguments give identical files.
+        held_out_species: Species left out of the classes (see `held_out`): their
+            images go to `root/unseen/species/<Genus_species>/`. Defaults to 0.
+        non_seed_images: Images of each kind of `NON_SEED_KINDS` (no seed in
+            them) in `root/unseen/not_seeds/<kind>/`. Defaults to 0.
 
     Returns:
         The `root/dataset_files` directory.
@@ -367,27 +380,97 @@ def generate_dataset(
     _check_at_least("image_size", image_size, 32)
     _check_split_fractions(split_fractions)
     _check_at_least("seed", seed, 0)
+    _check_at_least("non_seed_images", non_seed_images, 0)
+    unseen = held_out(held_out_species)
     root = Path(root)
     files_dir = root / "dataset_files"
     files_dir.mkdir(parents=True, exist_ok=True)
     entries: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLIT_NAMES}
-    for label, species in enumerate(SPECIES):
-        class_dir = species.name.replace(" ", "_")
-        _write_class_images(root / "images" / class_dir, label, images_per_class, image_size, seed)
-        split_rng = np.random.default_rng([seed, _SPLIT_STREAM, label])
+    trained = [index for index, species in enumerate(SPECIES) if species.name not in unseen]
+    for label, index in enumerate(trained):
+        class_dir = SPECIES[index].name.replace(" ", "_")
+        # Drawn and split by the species' own index: holding others out changes none of its images.
+        _write_class_images(root / "images" / class_dir, index, images_per_class, image_size, seed)
+        split_rng = np.random.default_rng([seed, _SPLIT_STREAM, index])
         parts = _split_indices(images_per_class, split_fractions, split_rng)
         for split, indices in zip(SPLIT_NAMES, parts, strict=True):
-            entries[split] += [(f"{class_dir}/{_image_name(index)}", label) for index in indices]
+            entries[split] += [(f"{class_dir}/{_image_name(i)}", label) for i in indices]
+    for index, species in enumerate(SPECIES):
+        if species.name in unseen:
+            folder = root / UNSEEN_FOLDER / "species" / species.name.replace(" ", "_")
+            _write_class_images(folder, index, images_per_class, image_size, seed)
+    for kind_index, kind in enumerate(NON_SEED_KINDS if non_seed_images else ()):
+        folder = root / UNSEEN_FOLDER / "not_seeds" / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(non_seed_images):
+            rng = np.random.default_rng([seed, _NON_SEED_STREAM, kind_index, index])
+            draw_non_seed_image(kind, image_size, rng).save(
+                folder / _image_name(index), quality=_JPEG_QUALITY
+            )
     # The text files come last, so their presence marks a complete dataset.
-    classes = [species.name for species in SPECIES]
-    write_split_files(files_dir, classes, entries, info=[species.info for species in SPECIES])
+    write_split_files(
+        files_dir,
+        [SPECIES[index].name for index in trained],
+        entries,
+        info=[SPECIES[index].info for index in trained],
+    )
     _LOGGER.info(
-        "Wrote %d synthetic seed images of %d species under %s.",
-        images_per_class * len(SPECIES),
-        len(SPECIES),
+        "Wrote %d synthetic seed images of %d species under %s (%d species held out, %d non-seed images).",
+        images_per_class * len(trained),
+        len(trained),
         root,
+        len(unseen),
+        non_seed_images * len(NON_SEED_KINDS),
     )
     return files_dir
+
+
+def held_out(count: int) -> tuple[str, ...]:
+    """The names of `count` species to leave out of training: the last species of each genus in
+    turn, then the one before it, so that every genus loses one before any loses two. Unseen species
+    of known genera are the hard case of "not a seed I know": they share their genus' outline."""
+    if not 0 <= count < len(SPECIES) - 1:
+        raise InputError(
+            "held_out_species",
+            f"Expected 0 <= held_out_species <= {len(SPECIES) - 2}. Received: held_out_species={count}",
+        )
+    by_genus: dict[str, list[str]] = {}
+    for species in SPECIES:
+        by_genus.setdefault(species.genus, []).append(species.name)
+    order = [
+        names[-1 - depth]
+        for depth in range(max(map(len, by_genus.values())))
+        for names in by_genus.values()
+        if depth < len(names)
+    ]
+    return tuple(order[:count])
+
+
+def draw_non_seed_image(kind: str, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Paints one photo with no seed in it, of a kind in `NON_SEED_KINDS`: "empty" (the photo
+    backgrounds with their debris, nothing on them), "noise" (uniform RGB noise) or "shapes"
+    (rectangles and bars of random colours, like a label or a ruler).
+
+    Raises:
+        InputError: naming `kind` when it is not one of NON_SEED_KINDS.
+    """
+    if kind not in NON_SEED_KINDS:
+        raise InputError("kind", f"Expected one of {list(NON_SEED_KINDS)}. Received: kind={kind!r}")
+    _check_at_least("image_size", image_size, 32)
+    if kind == "empty":
+        return _photograph(_scatter_debris(_background(image_size, rng), rng), rng)
+    if kind == "noise":
+        return Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
+    canvas = Image.new("RGB", (image_size, image_size), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = rng.integers(0, image_size, 2)
+        width, height = rng.integers(image_size // 16, image_size // 2, 2)
+        draw.rectangle(
+            [int(x0), int(y0), int(x0 + width), int(y0 + height)],
+            fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+        )
+    return canvas
 
 
 def draw_seed_image(species_index: int, image_size: int, rng: np.random.Generator) -> Image.Image:

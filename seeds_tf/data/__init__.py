@@ -1,0 +1,1 @@
+"""Images and datasets: decoding, sources (files, URLs, data), split files, checks, tf.data pipelines."""
