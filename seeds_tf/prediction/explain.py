@@ -1,13 +1,17 @@
-"""Why the model named a species: Grad-CAM heatmaps over the photo.
+"""Why the model named a species: Grad-CAM heatmaps over the photo, and the reference specimens.
 
 Grad-CAM (Selvaraju et al., 2017) weighs the backbone's last feature maps by the gradient of the
-class score, showing which parts of the seed drove the prediction.
+class score, showing which parts of the seed drove the prediction. A contact sheet of the training
+images most like the photo (seeds_tf.prediction.neighbours) can stand beside it.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import keras
 import matplotlib
@@ -18,13 +22,23 @@ import PIL.ImageFont
 import tensorflow as tf
 
 from seeds_tf.core.config import PredictConfig
+from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
-from seeds_tf.data import pipeline
+from seeds_tf.data import images, pipeline
 from seeds_tf.prediction import inference
 from seeds_tf.prediction.inference import LoadedRun, RunCache
 
 MIN_SIDE, MAX_SIDE = 384, 768
 """Range of the longest side of the returned picture: room for the labels, small enough to send."""
+
+BACKGROUND = (0, 0, 0)
+"""Behind the labels, between the tiles of a contact sheet and around pictures set side by side."""
+
+GAP = 4
+"""Pixels between the tiles of a contact sheet, and between the pictures set side by side."""
+
+CAPTION_FONT_SIZE = 11
+"""Small enough for two caption lines under a 96-pixel thumbnail."""
 
 
 def gradcam(run: LoadedRun, pixels: np.ndarray, class_index: int) -> np.ndarray:
@@ -42,8 +56,70 @@ def gradcam(run: LoadedRun, pixels: np.ndarray, class_index: int) -> np.ndarray:
     return cam / peak if peak > 0 else cam
 
 
-def heatmap_png(pixels: np.ndarray, cam: np.ndarray, labels: Sequence[tuple[str, float]]) -> bytes:
-    """The photo with the heatmap laid over it and the labels with their probabilities, as PNG."""
+def heatmap_png(
+    pixels: np.ndarray,
+    cam: np.ndarray,
+    labels: Sequence[tuple[str, float]],
+    beside: PIL.Image.Image | None = None,
+) -> bytes:
+    """The photo with the heatmap laid over it and the labels with their probabilities, as PNG.
+
+    Args:
+        pixels: the photo, RGB uint8 (height, width, 3).
+        cam: the heatmap from `gradcam`, any grid: it is stretched over the photo.
+        labels: (name, probability) pairs, listed at the top in this order.
+        beside: a picture to set to the right of the explained photo, top-aligned (a
+            `contact_sheet`); None (the default) for the explained photo alone.
+    """
+    picture = _heatmap_picture(pixels, cam, labels)
+    if beside is not None:
+        picture = _side_by_side(picture, beside)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def contact_sheet(neighbours: Sequence[dict[str, Any]], images_dir: Path, thumb: int = 96) -> PIL.Image.Image:
+    """The reference images of an answer as a near-square grid of thumbnails, most similar first,
+    each with its label and similarity under it.
+
+    Args:
+        neighbours: one query's neighbours, as seeds_tf.prediction.neighbours.neighbours_of gives
+            them ({"label", "similarity", "path"}, the path relative to `images_dir`).
+        images_dir: the dataset's images folder.
+        thumb: side of each thumbnail in pixels (default 96).
+
+    A reference image that is gone, unreadable or outside `images_dir` becomes a grey tile saying
+    "missing": the dataset may have changed since the index was built, and the answer still stands.
+    """
+    if not neighbours:
+        raise ValueError("Expected at least one neighbour. Received: none")
+    if thumb < 32:
+        raise ValueError(f"Expected thumb >= 32 pixels. Received: thumb={thumb}")
+    font = PIL.ImageFont.load_default(size=CAPTION_FONT_SIZE)
+    line_height = CAPTION_FONT_SIZE + 3
+    tile_height = thumb + 2 * line_height + 2
+    columns = math.ceil(math.sqrt(len(neighbours)))
+    rows = math.ceil(len(neighbours) / columns)
+    sheet = PIL.Image.new(
+        "RGB", (columns * (thumb + GAP) + GAP, rows * (tile_height + GAP) + GAP), BACKGROUND
+    )
+    draw = PIL.ImageDraw.Draw(sheet)
+    root = images_dir.resolve()
+    for position, neighbour in enumerate(neighbours):
+        left = GAP + (position % columns) * (thumb + GAP)
+        top = GAP + (position // columns) * (tile_height + GAP)
+        sheet.paste(_thumbnail(root, neighbour["path"], thumb, font), (left, top))
+        captions = (neighbour["label"], f"similarity {neighbour['similarity']:.3f}")
+        for row, caption in enumerate(captions):
+            text = _fitted(draw, caption, font, thumb)
+            draw.text((left, top + thumb + 2 + row * line_height), text, fill=(255, 255, 255), font=font)
+    return sheet
+
+
+def _heatmap_picture(
+    pixels: np.ndarray, cam: np.ndarray, labels: Sequence[tuple[str, float]]
+) -> PIL.Image.Image:
     photo = PIL.Image.fromarray(pixels)
     side = min(max(*photo.size, MIN_SIDE), MAX_SIDE)
     scale = side / max(photo.size)
@@ -55,18 +131,60 @@ def heatmap_png(pixels: np.ndarray, cam: np.ndarray, labels: Sequence[tuple[str,
     font = PIL.ImageFont.load_default(size=15)
     lines = [f"{label}: {probability:.1%}" for label, probability in labels]
     line_height = 19
-    draw.rectangle((0, 0, blended.width, 8 + line_height * len(lines)), fill=(0, 0, 0))
+    draw.rectangle((0, 0, blended.width, 8 + line_height * len(lines)), fill=BACKGROUND)
     for row, line in enumerate(lines):
         draw.text((8, 4 + line_height * row), line, fill=(255, 255, 255), font=font)
-    buffer = io.BytesIO()
-    blended.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return blended
 
 
-def explain_png(run: LoadedRun, pixels: np.ndarray, ranked_species: Sequence[dict]) -> bytes:
-    """The Grad-CAM picture of the top species, labelled with the top three."""
+def _side_by_side(left: PIL.Image.Image, right: PIL.Image.Image) -> PIL.Image.Image:
+    """`left` and `right` on one canvas, top-aligned, GAP pixels apart."""
+    canvas = PIL.Image.new(
+        "RGB", (left.width + GAP + right.width, max(left.height, right.height)), BACKGROUND
+    )
+    canvas.paste(left.convert("RGB"), (0, 0))
+    canvas.paste(right.convert("RGB"), (left.width + GAP, 0))
+    return canvas
+
+
+def _thumbnail(root: Path, relative: str, thumb: int, font: PIL.ImageFont.ImageFont) -> PIL.Image.Image:
+    """The image at `relative` under `root`, fitted into a thumb x thumb tile; a grey "missing" tile
+    when it is not a readable image inside `root` (the index names it, the path guard still holds)."""
+    tile = PIL.Image.new("RGB", (thumb, thumb), (96, 96, 96))
+    path = (root / relative).resolve()
+    try:
+        if not path.is_relative_to(root):
+            raise InputError("path", f"{relative!r} is outside the images folder")
+        picture = PIL.Image.fromarray(images.read_image(path))
+    except (InputError, OSError):
+        centre = (thumb / 2, thumb / 2)
+        PIL.ImageDraw.Draw(tile).text(centre, "missing", fill=(255, 255, 255), font=font, anchor="mm")
+        return tile
+    picture.thumbnail((thumb, thumb), PIL.Image.BILINEAR)
+    tile.paste(picture, ((thumb - picture.width) // 2, (thumb - picture.height) // 2))
+    return tile
+
+
+def _fitted(draw: PIL.ImageDraw.ImageDraw, text: str, font: PIL.ImageFont.ImageFont, width: int) -> str:
+    """`text`, cut short with an ellipsis where it would be wider than `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def explain_png(
+    run: LoadedRun,
+    pixels: np.ndarray,
+    ranked_species: Sequence[dict],
+    beside: PIL.Image.Image | None = None,
+) -> bytes:
+    """The Grad-CAM picture of the top species, labelled with the top three; with `beside` (a
+    `contact_sheet` of the reference specimens) to its right when given, alone by default."""
     cam = gradcam(run, pixels, ranked_species[0]["label_id"])
-    return heatmap_png(pixels, cam, [(s["label"], s["probability"]) for s in ranked_species[:3]])
+    labels = [(s["label"], s["probability"]) for s in ranked_species[:3]]
+    return heatmap_png(pixels, cam, labels, beside=beside)
 
 
 def explain_request(

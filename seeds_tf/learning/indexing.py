@@ -1,0 +1,56 @@
+"""The reference index of a run: its training images embedded, behind `seeds-tf index` and training.
+
+See seeds_tf.prediction.neighbours for what the index holds and how answers use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from seeds_tf.core import runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
+from seeds_tf.data.splits import read_split
+from seeds_tf.prediction import neighbours
+from seeds_tf.prediction.inference import load_run
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def index_run(roots: Roots, run_id: str, batch_size: int = 32) -> Path:
+    """Embeds every training image of a complete run and writes the run's index folder
+    (`RunLayout.index_dir`), replacing any earlier index; returns that folder.
+
+    Args:
+        roots: the data and models folders.
+        run_id: the run; empty for the newest working run.
+        batch_size: images per forward pass (default 32).
+
+    Raises:
+        InputError: naming `run` for an unknown or broken run, or one whose training images are
+            gone or changed (the index must match the split the run was trained on); naming
+            `batch_size` below 1.
+    """
+    if batch_size < 1:
+        raise InputError("batch_size", f"must be at least 1; received {batch_size}")
+    layout = runs.resolve_run(roots.models, run_id, field="run")
+    run = load_run(layout)
+    images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
+    train_file = layout.dataset_dir / "train.txt"
+    if not train_file.is_file():
+        raise InputError("run", f"run {layout.run_id} has no {train_file.name} to index")
+    split = read_split(train_file, "train", images_dir, len(run.classes), "run")
+    started = time.perf_counter()
+    index = neighbours.build_index(run.model, split, images_dir, run.config.image_size, batch_size)
+    neighbours.save_index(index, layout.index_dir)
+    _LOGGER.info(
+        "Run %s: indexed %d training images (dimension %d) in %.1f s into %s",
+        layout.run_id,
+        len(index),
+        index.dimension,
+        time.perf_counter() - started,
+        layout.index_dir,
+    )
+    return layout.index_dir

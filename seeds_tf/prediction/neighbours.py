@@ -1,0 +1,264 @@
+"""The reference specimens behind an answer: the training images most like a photo.
+
+A run's index holds one embedding per training image: the classifier's pooled features (layer
+"avg_pool", the input of the head), L2-normalised and stored as float16, with the image's path
+relative to the dataset's images folder and its label. An answer can then show the k reference
+images nearest to the photo by cosine similarity, which makes a prediction checkable by eye.
+
+Files in the run's index folder (`RunLayout.index_dir`):
+    embeddings.npy   float16 array (count, dimension), rows L2-normalised (np.save, no pickles)
+    references.json  {"paths", "labels", "count", "dimension", "dtype"}, row i of the array is
+                     paths[i]; written last, so an index whose writing was cut short has none
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from seeds_tf.core import files
+from seeds_tf.data.pipeline import images_only, make_dataset
+from seeds_tf.data.splits import Split
+
+_LOGGER = logging.getLogger(__name__)
+
+FEATURES_LAYER = "avg_pool"
+"""The classifier's layer whose output is the embedding: the pooled backbone features the head reads."""
+
+EMBEDDINGS_FILE = "embeddings.npy"
+REFERENCES_FILE = "references.json"
+
+STORED_DTYPE = np.float16
+"""Half the size of float32; cosine similarities of unit vectors lose under 1e-3 (enough to rank)."""
+
+SEARCH_CHUNK = 2048
+"""References per matrix product: the float32 copy of one chunk (16 MiB at 2048 dimensions) is all the
+extra memory a search takes, instead of a float32 copy of the whole index."""
+
+SIMILARITY_DIGITS = 4
+"""Decimals of the similarities in an answer: float16 storage makes further digits noise."""
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+    """The classifier from the image to its pooled features (layer "avg_pool"), sharing its layers:
+    a later change of the classifier's weights changes the features too."""
+    return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="features")
+
+
+def embed(features_model: keras.Model, images_batch: np.ndarray) -> np.ndarray:
+    """L2-normalised float32 embeddings, shape (N, dimension), of a batch of images.
+
+    Args:
+        features_model: from `feature_model`.
+        images_batch: float32 images (N, size, size, 3) in [0, 255], as the classifier takes them
+            (its preprocessing is inside the model).
+    """
+    if images_batch.ndim != 4 or images_batch.shape[-1] != 3:
+        raise ValueError(f"Expected images of shape (N, size, size, 3). Received: shape={images_batch.shape}")
+    return _normalised(np.asarray(features_model.predict_on_batch(images_batch), dtype=np.float32))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReferenceIndex:
+    """The embeddings of a run's training images, with their paths and labels.
+
+    Attributes:
+        embeddings: float16 array (n, dimension), rows L2-normalised.
+        paths: path of each image relative to the dataset's images folder, in rows' order.
+        labels: class id of each image, an int array of shape (n,).
+    """
+
+    embeddings: np.ndarray
+    paths: tuple[str, ...]
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.embeddings.ndim != 2 or self.embeddings.dtype != STORED_DTYPE:
+            raise ValueError(
+                "Expected float16 embeddings of shape (n, dimension). "
+                f"Received: dtype={self.embeddings.dtype}, shape={self.embeddings.shape}"
+            )
+        if not np.issubdtype(self.labels.dtype, np.integer):
+            raise ValueError(f"Expected integer labels. Received: dtype={self.labels.dtype}")
+        count = len(self.embeddings)
+        if len(self.paths) != count or self.labels.shape != (count,):
+            raise ValueError(
+                f"Expected one path and one label per embedding ({count}). "
+                f"Received: {len(self.paths)} paths, labels of shape {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    @property
+    def dimension(self) -> int:
+        return self.embeddings.shape[1]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k references most similar to each query, by cosine similarity, most similar first.
+
+        Args:
+            queries: float array (q, dimension); normalised here, so any scale will do.
+            k: references per query, at least 1; capped at the number of references.
+
+        Returns:
+            indices (q, k) into the references and similarities (q, k) in [-1, 1], float32.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"Expected k >= 1. Received: k={k!r}")
+        if queries.ndim != 2 or queries.shape[1] != self.dimension:
+            raise ValueError(
+                f"Expected queries of shape (q, {self.dimension}). Received: shape={queries.shape}"
+            )
+        if not np.all(np.isfinite(queries)):
+            raise ValueError("Expected finite queries. Received: NaN or infinite values")
+        k = min(int(k), len(self))
+        scores = _similarities(_normalised(np.asarray(queries, dtype=np.float32)), self.embeddings)
+        if k < scores.shape[1]:
+            candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        else:
+            candidates = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+        candidate_scores = np.take_along_axis(scores, candidates, axis=1)
+        order = np.argsort(-candidate_scores, axis=1, kind="stable")
+        indices = np.take_along_axis(candidates, order, axis=1)
+        return indices, np.take_along_axis(candidate_scores, order, axis=1)
+
+
+def build_index(
+    model: keras.Model, split: Split, images_dir: Path, image_size: int, batch_size: int = 32
+) -> ReferenceIndex:
+    """Embeds every image of `split` (a labelled split, usually the run's training images).
+
+    Args:
+        model: the classifier.
+        split: the images and their labels; every path lies inside `images_dir`.
+        images_dir: the dataset's images folder: the paths are stored relative to it, so the index
+            survives a move of the data folder.
+        image_size: the classifier's input side.
+        batch_size: images per forward pass (default 32).
+    """
+    if split.labels is None:
+        raise ValueError(f"Expected a labelled split. Received: split {split.name!r} without labels")
+    if batch_size < 1:
+        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
+    root = images_dir.resolve()
+    paths = tuple(_relative(path, root) for path in split.paths)
+    data = images_only(make_dataset(split, image_size, batch_size, model.output_shape[-1]))
+    features = np.asarray(feature_model(model).predict(data, verbose=0), dtype=np.float32)
+    _LOGGER.debug("Embedded %d images of %s: dimension %d", len(features), split.name, features.shape[1])
+    return ReferenceIndex(
+        _normalised(features).astype(STORED_DTYPE), paths, np.asarray(split.labels, dtype=np.int32)
+    )
+
+
+def save_index(index: ReferenceIndex, folder: Path) -> None:
+    """Writes `index` into `folder` (a run's `index_dir`): embeddings.npy, then references.json,
+    each atomically."""
+    with files.atomic_path(folder / EMBEDDINGS_FILE) as temporary:
+        np.save(temporary, index.embeddings, allow_pickle=False)
+    files.write_json(
+        folder / REFERENCES_FILE,
+        {
+            "paths": list(index.paths),
+            "labels": index.labels.tolist(),
+            "count": len(index),
+            "dimension": index.dimension,
+            "dtype": str(index.embeddings.dtype),
+        },
+    )
+
+
+def load_index(folder: Path) -> ReferenceIndex | None:
+    """The index saved in `folder`, or None when there is none (no references.json).
+
+    Raises:
+        ValueError: naming the file, when embeddings.npy is missing or disagrees with
+            references.json (count, dimension or dtype), or references.json is malformed.
+    """
+    references_file = folder / REFERENCES_FILE
+    if not references_file.is_file():
+        return None
+    references = files.read_json(references_file)
+    embeddings_file = folder / EMBEDDINGS_FILE
+    if not embeddings_file.is_file():
+        raise ValueError(f"{embeddings_file} is missing: {references_file} lists {references.get('count')}")
+    embeddings = np.load(embeddings_file, allow_pickle=False)
+    try:
+        paths, labels = tuple(references["paths"]), np.asarray(references["labels"], dtype=np.int32)
+        expected = (references["count"], references["dimension"], references["dtype"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{references_file} is malformed: {error}") from None
+    found = (len(embeddings), embeddings.shape[-1] if embeddings.ndim == 2 else None, str(embeddings.dtype))
+    if found != expected or embeddings.ndim != 2:
+        raise ValueError(
+            f"{embeddings_file} holds {found[0]} embeddings of dimension {found[1]} ({found[2]}); "
+            f"{references_file} expects {expected[0]} of dimension {expected[1]} ({expected[2]})"
+        )
+    if len(paths) != expected[0] or labels.shape != (expected[0],):
+        raise ValueError(
+            f"{references_file} lists {len(paths)} paths and {len(labels)} labels "
+            f"for a count of {expected[0]}"
+        )
+    return ReferenceIndex(embeddings, paths, labels)
+
+
+def neighbours_of(
+    index: ReferenceIndex, queries: np.ndarray, k: int, classes: Sequence[str]
+) -> list[list[dict[str, Any]]]:
+    """For each query embedding, its k most similar references, most similar first, each as
+    {"label", "label_id", "similarity" (rounded), "path" (relative to the images folder)}.
+
+    Raises:
+        ValueError: for k < 1, queries of another dimension, or labels beyond `classes`.
+    """
+    if len(index) and int(index.labels.max()) >= len(classes):
+        raise ValueError(
+            f"Expected labels below {len(classes)} classes. Received: label {int(index.labels.max())}"
+        )
+    indices, similarities = index.search(queries, k)
+    return [
+        [
+            {
+                "label": classes[int(index.labels[i])],
+                "label_id": int(index.labels[i]),
+                "similarity": round(float(similarity), SIMILARITY_DIGITS),
+                "path": index.paths[i],
+            }
+            for i, similarity in zip(row_indices, row_similarities, strict=True)
+        ]
+        for row_indices, row_similarities in zip(indices, similarities, strict=True)
+    ]
+
+
+def _similarities(queries: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """Cosine similarities (q, n) of unit queries (float32) with unit float16 embeddings.
+
+    The product runs in float32 over chunks of SEARCH_CHUNK references. TensorFlow casts each chunk:
+    NumPy converts float16 one element at a time (about 3 ns each here, 0.2 s for 30,000 x 2048
+    references), TensorFlow's cast is vectorised and threaded (benchmarks/retrieval.py).
+    """
+    scores = np.empty((len(queries), len(embeddings)), dtype=np.float32)
+    for start in range(0, len(embeddings), SEARCH_CHUNK):
+        chunk = tf.cast(embeddings[start : start + SEARCH_CHUNK], tf.float32)
+        scores[:, start : start + SEARCH_CHUNK] = tf.matmul(queries, chunk, transpose_b=True).numpy()
+    return scores
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; an all-zero row stays zero (similar to nothing)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def _relative(path: Path, root: Path) -> str:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"Expected images inside {root}. Received: {path}")
+    return resolved.relative_to(root).as_posix()

@@ -1,0 +1,190 @@
+"""The reference specimens behind an answer: embeddings, cosine search, the index files, the contact sheet."""
+
+import io
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from seeds_tf.classifier.model import build_classifier
+from seeds_tf.core import config, files, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.data.splits import parse_split_file
+from seeds_tf.learning.indexing import index_run
+from seeds_tf.prediction import explain, neighbours
+from seeds_tf.prediction.neighbours import ReferenceIndex
+
+SMALL = config.load(
+    config.ModelConfig, modelname="MobileNetV3Small", image_size=32, dense_units=8, weights="none"
+)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return build_classifier(SMALL, num_classes=3)
+
+
+def _distinct_images(count: int) -> np.ndarray:
+    """Images unlike each other: each a different random pattern at a different brightness."""
+    rng = np.random.default_rng(0)
+    patterns = rng.uniform(0, 255, (count, 32, 32, 3))
+    return (patterns * np.linspace(0.2, 1.0, count)[:, None, None, None]).astype(np.float32)
+
+
+def _index(embeddings: np.ndarray, labels=None) -> ReferenceIndex:
+    count = len(embeddings)
+    labels = np.arange(count) % 3 if labels is None else labels
+    paths = tuple(f"class{label}/image{i}.png" for i, label in enumerate(labels))
+    return ReferenceIndex(embeddings.astype(np.float16), paths, np.asarray(labels, dtype=np.int32))
+
+
+def test_an_image_is_its_own_nearest_reference(small_model):
+    features = neighbours.feature_model(small_model)
+    # The feature model shares the classifier's layers: its embeddings follow the classifier's weights.
+    assert features.get_layer("avg_pool") is small_model.get_layer("avg_pool")
+    images = _distinct_images(6)
+    embeddings = neighbours.embed(features, images)
+    assert embeddings.dtype == np.float32
+    assert embeddings.shape == (6, small_model.get_layer("avg_pool").output.shape[-1])
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    index = _index(embeddings)
+    indices, similarities = index.search(neighbours.embed(features, images), k=1)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(6))
+    np.testing.assert_allclose(similarities[:, 0], 1.0, atol=2e-3)
+    with pytest.raises(ValueError, match="shape"):
+        neighbours.embed(features, images[0])
+
+
+def test_search_orders_by_cosine_similarity_and_caps_k():
+    references = np.array([[-1, 0, 0], [0.8, 0.6, 0], [1, 0, 0], [0, 1, 0]], dtype=np.float32)
+    index = _index(references)
+    # Queries need not be unit vectors: cosine similarity ignores their length.
+    indices, similarities = index.search(np.array([[5.0, 0, 0], [0, 0.5, 0]]), k=2)
+    np.testing.assert_array_equal(indices, [[2, 1], [3, 1]])
+    np.testing.assert_allclose(similarities, [[1.0, 0.8], [1.0, 0.6]], atol=1e-3)
+    indices, similarities = index.search(np.array([[1.0, 0, 0]]), k=10)
+    assert indices.shape == similarities.shape == (1, 4)
+    np.testing.assert_array_equal(indices, [[2, 1, 3, 0]])
+    np.testing.assert_allclose(similarities, [[1.0, 0.8, 0.0, -1.0]], atol=1e-3)
+    for bad_k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="k >= 1"):
+            index.search(references, bad_k)
+    with pytest.raises(ValueError, match=r"\(q, 3\)"):
+        index.search(np.ones((2, 4)), 1)
+    with pytest.raises(ValueError, match="finite"):
+        index.search(np.array([[np.nan, 0, 0]]), 1)
+
+
+def test_search_over_several_chunks_matches_an_exact_ranking():
+    rng = np.random.default_rng(1)
+    count = 2 * neighbours.SEARCH_CHUNK + 123
+    references = rng.standard_normal((count, 16)).astype(np.float32)
+    references /= np.linalg.norm(references, axis=1, keepdims=True)
+    index = _index(references)
+    queries = rng.standard_normal((3, 16))
+    indices, similarities = index.search(queries, k=5)
+    exact = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ index.embeddings.astype(np.float64).T
+    np.testing.assert_array_equal(indices, np.argsort(-exact, axis=1)[:, :5])
+    np.testing.assert_allclose(similarities, np.take_along_axis(exact, indices, axis=1), atol=1e-5)
+
+
+def test_neighbours_name_the_label_similarity_and_path():
+    index = _index(np.eye(3, dtype=np.float32), labels=[2, 0, 1])
+    classes = ("Genus a", "Genus b", "Genus c")
+    answer = neighbours.neighbours_of(index, np.array([[0.1, 1.0, 0.0]]), k=2, classes=classes)
+    assert [[entry["path"] for entry in row] for row in answer] == [
+        ["class0/image1.png", "class2/image0.png"]
+    ]
+    first = answer[0][0]
+    # Plain Python values: the answer goes out as JSON as it is.
+    assert json.loads(json.dumps(answer)) == answer
+    assert first == {
+        "label": "Genus a",
+        "label_id": 0,
+        "similarity": round(1 / np.sqrt(1.01), 4),
+        "path": first["path"],
+    }
+    with pytest.raises(ValueError, match="below 2 classes"):
+        neighbours.neighbours_of(index, np.eye(3), 1, classes[:2])
+
+
+def test_the_index_round_trips_through_its_files_in_float16(tmp_path):
+    rng = np.random.default_rng(2)
+    index = _index(rng.standard_normal((7, 5)).astype(np.float32) / 3)
+    folder = tmp_path / "index"
+    assert neighbours.load_index(folder) is None
+    neighbours.save_index(index, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["embeddings.npy", "references.json"]
+    stored = np.load(folder / "embeddings.npy", allow_pickle=False)
+    assert stored.dtype == np.float16 and stored.shape == (7, 5)
+    references = files.read_json(folder / "references.json")
+    assert (references["count"], references["dimension"], references["dtype"]) == (7, 5, "float16")
+    loaded = neighbours.load_index(folder)
+    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+    np.testing.assert_array_equal(loaded.labels, index.labels)
+    assert loaded.paths == index.paths
+    # A references.json that no longer matches the array is an error naming the file.
+    files.write_json(folder / "references.json", {**references, "count": 8})
+    with pytest.raises(ValueError, match=r"embeddings\.npy"):
+        neighbours.load_index(folder)
+    (folder / "embeddings.npy").unlink()
+    with pytest.raises(ValueError, match=r"embeddings\.npy is missing"):
+        neighbours.load_index(folder)
+
+
+def test_index_run_embeds_every_training_image_with_its_relative_path(roots, tiny_run):
+    folder = index_run(roots, tiny_run, batch_size=8)
+    layout = runs.RunLayout(roots.models / tiny_run)
+    assert folder == layout.index_dir
+    index = neighbours.load_index(folder)
+    entries = parse_split_file(layout.dataset_dir / "train.txt")
+    assert len(index) == len(entries) > 0
+    assert list(index.paths) == [path for path, _ in entries]
+    np.testing.assert_array_equal(index.labels, [label for _, label in entries])
+    images_dir = roots.data / "tiny" / "images"
+    assert all(not path.startswith("/") and (images_dir / path).is_file() for path in index.paths)
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    answer = neighbours.neighbours_of(index, index.embeddings[:2].astype(np.float32), 3, layout.classes())
+    assert [row[0]["similarity"] for row in answer] == pytest.approx([1.0, 1.0], abs=2e-3)
+    with pytest.raises(InputError) as raised:
+        index_run(roots, "no_such_run")
+    assert raised.value.field == "run"
+
+
+def test_the_contact_sheet_has_a_tile_per_neighbour_and_survives_missing_images(tmp_path):
+    images_dir = tmp_path / "images"
+    (images_dir / "a").mkdir(parents=True)
+    PIL.Image.new("RGB", (120, 80), (200, 30, 30)).save(images_dir / "a" / "red.png")
+    (tmp_path / "secret.png").write_bytes((images_dir / "a" / "red.png").read_bytes())
+    paths = ["a/red.png", "a/gone.png", "../secret.png", "a/red.png", "a"]
+    shown = [
+        {"label": f"Genus species{i} with a long name", "similarity": 0.9 - i / 10, "path": p}
+        for i, p in enumerate(paths)
+    ]
+    sheet = explain.contact_sheet(shown, images_dir, thumb=64)
+    gap, tile_height = explain.GAP, 64 + 2 * (explain.CAPTION_FONT_SIZE + 3) + 2
+    # Five tiles: three columns, two rows.
+    assert sheet.size == (3 * (64 + gap) + gap, 2 * (tile_height + gap) + gap)
+
+    def centre_of(position):
+        column, row = position % 3, position // 3
+        return sheet.getpixel((gap + column * (64 + gap) + 32, gap + row * (tile_height + gap) + 20))
+
+    assert centre_of(0) == centre_of(3) == (200, 30, 30)
+    # Gone, outside the images folder, a folder: grey "missing" tiles, never the file outside.
+    for position in (1, 2, 4):
+        assert centre_of(position) == (96, 96, 96)
+    with pytest.raises(ValueError, match="at least one"):
+        explain.contact_sheet([], images_dir)
+
+
+def test_the_explained_picture_can_carry_the_contact_sheet_beside_it(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    cam = np.random.default_rng(4).uniform(0, 1, (3, 3))
+    sheet = explain.contact_sheet([{"label": "Genus a", "similarity": 0.5, "path": "x.png"}] * 9, tmp_path)
+    alone = PIL.Image.open(io.BytesIO(explain.heatmap_png(pixels, cam, [("Genus a", 0.9)])))
+    both = PIL.Image.open(io.BytesIO(explain.heatmap_png(pixels, cam, [("Genus a", 0.9)], beside=sheet)))
+    assert alone.size == (384, 256)
+    assert both.size == (384 + explain.GAP + sheet.width, max(256, sheet.height))
+    np.testing.assert_array_equal(np.asarray(both)[:256, :384], np.asarray(alone.convert("RGB")))
