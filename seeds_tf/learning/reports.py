@@ -184,6 +184,74 @@ def plot_training_curves(epochs: Sequence[Mapping[str, float]], path: Path) -> P
     return _save_png_atomic(figure, path)
 
 
+def plot_reliability(
+    before: Sequence[Mapping[str, Any]],
+    after: Sequence[Mapping[str, Any]],
+    *,
+    ece_before: float,
+    ece_after: float,
+    temperature: float,
+    path: Path,
+    title: str = "",
+) -> Path:
+    """Draws the reliability diagram of a calibration, into a PNG: two panels, before and after the
+    temperature, each with the accuracy of every bin of top-1 confidence as a bar, the gap to the bin's
+    mean confidence in red, the diagonal of perfect calibration, and the ECE in the legend.
+
+    Args:
+        before, after: the tables of seeds_tf.prediction.calibration.reliability_bins (low, high,
+            confidence, accuracy, count; None for an empty bin), before and after scaling.
+        ece_before, ece_after: their expected calibration errors.
+        temperature: the temperature fitted, for the second panel's title.
+        path: the PNG to write.
+        title: the figure's title; default none.
+
+    Raises:
+        ValueError: when a table is empty.
+    """
+    if not before or not after:
+        raise ValueError(
+            f"Expected reliability tables with bins. Received: {len(before)} and {len(after)} bins"
+        )
+    figure = Figure(figsize=(10.4, 5.0), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    panels = [("Before: T = 1", before, ece_before), (f"After: T = {temperature:.3g}", after, ece_after)]
+    for ax, (name, table, ece) in zip(axes, panels, strict=True):
+        filled = [row for row in table if row["count"]]
+        lows = [row["low"] for row in filled]
+        widths = [row["high"] - row["low"] for row in filled]
+        accuracy = [row["accuracy"] for row in filled]
+        confidence = [row["confidence"] for row in filled]
+        ax.bar(lows, accuracy, width=widths, align="edge", color="C0", edgecolor="white", label="accuracy")
+        # The gap from each bar to the bin's mean confidence: what the ECE adds up, weighted by count.
+        ax.bar(
+            lows,
+            [c - a for c, a in zip(confidence, accuracy, strict=True)],
+            bottom=accuracy,
+            width=widths,
+            align="edge",
+            color="C3",
+            alpha=0.35,
+            edgecolor="C3",
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1, label="perfect calibration")
+        ax.plot([], [], " ", label=f"ECE {ece:.1%} ({sum(row['count'] for row in table)} images)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_xlabel("top-1 confidence")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0].set_ylabel("accuracy")
+    if title:
+        figure.suptitle(title)
+    return _save_png_atomic(figure, path)
+
+
 def _log_scale_rates(ax: Axes, rates: list[float]) -> None:
     """Puts the rates on a log scale, where a division by 10 is one step, when all are positive.
 

@@ -1,0 +1,158 @@
+"""Calibrating a trained run on a held-out split: `seeds-tf calibrate`.
+
+Fits the temperature, the decision thresholds and the OOD threshold (seeds_tf.prediction.calibration)
+on the run's validation split by default, saves them as the run's calibration.json, and reports how
+well they fit: `reports/calibration.json` and `reports/reliability_diagram.png`. When the run's test
+split has labels (and was not the split fitted on), the report also holds the honest figures, on
+images that played no part in the fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seeds_tf.core import files, runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
+from seeds_tf.data.splits import SPLIT_NAMES, Split, read_split
+from seeds_tf.learning import reports
+from seeds_tf.learning.evaluation import predict_split
+from seeds_tf.prediction import calibration
+from seeds_tf.prediction.inference import LoadedRun, load_run
+
+_LOGGER = logging.getLogger(__name__)
+
+REPORT_FILE = "calibration.json"
+DIAGRAM_FILE = "reliability_diagram.png"
+_HELD_OUT_SPLIT = "test"
+
+
+def calibrate_run(
+    roots: Roots, run_id: str, split: str = "val", target_precision: float = 0.95, batch_size: int = 32
+) -> calibration.Calibration:
+    """Calibrates a complete run on one of its labelled splits and saves the result in the run.
+
+    Args:
+        roots: where the run and its images are.
+        run_id: the run; empty for the default one (the promoted, else the newest).
+        split: "val" (the default: held out from training, not the test split that reports the run),
+            "train", "test", or the path of a split file (paths relative to the run's images folder),
+            as `seeds-tf evaluate` takes. The training split gives too low a temperature: the network
+            is most confident on the images it learnt from.
+        target_precision: the precision the species and genus answers are chosen to reach; default
+            0.95.
+        batch_size: images per prediction batch.
+
+    Returns:
+        The calibration, also written to the run's calibration.json.
+
+    Raises:
+        InputError: naming `run` for an unknown run, `split` for a missing split, one without labels
+            or with fewer than 2 images, `target_precision` outside (0, 1].
+    """
+    if not 0.0 < target_precision <= 1.0:
+        raise InputError("target_precision", f"expected a number in (0, 1]; received {target_precision!r}")
+    layout = runs.resolve_run(roots.models, run_id, field="run")
+    images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
+    # The split is checked before the model loads: a mistake in it is reported in an instant.
+    fitting = _labelled_split(layout, split, images_dir, len(layout.classes()))
+    run = load_run(layout)
+    if fitting.name == "train":
+        _LOGGER.warning(
+            "Calibrating run %s on its training images: the temperature will be too low", layout.run_id
+        )
+    probabilities = predict_split(run.model, fitting, run.config.image_size, batch_size)
+    fitted = calibration.fit_calibration(
+        probabilities, fitting.labels, run.classes, fitting.name, target_precision
+    )
+    fitted.save(layout)
+
+    report = _report(fitted, probabilities, fitting, run)
+    held_out = _held_out_split(layout, images_dir, len(run.classes), fitting.name)
+    if held_out is not None:
+        held_out_probabilities = predict_split(run.model, held_out, run.config.image_size, batch_size)
+        report["held_out"] = calibration.evaluate_calibration(
+            fitted, held_out_probabilities, held_out.labels, run.classes, held_out.name
+        )
+    files.write_json(layout.reports_dir / REPORT_FILE, report)
+    reports.plot_reliability(
+        report["reliability_before"],
+        report["reliability_after"],
+        ece_before=fitted.ece_before,
+        ece_after=fitted.ece_after,
+        temperature=fitted.temperature,
+        path=layout.reports_dir / DIAGRAM_FILE,
+        title=f"Run {layout.run_id} on {fitting.name} ({fitted.images} images)",
+    )
+    _LOGGER.info(
+        "Run %s calibrated on %s: T %.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+        layout.run_id,
+        fitting.name,
+        fitted.temperature,
+        fitted.nll_before,
+        fitted.nll_after,
+        fitted.ece_before,
+        fitted.ece_after,
+    )
+    return fitted
+
+
+def _labelled_split(layout: runs.RunLayout, split: str, images_dir: Path, num_classes: int) -> Split:
+    """The split named (one of the run's own) or given as a file, with labels and at least 2 images.
+
+    Raises:
+        InputError: naming `split`.
+    """
+    if split in SPLIT_NAMES:
+        path, name = layout.dataset_dir / f"{split}.txt", split
+        if not path.is_file():
+            raise InputError("split", f"run {layout.run_id} has no {split!r} split ({path} is missing)")
+    else:
+        path, name = Path(split), Path(split).stem
+        if not path.is_file():
+            raise InputError("split", f"{split!r} is neither a split name {SPLIT_NAMES} nor a split file")
+    found = read_split(path, name, images_dir, num_classes, "split")
+    if found.labels is None:
+        raise InputError(
+            "split", f"the {name!r} split ({path}) has images without labels; calibration needs labels"
+        )
+    if len(found.paths) < 2:
+        raise InputError(
+            "split", f"the {name!r} split ({path}) has {len(found.paths)} image(s); calibration needs 2"
+        )
+    return found
+
+
+def _held_out_split(
+    layout: runs.RunLayout, images_dir: Path, num_classes: int, fitted_on: str
+) -> Split | None:
+    """The run's labelled test split, unless it is the one fitted on: where the report's honest
+    figures come from. None when there is none."""
+    path = layout.dataset_dir / f"{_HELD_OUT_SPLIT}.txt"
+    if fitted_on == _HELD_OUT_SPLIT or not path.is_file():
+        return None
+    found = read_split(path, _HELD_OUT_SPLIT, images_dir, num_classes, "split")
+    return found if found.labels is not None and found.paths else None
+
+
+def _report(
+    fitted: calibration.Calibration, probabilities: np.ndarray, split: Split, run: LoadedRun
+) -> dict[str, Any]:
+    """The report of a calibration on the split it was fitted on: the fit, and the reliability
+    tables before and after the temperature."""
+    calibrated = fitted.scale(probabilities)
+    return {
+        "run_id": run.run_id,
+        "checkpoint": run.checkpoint,
+        **fitted.to_dict(),
+        "reliability_before": calibration.reliability_bins(probabilities, split.labels, fitted.ece_bins),
+        "reliability_after": calibration.reliability_bins(calibrated, split.labels, fitted.ece_bins),
+        "note": (
+            "abstention is measured on the images the thresholds were chosen on, so it is optimistic; "
+            "held_out (when present) is measured on the test split, which played no part in the fit"
+        ),
+    }
