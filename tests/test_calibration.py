@@ -55,6 +55,9 @@ def test_scale_is_softmax_of_the_logits_divided_by_t_and_t1_is_the_identity():
     saturated = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
     softened = calibration.scale(saturated, 20.0)
     assert np.isfinite(softened).all() and softened.sum() == pytest.approx(1.0) and softened[0, 1] > 0
+    np.testing.assert_allclose(
+        calibration.scale(probabilities, np.float32(2.0)), _softmax(logits / 2), atol=1e-12
+    )
     with pytest.raises(ValueError, match="Received: temperature=0"):
         calibration.scale(probabilities, 0)
 

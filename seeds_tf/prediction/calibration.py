@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -580,7 +581,9 @@ def _checked_scores(scores: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature <= 0:
+    # numbers.Real: NumPy scalars (a float32 from an engine) are temperatures too; bool is not.
+    real = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+    if not real or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"Expected a positive finite temperature. Received: temperature={temperature!r}")
 
 
