@@ -44,6 +44,7 @@ bench: $(TESTING)
 	$(BIN)/python benchmarks/tta.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/retrieval.py
 	cd benchmarks && ../$(BIN)/python table.py
 
 ## learning: the >= 90% top-1 check on the synthetic seeds dataset, through the CLI (~20 min)

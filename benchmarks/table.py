@@ -175,6 +175,18 @@ ROWS: list[Row] = [
         lambda r: r["engines"]["agreement"]["tflite_int8"]["agreement_top1"] >= 0.99,
     ),
     (
+        "reference specimens: top-5 search of 30,000 float16 references (dimension 2048) vs the forward "
+        "pass, batch 1 / 8",
+        lambda r: (
+            " / ".join(_pct(r["retrieval"][f"batch_{b}"]["search_over_forward"]) for b in (1, 8))
+            + " ("
+            + " / ".join(f"{r['retrieval'][f'batch_{b}']['search_ms']:.0f} ms" for b in (1, 8))
+            + ")"
+        ),
+        "< 50%",
+        lambda r: all(r["retrieval"][f"batch_{b}"]["search_over_forward"] < 0.5 for b in (1, 8)),
+    ),
+    (
         "load: requests held / sent, 1 and 2 workers, 8 clients",
         lambda r: " and ".join(
             f"{r['load'][f'workers_{w}']['held']}/{r['load'][f'workers_{w}']['sent']}" for w in (1, 2)
