@@ -131,6 +131,9 @@ def test_the_index_round_trips_through_its_files_in_float16(tmp_path):
     (folder / "embeddings.npy").unlink()
     with pytest.raises(ValueError, match=r"embeddings\.npy is missing"):
         neighbours.load_index(folder)
+    (folder / "references.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"references\.json is not JSON"):
+        neighbours.load_index(folder)
 
 
 def test_index_run_embeds_every_training_image_with_its_relative_path(roots, tiny_run):

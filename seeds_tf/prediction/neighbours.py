@@ -186,7 +186,12 @@ def load_index(folder: Path) -> ReferenceIndex | None:
     references_file = folder / REFERENCES_FILE
     if not references_file.is_file():
         return None
-    references = files.read_json(references_file)
+    try:
+        references = files.read_json(references_file)
+    except ValueError as error:
+        raise ValueError(f"{references_file} is not JSON: {error}") from None
+    if not isinstance(references, dict):
+        raise ValueError(f"{references_file} is not a JSON object")
     embeddings_file = folder / EMBEDDINGS_FILE
     if not embeddings_file.is_file():
         raise ValueError(f"{embeddings_file} is missing: {references_file} lists {references.get('count')}")
