@@ -9,6 +9,8 @@
     seeds-tf evaluate 2026-11-21_215742 other.txt    # a run on another labelled split
     seeds-tf import-legacy seeds.tar.xz              # the original service's published seeds model
     seeds-tf export 2026-11-21_215742 --format tflite --precision int8 --serve   # a faster engine
+    seeds-tf calibrate 2026-11-21_215742 --split val # temperature and decision thresholds
+    seeds-tf index 2026-11-21_215742                 # the reference specimens behind each answer
     seeds-tf healthcheck                             # exit 1 when the service cannot predict in time
     seeds-tf promote 2026-11-21_215742               # the run served when a request names none
 
@@ -106,6 +108,8 @@ def _synthetic(args: argparse.Namespace, roots: Roots):
         images_per_class=args.images_per_class,
         image_size=args.image_size,
         seed=args.seed,
+        held_out_species=args.held_out_species,
+        non_seed_images=args.non_seed_images,
     )
     return {"splits_directory": str(splits_dir)}
 
@@ -141,6 +145,19 @@ def _export(args: argparse.Namespace, roots: Roots):
 
     spec = engines.export_spec(args.format, args.precision)
     return export.export_run(roots, args.run, spec, serve=args.serve)
+
+
+def _calibrate(args: argparse.Namespace, roots: Roots):
+    from seeds_tf.learning import calibrate
+
+    fitted = calibrate.calibrate_run(roots, args.run, args.split, args.target_precision, args.batch_size)
+    return fitted.to_dict()
+
+
+def _index(args: argparse.Namespace, roots: Roots):
+    from seeds_tf.learning import indexing
+
+    return {"index": str(indexing.index_run(roots, args.run, args.batch_size))}
 
 
 def _promote(args: argparse.Namespace, roots: Roots):
@@ -192,6 +209,18 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--images-per-class", type=int, default=100)
     synthetic.add_argument("--image-size", type=int, default=128)
     synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument(
+        "--held-out-species",
+        type=int,
+        default=0,
+        help="species left out of the classes, under unseen/species",
+    )
+    synthetic.add_argument(
+        "--non-seed-images",
+        type=int,
+        default=0,
+        help="photos without a seed per kind, under unseen/not_seeds",
+    )
     synthetic.set_defaults(command=_synthetic)
 
     check = commands.add_parser(
@@ -247,6 +276,32 @@ def _add_run_commands(commands) -> None:
         help="make this export the run's engine for engine=auto, if it agrees with Keras on >= 99%%",
     )
     exporter.set_defaults(command=_export)
+
+    calibrator = commands.add_parser(
+        "calibrate",
+        help="fit the run's temperature and decision thresholds on a labelled split (e.g. your own images)",
+    )
+    calibrator.add_argument("run", help="run id (YYYY-mm-dd_HHMMSS)")
+    calibrator.add_argument(
+        "--split",
+        default="val",
+        help="val (default), train, test, or a split file of your own labelled images",
+    )
+    calibrator.add_argument(
+        "--target_precision",
+        type=float,
+        default=config.option_specs("training")["target_precision"].default,
+        help="precision the trusted answers should reach (default: %(default)s)",
+    )
+    calibrator.add_argument("--batch-size", type=int, default=32)
+    calibrator.set_defaults(command=_calibrate)
+
+    indexer = commands.add_parser(
+        "index", help="embed the run's training images: the reference specimens shown by neighbours=k"
+    )
+    indexer.add_argument("run", help="run id (YYYY-mm-dd_HHMMSS)")
+    indexer.add_argument("--batch-size", type=int, default=32)
+    indexer.set_defaults(command=_index)
 
     promoter = commands.add_parser(
         "promote", help="make a run the one served when a request names none (recorded in the models folder)"

@@ -97,6 +97,7 @@ class TrainConfig:
     resume: str
     seed: int
     upload_to: str
+    target_precision: float
 
     def __post_init__(self):
         _check_fields(self, "training")
@@ -130,6 +131,9 @@ class PredictConfig:
     merge: bool
     tta: str
     engine: str
+    neighbours: int
+    species_threshold: float
+    genus_threshold: float
 
     def __post_init__(self):
         _check_fields(self, "prediction")

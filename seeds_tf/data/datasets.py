@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from seeds_tf.core import config
-from seeds_tf.data import images
 from seeds_tf.core.errors import InputError
+from seeds_tf.data import images
 from seeds_tf.data.splits import (
     SPLIT_NAMES,
     Problem,

@@ -58,8 +58,29 @@ def calibrate_run(
         raise InputError("target_precision", f"expected a number in (0, 1]; received {target_precision!r}")
     layout = runs.resolve_run(roots.models, run_id, field="run")
     images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
+    return calibrate_layout(layout, images_dir, split, target_precision, batch_size)
+
+
+def calibrate_layout(
+    layout: runs.RunLayout, images_dir: Path, split: str, target_precision: float, batch_size: int = 32
+) -> calibration.Calibration:
+    """calibrate_run for a run folder: `split` names one of its splits or is a split file."""
     # The split is checked before the model loads: a mistake in it is reported in an instant.
     fitting = _labelled_split(layout, split, images_dir, len(layout.classes()))
+    held_out = _held_out_split(layout, images_dir, len(layout.classes()), fitting.name)
+    return calibrate_splits(layout, fitting, held_out, target_precision, batch_size)
+
+
+def calibrate_splits(
+    layout: runs.RunLayout,
+    fitting: Split,
+    held_out: Split | None,
+    target_precision: float,
+    batch_size: int = 32,
+) -> calibration.Calibration:
+    """Fits the calibration of a run folder whose final model is saved, complete or not (the
+    training calibrates its run before marking it complete, so no request sees it uncalibrated),
+    on `fitting`; reports it, and on `held_out` (labelled, or None) the honest figures."""
     run = load_run(layout)
     if fitting.name == "train":
         _LOGGER.warning(
@@ -72,8 +93,7 @@ def calibrate_run(
     fitted.save(layout)
 
     report = _report(fitted, probabilities, fitting, run)
-    held_out = _held_out_split(layout, images_dir, len(run.classes), fitting.name)
-    if held_out is not None:
+    if held_out is not None and held_out.labels is not None and held_out.paths:
         held_out_probabilities = predict_split(run.model, held_out, run.config.image_size, batch_size)
         report["held_out"] = calibration.evaluate_calibration(
             fitted, held_out_probabilities, held_out.labels, run.classes, held_out.name

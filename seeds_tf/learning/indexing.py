@@ -12,7 +12,7 @@ from pathlib import Path
 from seeds_tf.core import runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
-from seeds_tf.data.splits import read_split
+from seeds_tf.data.splits import Split, read_split
 from seeds_tf.prediction import neighbours
 from seeds_tf.prediction.inference import load_run
 
@@ -36,12 +36,24 @@ def index_run(roots: Roots, run_id: str, batch_size: int = 32) -> Path:
     if batch_size < 1:
         raise InputError("batch_size", f"must be at least 1; received {batch_size}")
     layout = runs.resolve_run(roots.models, run_id, field="run")
-    run = load_run(layout)
     images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
+    return index_layout(layout, images_dir, batch_size)
+
+
+def index_layout(layout: runs.RunLayout, images_dir: Path, batch_size: int = 32) -> Path:
+    """index_run for a run folder: indexes the images its train.txt lists."""
     train_file = layout.dataset_dir / "train.txt"
     if not train_file.is_file():
         raise InputError("run", f"run {layout.run_id} has no {train_file.name} to index")
-    split = read_split(train_file, "train", images_dir, len(run.classes), "run")
+    split = read_split(train_file, "train", images_dir, len(layout.classes()), "run")
+    return index_split(layout, split, images_dir, batch_size)
+
+
+def index_split(layout: runs.RunLayout, split: Split, images_dir: Path, batch_size: int = 32) -> Path:
+    """Indexes `split` (paths under `images_dir`) with the final model of a run folder, complete or
+    not: the training indexes its run, less the unreadable images it skipped, before marking it
+    complete."""
+    run = load_run(layout)
     started = time.perf_counter()
     index = neighbours.build_index(run.model, split, images_dir, run.config.image_size, batch_size)
     neighbours.save_index(index, layout.index_dir)

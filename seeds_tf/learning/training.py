@@ -39,7 +39,7 @@ from seeds_tf.data import datasets, images
 from seeds_tf.data.pipeline import augmentation, make_dataset
 from seeds_tf.data.splits import Dataset, copy_split_files, read_dataset
 from seeds_tf.hosting import admission, remote
-from seeds_tf.learning import distribute, progress, reports, tracking
+from seeds_tf.learning import calibrate, distribute, indexing, progress, reports, tracking
 from seeds_tf.learning.evaluation import evaluate_split, test_metrics
 
 _LOGGER = logging.getLogger(__name__)
@@ -253,6 +253,8 @@ def _train_run(
                 model = _float32_copy(model, config, num_classes)
             save_classifier(model, layout.final_model)
             metrics = _write_reports(model, config, dataset, layout, history)
+            if distribute.is_chief():
+                _trust_files(layout, dataset, config)
         except BaseException:
             if mlflow is not None:
                 mlflow.abort()
@@ -279,6 +281,25 @@ def _train_run(
     if training.upload_to and distribute.is_chief():
         upload = remote.upload_run(layout.root, training.upload_to).to_dict()
     return TrainResult(layout.run_id, metrics, training_time, digest, upload)
+
+
+def _trust_files(layout: runs.RunLayout, dataset: Dataset, config: RunConfig) -> None:
+    """The run's calibration, fitted on its validation split (the test split reports it), and the
+    index of its training images: written before the run is complete, so every answer it gives is
+    calibrated and can show its reference specimens."""
+    val, batch_size = dataset.split("val"), config.training.batch_size
+    if val is not None and val.labels is not None and len(val.paths) >= 2:
+        calibrate.calibrate_splits(
+            layout, val, dataset.split("test"), config.training.target_precision, batch_size
+        )
+    else:
+        _LOGGER.warning(
+            "Run %s has no validation split to calibrate on: it answers uncalibrated until "
+            "`seeds-tf calibrate %s --split FILE` fits it on labelled images of yours",
+            layout.run_id,
+            layout.run_id,
+        )
+    indexing.index_split(layout, dataset.split("train"), dataset.images_dir, batch_size)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import tensorflow as tf
 
+from seeds_tf.core import runs
 from seeds_tf.core.config import PredictConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
@@ -190,7 +191,13 @@ def explain_png(
 def explain_request(
     roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[tuple[str, bytes]]
 ) -> bytes:
-    """The answer to a prediction request that accepts image/png: the first image, explained."""
+    """The answer to a prediction request that accepts image/png: the first image, explained, with
+    its `config.neighbours` reference specimens beside it as a contact sheet."""
     run, pixels, probabilities = inference.analyse(roots, cache, config, uploads[:1])
     species = inference.ranked(run, probabilities[0], max(3, config.top_k))["species"]
-    return explain_png(run, pixels[0], species)
+    beside = None
+    if config.neighbours:
+        found = inference.nearest_references(run, pixels, config.neighbours, merge=False)[0]
+        training = runs.RunLayout(roots.models / run.run_id).config().training
+        beside = contact_sheet(found, roots.data_path(training.images_directory, "images_directory"))
+    return explain_png(run, pixels[0], species, beside=beside)

@@ -24,6 +24,8 @@ from seeds_tf.core.config import ModelConfig, PredictConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import images, pipeline
+from seeds_tf.prediction import calibration as calibrating
+from seeds_tf.prediction import neighbours as references
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,8 +45,30 @@ class LoadedRun:
     classes: tuple[str, ...]
     info: tuple[str, ...] | None
     exports_dir: Path
+    calibration: calibrating.Calibration | None = None
+    index_dir: Path | None = None
     _engines: dict[str, Engine] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _lazy: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def references(self) -> tuple[keras.Model, references.ReferenceIndex]:
+        """The feature model and the index of the run's training images, loaded on first use.
+
+        Raises:
+            InputError: naming `neighbours`, for a run without an index.
+        """
+        with self._lock:
+            if "index" not in self._lazy:
+                index = references.load_index(self.index_dir) if self.index_dir else None
+                if index is None:
+                    raise InputError(
+                        "neighbours",
+                        f"run {self.run_id} has no index of its training images; "
+                        f"make it with: seeds-tf index {self.run_id}",
+                    )
+                self._lazy["index"] = index
+                self._lazy["features"] = references.feature_model(self.model)
+            return self._lazy["features"], self._lazy["index"]
 
     def engine(self, name: str = "auto") -> Engine:
         """The engine called `name` (seeds_tf.classifier.engines.ENGINES); "auto" is the run's own choice,
@@ -99,10 +123,27 @@ def load_run(layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
         raise ValueError(
             f"Run {layout.run_id}: the model has {model.output_shape[-1]} outputs for {len(classes)} classes"
         )
+    # The temperature and thresholds were fitted to the final model: another checkpoint answers uncalibrated.
+    calibration = calibrating.load_calibration(layout) if checkpoint == "final" else None
     _LOGGER.info(
-        "Loaded run %s/%s (%s, %d px)", layout.run_id, checkpoint, config.modelname, config.image_size
+        "Loaded run %s/%s (%s, %d px, %s)",
+        layout.run_id,
+        checkpoint,
+        config.modelname,
+        config.image_size,
+        f"temperature {calibration.temperature:.3f}" if calibration else "not calibrated",
     )
-    return LoadedRun(layout.run_id, checkpoint, model, config, classes, info, layout.exports_dir)
+    return LoadedRun(
+        layout.run_id,
+        checkpoint,
+        model,
+        config,
+        classes,
+        info,
+        layout.exports_dir,
+        calibration,
+        layout.index_dir if checkpoint == "final" else None,
+    )
 
 
 class BrokenRunError(InputError):
@@ -113,15 +154,16 @@ class BrokenRunError(InputError):
 class RunCache:
     """The checkpoints loaded in this process, the least recently used dropped beyond `capacity`.
 
-    A checkpoint is keyed by run, name and the modification time of its file, so a file replaced
-    on disk is loaded again. A checkpoint that fails to load is remembered as broken under the same
-    key, and not read again until its file changes. Thread-safe: loading happens under a lock.
+    A checkpoint is keyed by run, name and the modification times of its file and of the run's
+    calibration, so a file replaced on disk is loaded again. A checkpoint that fails to load is
+    remembered as broken under the same key, and not read again until its file changes.
+    Thread-safe: loading happens under a lock.
     """
 
     def __init__(self, capacity: int = 2):
         self._capacity = capacity
-        self._runs: collections.OrderedDict[tuple[str, str, int], LoadedRun] = collections.OrderedDict()
-        self._broken: dict[tuple[str, str, int], str] = {}
+        self._runs: collections.OrderedDict[tuple[str, str, int, int], LoadedRun] = collections.OrderedDict()
+        self._broken: dict[tuple[str, str, int, int], str] = {}
         self._lock = threading.Lock()
 
     def get(self, layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
@@ -133,7 +175,9 @@ class RunCache:
                 when the files do not load.
         """
         model_file = runs.resolve_checkpoint(layout, checkpoint)
-        key = (layout.run_id, checkpoint, model_file.stat().st_mtime_ns)
+        # A calibration fitted later (`seeds-tf calibrate` on a served run) is picked up too.
+        calibrated = layout.calibration_file.stat().st_mtime_ns if layout.calibration_file.is_file() else 0
+        key = (layout.run_id, checkpoint, model_file.stat().st_mtime_ns, calibrated)
         with self._lock:
             if key not in self._runs and key not in self._broken:
                 try:
@@ -205,10 +249,13 @@ def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
 def class_probabilities(
     run: LoadedRun, pixels: Sequence[np.ndarray], tta: str = "none", engine: str = "keras"
 ) -> np.ndarray:
-    """Softmax probabilities, shape (len(pixels), num_classes), each the mean over its TTA views.
-    All views of all images go through the network as one batch."""
+    """Softmax probabilities, shape (len(pixels), num_classes), each the mean over its TTA views,
+    calibrated by the run's temperature where it has one (each view's, before the mean). All views
+    of all images go through the network as one batch."""
     views = [tta_views(image, run.config.image_size, tta) for image in pixels]
     outputs = np.asarray(run.engine(engine)(np.concatenate(views)), dtype=np.float64)
+    if run.calibration is not None:
+        outputs = run.calibration.scale(outputs)
     counts = np.cumsum([0, *(len(v) for v in views)])
     return np.stack([outputs[start:end].mean(axis=0) for start, end in itertools.pairwise(counts)])
 
@@ -239,7 +286,7 @@ def ranked(run: LoadedRun, probabilities: np.ndarray, top_k: int) -> dict[str, l
         for i in best
     ]
     genus_names, genus_of_class = _genera(run.classes)
-    by_genus = np.bincount(genus_of_class, weights=probabilities, minlength=len(genus_names))
+    by_genus = calibrating.genus_probabilities(probabilities, genus_of_class)
     best_genera = np.argsort(-by_genus, kind="stable")[:top_k]
     return {
         "species": species,
@@ -249,11 +296,43 @@ def ranked(run: LoadedRun, probabilities: np.ndarray, top_k: int) -> dict[str, l
 
 @functools.cache
 def _genera(classes: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
-    """The genera of a run's classes in order of first appearance, and each class's genus index."""
-    genus_of = [name.split()[0] if name.split() else name for name in classes]
-    names = tuple(dict.fromkeys(genus_of))
-    index = {genus: i for i, genus in enumerate(names)}
-    return names, np.asarray([index[genus] for genus in genus_of])
+    """calibration.genus_index, once per run's classes."""
+    return calibrating.genus_index(classes)
+
+
+def trust(run: LoadedRun, probabilities: np.ndarray, config: PredictConfig) -> dict[str, Any]:
+    """How far to trust one (calibrated) probability vector: the decision ("species", "genus",
+    "unknown", or "not_calibrated" for a run without calibration and no thresholds in the request),
+    its out-of-distribution score and whether that flags the image as unlike the training images
+    (which makes the decision "unknown")."""
+    own = run.calibration.thresholds if run.calibration else None
+    species = config.species_threshold if config.species_threshold >= 0 else own.species if own else None
+    genus = config.genus_threshold if config.genus_threshold >= 0 else own.genus if own else None
+    score = float(calibrating.ood_score(probabilities))
+    flagged = bool(score > run.calibration.ood_threshold) if run.calibration else None
+    if species is None or genus is None:
+        decision = "not_calibrated"
+    elif flagged:
+        decision = "unknown"
+    else:
+        thresholds = calibrating.Thresholds(species, genus, own.target_precision if own else float("nan"))
+        decision = str(calibrating.decide(probabilities, _genera(run.classes)[1], thresholds))
+    return {"decision": decision, "ood_score": round(score, 6), "out_of_distribution": flagged}
+
+
+def nearest_references(run: LoadedRun, pixels: Sequence[np.ndarray], k: int, merge: bool) -> list[list[dict]]:
+    """The k training images most like each image (one list for all of them when `merge`: their
+    mean embedding), from the run's index.
+
+    Raises:
+        InputError: naming `neighbours`, for a run without an index.
+    """
+    features, index = run.references()
+    batch = np.stack([tta_views(image, run.config.image_size, "none")[0] for image in pixels])
+    queries = references.embed(features, batch)
+    if merge:
+        queries = queries.mean(axis=0, keepdims=True)
+    return references.neighbours_of(index, queries, k, run.classes)
 
 
 def analyse(
@@ -284,24 +363,31 @@ def predict(
     Raises:
         InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
     """
-    run, _, probabilities = analyse(roots, cache, config, uploads)
+    run, pixels, probabilities = analyse(roots, cache, config, uploads)
     engine = run.engine(config.engine).name
     names = [name for name, _ in uploads]
     if config.merge:
         # One specimen in several photos: one answer from the mean of their probabilities.
         names, probabilities = [" + ".join(names)], probabilities.mean(axis=0, keepdims=True)
     results = [
-        {"image": name, **ranked(run, row, config.top_k)}
+        {"image": name, **ranked(run, row, config.top_k), **trust(run, row, config)}
         for name, row in zip(names, probabilities, strict=True)
     ]
-    first = results[0]["species"]
+    if config.neighbours:
+        for result, found in zip(
+            results, nearest_references(run, pixels, config.neighbours, config.merge), strict=True
+        ):
+            result["neighbours"] = found
+    first = results[0]
     return {
         "run_id": run.run_id,
         "checkpoint": run.checkpoint,
         "tta": config.tta,
         "engine": engine,
         "merged": config.merge,
+        "calibrated": run.calibration is not None,
         "results": results,
-        "labels": [species["label"] for species in first],
-        "probabilities": [species["probability"] for species in first],
+        "labels": [species["label"] for species in first["species"]],
+        "probabilities": [species["probability"] for species in first["species"]],
+        "decision": first["decision"],
     }

@@ -162,6 +162,23 @@ class _Genus(marshmallow.Schema):
     probability = fields.Float(required=True, metadata={"description": "Sum over its species."})
 
 
+class _Neighbour(marshmallow.Schema):
+    label = fields.Str(required=True, metadata={"description": "Species of the reference image."})
+    label_id = fields.Int(required=True, metadata={"description": "Its line in classes.txt."})
+    similarity = fields.Float(
+        required=True, metadata={"description": "Cosine similarity of the features, 1 = the same."}
+    )
+    path = fields.Str(required=True, metadata={"description": "The image, relative to the dataset's images."})
+
+
+_DECISIONS = ("species", "genus", "unknown", "not_calibrated")
+_DECISION_HELP = (
+    "How far to trust the answer: 'species' (the top species reaches the run's threshold for its target "
+    "precision), 'genus' (the species does not, its genus does), 'unknown' (neither, or the image is "
+    "unlike the training images), 'not_calibrated' (the run has no calibration: seeds-tf calibrate)."
+)
+
+
 class _ImageResult(marshmallow.Schema):
     image = fields.Str(required=True, metadata={"description": "Name of the uploaded file."})
     species = fields.List(
@@ -169,6 +186,24 @@ class _ImageResult(marshmallow.Schema):
     )
     genera = fields.List(
         fields.Nested(_Genus), required=True, metadata={"description": "Most probable first."}
+    )
+    decision = fields.Str(
+        required=True,
+        validate=validate.OneOf(_DECISIONS),
+        metadata={"description": _DECISION_HELP},
+    )
+    ood_score = fields.Float(
+        required=True,
+        metadata={"description": "1 - the top probability: higher is less like the training images."},
+    )
+    out_of_distribution = fields.Bool(
+        required=True,
+        allow_none=True,
+        metadata={"description": "The score is above the run's threshold (null: the run is not calibrated)."},
+    )
+    neighbours = fields.List(
+        fields.Nested(_Neighbour),
+        metadata={"description": "With neighbours=k: the k training images most like this one."},
     )
 
 
@@ -180,6 +215,9 @@ class ModelPredictionResponse(marshmallow.Schema):
     tta = fields.Str(required=True, metadata={"description": "Test-time augmentation applied."})
     engine = fields.Str(required=True, metadata={"description": "Runtime that ran the network."})
     merged = fields.Bool(required=True, metadata={"description": "All images answered as one specimen."})
+    calibrated = fields.Bool(
+        required=True, metadata={"description": "The probabilities are scaled by the run's temperature."}
+    )
     results = fields.List(
         fields.Nested(_ImageResult), required=True, metadata={"description": "One per image."}
     )
@@ -193,6 +231,11 @@ class ModelPredictionResponse(marshmallow.Schema):
         fields.Float(),
         required=True,
         metadata={"description": "The probabilities of `labels`, in the same order."},
+    )
+    decision = fields.Str(
+        required=True,
+        validate=validate.OneOf(_DECISIONS),
+        metadata={"description": "The first result's decision (as in results)."},
     )
 
 
