@@ -168,6 +168,7 @@ def test_the_trust_report_measures_unseen_images_against_the_test_split(roots, t
     for side in ("before", "after"):
         assert 0.0 <= figures[side]["auroc"] <= 1.0
         assert 0.0 <= figures[side]["fpr_at_95_tpr"] <= 1.0
+    assert 0.0 <= figures[f"specimen_distance_k{trust.KNN_RANK}"]["auroc"] <= 1.0
     agreement = report["neighbour_agreement"]
     assert agreement["neighbours"] == trust.AGREEMENT_NEIGHBOURS
     assert 0.0 <= agreement["agreement_share"] <= 1.0

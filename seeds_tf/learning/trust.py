@@ -29,6 +29,9 @@ _LOGGER = logging.getLogger(__name__)
 REPORT_FILE = "trust.json"
 AGREEMENT_NEIGHBOURS = 5
 """Reference specimens whose majority species is compared with the classifier's answer."""
+KNN_RANK = 5
+"""The rank of the training image whose distance scores how unfamiliar an image is (measured on the
+demo: the 5th nearest told unseen images apart better than the 1st)."""
 
 
 def evaluate_trust(
@@ -64,16 +67,25 @@ def evaluate_trust(
     if test.labels is None or len(test.paths) < 2:
         raise InputError("run", f"run {layout.run_id}'s test split needs at least 2 labelled images")
     raw = predict_split(run.model, test, run.config.image_size, batch_size)
+    index = neighbours.load_index(run.index_dir) if run.index_dir else None
+    test_embeddings = _embeddings(run, test, batch_size) if index is not None else None
     report: dict[str, Any] = {
         "run_id": layout.run_id,
         "in_distribution": {"split": "test", "images": len(test.paths)},
         "ood_score": calibration.OOD_SCORE_NAME,
         "calibrated": run.calibration is not None,
         "unseen": {
-            name: _unseen_figures(run, raw, _unseen_split(name, folder), batch_size)
+            name: _unseen_figures(
+                run,
+                raw,
+                _unseen_split(name, folder),
+                batch_size,
+                index=index,
+                test_embeddings=test_embeddings,
+            )
             for name, folder in unseen.items()
         },
-        "neighbour_agreement": _agreement(run, test, raw, batch_size),
+        "neighbour_agreement": _agreement(run, test, raw, index, test_embeddings),
     }
     files.write_json(layout.reports_dir / REPORT_FILE, report)
     _LOGGER.info("Run %s: trust report in %s", layout.run_id, layout.reports_dir / REPORT_FILE)
@@ -89,8 +101,30 @@ def _unseen_split(name: str, folder: Path) -> Split:
     return Split(name, tuple(paths), None)
 
 
-def _unseen_figures(run: LoadedRun, test_raw: np.ndarray, split: Split, batch_size: int) -> dict[str, Any]:
-    """OOD detection of `split` against the test images, before and after the temperature."""
+def _embeddings(run: LoadedRun, split: Split, batch_size: int) -> np.ndarray:
+    batches = images_only(make_dataset(split, run.config.image_size, batch_size, len(run.classes)))
+    return np.asarray(neighbours.feature_model(run.model).predict(batches, verbose=0), dtype=np.float32)
+
+
+def _specimen_distance(index: neighbours.ReferenceIndex, embeddings: np.ndarray) -> np.ndarray:
+    """1 - the cosine similarity of the KNN_RANK-th most similar training image (the deep nearest
+    neighbour score of Sun et al., 2022): a distance in feature space, which sees what the
+    probabilities cannot, such as a photo of no seed that the network is sure about."""
+    _, similarities = index.search(embeddings, KNN_RANK)
+    return 1.0 - similarities[:, -1].astype(np.float64)
+
+
+def _unseen_figures(
+    run: LoadedRun,
+    test_raw: np.ndarray,
+    split: Split,
+    batch_size: int,
+    *,
+    index: neighbours.ReferenceIndex | None,
+    test_embeddings: np.ndarray | None,
+) -> dict[str, Any]:
+    """OOD detection of `split` against the test images, by the run's OOD score before and after
+    the temperature, and by the distance to the reference specimens where the run has an index."""
     raw = predict_split(run.model, split, run.config.image_size, batch_size)
     figures: dict[str, Any] = {
         "images": len(split.paths),
@@ -102,19 +136,26 @@ def _unseen_figures(run: LoadedRun, test_raw: np.ndarray, split: Split, batch_si
         figures["after"] = calibration.ood_metrics(test_scores, scores)
         figures["flagged_share"] = float(np.mean(scores > run.calibration.ood_threshold))
         figures["test_flagged_share"] = float(np.mean(test_scores > run.calibration.ood_threshold))
+    if index is not None and test_embeddings is not None:
+        figures[f"specimen_distance_k{KNN_RANK}"] = calibration.ood_metrics(
+            _specimen_distance(index, test_embeddings),
+            _specimen_distance(index, _embeddings(run, split, batch_size)),
+        )
     return figures
 
 
-def _agreement(run: LoadedRun, test: Split, raw: np.ndarray, batch_size: int) -> dict[str, Any] | None:
+def _agreement(
+    run: LoadedRun,
+    test: Split,
+    raw: np.ndarray,
+    index: neighbours.ReferenceIndex | None,
+    embeddings: np.ndarray | None,
+) -> dict[str, Any] | None:
     """Whether the majority species of each test image's reference specimens agrees with the
     classifier's top-1, and how precise the classifier is where they agree and where they do not:
     a second signal for the decision is worth using only if the two precisions differ."""
-    index = neighbours.load_index(run.index_dir) if run.index_dir else None
-    if index is None:
+    if index is None or embeddings is None:
         return None
-    features = neighbours.feature_model(run.model)
-    batches = images_only(make_dataset(test, run.config.image_size, batch_size, len(run.classes)))
-    embeddings = np.asarray(features.predict(batches, verbose=0), dtype=np.float32)
     found, _ = index.search(embeddings, AGREEMENT_NEIGHBOURS)
     majority = np.asarray([np.bincount(index.labels[row]).argmax() for row in found])
     probabilities = run.calibration.scale(raw) if run.calibration else raw
