@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from seeds_tf.core import files, runs
+from seeds_tf.core.config import option_specs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data.splits import SPLIT_NAMES, Split, read_split
@@ -52,10 +53,9 @@ def calibrate_run(
 
     Raises:
         InputError: naming `run` for an unknown run, `split` for a missing split, one without labels
-            or with fewer than 2 images, `target_precision` outside (0, 1].
+            or with fewer than 2 images, `target_precision` outside its range in etc/config.yaml.
     """
-    if not 0.0 < target_precision <= 1.0:
-        raise InputError("target_precision", f"expected a number in (0, 1]; received {target_precision!r}")
+    target_precision = option_specs("training")["target_precision"].check(target_precision)
     layout = runs.resolve_run(roots.models, run_id, field="run")
     images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
     return calibrate_layout(layout, images_dir, split, target_precision, batch_size)
@@ -68,20 +68,23 @@ def calibrate_layout(
     # The split is checked before the model loads: a mistake in it is reported in an instant.
     fitting = _labelled_split(layout, split, images_dir, len(layout.classes()))
     held_out = _held_out_split(layout, images_dir, len(layout.classes()), fitting.name)
-    return calibrate_splits(layout, fitting, held_out, target_precision, batch_size)
+    return calibrate_splits(
+        layout, load_run(layout), fitting, held_out, target_precision=target_precision, batch_size=batch_size
+    )
 
 
 def calibrate_splits(
     layout: runs.RunLayout,
+    run: LoadedRun,
     fitting: Split,
     held_out: Split | None,
+    *,
     target_precision: float,
     batch_size: int = 32,
 ) -> calibration.Calibration:
-    """Fits the calibration of a run folder whose final model is saved, complete or not (the
+    """Fits the calibration of `run`, the final model of a run folder, complete or not (the
     training calibrates its run before marking it complete, so no request sees it uncalibrated),
     on `fitting`; reports it, and on `held_out` (labelled, or None) the honest figures."""
-    run = load_run(layout)
     if fitting.name == "train":
         _LOGGER.warning(
             "Calibrating run %s on its training images: the temperature will be too low", layout.run_id

@@ -14,7 +14,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data.splits import Split, read_split
 from seeds_tf.prediction import neighbours
-from seeds_tf.prediction.inference import load_run
+from seeds_tf.prediction.inference import LoadedRun, load_run
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -46,14 +46,15 @@ def index_layout(layout: runs.RunLayout, images_dir: Path, batch_size: int = 32)
     if not train_file.is_file():
         raise InputError("run", f"run {layout.run_id} has no {train_file.name} to index")
     split = read_split(train_file, "train", images_dir, len(layout.classes()), "run")
-    return index_split(layout, split, images_dir, batch_size)
+    return index_split(layout, load_run(layout), split, images_dir, batch_size)
 
 
-def index_split(layout: runs.RunLayout, split: Split, images_dir: Path, batch_size: int = 32) -> Path:
-    """Indexes `split` (paths under `images_dir`) with the final model of a run folder, complete or
-    not: the training indexes its run, less the unreadable images it skipped, before marking it
-    complete."""
-    run = load_run(layout)
+def index_split(
+    layout: runs.RunLayout, run: LoadedRun, split: Split, images_dir: Path, batch_size: int = 32
+) -> Path:
+    """Indexes `split` (paths under `images_dir`) with `run`, the final model of a run folder,
+    complete or not: the training indexes its run, less the unreadable images it skipped, before
+    marking it complete."""
     started = time.perf_counter()
     index = neighbours.build_index(run.model, split, images_dir, run.config.image_size, batch_size)
     neighbours.save_index(index, layout.index_dir)

@@ -41,6 +41,7 @@ from seeds_tf.data.splits import Dataset, copy_split_files, read_dataset
 from seeds_tf.hosting import admission, remote
 from seeds_tf.learning import calibrate, distribute, indexing, progress, reports, tracking
 from seeds_tf.learning.evaluation import evaluate_split, test_metrics
+from seeds_tf.prediction.inference import load_run
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -288,9 +289,15 @@ def _trust_files(layout: runs.RunLayout, dataset: Dataset, config: RunConfig) ->
     index of its training images: written before the run is complete, so every answer it gives is
     calibrated and can show its reference specimens."""
     val, batch_size = dataset.split("val"), config.training.batch_size
+    run = load_run(layout)  # the saved final model, with the classes and config answers use
     if val is not None and val.labels is not None and len(val.paths) >= 2:
         calibrate.calibrate_splits(
-            layout, val, dataset.split("test"), config.training.target_precision, batch_size
+            layout,
+            run,
+            val,
+            dataset.split("test"),
+            target_precision=config.training.target_precision,
+            batch_size=batch_size,
         )
     else:
         _LOGGER.warning(
@@ -299,7 +306,7 @@ def _trust_files(layout: runs.RunLayout, dataset: Dataset, config: RunConfig) ->
             layout.run_id,
             layout.run_id,
         )
-    indexing.index_split(layout, dataset.split("train"), dataset.images_dir, batch_size)
+    indexing.index_split(layout, run, dataset.split("train"), dataset.images_dir, batch_size)
 
 
 @contextlib.contextmanager
