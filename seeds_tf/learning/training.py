@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -32,12 +33,21 @@ from seeds_tf.classifier.model import (
     save_classifier,
 )
 from seeds_tf.core import files, runs
-from seeds_tf.core.config import RunConfig
+from seeds_tf.core.config import ModelConfig, RunConfig, TrainConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import datasets, images
 from seeds_tf.data.pipeline import augmentation, make_dataset
-from seeds_tf.data.splits import Dataset, copy_split_files, read_dataset
+from seeds_tf.data.splits import (
+    CALIBRATION_SPLIT,
+    Dataset,
+    Split,
+    copy_split_files,
+    parse_split_file,
+    read_dataset,
+    stratified_hold_out,
+    write_split_files,
+)
 from seeds_tf.hosting import admission, remote
 from seeds_tf.learning import calibrate, distribute, indexing, progress, reports, tracking
 from seeds_tf.learning.evaluation import evaluate_split, test_metrics
@@ -87,6 +97,7 @@ def train(config: RunConfig, roots: Roots, *, candidate: bool = False) -> TrainR
                 return _resume(config.training.resume, roots, strategy, candidate)
         with tempfile.TemporaryDirectory(prefix="seeds_tf_splits_") as staging:
             dataset, weights = _check_inputs(config, roots, Path(staging))
+            dataset = _hold_out_calibration(dataset, config.training, Path(staging) / CALIBRATION_SPLIT)
             dataset, skipped = _skip_unreadable(dataset)
             _check_disk(config, len(dataset.classes), roots)
             with runs.storage_errors(roots.models), _run_folder(roots) as layout:
@@ -159,6 +170,41 @@ def _check_inputs(config: RunConfig, roots: Roots, staging: Path) -> tuple[Datas
     return read_dataset(splits_dir, images_dir), weights
 
 
+def _hold_out_calibration(dataset: Dataset, training: TrainConfig, folder: Path) -> Dataset:
+    """The dataset, with CALIBRATION_SPLIT held out of its training split (stratified_hold_out of
+    `training.calibration_fraction`, seeded by `training.seed`) when it has nothing else to calibrate
+    on: its split files, so changed, are written into `folder` and become the run's. A dataset with a
+    validation split (or a calibration split already), or a fraction of 0, is returned as it is."""
+    if _calibration_split(dataset) is not None or training.calibration_fraction == 0:
+        return dataset
+    entries = parse_split_file(dataset.splits_dir / "train.txt")
+    kept, held = stratified_hold_out(entries, training.calibration_fraction, training.seed)
+    if not held:
+        return dataset  # too few images to spare: _trust_files says the run is uncalibrated
+    copy_split_files(dataset.splits_dir, folder)
+    write_split_files(
+        folder, list(dataset.classes), {"train": kept, CALIBRATION_SPLIT: held}, list(dataset.info or ())
+    )
+    _LOGGER.info(
+        "No validation split: %d of the %d training images are held out of training to calibrate on "
+        "(calibration_fraction %g)",
+        len(held),
+        len(entries),
+        training.calibration_fraction,
+    )
+    return read_dataset(folder, dataset.images_dir)
+
+
+def _calibration_split(dataset: Dataset) -> Split | None:
+    """What a run is calibrated on: its validation split, else the split held out of its training
+    images for it, with at least 2 labelled images; None when it has neither."""
+    for name in ("val", CALIBRATION_SPLIT):
+        split = dataset.split(name)
+        if split is not None and split.labels is not None and len(split.paths) >= 2:
+            return split
+    return None
+
+
 def _initial_weights(weights: str, roots: Roots) -> str | None:
     if weights == "none":
         return None
@@ -197,16 +243,22 @@ def _run_folder(roots: Roots) -> Iterator[runs.RunLayout]:
 
 
 def _check_disk(config: RunConfig, num_classes: int, roots: Roots) -> None:
-    """Refuses a run whose checkpoints would not fit in the free disk of the models folder. The
-    weights are counted on the network built at its backbone's smallest input: their number does
-    not depend on the input size."""
+    """Refuses a run whose checkpoints would not fit in the free disk of the models folder."""
     training = config.training
-    small = dataclasses.replace(config.model, image_size=get_backbone(config.model.modelname).min_size)
-    parameters = build_classifier(small, num_classes).count_params()
+    parameters = _parameter_count(config.model, num_classes)
     periodic = (
         min(training.keep_checkpoints, training.epochs // training.ckpt_freq) if training.ckpt_freq else 0
     )
     admission.check_disk(roots.models, admission.run_bytes(parameters, periodic))
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_count(model: ModelConfig, num_classes: int) -> int:
+    """The classifier's number of weights, counted on the network built at its backbone's smallest
+    input (the number does not depend on the input size); remembered, since building even the
+    small network takes seconds and a process (a server, a test session) trains many alike."""
+    small = dataclasses.replace(model, image_size=get_backbone(model.modelname).min_size)
+    return build_classifier(small, num_classes).count_params()
 
 
 def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool) -> TrainResult:
@@ -255,7 +307,7 @@ def _train_run(
             save_classifier(model, layout.final_model)
             metrics = _write_reports(model, config, dataset, layout, history)
             if distribute.is_chief():
-                _trust_files(layout, dataset, config)
+                _trust_files(model, layout, dataset, config)
         except BaseException:
             if mlflow is not None:
                 mlflow.abort()
@@ -284,29 +336,33 @@ def _train_run(
     return TrainResult(layout.run_id, metrics, training_time, digest, upload)
 
 
-def _trust_files(layout: runs.RunLayout, dataset: Dataset, config: RunConfig) -> None:
-    """The run's calibration, fitted on its validation split (the test split reports it), and the
-    index of its training images: written before the run is complete, so every answer it gives is
+def _trust_files(model: keras.Model, layout: runs.RunLayout, dataset: Dataset, config: RunConfig) -> None:
+    """The index of the run's training images, and its calibration, fitted on its validation split
+    (else on the images held out of training for it; the test split reports it) with the reference
+    specimens of that index: written before the run is complete, so every answer it gives is
     calibrated and can show its reference specimens."""
-    val, batch_size = dataset.split("val"), config.training.batch_size
-    run = load_run(layout)  # the saved final model, with the classes and config answers use
-    if val is not None and val.labels is not None and len(val.paths) >= 2:
+    fitting, batch_size = _calibration_split(dataset), config.training.batch_size
+    # The final model as saved, still in memory: its traced predict function serves again.
+    run = load_run(layout, model=model)
+    indexing.index_split(layout, run, dataset.split("train"), dataset.images_dir, batch_size)
+    if fitting is not None:
         calibrate.calibrate_splits(
             layout,
             run,
-            val,
+            fitting,
             dataset.split("test"),
             target_precision=config.training.target_precision,
             batch_size=batch_size,
         )
     else:
         _LOGGER.warning(
-            "Run %s has no validation split to calibrate on: it answers uncalibrated until "
-            "`seeds-tf calibrate %s --split FILE` fits it on labelled images of yours",
+            "Run %s has no validation split nor images held out to calibrate on (calibration_fraction "
+            "%g): it answers uncalibrated until `seeds-tf calibrate %s --split FILE` fits it on "
+            "labelled images of yours",
             layout.run_id,
+            config.training.calibration_fraction,
             layout.run_id,
         )
-    indexing.index_split(layout, run, dataset.split("train"), dataset.images_dir, batch_size)
 
 
 @contextlib.contextmanager

@@ -112,13 +112,20 @@ def default_engine(exports_dir: Path, flags: Collection[str]) -> str:
     return chosen if engine_spec(chosen).runs_natively(flags) else "keras"
 
 
-def load_run(layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
-    """Loads a checkpoint of a complete run, with its class names and model config."""
+def load_run(layout: runs.RunLayout, checkpoint: str = "final", model: keras.Model | None = None) -> LoadedRun:
+    """Loads a checkpoint of a complete run, with its class names and model config.
+
+    Args:
+        layout: the run.
+        checkpoint: "final", "best" or a periodic checkpoint's name. Defaults to "final".
+        model: the checkpoint's model already in memory (a training's just-saved final model), used
+            instead of reading the file again. Defaults to None (read from the run).
+    """
     model_file = runs.resolve_checkpoint(layout, checkpoint)
     config = layout.config().model
     classes = layout.classes()
     info = layout.info()
-    model = load_classifier(model_file)
+    model = load_classifier(model_file) if model is None else model
     if model.output_shape[-1] != len(classes):
         raise ValueError(
             f"Run {layout.run_id}: the model has {model.output_shape[-1]} outputs for {len(classes)} classes"
