@@ -2,6 +2,7 @@
 
     seeds-tf train --epochs 10 --image_size 299      # flags generated from etc/config.yaml
     seeds-tf predict seed1.jpg seed2.png --top_k 3
+    seeds-tf identify photos/ --output answers.csv   # a whole collection; rerun to resume
     seeds-tf demo                                    # the demo run, trained if models/ has none
     seeds-tf synthetic data/synthetic_seeds          # the synthetic seeds dataset
     seeds-tf runs                                    # the working runs, their test metrics; broken runs
@@ -91,6 +92,20 @@ def _predict(args: argparse.Namespace, roots: Roots):
 
         Path(args.heatmap).write_bytes(explain.explain_request(roots, cache, options, uploads))
     return inference.predict(roots, cache, options, uploads)
+
+
+def _identify(args: argparse.Namespace, roots: Roots):
+    from seeds_tf.prediction import batch
+
+    options = batch.IdentifyOptions(
+        timestamp=args.run, engine=args.engine, top_k=args.top_k, batch_size=args.batch_size
+    )
+    if args.ray:
+        from seeds_tf.prediction import batch_ray
+
+        answerer = batch_ray.ray_answerer(args.ray, roots.models, args.ray_cpus_per_worker)
+        return batch.identify(roots, args.input, args.output, options, answerer).to_dict()
+    return batch.identify(roots, args.input, args.output, options).to_dict()
 
 
 def _demo(args: argparse.Namespace, roots: Roots):
@@ -199,6 +214,39 @@ def _parser() -> argparse.ArgumentParser:
     for spec in config.option_specs("prediction").values():
         _add_option(predict, spec, use_default=True)
     predict.set_defaults(command=_predict)
+
+    identify = commands.add_parser(
+        "identify",
+        help="name the species in a whole collection: a folder, list or CSV manifest in, CSV or JSONL out",
+    )
+    identify.add_argument(
+        "input",
+        type=Path,
+        help="a folder (recursively), a list file (a path or URL a line) or a CSV with a path or url column",
+    )
+    identify.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="a .csv or .jsonl file; rerunning resumes it and retries failures",
+    )
+    identify.add_argument("--run", default="", help="run id (default: the promoted run, else the newest)")
+    identify.add_argument("--engine", default="auto", choices=["auto", *engines.ENGINES])
+    identify.add_argument("--top-k", type=int, default=5, help="species and genera per image (default: 5)")
+    identify.add_argument("--batch-size", type=int, default=64, help="images per engine call (default: 64)")
+    identify.add_argument(
+        "--ray",
+        default="",
+        metavar="ADDRESS",
+        help="run on this Ray cluster (host:port, or auto) with Ray Data",
+    )
+    identify.add_argument(
+        "--ray-cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs of each Ray worker, which loads the run once (default: 1)",
+    )
+    identify.set_defaults(command=_identify)
 
     demo = commands.add_parser("demo", help="make sure a run exists, training the demo run if not")
     demo.add_argument("--force", action="store_true", help="train the demo run even if runs exist")

@@ -1,0 +1,546 @@
+"""Identifying whole collections: a folder, a list or a manifest of images in, one row per image out.
+
+The job (`identify`) lists its inputs, loads the run once, answers the images in large batches and
+writes the answers in chunks. Each chunk is a part file beside the output (`OUT.parts/`), written
+atomically: a job killed at any moment loses at most the chunk in flight, and the files on disk are
+always whole. When every input is answered, the rows of the previous output and of the parts are
+merged into the output, again atomically, and the parts are removed. Rerunning the same command
+skips the inputs already answered (those of the output and of the parts) and retries the failed
+ones: a failure is a row with its `error`, never a crashed job.
+
+One machine answers through a tf.data pipeline (decoding and resizing in parallel, prefetching)
+that feeds the run's engine; seeds_tf.prediction.batch_ray answers the same inputs on a Ray cluster.
+Both go through `answer`, which reuses the predictions' own ranking and trust.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import itertools
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import tensorflow as tf
+
+from seeds_tf.core import config, files
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import Roots
+from seeds_tf.data import images, pipeline, sources
+from seeds_tf.prediction import inference
+
+_LOGGER = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+"""File suffixes (any case) a folder's images are found by: the formats seeds_tf.data.images reads."""
+
+OUTPUT_FORMATS = (".csv", ".jsonl")
+
+MANIFEST_COLUMNS = ("path", "url")
+"""Columns of a CSV manifest that name an image; a row takes its path, else its URL."""
+
+_LOG_EVERY_S = 30.0
+_PART_GLOB = "chunk-*"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image of a job.
+
+    Attributes:
+        input: how the job names it in its output: a path relative to the input folder, or a list's
+            or manifest's entry as written.
+        source: where it is read from: an absolute path, or an http(s) URL.
+    """
+
+    input: str
+    source: str
+
+    @property
+    def is_url(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentifyOptions:
+    """How a job answers.
+
+    Attributes:
+        timestamp: the run; "" for the service's default run (the promoted one, else the newest).
+        engine: an engine of seeds_tf.classifier.engines.ENGINES, or "auto" (the run's own choice).
+        top_k: species and genera per row. Defaults to 5.
+        batch_size: images per call of the engine. Defaults to 64: large batches keep the engine
+            busy, and 64 299-px images are 69 MB of float32.
+        chunk_size: rows per part file, the most a kill can lose. Defaults to 1024: a few seconds
+            to a minute of work, and a million images make about a thousand part files.
+        fetch_threads: URLs downloaded at once. Defaults to 16: downloads wait on the network, not
+            on the CPU, and each stays within the limits of sources.FetchPolicy.from_env().
+    """
+
+    timestamp: str = ""
+    engine: str = "auto"
+    top_k: int = 5
+    batch_size: int = 64
+    chunk_size: int = 1024
+    fetch_threads: int = 16
+
+    def __post_init__(self):
+        for name in ("top_k", "batch_size", "chunk_size", "fetch_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(name, f"expected a positive integer. Received: {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a job did: `done` answered and `failed` (a row with its error) now, `skipped` answered
+    by an earlier run of the same job, in `seconds` of answering."""
+
+    output: str
+    run_id: str
+    engine: str
+    total: int
+    done: int
+    skipped: int
+    failed: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 2)}
+
+
+Answerer = Callable[[inference.LoadedRun, str, Sequence[Item], IdentifyOptions], Iterator[dict[str, Any]]]
+"""Answers `items` with a run and engine name: one row per item (see `answer`), in their order."""
+
+
+def list_inputs(source: Path) -> list[Item]:
+    """The images a job answers, in a stable order.
+
+    `source` is a folder (its image files, recursively, by IMAGE_SUFFIXES, sorted), a CSV manifest
+    (suffix .csv, a header with a `path` and/or `url` column) or a list file (one path or URL a
+    line). Relative paths in a list or manifest are relative to the file's folder.
+
+    Raises:
+        InputError: naming `input`, for a source that does not exist, a manifest without a path or
+            url column, or no image at all.
+    """
+    if source.is_dir():
+        found = sorted(
+            path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        )
+        items = [Item(path.relative_to(source).as_posix(), str(path.resolve())) for path in found]
+    elif source.is_file():
+        entries = _manifest_entries(source) if source.suffix.lower() == ".csv" else files.read_lines(source)
+        items = [_item(entry, source.parent) for entry in entries]
+    else:
+        raise InputError("input", f"{str(source)!r} is neither a folder nor a file")
+    if not items:
+        raise InputError("input", f"no image in {str(source)!r}")
+    return items
+
+
+def _manifest_entries(path: Path) -> list[str]:
+    with open(path, encoding="utf-8-sig", newline="") as stream:
+        reader = csv.DictReader(stream)
+        columns = [name for name in MANIFEST_COLUMNS if name in (reader.fieldnames or ())]
+        if not columns:
+            raise InputError(
+                "input", f"{str(path)!r} has no {' or '.join(MANIFEST_COLUMNS)} column: {reader.fieldnames}"
+            )
+        entries = (next((row[c].strip() for c in columns if (row[c] or "").strip()), "") for row in reader)
+        return [entry for entry in entries if entry]
+
+
+def _item(entry: str, base: Path) -> Item:
+    if entry.startswith(("http://", "https://")):
+        return Item(entry, entry)
+    return Item(entry, str((base / entry).resolve()))
+
+
+def identify(
+    roots: Roots,
+    source: Path,
+    output: Path,
+    options: IdentifyOptions = IdentifyOptions(),
+    answerer: Answerer | None = None,
+) -> Summary:
+    """Answers every image of `source` (see `list_inputs`) into `output`, resuming an earlier run.
+
+    Args:
+        roots: where the runs are.
+        source: a folder, a list file or a CSV manifest.
+        output: a .csv (one column per species, genus and probability) or .jsonl file.
+        options: the run, engine, top_k and batch sizes.
+        answerer: what answers the images; None for this machine's tf.data pipeline (`answer_locally`).
+
+    Raises:
+        InputError: for a bad source or output, an unknown run or engine, or an output written by
+            another run, engine or top_k.
+    """
+    suffix = output.suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise InputError(
+            "output", f"expected a file ending in {' or '.join(OUTPUT_FORMATS)}. Received: {str(output)!r}"
+        )
+    items = list_inputs(source)
+    run = inference.choose_run(roots, inference.RunCache(), options.timestamp)
+    engine = run.engine(options.engine).name
+    writer = _CsvRows(options.top_k, trust_fields(run)) if suffix == ".csv" else _JsonRows()
+    with _Job(output, writer) as job:
+        answered = job.answered(run.run_id, engine)
+        pending = [item for item in items if item.input not in answered]
+        _LOGGER.info(
+            "Identifying %d images with run %s (%s); %d answered before",
+            len(pending),
+            run.run_id,
+            engine,
+            len(items) - len(pending),
+        )
+        counts = collections.Counter()
+        started = time.perf_counter()
+        with _progress(len(pending)) as progress:
+            rows = (answerer or answer_locally)(run, engine, pending, options) if pending else iter(())
+            while chunk := list(itertools.islice(rows, options.chunk_size)):
+                job.commit(chunk)
+                counts.update("failed" if row["error"] else "done" for row in chunk)
+                progress(len(chunk))
+        seconds = time.perf_counter() - started
+        job.merge()
+    summary = Summary(
+        str(output),
+        run.run_id,
+        engine,
+        len(items),
+        counts["done"],
+        len(items) - len(pending),
+        counts["failed"],
+        round(seconds, 3),
+    )
+    _LOGGER.info(
+        "Identified %d images (%d skipped, %d failed) in %.1f s: %.1f images/s into %s",
+        summary.done,
+        summary.skipped,
+        summary.failed,
+        summary.seconds,
+        summary.images_per_s,
+        output,
+    )
+    return summary
+
+
+def answer_locally(
+    run: inference.LoadedRun, engine: str, items: Sequence[Item], options: IdentifyOptions
+) -> Iterator[dict[str, Any]]:
+    """Answers `items` on this machine: a tf.data pipeline reads (URLs in a bounded pool of
+    threads), decodes and resizes images in parallel and prefetches whole batches, so the engine
+    is never left waiting for pixels."""
+    data = _dataset(items, run.config.image_size, options)
+    start = 0
+    for pixels, errors in data.as_numpy_iterator():
+        batch = items[start : start + len(errors)]
+        start += len(errors)
+        decoded = [(image, error.decode()) for image, error in zip(pixels, errors, strict=True)]
+        yield from answer(run, engine, batch, decoded, options.top_k)
+
+
+def _dataset(items: Sequence[Item], image_size: int, options: IdentifyOptions) -> tf.data.Dataset:
+    """Batches of (float32 images, error messages), in the order of `items`; an image that cannot be
+    read has a blank in place of its pixels and its message."""
+    policy = sources.FetchPolicy.from_env()
+    signature = (tf.TensorSpec((), tf.string),) * 3
+    data = tf.data.Dataset.from_generator(
+        lambda: read_all(items, policy, options.fetch_threads), output_signature=signature
+    )
+
+    def load(name, encoded, error):
+        pixels, error = tf.numpy_function(
+            _decode, [name, encoded, error], (tf.uint8, tf.string), stateful=False
+        )
+        pixels.set_shape([None, None, 3])
+        return pipeline.resize(pixels, image_size), error
+
+    data = data.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return data.batch(options.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def read_all(
+    items: Iterable[Item], policy: sources.FetchPolicy, threads: int
+) -> Iterator[tuple[str, bytes, str]]:
+    """(input, encoded bytes, error) of each item in order, read in a pool of `threads` with at
+    most twice as many reads in flight: a slow URL holds up no more than the window behind it, and
+    memory stays bounded whatever the number of items. The bytes are empty where the error says why."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        window: collections.deque[concurrent.futures.Future] = collections.deque()
+        for item in items:
+            window.append(pool.submit(_read, item, policy))
+            if len(window) >= 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def _read(item: Item, policy: sources.FetchPolicy) -> tuple[str, bytes, str]:
+    try:
+        if item.is_url:
+            return item.input, sources.fetch_image_bytes(item.source, policy, "input"), ""
+        return item.input, Path(item.source).read_bytes(), ""
+    except InputError as error:
+        return item.input, b"", error.problem
+    except OSError as error:
+        return item.input, b"", f"cannot read {item.input!r}: {error.strerror or error}"
+
+
+_BLANK = np.zeros((images.MIN_SIDE, images.MIN_SIDE, 3), np.uint8)
+
+
+def decode(name: str, encoded: bytes, error: str) -> tuple[np.ndarray, str]:
+    """The RGB pixels of an image read by `read_all` (as seeds_tf.data.images decodes uploads) and
+    "", or a blank image and why there are no pixels."""
+    if error:
+        return _BLANK, error
+    try:
+        return images.decode_image(encoded, "input", name), ""
+    except InputError as failure:
+        return _BLANK, failure.problem
+
+
+def _decode(name: bytes, encoded: bytes, error: bytes) -> tuple[np.ndarray, bytes]:
+    pixels, problem = decode(name.decode(), encoded, error.decode())
+    return pixels, problem.encode()
+
+
+def answer(
+    run: inference.LoadedRun,
+    engine: str,
+    items: Sequence[Item],
+    decoded: Sequence[tuple[np.ndarray, str]],
+    top_k: int,
+) -> list[dict[str, Any]]:
+    """One row per item: its input, top_k species and genera with their probabilities, the decision
+    and OOD score (seeds_tf.prediction.inference's ranking and trust, as the API answers), the run
+    and engine; or its error. `decoded` holds (pixels, error) of each item, the pixels resized to the
+    run's image size (so class_probabilities sends them to the engine as they are) and ignored where
+    there is an error."""
+    good = [index for index, (_, error) in enumerate(decoded) if not error]
+    probabilities = (
+        inference.class_probabilities(run, [decoded[index][0] for index in good], "none", engine)
+        if good
+        else []
+    )
+    by_index = dict(zip(good, probabilities, strict=True))
+    thresholds = config.load(config.PredictConfig)  # the run's own calibrated thresholds
+    rows = []
+    for index, item in enumerate(items):
+        row: dict[str, Any] = {"input": item.input, "run_id": run.run_id, "engine": engine}
+        if index in by_index:
+            ranking = inference.ranked(run, by_index[index], top_k)
+            row["species"] = [
+                {"label": s["label"], "probability": s["probability"]} for s in ranking["species"]
+            ]
+            row["genera"] = ranking["genera"]
+            row.update(inference.trust(run, by_index[index], thresholds))
+            row["error"] = ""
+        else:
+            row.update(species=[], genera=[], **dict.fromkeys(trust_fields(run)))
+            row["error"] = decoded[index][1]
+        rows.append(row)
+    return rows
+
+
+def trust_fields(run: inference.LoadedRun) -> tuple[str, ...]:
+    """The fields inference.trust gives each answer of `run` (decision, OOD score, ...): blank in
+    a row with an error, and columns of a CSV output."""
+    uniform = np.full(len(run.classes), 1 / len(run.classes))
+    return tuple(inference.trust(run, uniform, config.load(config.PredictConfig)))
+
+
+class _JsonRows:
+    """Rows as JSON Lines, as `answer` makes them."""
+
+    suffix = ".jsonl"
+
+    def write(self, stream: TextIO, rows: Iterable[dict[str, Any]]) -> None:
+        stream.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def read(self, stream: TextIO) -> Iterator[dict[str, Any]]:
+        return (json.loads(line) for line in stream if line.strip())
+
+
+class _CsvRows:
+    """Rows as CSV: one column per species, genus and probability, up to top_k (blank beyond a
+    row's own), then the trust, run and engine columns; rows read back as text."""
+
+    suffix = ".csv"
+
+    def __init__(self, top_k: int, trust: Sequence[str]):
+        ranks = range(1, top_k + 1)
+        self.columns = [
+            "input",
+            *itertools.chain.from_iterable((f"species_{k}", f"species_{k}_probability") for k in ranks),
+            *itertools.chain.from_iterable((f"genus_{k}", f"genus_{k}_probability") for k in ranks),
+            *trust,
+            "run_id",
+            "engine",
+            "error",
+        ]
+
+    def write(self, stream: TextIO, rows: Iterable[dict[str, Any]]) -> None:
+        writer = csv.DictWriter(stream, self.columns, restval="")
+        writer.writeheader()
+        writer.writerows(row if "species" not in row else self._flat(row) for row in rows)
+
+    def read(self, stream: TextIO) -> Iterator[dict[str, Any]]:
+        reader = csv.DictReader(stream)
+        if reader.fieldnames is not None and reader.fieldnames != self.columns:
+            raise InputError(
+                "output", f"{stream.name!r} has other columns (another top_k?): {reader.fieldnames}"
+            )
+        return iter(reader)
+
+    @staticmethod
+    def _flat(row: dict[str, Any]) -> dict[str, Any]:
+        flat = {key: value for key, value in row.items() if key not in ("species", "genera")}
+        for k, species in enumerate(row["species"], 1):
+            flat[f"species_{k}"], flat[f"species_{k}_probability"] = species["label"], species["probability"]
+        for k, genus in enumerate(row["genera"], 1):
+            flat[f"genus_{k}"], flat[f"genus_{k}_probability"] = genus["genus"], genus["probability"]
+        return {key: "" if value is None else value for key, value in flat.items()}
+
+
+class _Job:
+    """The output of one job and its part files, held by one process at a time (a lock file)."""
+
+    def __init__(self, output: Path, rows: _JsonRows | _CsvRows):
+        self.output = output
+        self.parts = output.with_name(output.name + ".parts")
+        self._rows = rows
+        self._lock: TextIO | None = None
+        self._next = 0
+
+    def __enter__(self) -> _Job:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.parts / "lock", "w")  # held until __exit__
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise InputError("output", f"another job is writing {str(self.output)!r}") from None
+        # A kill during an atomic write leaves its hidden temporary behind: never a part, and no use.
+        for stale in itertools.chain(
+            self.parts.glob(".*"), self.output.parent.glob(f".{self.output.name}.*")
+        ):
+            stale.unlink()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._lock.close()
+
+    def _sources(self) -> list[Path]:
+        """The files holding rows, oldest first: the output of an earlier run, then the parts."""
+        return [path for path in [self.output, *sorted(self.parts.glob(_PART_GLOB))] if path.is_file()]
+
+    def _records(self, path: Path) -> Iterator[dict[str, Any]]:
+        with open(path, encoding="utf-8", newline="") as stream:
+            yield from self._rows.read(stream)
+
+    def answered(self, run_id: str, engine: str) -> set[str]:
+        """The inputs answered without error so far.
+
+        Raises:
+            InputError: naming `output`, when those rows come from another run or engine.
+        """
+        answered = set()
+        for path in self._sources():
+            for record in self._records(path):
+                if (record["run_id"], record["engine"]) != (run_id, engine):
+                    raise InputError(
+                        "output",
+                        f"{str(self.output)!r} holds answers of run {record['run_id']} ({record['engine']}), "
+                        f"not {run_id} ({engine}): name that run (--run, --engine) or another output",
+                    )
+                if not record["error"]:
+                    answered.add(record["input"])
+        parts = sorted(self.parts.glob(_PART_GLOB))
+        self._next = int(parts[-1].name.split("-")[1].split(".")[0]) + 1 if parts else 0
+        return answered
+
+    def commit(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Writes one chunk of rows as the next part file, atomically."""
+        self._write(self.parts / f"chunk-{self._next:06d}{self._rows.suffix}", rows)
+        self._next += 1
+
+    def _write(self, path: Path, rows: Iterable[dict[str, Any]]) -> None:
+        with (
+            files.atomic_path(path) as temporary,
+            open(temporary, "w", encoding="utf-8", newline="") as stream,
+        ):
+            self._rows.write(stream, rows)
+
+    def merge(self) -> None:
+        """Writes the output from the earlier output and the parts, atomically, one row per input
+        (the latest: a retried failure replaces its row), then removes the parts. Streams: two passes
+        over the files, holding only the inputs in memory."""
+        sources = self._sources()
+        latest = {
+            record["input"]: (number, position)
+            for number, path in enumerate(sources)
+            for position, record in enumerate(self._records(path))
+        }
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for number, path in enumerate(sources):
+                for position, record in enumerate(self._records(path)):
+                    if latest[record["input"]] == (number, position):
+                        yield record
+
+        if sources != [self.output]:
+            self._write(self.output, rows())
+        shutil.rmtree(self.parts)
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[int], None]]:
+    """A function to call with the number of images just answered: it moves a tqdm bar (rate and
+    ETA) on a terminal, and otherwise logs a line every _LOG_EVERY_S seconds (a log file or a job
+    scheduler's output would fill up with a bar's redraws)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="img", desc="identify", dynamic_ncols=True) as bar:
+            yield bar.update
+        return
+    started = last = time.monotonic()
+    count = 0
+
+    def update(n: int) -> None:
+        nonlocal count, last
+        count += n
+        now = time.monotonic()
+        if now - last >= _LOG_EVERY_S or count == total:
+            last = now
+            rate = count / max(now - started, 1e-9)
+            _LOGGER.info(
+                "identify: %d/%d images (%.0f%%), %.1f images/s, %.0f s left",
+                count,
+                total,
+                100 * count / max(total, 1),
+                rate,
+                (total - count) / rate if rate else 0,
+            )
+
+    yield update

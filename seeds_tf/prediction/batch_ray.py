@@ -1,0 +1,140 @@
+"""Identifying a collection on a Ray cluster: the job of seeds_tf.prediction.batch, sharded by Ray Data.
+
+The driver (`seeds-tf identify --ray ADDRESS`) lists the inputs, skips those already answered and
+writes the part files and the output exactly as on one machine; only the answering moves to the
+cluster. The pending inputs become a Ray dataset (`ray.data.from_items`) that `map_batches` sends to
+a pool of actors, each an `_Identifier` that loads the run once and answers whole batches (reading,
+decoding and resizing as on one machine, then `batch.answer`). Order is preserved, so the output is
+row for row what one machine writes.
+
+Every node reads the images and the run from the same paths as the driver: a shared file system
+(or URLs) for the images, and the models folder mounted on every node.
+
+Ray is an optional extra (`pip install seeds_tf[ray]`), imported only here and only when a job
+runs: the service never needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seeds_tf.classifier.engines import THREADS_ENV
+from seeds_tf.core import runs
+from seeds_tf.core.errors import InputError
+from seeds_tf.data import pipeline, sources
+from seeds_tf.prediction import batch, inference
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def ray_answerer(address: str, models_dir: Path, cpus_per_worker: float = 1.0) -> batch.Answerer:
+    """What answers a batch.identify job on the Ray cluster at `address` ("host:port" of its head,
+    or "auto" for the cluster this machine belongs to), with workers of `cpus_per_worker` CPUs
+    that read runs from `models_dir`.
+
+    Raises:
+        InputError: naming `ray_cpus_per_worker`, when it is not positive.
+    """
+    if not cpus_per_worker > 0:
+        raise InputError("ray_cpus_per_worker", f"expected a positive number. Received: {cpus_per_worker!r}")
+    return _OnRay(address, Path(models_dir).resolve(), cpus_per_worker)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnRay:
+    """A batch.Answerer on a Ray cluster (see ray_answerer)."""
+
+    address: str
+    models_dir: Path
+    cpus_per_worker: float
+
+    def __call__(
+        self,
+        run: inference.LoadedRun,
+        engine: str,
+        items: Sequence[batch.Item],
+        options: batch.IdentifyOptions,
+    ) -> Iterator[dict[str, Any]]:
+        return _answer_on_ray(self, run, engine, items, options)
+
+
+def _answer_on_ray(
+    cluster: _OnRay,
+    run: inference.LoadedRun,
+    engine: str,
+    items: Sequence[batch.Item],
+    options: batch.IdentifyOptions,
+) -> Iterator[dict[str, Any]]:
+    import ray
+
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        # Rows come back in the order of the inputs, as on one machine: the part files and the
+        # output are then the same, and a resumed job skips a prefix of what it submits.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cluster.cpus_per_worker))
+        threads = max(1, int(cluster.cpus_per_worker))
+        data = ray.data.from_items([{"input": item.input, "source": item.source} for item in items])
+        answered = data.map_batches(
+            _Identifier,
+            fn_constructor_kwargs={
+                "models_dir": str(cluster.models_dir),
+                "run_id": run.run_id,
+                "engine": engine,
+                "options": options,
+                "threads": threads,
+            },
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+            num_cpus=cluster.cpus_per_worker,
+            runtime_env={"env_vars": {THREADS_ENV: str(threads)}},
+        )
+        _LOGGER.info(
+            "Answering %d images on Ray (%s), up to %d workers", len(items), cluster.address, workers
+        )
+        for rows in answered.iter_batches(batch_size=None, batch_format="numpy"):
+            yield from (json.loads(row) for row in rows["row"])
+    finally:
+        if connected_here:
+            ray.shutdown()
+
+
+class _Identifier:
+    """A Ray Data worker: loads the run once (the engine too), then answers batches of
+    {"input", "source"} columns with a "row" column of JSON rows (see batch.answer)."""
+
+    def __init__(
+        self, models_dir: str, run_id: str, engine: str, options: batch.IdentifyOptions, threads: int
+    ):
+        import tensorflow as tf
+
+        # The worker's share of the node's CPUs, before TensorFlow starts its thread pools.
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        self._run = inference.load_run(runs.RunLayout(Path(models_dir) / run_id))
+        self._engine = self._run.engine(engine).name
+        self._options = options
+        self._policy = sources.FetchPolicy.from_env()
+
+    def __call__(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [
+            batch.Item(str(name), str(source))
+            for name, source in zip(columns["input"], columns["source"], strict=True)
+        ]
+        size = self._run.config.image_size
+        decoded = []
+        for read in batch.read_all(items, self._policy, self._options.fetch_threads):
+            pixels, error = batch.decode(*read)
+            decoded.append((pixels if error else pipeline.resize(pixels, size).numpy(), error))
+        rows = batch.answer(self._run, self._engine, items, decoded, self._options.top_k)
+        return {"row": np.array([json.dumps(row) for row in rows], dtype=object)}
