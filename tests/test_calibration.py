@@ -12,6 +12,7 @@ import pytest
 
 from seeds_tf.core import runs
 from seeds_tf.core.errors import InputError
+from seeds_tf.data import splits
 from seeds_tf.learning.calibrate import DIAGRAM_FILE, REPORT_FILE, calibrate_run
 from seeds_tf.prediction import calibration
 
@@ -263,3 +264,78 @@ def test_calibrate_run_writes_the_calibration_the_report_and_the_diagram(roots, 
     with pytest.raises(InputError, match="has no 'val' split") as error:
         calibrate_run(roots, tiny_run)
     assert error.value.field == "split"
+
+
+# The reference specimens in the decision, and the calibration split of a run without validation split.
+
+
+def test_the_neighbour_rule_demotes_a_species_its_references_do_not_confirm():
+    _, genus_of_class = calibration.genus_index(CLASSES)
+    sure = np.array([0.9, 0.05, 0.01, 0.01, 0.01, 0.02])  # Lens culinaris, and its genus, trusted
+    thresholds = calibration.Thresholds(species=0.8, genus=0.8, target_precision=0.95)
+    rows = np.stack([sure] * 4)
+    # References agreeing; naming another Lens; naming a Triticum; none given.
+    decided = calibration.decide(rows[:3], genus_of_class, thresholds, np.array([0, 1, 3]))
+    assert decided.tolist() == ["species", "genus", "unknown"]
+    assert calibration.decide(sure, genus_of_class, thresholds) == "species"
+    assert calibration.decide(sure, genus_of_class, thresholds, np.int64(1)) == "genus"
+    with pytest.raises(ValueError, match="species id below 6"):
+        calibration.decide(rows, genus_of_class, thresholds, np.array([0, 1, 2, 6]))
+
+
+def test_thresholds_chosen_under_the_neighbour_rule_reach_the_target_among_its_answers():
+    """References that agree mostly where the classifier is right (as on the demo) let the species
+    threshold drop: more images answered at the same target precision."""
+    logits, labels = _calibrated_sample(3000, seed=3)
+    probabilities = _softmax(1.5 * logits)
+    _, genus_of_class = calibration.genus_index(CLASSES)
+    top1 = probabilities.argmax(axis=1)
+    rng = np.random.default_rng(4)
+    # The references' majority: the true species 90% of the time, else a random one.
+    voted = np.where(rng.random(len(labels)) < 0.9, labels, rng.integers(0, len(CLASSES), len(labels)))
+    plain = calibration.choose_thresholds(probabilities, labels, genus_of_class, 0.9)
+    ruled = calibration.choose_thresholds(probabilities, labels, genus_of_class, 0.9, voted)
+    assert ruled.species < plain.species
+    report = calibration.abstention_report(probabilities, labels, genus_of_class, ruled, voted)
+    assert report["species_precision"] >= 0.9 and report["genus_precision"] >= 0.9
+    species = calibration.decide(probabilities, genus_of_class, ruled, voted) == "species"
+    assert (voted[species] == top1[species]).all()
+    before = calibration.abstention_report(probabilities, labels, genus_of_class, plain)
+    assert report["species_coverage"] > before["species_coverage"]
+
+
+def test_a_calibration_with_specimens_flags_either_score_and_older_files_still_load(tmp_path):
+    logits, labels = _calibrated_sample(400, seed=5)
+    probabilities = _softmax(3.0 * logits)
+    distances = np.random.default_rng(6).uniform(0.0, 0.5, len(labels))
+    evidence = calibration.Evidence(labels, distances, neighbours=5, distance_rank=5)
+    fitted = calibration.fit_calibration(probabilities, labels, CLASSES, "calibration", evidence=evidence)
+    assert fitted.specimens == calibration.Specimens(5, 5, calibration.ood_threshold(distances))
+    layout = runs.RunLayout(tmp_path)
+    fitted.save(layout)
+    assert calibration.load_calibration(layout) == fitted
+    older = {key: value for key, value in fitted.to_dict().items() if key != "specimens"}
+    assert calibration.Calibration.from_dict(older).specimens is None
+    familiar = np.array([[0.9, 0.02, 0.02, 0.02, 0.02, 0.02]])
+    assert fitted.out_of_distribution(familiar, np.array([0.0])).tolist() == [False]
+    assert fitted.out_of_distribution(familiar, np.array([0.6])).tolist() == [True]
+    assert fitted.out_of_distribution(np.full((1, 6), 1 / 6), np.array([0.0])).tolist() == [True]
+    with pytest.raises(ValueError, match="evidence of 400 images"):
+        calibration.fit_calibration(
+            probabilities, labels, CLASSES, "val", evidence=calibration.Evidence(labels[:5], distances, 5, 5)
+        )
+
+
+def test_the_calibration_split_is_a_seeded_stratified_share_that_leaves_every_class_in_training():
+    entries = [(f"a/{i}.jpg", 0) for i in range(40)] + [(f"b/{i}.jpg", 1) for i in range(20)]
+    entries += [("c/only.jpg", 2)]
+    kept, held = splits.stratified_hold_out(entries, 0.15, seed=7)
+    assert len(held) == 9 and sorted(kept + held) == sorted(entries)
+    assert [label for _, label in held].count(0) == 6 and [label for _, label in held].count(1) == 3
+    assert ("c/only.jpg", 2) in kept
+    assert kept == [entry for entry in entries if entry in kept]  # file order kept
+    assert splits.stratified_hold_out(entries, 0.15, seed=7) == (kept, held)
+    assert splits.stratified_hold_out(entries, 0.15, seed=8) != (kept, held)
+    assert len(splits.stratified_hold_out(entries, 0.01, seed=7)[1]) == 2  # a calibration needs 2
+    assert splits.stratified_hold_out(entries, 0.0, seed=7) == (entries, [])
+    assert splits.stratified_hold_out(entries[-2:], 0.5, seed=7) == (entries[-2:], [])

@@ -2,11 +2,13 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 
+from seeds_tf.classifier import engines
 from seeds_tf.classifier.model import build_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
@@ -191,3 +193,38 @@ def test_the_explained_picture_can_carry_the_contact_sheet_beside_it(tmp_path):
     assert alone.size == (384, 256)
     assert both.size == (384 + explain.GAP + sheet.width, max(256, sheet.height))
     np.testing.assert_array_equal(np.asarray(both)[:256, :384], np.asarray(alone.convert("RGB")))
+
+
+def test_one_joint_pass_gives_the_keras_engine_probabilities_and_the_features(small_model):
+    images = _distinct_images(4)
+    features, probabilities = neighbours.JointModel(small_model)(images)
+    keras_engine = engines.load_engine("keras", small_model, Path("."))
+    np.testing.assert_allclose(probabilities, keras_engine(images), atol=1e-5)
+    np.testing.assert_allclose(
+        neighbours.normalised(features),
+        neighbours.embed(neighbours.feature_model(small_model), images),
+        atol=1e-4,
+    )
+
+
+def test_specimen_evidence_is_the_majority_of_the_nearest_and_the_distance_at_rank_five():
+    # Similarity falls with the row: references 0..6 in order, their labels chosen per case.
+    references = np.stack([[np.cos(a), np.sin(a), 0.0] for a in np.linspace(0.0, 1.2, 7)]).astype(np.float32)
+    query = np.array([[1.0, 0.0, 0.0]])
+    for labels, majority in (
+        ([1, 2, 2, 0, 1, 1, 1], 1),
+        ([2, 1, 1, 2, 0, 0, 0], 2),
+        ([0, 1, 2, 0, 1, 2, 2], 0),
+    ):
+        index = _index(references, np.array(labels))
+        found = index.search(query, neighbours.EVIDENCE_K)
+        voted, distance = neighbours.specimen_evidence(index, *found)
+        # A tie (2 and 2) goes to the species of the most similar reference among those tied.
+        assert voted.tolist() == [majority]
+        np.testing.assert_allclose(distance, 1.0 - np.cos(0.8), atol=2e-3)  # the 5th: angle 0.8
+    small = _index(references[:3], np.array([0, 1, 1]))
+    voted, distance = neighbours.specimen_evidence(small, *small.search(query, neighbours.EVIDENCE_K))
+    assert voted.tolist() == [1]
+    np.testing.assert_allclose(distance, 1.0 - np.cos(0.4), atol=2e-3)  # the last of 3
+    with pytest.raises(ValueError, match="at least 5 references"):
+        neighbours.specimen_evidence(index, *index.search(query, 2))

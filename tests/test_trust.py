@@ -15,10 +15,11 @@ from seeds_tf.classifier import engines
 from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.data import images, synthetic
-from seeds_tf.learning import trust
+from seeds_tf.data.splits import CALIBRATION_SPLIT, parse_split_file
+from seeds_tf.learning import training, trust
 from seeds_tf.prediction import calibration, export, inference, neighbours
 from seeds_tf.service.schemas import ModelPredictionResponse
-from tests.helpers import in_process_service, seed_photo
+from tests.helpers import SMALL_OPTIONS, in_process_service, seed_photo
 
 
 def _request(roots, **options):
@@ -77,7 +78,25 @@ def test_each_answer_carries_its_decision_and_the_request_may_set_the_thresholds
     assert isinstance(result["out_of_distribution"], bool)
 
     trusting = inference.predict(roots, cache, *_request(roots, species_threshold=0.0, genus_threshold=0.0))
-    ood = trusting["results"][0]["out_of_distribution"]
+    said = trusting["results"][0]
+    # The run is calibrated with its reference specimens: the species needs them to agree.
+    assert isinstance(said["neighbours_agree"], bool) and 0.0 <= said["specimen_distance"] <= 2.0
+    if said["out_of_distribution"]:
+        assert trusting["decision"] == "unknown"
+    elif said["neighbours_agree"]:
+        assert trusting["decision"] == "species"
+    else:
+        assert trusting["decision"] in ("genus", "unknown")
+    # Without specimens (a calibration written before them), the thresholds alone decide.
+    layout = runs.RunLayout(roots.models / answer["run_id"])
+    plain = calibration.Calibration.from_dict(
+        {**calibration.load_calibration(layout).to_dict(), "specimens": None}
+    )
+    plain.save(layout)
+    trusting = inference.predict(roots, cache, *_request(roots, species_threshold=0.0, genus_threshold=0.0))
+    said = trusting["results"][0]
+    assert (said["neighbours_agree"], said["specimen_distance"]) == (None, None)
+    ood = said["out_of_distribution"]
     assert trusting["decision"] == ("unknown" if ood else "species")
     genus_only = inference.predict(roots, cache, *_request(roots, species_threshold=1.0, genus_threshold=0.0))
     assert genus_only["decision"] == ("unknown" if ood else "genus")
@@ -176,3 +195,21 @@ def test_the_trust_report_measures_unseen_images_against_the_test_split(roots, t
     assert written == json.loads(json.dumps(report))
     with pytest.raises(InputError, match="no images"):
         trust.evaluate_trust(roots, tiny_run, {"empty": roots.data / "tiny" / "dataset_files"})
+
+
+def test_a_training_without_validation_split_calibrates_on_images_held_out_of_training(data_roots):
+    files_dir = data_roots.data / "tiny" / "dataset_files"
+    listed = parse_split_file(files_dir / "train.txt")
+    (files_dir / "val.txt").unlink()
+    run_id = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), data_roots).run_id
+    layout = runs.RunLayout(data_roots.models / run_id)
+    held = parse_split_file(layout.dataset_dir / f"{CALIBRATION_SPLIT}.txt")
+    trained = parse_split_file(layout.dataset_dir / "train.txt")
+    assert len(held) == max(2, round(0.1 * len(listed))) and not set(held) & set(trained)
+    assert sorted(held + trained) == sorted(listed)
+    assert not (layout.dataset_dir / "val.txt").exists()
+    fitted = calibration.load_calibration(layout)
+    assert (fitted.fitted_on, fitted.images) == (CALIBRATION_SPLIT, len(held))
+    assert fitted.specimens is not None and fitted.specimens.neighbours == neighbours.AGREEMENT_NEIGHBOURS
+    # The references are the images trained on: none of the held-out ones.
+    assert list(neighbours.load_index(layout.index_dir).paths) == [path for path, _ in trained]

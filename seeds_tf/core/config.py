@@ -98,6 +98,7 @@ class TrainConfig:
     seed: int
     upload_to: str
     target_precision: float
+    calibration_fraction: float
 
     def __post_init__(self):
         _check_fields(self, "training")

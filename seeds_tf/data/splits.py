@@ -3,7 +3,8 @@
 A splits folder holds `classes.txt` (line i names label i, "Genus species"), optional `info.txt` (one
 line per class), and `train.txt`, `val.txt`, `test.txt` with one image per line:
 `<path relative to the images folder> <label id>`. Paths may contain spaces and '#'; blank lines,
-a UTF-8 byte-order mark and Windows line ends are tolerated; test.txt may omit the labels.
+a UTF-8 byte-order mark and Windows line ends are tolerated; test.txt may omit the labels. A run's
+own copy may hold `calibration.txt` too (CALIBRATION_SPLIT).
 """
 
 from __future__ import annotations
@@ -11,13 +12,23 @@ from __future__ import annotations
 import collections
 import dataclasses
 import shutil
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from seeds_tf.core import files
 from seeds_tf.core.errors import InputError
 
 SPLIT_NAMES = ("train", "val", "test")
+
+CALIBRATION_SPLIT = "calibration"
+"""The labelled images a training holds out of train.txt to calibrate the run on when the dataset has
+no validation split (stratified_hold_out): `calibration.txt` in the run's dataset files, beside the
+train.txt it was taken from, so the run records that the model never trained on them."""
+
+_READ_SPLITS = (*SPLIT_NAMES, CALIBRATION_SPLIT)
+"""The split files read_dataset reads and copy_split_files copies, where present."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +178,7 @@ def read_dataset(splits_dir: Path, images_dir: Path) -> Dataset:
         raise InputError("splits_directory", f"{splits_dir}: {problem.message}")
     splits = {
         name: read_split(splits_dir / f"{name}.txt", name, images_dir, len(classes), "splits_directory")
-        for name in SPLIT_NAMES
+        for name in _READ_SPLITS
         if (splits_dir / f"{name}.txt").is_file()
     }
     return Dataset(splits_dir, images_dir, classes, info, splits)
@@ -192,6 +203,46 @@ def write_split_files(
             files.write_text(destination / f"{name}.txt", "".join(f"{line}\n" for line in lines))
 
 
+def stratified_hold_out(
+    entries: Sequence[tuple[str, int]], fraction: float, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Splits labelled entries into (kept, held out), the held-out part a seeded, stratified share.
+
+    About `fraction` of the entries are held out, at least 2 (a calibration needs 2 images) when
+    `fraction` > 0, each class in proportion to its size: an entry's rank in its class (shuffled by
+    a generator seeded with `seed`), plus a half, divided by the class's size orders all entries, and
+    the lowest are held out. The last entry of every class is never held out, so no class leaves training.
+    Both parts keep the entries' order.
+
+    Args:
+        entries: (path, label) pairs, as parse_split_file reads them from a labelled split.
+        fraction: the share to hold out, in [0, 1); 0 holds nothing out.
+        seed: the same seed and entries hold out the same images.
+
+    Returns:
+        The kept entries and the held-out ones; nothing is held out when fewer than 2 entries can be.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"Expected 0 <= fraction < 1. Received: fraction={fraction!r}")
+    labels = np.asarray([label for _, label in entries], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    position = np.full(len(entries), np.inf)  # inf: never held out
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        ranks = np.arange(len(members))
+        position[members[:-1]] = (ranks[:-1] + 0.5) / len(members)
+    available = int(np.isfinite(position).sum())
+    count = min(max(2, round(fraction * len(entries))), available) if fraction > 0 else 0
+    if count < 2:
+        return list(entries), []
+    # Ties (equal shares of classes of equal size) are broken at random too, not by file order.
+    held = set(np.lexsort((rng.random(len(entries)), position))[:count].tolist())
+    return (
+        [entry for i, entry in enumerate(entries) if i not in held],
+        [entry for i, entry in enumerate(entries) if i in held],
+    )
+
+
 def listable(text: str) -> bool:
     """Whether text reads back unchanged from a split file, which strips lines and treats tabs as spaces."""
     return text == text.strip() and len(text.splitlines()) == 1 and "\t" not in text
@@ -201,7 +252,7 @@ def copy_split_files(splits_dir: Path, destination: Path) -> None:
     """Copies the files that define a dataset into a run, so the run records what it used. Each
     copy is atomic, as every artifact of a run."""
     destination.mkdir(parents=True, exist_ok=True)
-    for name in ("classes", "info", *SPLIT_NAMES):
+    for name in ("classes", "info", *_READ_SPLITS):
         source = splits_dir / f"{name}.txt"
         if source.is_file():
             with files.atomic_path(destination / source.name) as temporary:

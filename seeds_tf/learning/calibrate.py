@@ -2,9 +2,11 @@
 
 Fits the temperature, the decision thresholds and the OOD threshold (seeds_tf.prediction.calibration)
 on the run's validation split by default, saves them as the run's calibration.json, and reports how
-well they fit: `reports/calibration.json` and `reports/reliability_diagram.png`. When the run's test
-split has labels (and was not the split fitted on), the report also holds the honest figures, on
-images that played no part in the fit.
+well they fit: `reports/calibration.json` and `reports/reliability_diagram.png`. A run with an index
+of its training images is calibrated with its reference specimens too
+(seeds_tf.prediction.calibration.Evidence): the thresholds are chosen under the neighbour rule and
+the specimen distance gets its threshold. When the run's test split has labels (and was not the split
+fitted on), the report also holds the honest figures, on images that played no part in the fit.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from seeds_tf.core import files, runs
 from seeds_tf.core.config import option_specs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
-from seeds_tf.data.splits import SPLIT_NAMES, Split, read_split
+from seeds_tf.data.splits import CALIBRATION_SPLIT, SPLIT_NAMES, Split, read_split
 from seeds_tf.learning import reports
 from seeds_tf.learning.evaluation import predict_split
-from seeds_tf.prediction import calibration
+from seeds_tf.prediction import calibration, neighbours
 from seeds_tf.prediction.inference import LoadedRun, load_run
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,9 +43,10 @@ def calibrate_run(
         roots: where the run and its images are.
         run_id: the run; empty for the default one (the promoted, else the newest).
         split: "val" (the default: held out from training, not the test split that reports the run),
-            "train", "test", or the path of a split file (paths relative to the run's images folder),
-            as `seeds-tf evaluate` takes. The training split gives too low a temperature: the network
-            is most confident on the images it learnt from.
+            "calibration" (what a training without validation split held out of its training images
+            for this, splits.CALIBRATION_SPLIT), "train", "test", or the path of a split file
+            (paths relative to the run's images folder), as `seeds-tf evaluate` takes. The training split
+            gives too low a temperature: the network is most confident on the images it learnt from.
         target_precision: the precision the species and genus answers are chosen to reach; default
             0.95.
         batch_size: images per prediction batch.
@@ -84,22 +87,32 @@ def calibrate_splits(
 ) -> calibration.Calibration:
     """Fits the calibration of `run`, the final model of a run folder, complete or not (the
     training calibrates its run before marking it complete, so no request sees it uncalibrated),
-    on `fitting`; reports it, and on `held_out` (labelled, or None) the honest figures."""
+    on `fitting`; reports it, and on `held_out` (labelled, or None) the honest figures. The run's
+    index, where it has one (the training indexes its run first), adds the reference specimens."""
+    index = neighbours.load_index(layout.index_dir)
     if fitting.name == "train":
         _LOGGER.warning(
-            "Calibrating run %s on its training images: the temperature will be too low", layout.run_id
+            "Calibrating run %s on its training images: the temperature will be too low, and the "
+            "reference specimens (the same images) are left out",
+            layout.run_id,
         )
-    probabilities = predict_split(run.model, fitting, run.config.image_size, batch_size)
+        index = None
+    probabilities, evidence = _observed(run, fitting, index, batch_size)
     fitted = calibration.fit_calibration(
-        probabilities, fitting.labels, run.classes, fitting.name, target_precision
+        probabilities, fitting.labels, run.classes, fitting.name, target_precision, evidence=evidence
     )
     fitted.save(layout)
 
     report = _report(fitted, probabilities, fitting, run)
     if held_out is not None and held_out.labels is not None and held_out.paths:
-        held_out_probabilities = predict_split(run.model, held_out, run.config.image_size, batch_size)
+        held_out_probabilities, held_out_evidence = _observed(run, held_out, index, batch_size)
         report["held_out"] = calibration.evaluate_calibration(
-            fitted, held_out_probabilities, held_out.labels, run.classes, held_out.name
+            fitted,
+            held_out_probabilities,
+            held_out.labels,
+            run.classes,
+            held_out.name,
+            evidence=held_out_evidence,
         )
     files.write_json(layout.reports_dir / REPORT_FILE, report)
     reports.plot_reliability(
@@ -124,13 +137,32 @@ def calibrate_splits(
     return fitted
 
 
+def _observed(
+    run: LoadedRun, split: Split, index: neighbours.ReferenceIndex | None, batch_size: int
+) -> tuple[np.ndarray, calibration.Evidence | None]:
+    """The raw probabilities of `split`'s images and, with an index, what their reference specimens
+    say, from one forward pass per image."""
+    if index is None:
+        return predict_split(run.model, split, run.config.image_size, batch_size), None
+    embeddings, probabilities = neighbours.split_outputs(
+        run.joint_model(), split, run.config.image_size, batch_size
+    )
+    return probabilities, evidence_of(index, embeddings)
+
+
+def evidence_of(index: neighbours.ReferenceIndex, embeddings: np.ndarray) -> calibration.Evidence:
+    """What the reference specimens in `index` say of images with these embeddings."""
+    voted, distances = neighbours.specimen_evidence(index, *index.search(embeddings, neighbours.EVIDENCE_K))
+    return calibration.Evidence(voted, distances, neighbours.AGREEMENT_NEIGHBOURS, neighbours.KNN_RANK)
+
+
 def _labelled_split(layout: runs.RunLayout, split: str, images_dir: Path, num_classes: int) -> Split:
     """The split named (one of the run's own) or given as a file, with labels and at least 2 images.
 
     Raises:
         InputError: naming `split`.
     """
-    if split in SPLIT_NAMES:
+    if split in (*SPLIT_NAMES, CALIBRATION_SPLIT):
         path, name = layout.dataset_dir / f"{split}.txt", split
         if not path.is_file():
             raise InputError("split", f"run {layout.run_id} has no {split!r} split ({path} is missing)")

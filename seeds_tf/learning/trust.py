@@ -18,20 +18,16 @@ from seeds_tf.core import files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data.datasets import IMAGE_EXTENSIONS
-from seeds_tf.data.pipeline import images_only, make_dataset
 from seeds_tf.data.splits import Split, read_split
+from seeds_tf.learning.calibrate import evidence_of
 from seeds_tf.learning.evaluation import predict_split
 from seeds_tf.prediction import calibration, neighbours
 from seeds_tf.prediction.inference import LoadedRun, load_run
+from seeds_tf.prediction.neighbours import AGREEMENT_NEIGHBOURS, KNN_RANK
 
 _LOGGER = logging.getLogger(__name__)
 
 REPORT_FILE = "trust.json"
-AGREEMENT_NEIGHBOURS = 5
-"""Reference specimens whose majority species is compared with the classifier's answer."""
-KNN_RANK = 5
-"""The rank of the training image whose distance scores how unfamiliar an image is (measured on the
-demo: the 5th nearest told unseen images apart better than the 1st)."""
 
 
 def evaluate_trust(
@@ -50,8 +46,10 @@ def evaluate_trust(
     Returns:
         The report: for each unseen folder, the AUROC and the false-positive rate at 95% true-positive
         rate of the OOD score, before and after the run's temperature, and the share the run's OOD
-        threshold flags; and the agreement of the reference specimens with the classifier (when the
-        run has an index).
+        threshold flags; with an index, the same for the specimen distance, and for the flag answers
+        give (either score past its threshold, where the calibration has specimens); and the
+        agreement of the reference specimens with the classifier, with the species answers with and
+        without the neighbour rule.
 
     Raises:
         InputError: naming `run` for a run without a labelled test split, `unseen` for a folder
@@ -66,9 +64,8 @@ def evaluate_trust(
     test = read_split(test_file, "test", images_dir, len(run.classes), "run")
     if test.labels is None or len(test.paths) < 2:
         raise InputError("run", f"run {layout.run_id}'s test split needs at least 2 labelled images")
-    raw = predict_split(run.model, test, run.config.image_size, batch_size)
-    index = neighbours.load_index(run.index_dir) if run.index_dir else None
-    test_embeddings = _embeddings(run, test, batch_size) if index is not None else None
+    index = run.reference_index()
+    raw, test_evidence = _observed(run, test, index, batch_size)
     report: dict[str, Any] = {
         "run_id": layout.run_id,
         "in_distribution": {"split": "test", "images": len(test.paths)},
@@ -81,11 +78,11 @@ def evaluate_trust(
                 _unseen_split(name, folder),
                 batch_size,
                 index=index,
-                test_embeddings=test_embeddings,
+                test_evidence=test_evidence,
             )
             for name, folder in unseen.items()
         },
-        "neighbour_agreement": _agreement(run, test, raw, index, test_embeddings),
+        "neighbour_agreement": _agreement(run, test, raw, test_evidence),
     }
     files.write_json(layout.reports_dir / REPORT_FILE, report)
     _LOGGER.info("Run %s: trust report in %s", layout.run_id, layout.reports_dir / REPORT_FILE)
@@ -101,17 +98,20 @@ def _unseen_split(name: str, folder: Path) -> Split:
     return Split(name, tuple(paths), None)
 
 
-def _embeddings(run: LoadedRun, split: Split, batch_size: int) -> np.ndarray:
-    batches = images_only(make_dataset(split, run.config.image_size, batch_size, len(run.classes)))
-    return np.asarray(neighbours.feature_model(run.model).predict(batches, verbose=0), dtype=np.float32)
-
-
-def _specimen_distance(index: neighbours.ReferenceIndex, embeddings: np.ndarray) -> np.ndarray:
-    """1 - the cosine similarity of the KNN_RANK-th most similar training image (the deep nearest
-    neighbour score of Sun et al., 2022): a distance in feature space, which sees what the
-    probabilities cannot, such as a photo of no seed that the network is sure about."""
-    _, similarities = index.search(embeddings, KNN_RANK)
-    return 1.0 - similarities[:, -1].astype(np.float64)
+def _observed(
+    run: LoadedRun, split: Split, index: neighbours.ReferenceIndex | None, batch_size: int
+) -> tuple[np.ndarray, calibration.Evidence | None]:
+    """The raw probabilities of `split` and, with an index, what the reference specimens say of
+    its images: the specimen distance (1 - the cosine similarity of the KNN_RANK-th most similar
+    training image, the deep nearest neighbour score of Sun et al., 2022, which sees what the
+    probabilities cannot, such as a photo of no seed that the network is sure about) and the
+    majority species of the AGREEMENT_NEIGHBOURS nearest."""
+    if index is None:
+        return predict_split(run.model, split, run.config.image_size, batch_size), None
+    embeddings, probabilities = neighbours.split_outputs(
+        run.joint_model(), split, run.config.image_size, batch_size
+    )
+    return probabilities, evidence_of(index, embeddings)
 
 
 def _unseen_figures(
@@ -121,11 +121,13 @@ def _unseen_figures(
     batch_size: int,
     *,
     index: neighbours.ReferenceIndex | None,
-    test_embeddings: np.ndarray | None,
+    test_evidence: calibration.Evidence | None,
 ) -> dict[str, Any]:
     """OOD detection of `split` against the test images, by the run's OOD score before and after
-    the temperature, and by the distance to the reference specimens where the run has an index."""
-    raw = predict_split(run.model, split, run.config.image_size, batch_size)
+    the temperature, by the distance to the reference specimens where the run has an index, and
+    by the flag the answers give (its AUROC is that of a yes/no score: the mean of the shares of
+    unseen images flagged and of test images not flagged)."""
+    raw, evidence = _observed(run, split, index, batch_size)
     figures: dict[str, Any] = {
         "images": len(split.paths),
         "before": calibration.ood_metrics(calibration.ood_score(test_raw), calibration.ood_score(raw)),
@@ -136,28 +138,34 @@ def _unseen_figures(
         figures["after"] = calibration.ood_metrics(test_scores, scores)
         figures["flagged_share"] = float(np.mean(scores > run.calibration.ood_threshold))
         figures["test_flagged_share"] = float(np.mean(test_scores > run.calibration.ood_threshold))
-    if index is not None and test_embeddings is not None:
+    if evidence is not None and test_evidence is not None:
         figures[f"specimen_distance_k{KNN_RANK}"] = calibration.ood_metrics(
-            _specimen_distance(index, test_embeddings),
-            _specimen_distance(index, _embeddings(run, split, batch_size)),
+            test_evidence.distances, evidence.distances
         )
+        if run.calibration is not None and run.calibration.specimens is not None:
+            test_flags = run.calibration.out_of_distribution(
+                run.calibration.scale(test_raw), test_evidence.distances
+            )
+            flags = run.calibration.out_of_distribution(run.calibration.scale(raw), evidence.distances)
+            figures["combined_flag"] = {
+                "auroc": calibration.ood_metrics(test_flags, flags)["auroc"],
+                "flagged_share": float(np.mean(flags)),
+                "test_flagged_share": float(np.mean(test_flags)),
+            }
     return figures
 
 
 def _agreement(
-    run: LoadedRun,
-    test: Split,
-    raw: np.ndarray,
-    index: neighbours.ReferenceIndex | None,
-    embeddings: np.ndarray | None,
+    run: LoadedRun, test: Split, raw: np.ndarray, evidence: calibration.Evidence | None
 ) -> dict[str, Any] | None:
     """Whether the majority species of each test image's reference specimens agrees with the
     classifier's top-1, and how precise the classifier is where they agree and where they do not:
-    a second signal for the decision is worth using only if the two precisions differ."""
-    if index is None or embeddings is None:
+    a second signal for the decision is worth using only if the two precisions differ. With a
+    calibration, the species answers (coverage, precision) as the run gives them: under the
+    neighbour rule where its calibration has specimens (its thresholds were chosen under it)."""
+    if evidence is None:
         return None
-    found, _ = index.search(embeddings, AGREEMENT_NEIGHBOURS)
-    majority = np.asarray([np.bincount(index.labels[row]).argmax() for row in found])
+    majority = evidence.neighbour_species
     probabilities = run.calibration.scale(raw) if run.calibration else raw
     top1 = probabilities.argmax(axis=1)
     right = top1 == np.asarray(test.labels)
@@ -172,9 +180,13 @@ def _agreement(
     }
     if run.calibration is not None:
         _, genus_of_class = calibration.genus_index(run.classes)
-        species = calibration.decide(probabilities, genus_of_class, run.calibration.thresholds) == "species"
+        voted = majority if run.calibration.specimens is not None else None
+        species = (
+            calibration.decide(probabilities, genus_of_class, run.calibration.thresholds, voted) == "species"
+        )
         both = species & agree
         figures["species_answers"] = {
+            "neighbour_rule": voted is not None,
             "coverage": float(species.mean()),
             "precision": float(right[species].mean()) if species.any() else None,
             "coverage_if_neighbours_must_agree": float(both.mean()),

@@ -7,6 +7,10 @@ log p = z - logsumexp(z) differs from the logits z by a constant per image. A ru
 fitted after training on a held-out split (`seeds-tf calibrate`, seeds_tf.learning.calibrate) and
 kept in its calibration.json; a run without one answers uncalibrated.
 
+A run with an index of its training images adds what its reference specimens say (Evidence): the
+decision then also needs the nearest references to agree with the answer, and the distance to them
+is a second out-of-distribution score.
+
 NumPy only (SciPy for the one-dimensional search): the server imports this without TensorFlow.
 """
 
@@ -197,6 +201,42 @@ def genus_probabilities(probabilities: np.ndarray, genus_of_class: np.ndarray) -
     return p @ membership
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Evidence:
+    """What the reference specimens say of each of n images (neighbours.specimen_evidence).
+
+    Attributes:
+        neighbour_species: the majority species of each image's `neighbours` nearest references,
+            int (n,).
+        distances: each image's specimen distance, 1 - the cosine similarity of its
+            `distance_rank`-th nearest reference, float (n,).
+        neighbours: how many references voted.
+        distance_rank: the rank whose similarity the distances are from.
+    """
+
+    neighbour_species: np.ndarray
+    distances: np.ndarray
+    neighbours: int
+    distance_rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Specimens:
+    """How a run's decisions use its reference specimens, recorded with the thresholds chosen
+    under that rule (see decide).
+
+    Attributes:
+        neighbours: the nearest references whose majority species must agree with an answer.
+        distance_rank: the rank of the reference whose distance is the specimen distance.
+        distance_threshold: the specimen distance above which an image is flagged as unlike the
+            training images: ood_threshold of the distances of the images fitted on.
+    """
+
+    neighbours: int
+    distance_rank: int
+    distance_threshold: float
+
+
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
     """The decision thresholds of a run, chosen on held-out images by choose_thresholds.
@@ -218,6 +258,7 @@ def choose_thresholds(
     labels: Sequence[int],
     genus_of_class: np.ndarray,
     target_precision: float = 0.95,
+    neighbour_species: np.ndarray | None = None,
 ) -> Thresholds:
     """The thresholds that answer as many images as possible at `target_precision`.
 
@@ -227,12 +268,16 @@ def choose_thresholds(
     images the species threshold leaves unanswered. A level where no threshold reaches the target
     gets NEVER. The precision is reached on these images by construction; on new images it is an
     estimate (a few dozen images make a noisy one): evaluate it on another split (abstention_report).
+    With `neighbour_species`, both are chosen under decide's neighbour rule: only images whose
+    references agree can be answered at a level, so the precision is that of the answers decide gives.
 
     Args:
         probabilities: (calibrated) softmax outputs of held-out images, shape (n, num_classes).
         labels: their true label ids.
         genus_of_class: genus index of each class (genus_index).
         target_precision: in (0, 1]; default 0.95: one wrong species answer in twenty.
+        neighbour_species: the majority species of each image's nearest references (Evidence), or
+            None (the default) to choose without them.
 
     Raises:
         ValueError: for a target outside (0, 1], or arguments as fit_temperature refuses them.
@@ -240,32 +285,51 @@ def choose_thresholds(
     _check_target(target_precision)
     p, y = _checked(probabilities, labels)
     genus_of_class = _checked_genera(genus_of_class, p.shape[1])
+    species_agree, genus_agree = _agreement(p, genus_of_class, neighbour_species)
     confidence = p.max(axis=1)
-    species = _lowest_threshold(confidence, p.argmax(axis=1) == y, target_precision)
-    rest = confidence < species
+    right = p.argmax(axis=1) == y
+    species = _lowest_threshold(confidence[species_agree], right[species_agree], target_precision)
+    rest = ~(species_agree & (confidence >= species)) & genus_agree
     genus_p = genus_probabilities(p[rest], genus_of_class)
     genus_right = genus_p.argmax(axis=1) == genus_of_class[y[rest]]
     genus = _lowest_threshold(genus_p.max(axis=1), genus_right, target_precision)
     return Thresholds(species=species, genus=genus, target_precision=float(target_precision))
 
 
-def decide(probabilities: np.ndarray, genus_of_class: np.ndarray, thresholds: Thresholds) -> np.ndarray:
+def decide(
+    probabilities: np.ndarray,
+    genus_of_class: np.ndarray,
+    thresholds: Thresholds,
+    neighbour_species: np.ndarray | None = None,
+) -> np.ndarray:
     """The decision for each image: "species" when its top species probability reaches the species
     threshold, else "genus" when its top genus probability reaches the genus threshold, else
-    "unknown". Shape (n,) for (n, classes), () for one vector."""
+    "unknown". Shape (n,) for (n, classes), () for one vector.
+
+    The neighbour rule, with `neighbour_species` (the majority species of each image's nearest
+    references, shape (n,) or ()): "species" also needs that majority to be the top species, and
+    "genus" needs it to be of the top genus. An image whose references name another species of the
+    same genus is answered at most "genus"; one whose references name another genus, "unknown".
+    """
     p = np.asarray(probabilities, dtype=np.float64)
     genus_p = genus_probabilities(p, genus_of_class)
+    species_agree, genus_agree = _agreement(p, genus_of_class, neighbour_species)
     return np.where(
-        p.max(axis=-1) >= thresholds.species,
+        species_agree & (p.max(axis=-1) >= thresholds.species),
         "species",
-        np.where(genus_p.max(axis=-1) >= thresholds.genus, "genus", "unknown"),
+        np.where(genus_agree & (genus_p.max(axis=-1) >= thresholds.genus), "genus", "unknown"),
     )
 
 
 def abstention_report(
-    probabilities: np.ndarray, labels: Sequence[int], genus_of_class: np.ndarray, thresholds: Thresholds
+    probabilities: np.ndarray,
+    labels: Sequence[int],
+    genus_of_class: np.ndarray,
+    thresholds: Thresholds,
+    neighbour_species: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """How the decisions fare against the truth.
+    """How the decisions fare against the truth (decide's, with the neighbour rule when
+    `neighbour_species` is given).
 
     Returns:
         {"images", "species_coverage" (share of images answered as a species), "species_precision"
@@ -275,7 +339,7 @@ def abstention_report(
     """
     p, y = _checked(probabilities, labels)
     genus_of_class = _checked_genera(genus_of_class, p.shape[1])
-    decisions = decide(p, genus_of_class, thresholds)
+    decisions = decide(p, genus_of_class, thresholds, neighbour_species)
     species = decisions == "species"
     genus = decisions == "genus"
     species_right = p.argmax(axis=1) == y
@@ -380,6 +444,9 @@ class Calibration:
         abstention: abstention_report on that split (optimistic: the thresholds were chosen there).
         ood_threshold: ood_score above which an image is flagged as unlike the training images.
         ood_score_name: which score ood_threshold is for (OOD_SCORE_NAME).
+        specimens: how the decisions use the reference specimens, for a run calibrated with its
+            index (the thresholds were then chosen under decide's neighbour rule); None without
+            (calibration files written before specimens were used have none).
     """
 
     temperature: float
@@ -394,10 +461,20 @@ class Calibration:
     abstention: dict[str, Any]
     ood_threshold: float
     ood_score_name: str = OOD_SCORE_NAME
+    specimens: Specimens | None = None
 
     def scale(self, probabilities: np.ndarray) -> np.ndarray:
         """The probabilities scaled by this calibration's temperature."""
         return scale(probabilities, self.temperature)
+
+    def out_of_distribution(self, calibrated: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
+        """Whether each image is flagged as unlike the training images: its ood_score (of the
+        calibrated probabilities) is above ood_threshold, or its specimen distance (`distances`,
+        where the run has specimens) is above theirs. Shape (n,) for (n, classes), () for one."""
+        flagged = ood_score(calibrated) > self.ood_threshold
+        if distances is not None and self.specimens is not None:
+            flagged = flagged | (np.asarray(distances, dtype=np.float64) > self.specimens.distance_threshold)
+        return flagged
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -410,8 +487,14 @@ class Calibration:
             ValueError: when `data` is not one (a field missing or of the wrong kind).
         """
         try:
-            fields = {field.name: data[field.name] for field in dataclasses.fields(cls)}
+            fields = {
+                field.name: data[field.name]
+                for field in dataclasses.fields(cls)
+                if field.default is dataclasses.MISSING or field.name in data
+            }
             fields["thresholds"] = Thresholds(**fields["thresholds"])
+            if fields.get("specimens") is not None:
+                fields["specimens"] = Specimens(**fields["specimens"])
             calibration = cls(**fields)
             _check_temperature(calibration.temperature)
         except (KeyError, TypeError) as error:
@@ -442,9 +525,12 @@ def fit_calibration(
     classes: Sequence[str],
     split_name: str,
     target_precision: float = 0.95,
+    *,
+    evidence: Evidence | None = None,
 ) -> Calibration:
     """Fits a run's calibration on the softmax outputs of one held-out split: the temperature
-    first, then the decision thresholds and the OOD threshold on the scaled probabilities.
+    first, then the decision thresholds and the OOD threshold on the scaled probabilities, and
+    with `evidence` the thresholds under the neighbour rule and the specimen distance threshold.
 
     Args:
         probabilities: softmax outputs, shape (n, len(classes)), n >= 2.
@@ -452,18 +538,21 @@ def fit_calibration(
         classes: the run's class names (for their genera).
         split_name: recorded as `fitted_on`.
         target_precision: for choose_thresholds; default 0.95.
+        evidence: what the reference specimens say of these images (none of them may be a
+            reference: the distances would be 0), or None (the default) for a run without index.
 
     Raises:
-        ValueError: as fit_temperature and choose_thresholds.
+        ValueError: as fit_temperature and choose_thresholds, or for evidence of other images.
     """
     _check_target(target_precision)
     p, y = _checked(probabilities, labels, minimum_images=2)
     if p.shape[1] != len(classes):
         raise ValueError(f"Expected probabilities for {len(classes)} classes. Received: shape={p.shape}")
     _, genus_of_class = genus_index(classes)
+    voted = _checked_evidence(evidence, len(y))
     temperature = fit_temperature(p, y)
     calibrated = scale(p, temperature)
-    thresholds = choose_thresholds(calibrated, y, genus_of_class, target_precision)
+    thresholds = choose_thresholds(calibrated, y, genus_of_class, target_precision, voted)
     return Calibration(
         temperature=temperature,
         fitted_on=split_name,
@@ -474,8 +563,11 @@ def fit_calibration(
         ece_after=expected_calibration_error(calibrated, y),
         ece_bins=ECE_BINS,
         thresholds=thresholds,
-        abstention=abstention_report(calibrated, y, genus_of_class, thresholds),
+        abstention=abstention_report(calibrated, y, genus_of_class, thresholds, voted),
         ood_threshold=ood_threshold(ood_score(calibrated)),
+        specimens=None
+        if evidence is None
+        else Specimens(evidence.neighbours, evidence.distance_rank, ood_threshold(evidence.distances)),
     )
 
 
@@ -485,10 +577,14 @@ def evaluate_calibration(
     labels: Sequence[int],
     classes: Sequence[str],
     split_name: str,
+    *,
+    evidence: Evidence | None = None,
 ) -> dict[str, Any]:
     """The honest figures of a calibration: on a split it was not fitted on, the NLL and ECE before
     and after scaling, the abstention report with its thresholds, and the share of these familiar
-    images that the OOD threshold flags (about 5% when it generalises).
+    images that the OOD flag flags (about 5% per score when it generalises). With `evidence` of
+    these images, for a calibration with specimens, the abstention follows the neighbour rule and
+    the flag takes the specimen distance too.
 
     Raises:
         ValueError: as negative_log_likelihood.
@@ -496,6 +592,9 @@ def evaluate_calibration(
     p, y = _checked(probabilities, labels)
     _, genus_of_class = genus_index(classes)
     calibrated = calibration.scale(p)
+    used = evidence if calibration.specimens is not None else None
+    voted = _checked_evidence(used, len(y))
+    distances = None if used is None else used.distances
     return {
         "split": split_name,
         "images": len(y),
@@ -503,9 +602,41 @@ def evaluate_calibration(
         "nll_after": negative_log_likelihood(calibrated, y),
         "ece_before": expected_calibration_error(p, y, calibration.ece_bins),
         "ece_after": expected_calibration_error(calibrated, y, calibration.ece_bins),
-        "abstention": abstention_report(calibrated, y, genus_of_class, calibration.thresholds),
-        "ood_flagged_share": float(np.mean(ood_score(calibrated) > calibration.ood_threshold)),
+        "abstention": abstention_report(calibrated, y, genus_of_class, calibration.thresholds, voted),
+        "ood_flagged_share": float(np.mean(calibration.out_of_distribution(calibrated, distances))),
     }
+
+
+def _agreement(
+    p: np.ndarray, genus_of_class: np.ndarray, neighbour_species: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whether the nearest references agree with each image's top species, and with its top genus
+    (all True without `neighbour_species`), shaped as p's rows."""
+    if neighbour_species is None:
+        agree = np.ones(p.shape[:-1], dtype=bool)
+        return agree, agree
+    voted = np.asarray(neighbour_species, dtype=np.int64)
+    genus_of_class = np.asarray(genus_of_class, dtype=np.int64)
+    if voted.shape != p.shape[:-1] or (voted < 0).any() or (voted >= p.shape[-1]).any():
+        raise ValueError(
+            f"Expected one species id below {p.shape[-1]} per image {p.shape[:-1]}. "
+            f"Received: neighbour_species={voted!r}"
+        )
+    top_genus = genus_probabilities(p, genus_of_class).argmax(axis=-1)
+    return voted == p.argmax(axis=-1), genus_of_class[voted] == top_genus
+
+
+def _checked_evidence(evidence: Evidence | None, images: int) -> np.ndarray | None:
+    """The neighbour species of `evidence` (None without), after checking it covers `images` images."""
+    if evidence is None:
+        return None
+    shapes = (np.shape(evidence.neighbour_species), np.shape(evidence.distances))
+    if shapes != ((images,), (images,)):
+        raise ValueError(
+            f"Expected evidence of {images} images. "
+            f"Received: neighbour_species and distances of shapes {shapes}"
+        )
+    return np.asarray(evidence.neighbour_species, dtype=np.int64)
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:

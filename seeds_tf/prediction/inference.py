@@ -57,22 +57,50 @@ class LoadedRun:
         Raises:
             InputError: naming `neighbours`, for a run without an index.
         """
+        index = self.reference_index()
+        if index is None:
+            raise InputError(
+                "neighbours",
+                f"run {self.run_id} has no index of its training images; "
+                f"make it with: seeds-tf index {self.run_id}",
+            )
+        with self._lock:
+            if "features" not in self._lazy:
+                self._lazy["features"] = references.feature_model(self.model)
+            return self._lazy["features"], index
+
+    def reference_index(self) -> references.ReferenceIndex | None:
+        """The index of the run's training images, loaded on first use; None for a run without."""
         with self._lock:
             if "index" not in self._lazy:
-                index = references.load_index(self.index_dir) if self.index_dir else None
-                if index is None:
-                    raise InputError(
-                        "neighbours",
-                        f"run {self.run_id} has no index of its training images; "
-                        f"make it with: seeds-tf index {self.run_id}",
+                self._lazy["index"] = references.load_index(self.index_dir) if self.index_dir else None
+                if self._lazy["index"] is None and self.calibration and self.calibration.specimens:
+                    _LOGGER.warning(
+                        "Run %s was calibrated with its index, which is gone: its decisions go without "
+                        "the reference specimens, less precise than its target, until `seeds-tf index %s`",
+                        self.run_id,
+                        self.run_id,
                     )
-                self._lazy["index"] = index
-                self._lazy["features"] = references.feature_model(self.model)
-            return self._lazy["features"], self._lazy["index"]
+            return self._lazy["index"]
+
+    def specimens(self) -> tuple[calibrating.Specimens, references.ReferenceIndex] | None:
+        """What the decisions use of the reference specimens, with the index: None for a run
+        without a calibration with specimens, or without its index."""
+        specimens = self.calibration.specimens if self.calibration else None
+        index = self.reference_index() if specimens else None
+        return (specimens, index) if index is not None else None
+
+    def joint_model(self) -> references.JointModel:
+        """The model giving pooled features and probabilities in one pass, built on first use."""
+        with self._lock:
+            if "joint" not in self._lazy:
+                self._lazy["joint"] = references.JointModel(self.model)
+            return self._lazy["joint"]
 
     def engine(self, name: str = "auto") -> Engine:
-        """The engine called `name` (seeds_tf.classifier.engines.ENGINES); "auto" is the run's own choice,
-        recorded by `seeds-tf export --serve`, else keras.
+        """The engine called `name` (seeds_tf.classifier.engines.ENGINES); "auto" is the fastest of
+        the run's agreeing exports and keras on this CPU (`default_engine`), keras for a checkpoint
+        other than final.
 
         Raises:
             InputError: naming `engine`, for a name not in ENGINES or an export this run does not
@@ -259,12 +287,43 @@ def class_probabilities(
     """Softmax probabilities, shape (len(pixels), num_classes), each the mean over its TTA views,
     calibrated by the run's temperature where it has one (each view's, before the mean). All views
     of all images go through the network as one batch."""
+    return observe(run, pixels, tta, engine)[0]
+
+
+def observe(
+    run: LoadedRun,
+    pixels: Sequence[np.ndarray],
+    tta: str = "none",
+    engine: str = "keras",
+    *,
+    embed: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """class_probabilities, and with `embed` each image's embedding: the mean of the unit pooled
+    features of its TTA views, float32 (len(pixels), dimension); else None.
+
+    With the keras engine one forward pass gives both (neighbours.JointModel). Another engine gives
+    the probabilities alone, and the features take a second pass of the Keras model (the whole
+    backbone again: benchmarks/retrieval.py measures it).
+    """
     views = [tta_views(image, run.config.image_size, tta) for image in pixels]
-    outputs = np.asarray(run.engine(engine)(np.concatenate(views)), dtype=np.float64)
+    batch = np.concatenate(views)
+    chosen = run.engine(engine)
+    features = None
+    if embed and chosen.name == "keras":
+        features, outputs = run.joint_model()(batch)
+    else:
+        outputs = chosen(batch)
+        if embed:
+            features = run.joint_model()(batch)[0]
+    outputs = np.asarray(outputs, dtype=np.float64)
     if run.calibration is not None:
         outputs = run.calibration.scale(outputs)
-    counts = np.cumsum([0, *(len(v) for v in views)])
-    return np.stack([outputs[start:end].mean(axis=0) for start, end in itertools.pairwise(counts)])
+    counts = list(itertools.pairwise(np.cumsum([0, *(len(v) for v in views)])))
+    probabilities = np.stack([outputs[start:end].mean(axis=0) for start, end in counts])
+    if features is None:
+        return probabilities, None
+    unit = references.normalised(np.asarray(features, dtype=np.float32))
+    return probabilities, np.stack([unit[start:end].mean(axis=0) for start, end in counts])
 
 
 def species_links(name: str) -> dict[str, str]:
@@ -307,24 +366,43 @@ def _genera(classes: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
     return calibrating.genus_index(classes)
 
 
-def trust(run: LoadedRun, probabilities: np.ndarray, config: PredictConfig) -> dict[str, Any]:
+def trust(
+    run: LoadedRun,
+    probabilities: np.ndarray,
+    config: PredictConfig,
+    evidence: tuple[int, float] | None = None,
+) -> dict[str, Any]:
     """How far to trust one (calibrated) probability vector: the decision ("species", "genus",
     "unknown", or "not_calibrated" for a run without calibration and no thresholds in the request),
-    its out-of-distribution score and whether that flags the image as unlike the training images
-    (which makes the decision "unknown")."""
+    its out-of-distribution score and whether the image is flagged as unlike the training images
+    (which makes the decision "unknown").
+
+    With `evidence` (the majority species of the image's nearest references and its specimen
+    distance, for a run whose calibration has specimens: LoadedRun.specimens), the flag is raised
+    by either score passing its threshold, and the decision follows calibration.decide's neighbour
+    rule: "species" only where the references' majority is the top species, "genus" only where it
+    is of the top genus. `neighbours_agree` and `specimen_distance` say what they were (None without).
+    """
     own = run.calibration.thresholds if run.calibration else None
     species = config.species_threshold if config.species_threshold >= 0 else own.species if own else None
     genus = config.genus_threshold if config.genus_threshold >= 0 else own.genus if own else None
     score = float(calibrating.ood_score(probabilities))
-    flagged = bool(score > run.calibration.ood_threshold) if run.calibration else None
+    voted, distance = evidence if evidence is not None else (None, None)
+    flagged = bool(run.calibration.out_of_distribution(probabilities, distance)) if run.calibration else None
     if species is None or genus is None:
         decision = "not_calibrated"
     elif flagged:
         decision = "unknown"
     else:
         thresholds = calibrating.Thresholds(species, genus, own.target_precision if own else float("nan"))
-        decision = str(calibrating.decide(probabilities, _genera(run.classes)[1], thresholds))
-    return {"decision": decision, "ood_score": round(score, 6), "out_of_distribution": flagged}
+        decision = str(calibrating.decide(probabilities, _genera(run.classes)[1], thresholds, voted))
+    return {
+        "decision": decision,
+        "ood_score": round(score, 6),
+        "out_of_distribution": flagged,
+        "neighbours_agree": None if voted is None else bool(voted == int(np.argmax(probabilities))),
+        "specimen_distance": None if distance is None else round(float(distance), 6),
+    }
 
 
 def nearest_references(run: LoadedRun, pixels: Sequence[np.ndarray], k: int, merge: bool) -> list[list[dict]]:
@@ -334,9 +412,8 @@ def nearest_references(run: LoadedRun, pixels: Sequence[np.ndarray], k: int, mer
     Raises:
         InputError: naming `neighbours`, for a run without an index.
     """
-    features, index = run.references()
-    batch = np.stack([tta_views(image, run.config.image_size, "none")[0] for image in pixels])
-    queries = references.embed(features, batch)
+    _, index = run.references()
+    queries = observe(run, pixels, "none", "keras", embed=True)[1]
     if merge:
         queries = queries.mean(axis=0, keepdims=True)
     return references.neighbours_of(index, queries, k, run.classes)
@@ -370,21 +447,36 @@ def predict(
     Raises:
         InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
     """
-    run, pixels, probabilities = analyse(roots, cache, config, uploads)
+    pixels = images.decode_images(uploads)
+    run = choose_run(roots, cache, config.timestamp, config.ckpt_name)
+    index = run.references()[1] if config.neighbours else run.reference_index()
+    specimens = run.specimens()
+    probabilities, embeddings = observe(
+        run, pixels, config.tta, config.engine, embed=bool(config.neighbours) or specimens is not None
+    )
     engine = run.engine(config.engine).name
     names = [name for name, _ in uploads]
     if config.merge:
-        # One specimen in several photos: one answer from the mean of their probabilities.
+        # One specimen in several photos: one answer from the mean of their probabilities (and of
+        # their embeddings).
         names, probabilities = [" + ".join(names)], probabilities.mean(axis=0, keepdims=True)
+        embeddings = None if embeddings is None else embeddings.mean(axis=0, keepdims=True)
+    evidence: list[tuple[int, float] | None] = [None] * len(names)
+    found: list[list[dict[str, Any]]] = []
+    if embeddings is not None:
+        # One search serves the decision's evidence and the neighbours shown.
+        indices, similarities = index.search(embeddings, max(config.neighbours, references.EVIDENCE_K))
+        if specimens is not None:
+            evidence = list(zip(*references.specimen_evidence(index, indices, similarities), strict=True))
+        k = config.neighbours
+        found = references.specimens(index, indices[:, :k], similarities[:, :k], run.classes) if k else []
     results = [
-        {"image": name, **ranked(run, row, config.top_k), **trust(run, row, config)}
-        for name, row in zip(names, probabilities, strict=True)
+        {"image": name, **ranked(run, row, config.top_k), **trust(run, row, config, said)}
+        for name, row, said in zip(names, probabilities, evidence, strict=True)
     ]
     if config.neighbours:
-        for result, found in zip(
-            results, nearest_references(run, pixels, config.neighbours, config.merge), strict=True
-        ):
-            result["neighbours"] = found
+        for result, shown in zip(results, found, strict=True):
+            result["neighbours"] = shown
     first = results[0]
     return {
         "run_id": run.run_id,

@@ -174,8 +174,9 @@ class _Neighbour(marshmallow.Schema):
 _DECISIONS = ("species", "genus", "unknown", "not_calibrated")
 _DECISION_HELP = (
     "How far to trust the answer: 'species' (the top species reaches the run's threshold for its target "
-    "precision), 'genus' (the species does not, its genus does), 'unknown' (neither, or the image is "
-    "unlike the training images), 'not_calibrated' (the run has no calibration: seeds-tf calibrate)."
+    "precision, and the training images most like it agree), 'genus' (the species does not, its genus "
+    "does), 'unknown' (neither, or the image is unlike the training images), 'not_calibrated' (the run "
+    "has no calibration: seeds-tf calibrate)."
 )
 
 
@@ -194,12 +195,35 @@ class _ImageResult(marshmallow.Schema):
     )
     ood_score = fields.Float(
         required=True,
-        metadata={"description": "1 - the top probability: higher is less like the training images."},
+        metadata={
+            "description": "Entropy of the probabilities over log(classes), 0 to 1: higher is less like "
+            "the training images."
+        },
     )
     out_of_distribution = fields.Bool(
         required=True,
         allow_none=True,
-        metadata={"description": "The score is above the run's threshold (null: the run is not calibrated)."},
+        metadata={
+            "description": "ood_score or specimen_distance is above the run's threshold for it (null: the "
+            "run is not calibrated)."
+        },
+    )
+    neighbours_agree = fields.Bool(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "The majority species of the 5 training images most like this one is the top "
+            "species; the decision is 'species' only if so (null: the run's calibration does not use its "
+            "reference specimens)."
+        },
+    )
+    specimen_distance = fields.Float(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "1 - the cosine similarity of the 5th most similar training image, 0 to 2: "
+            "higher is less like any training image (null: not used, as neighbours_agree)."
+        },
     )
     neighbours = fields.List(
         fields.Nested(_Neighbour),
