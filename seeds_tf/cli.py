@@ -98,14 +98,18 @@ def _identify(args: argparse.Namespace, roots: Roots):
     from seeds_tf.prediction import batch
 
     options = batch.IdentifyOptions(
-        timestamp=args.run, engine=args.engine, top_k=args.top_k, batch_size=args.batch_size
+        timestamp=args.run,
+        engine=args.engine,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
     )
+    answerer = None
     if args.ray:
         from seeds_tf.prediction import batch_ray
 
         answerer = batch_ray.ray_answerer(args.ray, roots.models, args.ray_cpus_per_worker)
-        return batch.identify(roots, args.input, args.output, options, answerer).to_dict()
-    return batch.identify(roots, args.input, args.output, options).to_dict()
+    return batch.identify(roots, args.input, args.output, options, answerer).to_dict()
 
 
 def _demo(args: argparse.Namespace, roots: Roots):
@@ -234,6 +238,12 @@ def _parser() -> argparse.ArgumentParser:
     identify.add_argument("--engine", default="auto", choices=["auto", *engines.ENGINES])
     identify.add_argument("--top-k", type=int, default=5, help="species and genera per image (default: 5)")
     identify.add_argument("--batch-size", type=int, default=64, help="images per engine call (default: 64)")
+    identify.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1024,
+        help="rows per part file: the most a kill loses (default: 1024)",
+    )
     identify.add_argument(
         "--ray",
         default="",

@@ -1,0 +1,199 @@
+"""seeds-tf identify on one machine: inputs, both output formats, failures as rows, resuming, and a
+job killed (SIGKILL) in the middle, on a collection of real images answered by the tiny run."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from seeds_tf.core import config
+from seeds_tf.core.errors import InputError
+from seeds_tf.core.paths import MODELS_ENV
+from seeds_tf.data import sources
+from seeds_tf.prediction import batch, inference
+from tests.loopback import http_server
+
+COPIES = 3
+"""Copies of the tiny dataset's images in the collection: 192 images, enough chunks to kill a job
+in the middle of."""
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, session_roots) -> Path:
+    """A folder of the tiny dataset's images (COPIES times, in sub-folders) and one broken file."""
+    folder = tmp_path_factory.mktemp("collection")
+    for copy in range(COPIES):
+        shutil.copytree(session_roots.data / "tiny" / "images", folder / f"box{copy}")
+    (folder / "box0" / "broken.jpg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image suffix: not an input\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def answered(tmp_path_factory, session_roots, tiny_run, collection) -> tuple[batch.Summary, list[dict]]:
+    """The collection identified once, into JSON Lines: the reference the other tests compare to."""
+    output = tmp_path_factory.mktemp("answers") / "answers.jsonl"
+    options = batch.IdentifyOptions(timestamp=tiny_run, top_k=3, batch_size=16, chunk_size=40)
+    summary = batch.identify(session_roots, collection, output, options)
+    return summary, [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def _images(collection: Path) -> list[Path]:
+    return sorted(path for path in collection.rglob("*.jpg"))
+
+
+def test_a_folder_is_answered_as_the_api_answers_each_image(session_roots, tiny_run, collection, answered):
+    summary, rows = answered
+    images = _images(collection)
+    assert (summary.total, summary.done, summary.failed, summary.skipped) == (
+        len(images),
+        len(images) - 1,
+        1,
+        0,
+    )
+    assert [row["input"] for row in rows] == [path.relative_to(collection).as_posix() for path in images]
+    broken = rows[[row["input"] for row in rows].index("box0/broken.jpg")]
+    assert "not an image" in broken["error"] and broken["species"] == [] and broken["decision"] is None
+    assert not (collection.parent / "answers.jsonl.parts").exists()
+
+    sample = [row for row in rows if not row["error"]][::50]
+    uploads = [(row["input"], (collection / row["input"]).read_bytes()) for row in sample]
+    options = config.load(config.PredictConfig, timestamp=tiny_run, top_k=3)
+    expected = inference.predict(session_roots, inference.RunCache(), options, uploads)["results"]
+    for row, result in zip(sample, expected, strict=True):
+        assert (row["run_id"], row["engine"]) == (tiny_run, "keras")
+        assert [s["label"] for s in row["species"]] == [s["label"] for s in result["species"]]
+        assert [s["probability"] for s in row["species"]] == pytest.approx(
+            [s["probability"] for s in result["species"]], abs=1e-5
+        )
+        assert [g["genus"] for g in row["genera"]] == [g["genus"] for g in result["genera"]]
+        assert row["decision"] == result["decision"]
+        assert row["ood_score"] == pytest.approx(result["ood_score"], abs=1e-5)
+
+
+def test_a_manifest_of_paths_and_urls_gives_csv_rows_with_their_errors(
+    session_roots, tiny_run, collection, answered, tmp_path, monkeypatch, caplog
+):
+    _, rows = answered
+    by_input = {row["input"]: row for row in rows}
+    chosen = [row["input"] for row in rows if not row["error"]][:4]
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(collection))
+    monkeypatch.setenv(sources.ALLOW_ENV, "127.0.0.1")
+    with http_server(handler) as base:
+        manifest = tmp_path / "manifest.csv"
+        with open(manifest, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["path", "url", "collector"])
+            writer.writerow([str(collection / chosen[0]), "", "A"])
+            writer.writerow(["", f"{base}/{chosen[1]}", "B"])
+            writer.writerow(["", f"{base}/missing.jpg", "C"])
+            writer.writerow(["missing.jpg", "", "D"])  # relative to the manifest's folder
+        output = tmp_path / "answers.csv"
+        with caplog.at_level("INFO", logger="seeds_tf.prediction.batch"):
+            summary = batch.identify(
+                session_roots, manifest, output, batch.IdentifyOptions(timestamp=tiny_run, top_k=3)
+            )
+    assert (summary.done, summary.failed) == (2, 2)
+    assert "identify: 4/4 images (100%)" in caplog.text
+    with open(output, newline="") as stream:
+        reader = csv.DictReader(stream)
+        table = list(reader)
+    assert reader.fieldnames[:7] == [
+        "input", "species_1", "species_1_probability", "species_2", "species_2_probability",
+        "species_3", "species_3_probability",
+    ]  # fmt: skip
+    assert "404" in table[2]["error"] and "cannot read 'missing.jpg'" in table[3]["error"]
+    for line, name in zip(table[:2], chosen[:2], strict=True):
+        reference = by_input[name]
+        assert line["species_1"] == reference["species"][0]["label"]
+        assert float(line["species_1_probability"]) == pytest.approx(reference["species"][0]["probability"])
+        assert line["genus_1"] == reference["genera"][0]["genus"] and line["error"] == ""
+
+
+def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
+    session_roots, tiny_run, collection, tmp_path
+):
+    images = _images(collection)
+    list_file = tmp_path / "images.txt"
+    list_file.write_text(
+        "".join(f"{path}\n" for path in [images[0], collection / "box0" / "broken.jpg", *images[1:5]])
+    )
+    output = tmp_path / "answers.jsonl"
+    options = batch.IdentifyOptions(timestamp=tiny_run, top_k=3, chunk_size=4)
+    first = batch.identify(session_roots, list_file, output, options)
+    list_file.write_text(list_file.read_text() + f"{images[5]}\n")
+    second = batch.identify(session_roots, list_file, output, options)
+    assert (first.done, first.failed) == (5, 1)
+    assert (second.skipped, second.done, second.failed) == (5, 1, 1)  # the failure is retried
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(row["input"] for row in rows) == sorted(list_file.read_text().split())
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        json.dumps({"input": "a.jpg", "run_id": "2020-01-01_000000", "engine": "keras", "error": ""}) + "\n"
+    )
+    with pytest.raises(InputError, match=r"output: .* holds answers of run 2020-01-01_000000"):
+        batch.identify(session_roots, list_file, other, options)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="input: no image in"):
+        batch.identify(session_roots, tmp_path / "empty", output, options)
+
+
+def test_a_job_killed_in_the_middle_loses_at_most_its_chunk_and_resumes(
+    session_roots, tiny_run, collection, answered, tmp_path
+):
+    """A real `seeds-tf identify` process killed with SIGKILL as soon as it has written a part:
+    what is on disk is whole, and the rerun completes the same answers."""
+    output = tmp_path / "answers.csv"
+    parts = tmp_path / "answers.csv.parts"
+    command = [
+        sys.executable, "-m", "seeds_tf.cli", "--quiet", "identify", str(collection), "--output", str(output),
+        "--run", tiny_run, "--top-k", "3", "--batch-size", "8", "--chunk-size", "16",
+    ]  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            command, env={**os.environ, MODELS_ENV: str(session_roots.models)}, stderr=stderr
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(parts.glob("chunk-*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    written = sorted(parts.glob("chunk-*"))
+    assert process.returncode == -signal.SIGKILL, log.read_text()
+    assert written and not output.exists(), "the job should be killed in the middle"
+    images = _images(collection)
+    assert len(written) < len(images) / 16
+    kept = []
+    for part in written:
+        with open(part, newline="") as stream:
+            rows = list(csv.DictReader(stream))
+        assert len(rows) == 16
+        kept += rows
+
+    summary = batch.identify(
+        session_roots, collection, output, batch.IdentifyOptions(timestamp=tiny_run, top_k=3, chunk_size=16)
+    )
+    assert summary.skipped == sum(1 for row in kept if not row["error"])  # failures are retried
+    assert summary.skipped + summary.done + summary.failed == len(images)
+    with open(output, newline="") as stream:
+        table = list(csv.DictReader(stream))
+    _, reference = answered
+    assert [line["input"] for line in table] == [row["input"] for row in reference]
+    for line, row in zip(table, reference, strict=True):
+        assert line["species_1"] == (row["species"][0]["label"] if row["species"] else "")
+        assert bool(line["error"]) == bool(row["error"])
