@@ -12,11 +12,13 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from seeds_tf import __version__
+from seeds_tf.classifier import engine_choice
 from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
@@ -60,10 +62,12 @@ class ClientError(web.HTTPUnprocessableEntity):
 
 def get_metadata() -> dict[str, Any]:
     """The model's description, its working runs, the promoted run, the summary of the run that
-    serves requests naming none (`model`), the broken runs with the reason each cannot serve, and
-    the trainings in progress with how far each is (seeds_tf.learning.progress)."""
+    serves requests naming none (`model`) and the engine `engine=auto` runs it with on this CPU
+    and why (`engine`), the broken runs with the reason each cannot serve, and the trainings in
+    progress with how far each is (seeds_tf.learning.progress)."""
     models = Roots.from_env().models
     listing = runs.list_runs(models)
+    default = runs.default_order(models, listing)[0] if listing.working else None
     return {
         "name": MODEL_NAME,
         "version": __version__,
@@ -90,9 +94,19 @@ def get_metadata() -> dict[str, Any]:
         "runs": list(listing.working),
         "broken": listing.broken_list(),
         "promoted": runs.promoted_run(models),
-        "model": listing.working[runs.default_order(models, listing)[0]] if listing.working else None,
+        "model": listing.working[default] if default else None,
+        "engine": _auto_engine(models, default) if default else None,
         "trainings_in_progress": runs.trainings_in_progress(models),
     }
+
+
+def _auto_engine(models: Path, run_id: str) -> dict[str, Any]:
+    """The engine `engine=auto` runs `run_id` with on this CPU and why: the timings it was chosen
+    by, "only keras", or that it is measured at the run's first load here."""
+    choice = engine_choice.recorded_choice(runs.RunLayout(models / run_id).exports_dir)
+    if choice is None:
+        return {"run_id": run_id, "engine": None, "reason": "not measured on this CPU yet: at the first load"}
+    return {**choice.to_dict(), "run_id": run_id}
 
 
 def warm() -> None:

@@ -1,6 +1,6 @@
 """The table of engines: every list of engine, format and precision names derives from it, and
-the engine a run serves with for "auto" depends on the CPU flags it is given. Loading each engine
-from a real run's exports is in tests/test_export.py."""
+the CPU flags are read from /proc/cpuinfo's text. Loading each engine from a real run's exports is
+in tests/test_export.py, the choice of `auto` in tests/test_engine_choice.py."""
 
 import argparse
 import subprocess
@@ -11,26 +11,14 @@ import pytest
 
 from seeds_tf import cli
 from seeds_tf.classifier import engines
-from seeds_tf.core import config, runs
+from seeds_tf.core import config
 from seeds_tf.core.errors import InputError
-from seeds_tf.prediction import export, inference
-
-BF16_CPU = frozenset({"fpu", "avx512f", "avx512_bf16", "amx_tile"})
-AVX2_CPU = frozenset({"fpu", "avx2", "fma"})
 
 
 def _export_flags() -> dict[str, tuple[str, ...]]:
     """The choices of `seeds-tf export`'s flags, as its parser has them."""
     commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     return {action.dest: tuple(action.choices or ()) for action in commands.choices["export"]._actions}
-
-
-def _serving(tmp_path, engine: str) -> runs.RunLayout:
-    """A run folder whose exports.json says it serves with `engine`."""
-    layout = runs.RunLayout(tmp_path / "2026-11-22_000000")
-    layout.exports_dir.mkdir(parents=True)
-    export.record_export(layout, engine, {"agreement_top1": 1.0}, serve=True)
-    return layout
 
 
 def test_every_export_has_a_file_of_its_own():
@@ -88,7 +76,7 @@ def test_an_export_for_other_servers_is_not_an_engine():
 
 def test_bad_export_requests_are_refused():
     with pytest.raises(InputError, match="onnx exports in"):
-        engines.export_spec("onnx", "int8")
+        engines.export_spec("onnx", "bf16")
     with pytest.raises(InputError, match="unknown format"):
         engines.export_spec("coreml")
 
@@ -105,19 +93,3 @@ def test_bf16_support_is_read_from_the_cpu_flags(flags, expected):
     cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
     assert engines.cpu_flags(cpuinfo) == frozenset(flags.split())
     assert engines.engine_spec("savedmodel_bf16").runs_natively(engines.cpu_flags(cpuinfo)) is expected
-
-
-def test_a_bf16_engine_chosen_for_auto_falls_back_to_keras_without_bf16_units(tmp_path):
-    layout = _serving(tmp_path, "savedmodel_bf16")
-    assert inference.default_engine(layout.exports_dir, BF16_CPU) == "savedmodel_bf16"
-    assert inference.default_engine(layout.exports_dir, AVX2_CPU) == "keras"
-
-
-def test_other_engines_serve_on_any_cpu(tmp_path):
-    layout = _serving(tmp_path, "tflite_dynamic_int8")
-    for flags in (BF16_CPU, AVX2_CPU, frozenset()):
-        assert inference.default_engine(layout.exports_dir, flags) == "tflite_dynamic_int8"
-
-
-def test_a_run_without_a_chosen_export_serves_with_keras(tmp_path):
-    assert inference.default_engine(tmp_path / "exports", BF16_CPU) == "keras"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from seeds_tf import cli
-from seeds_tf.classifier import engines
+from seeds_tf.classifier import engine_choice, engines
 from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
@@ -50,6 +50,7 @@ def test_every_export_is_written_into_the_run(small, exported):
     _, layout = small
     assert sorted(path.name for path in layout.exports_dir.iterdir()) == [
         "onnx_fp32.onnx",
+        "onnx_int8.onnx",
         "savedmodel_bf16",
         "savedmodel_fp32",
         "tflite_dynamic_int8.tflite",
@@ -57,7 +58,8 @@ def test_every_export_is_written_into_the_run(small, exported):
         "tflite_int8.tflite",
     ]
     assert (exported["savedmodel_fp32"] / "saved_model.pb").is_file()
-    assert exported["tflite_int8"].stat().st_size < exported["tflite_fp32"].stat().st_size / 2
+    for fmt in ("tflite", "onnx"):
+        assert exported[f"{fmt}_int8"].stat().st_size < exported[f"{fmt}_fp32"].stat().st_size / 2
 
 
 TOLERANCES = {
@@ -65,6 +67,7 @@ TOLERANCES = {
     "onnx_fp32": 1e-4,
     "tflite_dynamic_int8": 0.05,
     "tflite_int8": 0.1,
+    "onnx_int8": 0.1,
     "savedmodel_bf16": 0.05,
 }
 """How far each engine's probabilities may be from Keras': a new engine of the table needs one."""
@@ -100,12 +103,13 @@ def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported):
     with pytest.raises(InputError) as refused:
         export.record_export(layout, "tflite_int8", {"agreement_top1": 0.9}, serve=True)
     assert refused.value.field == "serve"
-    assert "keeps serving with keras" in refused.value.problem
-    assert inference.default_engine(layout.exports_dir, engines.cpu_flags()) == "keras"
+    assert "engine=auto will not run it" in refused.value.problem
+    assert engine_choice.candidates(layout.exports_dir, engines.cpu_flags()) == ("keras",)
 
     export.record_export(layout, "tflite_fp32", {"agreement_top1": 1.0}, serve=True)
-    assert inference.default_engine(layout.exports_dir, engines.cpu_flags()) == "tflite_fp32"
-    assert inference.load_run(layout).engine("auto").name == "tflite_fp32"
+    assert engine_choice.candidates(layout.exports_dir, engines.cpu_flags()) == ("keras", "tflite_fp32")
+    auto = inference.load_run(layout).engine("auto").name  # measured here, at the first load
+    assert auto == engine_choice.recorded_choice(layout.exports_dir).engine
     assert inference.load_run(layout, "best").engine("auto").name == "keras"  # exports are of final
     recorded = files.read_json(layout.exports_dir / runs.EXPORTS_INDEX)
     assert set(recorded["exports"]) == {"tflite_int8", "tflite_fp32"}
@@ -141,7 +145,9 @@ def test_the_export_command(small, monkeypatch, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert status == 0
     assert printed["agreement_top1"] == 1.0
-    assert printed["serve"] == "tflite_fp32"
+    assert printed["serve"] in {"keras", "tflite_fp32"}  # the faster here: measured again
+    assert set(printed["measured_ms"]) == {"keras", "tflite_fp32"}
+    assert printed["serve"] == engine_choice.recorded_choice(layout.exports_dir).engine
 
 
 def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch):
@@ -155,5 +161,10 @@ def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch):
     api._run_cache.cache_clear()
     api.warm()
     run = api._run_cache().get(layout)
-    assert set(run._engines) == {inference.default_engine(layout.exports_dir, engines.cpu_flags())}
+    choice = engine_choice.recorded_choice(layout.exports_dir)
+    assert set(run._engines) == {choice.engine}
+    served = api.get_metadata()["engine"]  # which engine serves, and the timings it was chosen by
+    assert served == {**choice.to_dict(), "run_id": layout.run_id}
+    assert served["reason"] == "measured"
+    assert set(served["ms"]) == set(served["candidates"]) == {"keras", "tflite_fp32"}
     api._run_cache.cache_clear()

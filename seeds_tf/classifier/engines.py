@@ -4,9 +4,11 @@
 messages are derived: adding an engine is one entry. `keras` runs the run's Keras model (the
 reference). The others run an export of it made by `seeds-tf export` (seeds_tf.prediction.export):
 TensorFlow Lite with XNNPACK (`tflite_fp32`, `tflite_dynamic_int8`, `tflite_int8`), ONNX Runtime
-(`onnx_fp32`) or TensorFlow itself on a bfloat16 SavedModel (`savedmodel_bf16`, for CPUs with bf16
+(`onnx_fp32`, and `onnx_int8`: static int8 quantization in QDQ form, whose int8 kernels use AVX2,
+AVX-512 and VNNI) or TensorFlow itself on a bfloat16 SavedModel (`savedmodel_bf16`, for CPUs with bf16
 units); `savedmodel_fp32` is exported for TensorFlow Serving, not run here. All take float32 RGB
 batches of shape (n, size, size, 3) in [0, 255] and return (n, classes) softmax probabilities.
+Which one `engine=auto` runs is measured on each CPU: seeds_tf.classifier.engine_choice.
 
 Importing this module imports no runtime (the CLI builds its choices from the table without
 TensorFlow); each engine imports its own when it is loaded.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import platform
 import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -75,7 +78,7 @@ class TFLiteEngine:
         from ai_edge_litert.interpreter import Interpreter
 
         self.name = name
-        self._interpreter = Interpreter(model_path=str(path), num_threads=threads or _threads())
+        self._interpreter = Interpreter(model_path=str(path), num_threads=threads or engine_threads())
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._batch_size = None
@@ -118,7 +121,7 @@ class OnnxEngine:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or _threads()
+        options.intra_op_num_threads = threads or engine_threads()
         self.name = name
         self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
@@ -172,6 +175,7 @@ SPECS = (
     EngineSpec("tflite_dynamic_int8", "tflite", "dynamic_int8", ".tflite", TFLiteEngine),
     EngineSpec("tflite_int8", "tflite", "int8", ".tflite", TFLiteEngine, calibrated=True),
     EngineSpec("onnx_fp32", "onnx", "fp32", ".onnx", OnnxEngine),
+    EngineSpec("onnx_int8", "onnx", "int8", ".onnx", OnnxEngine, calibrated=True),
     EngineSpec("savedmodel_fp32", "savedmodel", "fp32"),  # for TensorFlow Serving: no loader here
     EngineSpec("savedmodel_bf16", "savedmodel", "bf16", "", SavedModelEngine, needs_bf16=True),
 )
@@ -236,20 +240,38 @@ def load_engine(name: str, model: keras.Model, exports_dir: Path) -> Engine:
 
 @functools.cache
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The feature flags of this CPU, from /proc/cpuinfo (or the `cpuinfo` text given); none where
-    it cannot be read. What `EngineSpec.runs_natively` and the default engine go by."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return frozenset()
-    lines = cpuinfo.splitlines()
+    """The feature flags of this CPU, from /proc/cpuinfo (or the `cpuinfo` text given): x86's
+    `flags`, ARM's `Features`; none where it cannot be read. What `EngineSpec.runs_natively` and
+    the choice of `engine=auto` go by."""
+    lines = _cpuinfo(cpuinfo).splitlines()
     return frozenset(
-        flag for line in lines if line.startswith("flags") for flag in line.partition(":")[2].split()
+        flag
+        for line in lines
+        if line.startswith(("flags", "Features"))
+        for flag in line.partition(":")[2].split()
     )
 
 
-def _threads() -> int:
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """This CPU's model name from /proc/cpuinfo (or the `cpuinfo` text given); the machine's
+    architecture where it names none (ARM lists part numbers only)."""
+    for line in _cpuinfo(cpuinfo).splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.machine() or "unknown"
+
+
+def engine_threads() -> int:
     """Threads per engine: SEEDS_TF_ENGINE_THREADS, else the CPUs this process may use."""
     configured = os.environ.get(THREADS_ENV, "").strip()
     return int(configured) if configured else len(os.sched_getaffinity(0))
+
+
+def _cpuinfo(cpuinfo: str | None) -> str:
+    """`cpuinfo`, else the text of /proc/cpuinfo; "" where it cannot be read."""
+    if cpuinfo is not None:
+        return cpuinfo
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""

@@ -2,13 +2,15 @@
 
 The Keras model stays the reference. TensorFlow Lite runs it with XNNPACK, in fp32 or with int8
 weights (dynamic range) or int8 weights and activations calibrated on the run's own training
-images; ONNX Runtime runs an fp32 export; a SavedModel serves TensorFlow Serving and friends, and
+images; ONNX Runtime runs an fp32 export and a static int8 one (QDQ, weights per channel,
+activations calibrated on the training images); a SavedModel serves TensorFlow Serving and friends, and
 its bf16 precision (batch norms folded into the convolutions, bfloat16 up to the float32 softmax)
 is an engine for CPUs with AVX512-BF16 or AMX.
 Every export takes the same input as the Keras model (float32 RGB in [0, 255], the backbone's
 preprocessing is inside) and gives the same softmax, so an engine can replace the other.
 What can be exported is seeds_tf.classifier.engines' table; `export_run` is the whole use case
-(export, compare with Keras, record), behind `seeds-tf export` and the benchmarks.
+(export, compare with Keras, record, and with `serve` measure which engine `auto` runs here),
+behind `seeds-tf export` and the benchmarks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf.classifier import engines
+from seeds_tf.classifier import engine_choice, engines
 from seeds_tf.classifier.inference_model import bfloat16_copy, fold_batch_norms
 from seeds_tf.classifier.model import load_classifier
 from seeds_tf.core import files, runs
@@ -38,8 +40,13 @@ _LOGGER = logging.getLogger(__name__)
 CALIBRATION_IMAGES = 64
 """Training images that calibrate int8 activations: enough to cover the classes' colour ranges."""
 ONNX_OPSET = 17
-MIN_AGREEMENT = 0.99
-"""Top-1 agreement with the Keras model an export needs before a run may serve with it."""
+ONNX_INPUT = "image"
+"""The name of the ONNX exports' input."""
+ONNX_CALIBRATION = "Percentile"
+"""How ONNX Runtime's static quantization sets the int8 activation ranges (one of
+onnxruntime.quantization.CalibrationMethod): on the demo run's 180 test images, with 64 calibration
+images, Percentile agreed with Keras on 100%, MinMax and Entropy on 99.44% (benchmarks/NOTES.md):
+clipping the rare extreme activations keeps the int8 steps fine."""
 
 
 def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool = False) -> dict:
@@ -51,12 +58,17 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
         roots: the data and models folders.
         run_id: the run to export.
         spec: what to export.
-        serve: make the export the run's engine for requests that say "auto", if it agrees
-            closely enough with the Keras model (see `record_export`).
+        serve: check that the export agrees closely enough with the Keras model to serve
+            requests that say "auto" (engine_choice.MIN_AGREEMENT), and measure which of the run's
+            agreeing engines is the fastest on this CPU, so that the first load here does not.
 
     Returns:
-        The export's path, and for an engine its figures (see `compare_with_keras`) and the
-        engine the run now serves with.
+        The export's path, and for an engine its figures (see `compare_with_keras`); with `serve`,
+        the engine "auto" runs on this CPU (`serve`) and the timings it was chosen by (`measured_ms`).
+
+    Raises:
+        InputError: naming `serve`, with `serve`, for an export that agrees too little (see
+            `record_export`).
     """
     layout = runs.resolve_run(roots.models, run_id, field="run")
     training = layout.config().training
@@ -68,8 +80,12 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
     run = inference.load_run(layout)
     test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "run")
     figures = compare_with_keras(run, spec.name, test) if test.labels else {}
-    recorded = record_export(layout, spec.name, figures, serve)
-    return {"export": str(path), **figures, "serve": recorded["serve"]}
+    record_export(layout, spec.name, figures, serve)
+    if not serve:
+        return {"export": str(path), **figures}
+    inference.default_engine(layout.exports_dir, run.model, remeasure=True)
+    choice = engine_choice.recorded_choice(layout.exports_dir)
+    return {"export": str(path), **figures, "serve": choice.engine, "measured_ms": choice.ms}
 
 
 def export_checkpoint(
@@ -93,9 +109,15 @@ def export_checkpoint(
 
 
 def export_model(
-    model: keras.Model, spec: engines.EngineSpec, destination: Path, calibration: Sequence[Path] = ()
+    model: keras.Model,
+    spec: engines.EngineSpec,
+    destination: Path,
+    calibration: Sequence[Path] = (),
+    onnx_calibration: str = ONNX_CALIBRATION,
 ) -> Path:
-    """Writes `model` in the format and precision of `spec` to `destination`, atomically."""
+    """Writes `model` in the format and precision of `spec` to `destination`, atomically; an ONNX
+    int8 export sets its activation ranges on `calibration` by `onnx_calibration` (ONNX_CALIBRATION
+    by default; the benchmarks try the others)."""
     if spec.calibrated and not calibration:
         raise InputError(
             "precision", f"{spec.precision} needs calibration images; the run's train split has none"
@@ -104,7 +126,10 @@ def export_model(
         model = bfloat16_copy(fold_batch_norms(model))
     if spec.format == "onnx":
         with files.atomic_path(destination) as temporary:
-            _onnx(model, temporary)
+            if spec.precision == "int8":
+                _onnx_int8(model, temporary, calibration, onnx_calibration)
+            else:
+                _onnx(model, temporary)
         return destination
     # TensorFlow Lite converts from a SavedModel, the other format: the same one, in both cases.
     with tempfile.TemporaryDirectory(prefix="seeds_tf_export_") as scratch:
@@ -140,22 +165,25 @@ def compare_with_keras(run: inference.LoadedRun, engine: str, split: Split, batc
     }
 
 
-def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: bool) -> dict:
-    """Adds an export's figures to exports.json; with `serve`, makes it the run's engine for
-    requests that say "auto", if it agrees closely enough with the Keras model."""
+def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: bool = False) -> dict:
+    """Adds an export's figures (see `compare_with_keras`) to the run's exports.json, where
+    seeds_tf.classifier.engine_choice finds the exports `engine=auto` may choose from; returns the
+    index. With `serve` (default False), refuses an export that agrees too little to be chosen.
+
+    Raises:
+        InputError: naming `serve`, with `serve`, when the export agrees with the Keras model on
+            less than engine_choice.MIN_AGREEMENT of the images (its figures are recorded).
+    """
     index = layout.exports_dir / runs.EXPORTS_INDEX
-    recorded = files.read_json(index) if index.is_file() else {"serve": "keras", "exports": {}}
-    recorded["exports"][engine] = figures
-    agreement = figures.get("agreement_top1")
-    refused = serve and (agreement is None or agreement < MIN_AGREEMENT)
-    if serve and not refused:
-        recorded["serve"] = engine
+    recorded = files.read_json(index) if index.is_file() else {}
+    recorded = {"exports": {**recorded.get("exports", {}), engine: figures}}
     files.write_json(index, recorded)
-    if refused:
+    agreement = figures.get("agreement_top1")
+    if serve and (agreement is None or agreement < engine_choice.MIN_AGREEMENT):
         raise InputError(
             "serve",
             f"{engine} agrees with the Keras model on {agreement} of the test images, below "
-            f"{MIN_AGREEMENT}: the run keeps serving with {recorded['serve']}",
+            f"{engine_choice.MIN_AGREEMENT}: engine=auto will not run it",
         )
     return recorded
 
@@ -190,11 +218,52 @@ def _onnx(model: keras.Model, destination: Path) -> None:
     import tf2onnx
 
     size = model.input_shape[1]
-    signature = [tf.TensorSpec((None, size, size, 3), tf.float32, name="image")]
+    signature = [tf.TensorSpec((None, size, size, 3), tf.float32, name=ONNX_INPUT)]
     forward = tf.function(lambda image: model(image, training=False), input_signature=signature)
     tf2onnx.convert.from_function(
         forward, input_signature=signature, opset=ONNX_OPSET, output_path=str(destination)
     )
+
+
+def _onnx_int8(
+    model: keras.Model, destination: Path, calibration: Sequence[Path], method: str = ONNX_CALIBRATION
+) -> None:
+    """ONNX Runtime's static quantization of the fp32 export, in QDQ form (its CPU kernels fuse
+    each QuantizeLinear/DequantizeLinear pair around a convolution into an int8 convolution):
+    weights int8 per output channel, activations uint8 with ranges set by `method` on the
+    `calibration` images, the input and the softmax left in float. Weights use 7 bits
+    (reduce_range): CPUs without VNNI (AVX2) multiply uint8 by int8 pairs into saturating int16,
+    which 7-bit weights cannot overflow, so the export answers the same on every x86 CPU."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="seeds_tf_export_") as scratch:
+        fp32, prepared = Path(scratch) / "fp32.onnx", Path(scratch) / "prepared.onnx"
+        _onnx(model, fp32)
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # as ORT advises
+        quantize_static(
+            str(prepared),
+            str(destination),
+            _CalibrationImages(calibration, model.input_shape[1]),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod[method],
+        )
+
+
+class _CalibrationImages:
+    """The calibration images one at a time, as ONNX Runtime's quantizer reads them (the
+    `get_next` of its CalibrationDataReader: the input by name, None at the end)."""
+
+    def __init__(self, calibration: Sequence[Path], image_size: int):
+        self._batches = _representative(calibration, image_size)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {ONNX_INPUT: batch[0]}
 
 
 def _replace_folder(source: Path, destination: Path) -> None:

@@ -9,7 +9,7 @@ import itertools
 import logging
 import threading
 import urllib.parse
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf.classifier.engines import EXPORTS, Engine, cpu_flags, engine_spec, load_engine
+from seeds_tf.classifier import engine_choice
+from seeds_tf.classifier.engines import EXPORTS, Engine, engine_spec, load_engine
 from seeds_tf.classifier.model import load_classifier
-from seeds_tf.core import files, runs
+from seeds_tf.core import runs
 from seeds_tf.core.config import ModelConfig, PredictConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
@@ -106,9 +107,9 @@ class LoadedRun:
             InputError: naming `engine`, for a name not in ENGINES or an export this run does not
                 have; exports are made of the final model only.
         """
-        if name == "auto":
-            name = default_engine(self.exports_dir, cpu_flags()) if self.checkpoint == "final" else "keras"
         with self._lock:
+            if name == "auto":
+                name = default_engine(self.exports_dir, self.model) if self.checkpoint == "final" else "keras"
             if name not in self._engines:
                 if name != "keras" and self.checkpoint != "final":
                     raise InputError(
@@ -130,14 +131,18 @@ class LoadedRun:
             return self._engines[name]
 
 
-def default_engine(exports_dir: Path, flags: Collection[str]) -> str:
-    """The engine a run serves with when a request says "auto": set by `seeds-tf export --serve`.
-    An engine that a CPU with these `flags` (this one's: seeds_tf.classifier.engines.cpu_flags())
-    would only emulate, as bf16 without bf16 units, falls back to keras: one run folder serves on
-    every node of a mixed fleet."""
-    index = exports_dir / runs.EXPORTS_INDEX
-    chosen = files.read_json(index).get("serve", "keras") if index.is_file() else "keras"
-    return chosen if engine_spec(chosen).runs_natively(flags) else "keras"
+def default_engine(exports_dir: Path, model: keras.Model, remeasure: bool = False) -> str:
+    """The engine a run whose final model is `model` serves with when a request says "auto": the
+    choice recorded for this CPU in `exports_dir`, else (or with `remeasure`, default False)
+    measured now, a short, bounded timing of keras and each agreeing export this CPU runs
+    natively, and recorded; see seeds_tf.classifier.engine_choice. One run folder serves every node
+    of a mixed fleet with its fastest engine, and never one slower than keras."""
+    return engine_choice.choose_engine(
+        exports_dir,
+        functools.partial(load_engine, model=model, exports_dir=exports_dir),
+        model.input_shape[1],
+        remeasure=remeasure,
+    ).engine
 
 
 def load_run(layout: runs.RunLayout, checkpoint: str = "final", model: keras.Model | None = None) -> LoadedRun:
