@@ -338,7 +338,10 @@ def specimen_evidence(
     # argmax takes the first of equal counts, and the references are in order of similarity.
     votes = (nearest[:, :, None] == nearest[:, None, :]).sum(axis=2)
     majority = nearest[np.arange(len(nearest)), votes.argmax(axis=1)].astype(np.int64)
-    distance = 1.0 - similarities[:, min(KNN_RANK, indices.shape[1]) - 1].astype(np.float64)
+    # Clipped: float16 references can give a similarity a hair above 1 (a distance of -1e-5).
+    distance = np.clip(
+        1.0 - similarities[:, min(KNN_RANK, indices.shape[1]) - 1].astype(np.float64), 0.0, 2.0
+    )
     return majority, distance
 
 
