@@ -1,0 +1,120 @@
+"""seeds-tf identify --ray on a real Ray cluster of two nodes on loopback: the same rows as one machine.
+
+One cluster for the module (starting Ray costs seconds), made by Ray's own test utility
+(ray.cluster_utils.Cluster: a head and a second node, one CPU each) in a process of its own, so that
+nothing of Ray runs in the test process. Every Ray server binds 127.0.0.1: the nodes are given that
+address, and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from swapping a loopback address for the
+machine's own (what it does for a cluster that other machines may join).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from seeds_tf.core.paths import MODELS_ENV
+from seeds_tf.prediction import batch
+
+_CLUSTER = """
+import sys
+from ray.cluster_utils import Cluster
+
+node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 * 1024**2}
+cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+cluster.add_node(**node)
+print(cluster.address, flush=True)
+sys.stdin.read()  # until the test closes it
+cluster.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_env() -> Iterator[dict[str, str]]:
+    """The environment of the cluster and of the jobs: Ray's files in a short temporary folder
+    (its socket paths must stay short), no usage statistics sent, loopback only."""
+    folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    yield {
+        **os.environ,
+        "RAY_TMPDIR": folder,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_env) -> Iterator[str]:
+    """The address of a running two-node Ray cluster on 127.0.0.1."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _CLUSTER],
+        env=ray_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as process:
+        try:
+            address = process.stdout.readline().strip()
+            assert address.startswith("127.0.0.1:"), f"the cluster did not start: {address!r}"
+            yield address
+        finally:
+            process.stdin.close()  # the cluster shuts down
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, session_roots) -> Path:
+    """A few hundred small images (the tiny dataset's, four times over) and a broken file."""
+    folder = tmp_path_factory.mktemp("collection")
+    for copy in range(4):
+        shutil.copytree(session_roots.data / "tiny" / "images", folder / f"box{copy}")
+    (folder / "box1" / "broken.png").write_bytes(b"\x89PNG broken")
+    return folder
+
+
+def test_a_job_on_two_ray_nodes_writes_the_rows_one_machine_writes(
+    cluster, ray_env, session_roots, tiny_run, collection, tmp_path
+):
+    on_ray = tmp_path / "ray.csv"
+    command = [
+        sys.executable, "-m", "seeds_tf.cli", "--quiet", "identify", str(collection), "--output", str(on_ray),
+        "--run", tiny_run, "--engine", "keras", "--top-k", "3", "--batch-size", "16", "--ray", cluster,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        env={**ray_env, MODELS_ENV: str(session_roots.models)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"failed": 1' in done.stdout
+
+    here = tmp_path / "here.csv"
+    options = batch.IdentifyOptions(timestamp=tiny_run, engine="keras", top_k=3, batch_size=32)
+    batch.identify(session_roots, collection, here, options)
+    tables = []
+    for path in (on_ray, here):
+        with open(path, newline="") as stream:
+            tables.append(list(csv.DictReader(stream)))
+    ray_rows, rows = tables
+    assert len(rows) == len(list(collection.rglob("*.jpg"))) + 1 > 200
+    assert [row["input"] for row in ray_rows] == [row["input"] for row in rows]
+    for ray_row, row in zip(ray_rows, rows, strict=True):
+        for column, value in row.items():
+            if column.endswith(("probability", "ood_score")) and value:
+                assert float(ray_row[column]) == pytest.approx(float(value), abs=1e-5), column
+            else:
+                assert ray_row[column] == value, column
