@@ -13,6 +13,8 @@ split. Writes benchmarks/results.json under "inference" and "engines".
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import io
 import json
 import os
@@ -29,11 +31,12 @@ import numpy as np
 import PIL.Image
 from results import record, recorded
 
-from seeds_tf.classifier import engines
+from seeds_tf.classifier import engine_choice, engines
 from seeds_tf.classifier.model import build_classifier
 from seeds_tf.core import config, runs
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import images
+from seeds_tf.data.splits import read_split
 from seeds_tf.prediction import export, inference
 
 XCEPTION_GMAC = 8.4
@@ -49,21 +52,28 @@ ENGINE_EXPORTS = tuple(spec for spec in engines.EXPORTS if spec.serves)
 
 
 def cpu_peak() -> dict:
-    """This CPU's fp32 peak in multiply-accumulates per second: cores x fp32 lanes of its widest
-    vectors x FMA units x clock, read from /proc/cpuinfo."""
+    """This CPU's model, flags and fp32 peak in multiply-accumulates per second: cores x fp32 lanes
+    of its widest vectors x FMA units x clock, read from /proc/cpuinfo. The clock is its `cpu MHz`:
+    the nominal clock in a virtual machine, which does not report turbo. AMD's Zen 4 (family 25)
+    runs AVX-512 as two 256-bit halves: 8 lanes per FMA unit per cycle there, as with AVX2."""
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split())
-    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    flags = engines.cpu_flags()
+    zen4 = re.search(r"^vendor_id\s*:\s*AuthenticAMD$.*?^cpu family\s*:\s*25$", cpuinfo, re.M | re.S)
+    lanes = 16 if "avx512f" in flags and not zen4 else 8 if "avx2" in flags else 4
     mhz = float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M).group(1))
     cores = len(os.sched_getaffinity(0))
     peak = cores * lanes * FMA_UNITS_PER_CORE * mhz * 1e6
     return {
+        "model": engines.cpu_model(),
         "cores": cores,
         "fp32_lanes": lanes,
         "fma_units_per_core": FMA_UNITS_PER_CORE,
         "clock_ghz": round(mhz / 1000, 2),
+        "clock_assumed": "cpu MHz of /proc/cpuinfo (nominal; no turbo)",
         "peak_gmac_per_s": round(peak / 1e9, 1),
-        "vector_extensions": sorted(flag for flag in flags if flag.startswith(("avx512", "amx", "avx_vnni"))),
+        "peak": f"{cores} cores x {lanes} fp32 lanes x {FMA_UNITS_PER_CORE} FMA x {mhz / 1000:.2f} GHz",
+        "flags": sorted(engine_choice.RELEVANT_FLAGS & flags),
+        "signature": engine_choice.cpu_signature(),
     }
 
 
@@ -289,6 +299,19 @@ def forward_times(size: int, classes: int, repeats: int) -> dict:
     }
 
 
+def auto_choice(model, agreement: dict, scratch: Path) -> dict:
+    """What `engine=auto` chooses on this machine for the benchmark's network, by its own short
+    measurement (seeds_tf.classifier.engine_choice), given the exports made by `engine_speed` in
+    `scratch`/exports and the agreement the same exports of the trained run reached."""
+    layout = runs.RunLayout(scratch)
+    for name, figures in agreement.items():
+        if name != "run_id":
+            export.record_export(layout, name, figures)
+    load = functools.partial(engines.load_engine, model=model, exports_dir=layout.exports_dir)
+    choice = engine_choice.choose_engine(layout.exports_dir, load, model.input_shape[1], remeasure=True)
+    return choice.to_dict()
+
+
 def engine_agreement(roots: Roots, run_id: str) -> dict:
     """Top-1 agreement with Keras and top-1 accuracy change of each export of a trained run, on its
     test split (the exports are made here, into the run, as `seeds-tf export` makes them)."""
@@ -299,6 +322,35 @@ def engine_agreement(roots: Roots, run_id: str) -> dict:
     return figures
 
 
+ONNX_CALIBRATIONS = ("MinMax", "Entropy", "Percentile")
+"""ONNX Runtime's calibration methods for static int8 (onnxruntime.quantization.CalibrationMethod)."""
+
+
+def onnx_calibration(roots: Roots, run_id: str) -> dict:
+    """Top-1 agreement with Keras and accuracy change of the ONNX static int8 export of a trained
+    run calibrated by each of ONNX_CALIBRATIONS, on its test split: what export.ONNX_CALIBRATION
+    was chosen by."""
+    layout = runs.resolve_run(roots.models, run_id)
+    images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
+    run = inference.load_run(layout)
+    test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "run")
+    calibration = export.calibration_images(layout, images_dir)
+    spec = engines.engine_spec("onnx_int8")
+    figures = {"run_id": run_id, "calibration_images": len(calibration)}
+    with tempfile.TemporaryDirectory(prefix="seeds_tf_bench_") as scratch:
+        for method in ONNX_CALIBRATIONS:
+            exports_dir = Path(scratch) / method
+            started = time.perf_counter()
+            export.export_model(run.model, spec, spec.path(exports_dir), calibration, onnx_calibration=method)
+            calibrated = dataclasses.replace(run, exports_dir=exports_dir, _engines={})
+            figures[method] = {
+                **export.compare_with_keras(calibrated, spec.name, test),
+                "export_s": round(time.perf_counter() - started, 1),
+            }
+            print(method, figures[method], flush=True)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=299)
@@ -306,7 +358,9 @@ def main() -> None:
     parser.add_argument("--run", default="", help="trained run for the agreement figures; newest by default")
     parser.add_argument("--quick", action="store_true", help="few repeats and a small model: a smoke check")
     parser.add_argument(
-        "--parts", default="overhead,efficiency,tuning,settings,engines", help="comma-separated"
+        "--parts",
+        default="overhead,efficiency,tuning,settings,engines",
+        help="comma-separated; 'calibration' (with engines) tries ONNX Runtime's int8 calibrations",
     )
     parser.add_argument("--forward-only", action="store_true", help="print forward_times as JSON (settings)")
     parser.add_argument(
@@ -351,11 +405,15 @@ def main() -> None:
             return
         roots = Roots.from_env()
         layout = runs.resolve_run(roots.models, args.run)
+        if "calibration" in parts:
+            record("onnx_calibration", onnx_calibration(roots, layout.run_id))
         training = layout.config().training
         images_dir = roots.data_path(training.images_directory, "images_directory")
         calibration = export.calibration_images(layout, images_dir, count=16 if args.quick else 32)
+        agreement = engine_agreement(roots, layout.run_id)
         speed = engine_speed(model, size, calibration, Path(scratch), repeats)
-    record("engines", {"speed": speed, "agreement": engine_agreement(roots, layout.run_id)})
+        auto = auto_choice(model, agreement, Path(scratch))
+    record("engines", {"machine": peak, "speed": speed, "agreement": agreement, "auto": auto})
 
 
 if __name__ == "__main__":
