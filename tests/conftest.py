@@ -9,29 +9,43 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from filelock import FileLock
 
-from seeds_tf.core import config
+from seeds_tf.core import config, runs
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.data import synthetic
 from tests.helpers import TINY_OPTIONS, copy_roots
 
 
 @pytest.fixture(scope="session")
-def session_roots(tmp_path_factory) -> Roots:
-    """Data and models folders shared by the session, holding the tiny dataset and run."""
-    base = tmp_path_factory.mktemp("seeds")
-    roots = Roots(data=base / "data", models=base / "models")
-    synthetic.generate_dataset(roots.data / "tiny", images_per_class=4, image_size=80, seed=1)
+def session_roots(tmp_path_factory, worker_id) -> Roots:
+    """Data and models folders shared by the session, holding the tiny dataset and run: one copy for
+    all the session's pytest-xdist workers, made by the first that needs it (the others wait on a
+    file lock), so the tiny run is trained once, not once per worker. Tests copy, never change it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base if worker_id == "master" else base.parent) / "seeds"
+    roots = Roots(data=shared / "data", models=shared / "models")
+    shared.mkdir(exist_ok=True)
+    with FileLock(shared / "dataset.lock"):
+        made = shared / "dataset.made"
+        if not made.exists():
+            shutil.rmtree(roots.data, ignore_errors=True)  # a worker that died while making it
+            synthetic.generate_dataset(roots.data / "tiny", images_per_class=4, image_size=80, seed=1)
+            roots.models.mkdir(exist_ok=True)
+            made.touch()
     return roots
 
 
 @pytest.fixture(scope="session")
 def tiny_run(session_roots) -> str:
-    """The id of a tiny run trained by the real training code."""
+    """The id of a tiny run trained by the real training code (once per session, see session_roots)."""
     from seeds_tf.learning import training
 
-    result = training.train(config.RunConfig.from_options(**TINY_OPTIONS), session_roots)
-    return result.run_id
+    with FileLock(session_roots.models.parent / "tiny_run.lock"):
+        made = runs.complete_runs(session_roots.models)
+        if made:
+            return made[0]
+        return training.train(config.RunConfig.from_options(**TINY_OPTIONS), session_roots).run_id
 
 
 @pytest.fixture
