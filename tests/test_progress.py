@@ -1,21 +1,16 @@
-"""A training shows how far it is: its progress file, the model's metadata, and the server's log."""
+"""A training shows how far it is: its progress file and the models folder's trainings in progress
+(through a real deepaas-run, the metadata and the server's log: test_concurrency.py)."""
 
 import logging
-import shutil
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
-import requests
 
 from seeds_tf.core import files, runs
-from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.learning import progress
-from tests.deepaas_harness import MODEL_URL, deepaas_run
-from tests.helpers import SMALL_OPTIONS
 
 
 class _Reader(keras.callbacks.Callback):
@@ -140,64 +135,3 @@ def test_a_killed_training_is_no_longer_in_progress(tmp_path):
         holder.stdout.close()
     assert runs.trainings_in_progress(models) == []
     assert files.read_json(layout.progress_file)["state"] == "training"
-
-
-def test_a_training_through_deepaas_run_shows_its_progress_and_logs_its_epochs(session_roots, tmp_path):
-    """Through a real deepaas-run: while the training runs in a DEEPaaS worker, the model's
-    metadata shows it in progress (epoch k of N, the last metrics, an estimate of the time left);
-    once done, it is no longer in progress and its progress file says done; the worker's epoch
-    lines are in the server's log (deepaas-run's stderr), in the server's format."""
-    data, models = tmp_path / "data", tmp_path / "models"
-    shutil.copytree(session_roots.data, data)
-    env = {DATA_ENV: str(data), MODELS_ENV: str(models)}
-    log = tmp_path / "server.log"
-    options = {**SMALL_OPTIONS, "epochs": 3}
-    with deepaas_run(env, log) as url:
-        started = requests.post(f"{url}{MODEL_URL}/train/", params=options, timeout=30)
-        assert started.status_code == 200, started.text
-        uuid = started.json()["uuid"]
-        seen = _progress_seen_mid_training(url, uuid)
-        status = _finished(url, uuid)
-        metadata = requests.get(f"{url}{MODEL_URL}/", timeout=10).json()
-
-    assert status["status"] == "done", status
-    run_id = status["result"]["output"]["run_id"]
-    assert seen is not None, f"no training in progress seen in the metadata:\n{log.read_text()}"
-    assert seen["run_id"] == run_id
-    assert seen["state"] == "training"
-    assert 1 <= seen["epoch"] < seen["epochs"] == 3
-    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(seen["metrics"])
-    assert seen["eta_s"] > 0
-    assert metadata["trainings_in_progress"] == []
-    assert run_id in metadata["runs"]
-    final = files.read_json(runs.RunLayout(models / run_id).progress_file)
-    assert (final["state"], final["epoch"], final["epochs"], final["eta_s"]) == ("done", 3, 3, 0)
-
-    text = log.read_text()
-    for epoch in (1, 2, 3):
-        assert f"INFO seeds_tf.learning.progress [-] Run {run_id} epoch {epoch}/3 in " in text, text
-
-
-def _progress_seen_mid_training(url: str, uuid: str, timeout: float = 600) -> dict | None:
-    """The first record of the metadata's trainings in progress with an epoch done and one more to
-    train, or None when the training ended before one was seen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        metadata = requests.get(f"{url}{MODEL_URL}/", timeout=10).json()
-        for record in metadata["trainings_in_progress"]:
-            if record["state"] == "training" and 1 <= record["epoch"] < record["epochs"]:
-                return record
-        if requests.get(f"{url}{MODEL_URL}/train/{uuid}", timeout=10).json()["status"] != "running":
-            return None
-        time.sleep(0.2)
-    return None
-
-
-def _finished(url: str, uuid: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = requests.get(f"{url}{MODEL_URL}/train/{uuid}", timeout=10).json()
-        if status["status"] != "running":
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"training {uuid} still running after {timeout} s")
