@@ -45,6 +45,7 @@ bench: $(TESTING)
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/retrieval.py
+	$(BIN)/python benchmarks/identify.py
 	cd benchmarks && ../$(BIN)/python table.py
 
 ## learning: the >= 90% top-1 check on the synthetic seeds dataset, through the CLI (~20 min)

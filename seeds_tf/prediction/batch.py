@@ -214,11 +214,15 @@ def identify(
         counts = collections.Counter()
         started = time.perf_counter()
         with _progress(len(pending)) as progress:
-            rows = (answerer or answer_locally)(run, engine, pending, options) if pending else iter(())
+
+            def tally(row: dict[str, Any]) -> dict[str, Any]:
+                counts["failed" if row["error"] else "done"] += 1
+                progress(1)
+                return row
+
+            rows = map(tally, (answerer or answer_locally)(run, engine, pending, options) if pending else ())
             while chunk := list(itertools.islice(rows, options.chunk_size)):
                 job.commit(chunk)
-                counts.update("failed" if row["error"] else "done" for row in chunk)
-                progress(len(chunk))
         seconds = time.perf_counter() - started
         job.merge()
     summary = Summary(
@@ -249,7 +253,7 @@ def answer_locally(
     """Answers `items` on this machine: a tf.data pipeline reads (URLs in a bounded pool of
     threads), decodes and resizes images in parallel and prefetches whole batches, so the engine
     is never left waiting for pixels."""
-    data = _dataset(items, run.config.image_size, options)
+    data = image_batches(items, run.config.image_size, options)
     start = 0
     for pixels, errors in data.as_numpy_iterator():
         batch = items[start : start + len(errors)]
@@ -258,7 +262,7 @@ def answer_locally(
         yield from answer(run, engine, batch, decoded, options.top_k)
 
 
-def _dataset(items: Sequence[Item], image_size: int, options: IdentifyOptions) -> tf.data.Dataset:
+def image_batches(items: Sequence[Item], image_size: int, options: IdentifyOptions) -> tf.data.Dataset:
     """Batches of (float32 images, error messages), in the order of `items`; an image that cannot be
     read has a blank in place of its pixels and its message."""
     policy = sources.FetchPolicy.from_env()
@@ -267,6 +271,7 @@ def _dataset(items: Sequence[Item], image_size: int, options: IdentifyOptions) -
         lambda: read_all(items, policy, options.fetch_threads), output_signature=signature
     )
 
+    @tf.autograph.experimental.do_not_convert  # no Python control flow to convert
     def load(name, encoded, error):
         pixels, error = tf.numpy_function(
             _decode, [name, encoded, error], (tf.uint8, tf.string), stateful=False
