@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import os
 import re
 import statistics
@@ -205,9 +206,10 @@ def tuning(model, size: int, repeats: int) -> dict:
 
 
 def engine_speed(model, size: int, calibration: list[Path], scratch: Path, repeats: int) -> dict:
-    """Images per second of every engine at batch 1 and 8 in the same run, each against Keras fp32
-    two ways: the model as trained (`keras_as_trained`, one traced function, batch norms as they
-    are) and seeds_tf's `keras` engine (batch norms folded into the convolutions)."""
+    """Images per second of every engine at batch 1 and 8 in the same run, in interleaved rounds
+    (medians), each against Keras fp32 two ways: the model as trained (`keras_as_trained`, one
+    traced function, batch norms as they are) and seeds_tf's `keras` engine (batch norms folded
+    into the convolutions)."""
     import tensorflow as tf
 
     signature = [tf.TensorSpec((None, size, size, 3), tf.float32)]
@@ -223,14 +225,13 @@ def engine_speed(model, size: int, calibration: list[Path], scratch: Path, repea
         export.export_model(model, spec, spec.path(scratch / "exports"), calibration)
         print(f"exported {spec.name} in {time.perf_counter() - started:.0f} s", flush=True)
         made[spec.name] = engines.load_engine(spec.name, model, scratch / "exports")
+    # Interleaved rounds (engine_choice.measure, what engine=auto itself runs): a neighbour whose
+    # load changes during the benchmark slows every engine alike instead of the ones timed then.
+    loaders = {name: lambda engine=engine: engine for name, engine in made.items()}
+    ms = engine_choice.measure(loaders, size, rounds=max(3, repeats // 3), budget_s=math.inf)
     figures = {}
-    for batch in (1, 8):
-        ready = np.random.default_rng(batch).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-        rates = {
-            name: batch
-            / seconds_per_call(lambda engine=engine, ready=ready: engine(ready), max(3, repeats // batch))
-            for name, engine in made.items()
-        }
+    for batch in engine_choice.BATCHES:
+        rates = {name: 1000 * batch / timings[f"batch_{batch}"] for name, timings in ms.items()}
         figures[f"batch_{batch}"] = {
             name: {
                 "images_per_s": round(rate, 2),
