@@ -47,7 +47,7 @@ ROUNDS = 3
 BUDGET_S = 30.0
 """Seconds after which no further round starts (one always runs). A round of seven engines on an
 Xception at 299 px takes about 15 s on 2 cores (most of it the batches of 8), so the measurement
-takes 30-45 s there, and about 2 s at the demo run's 71 px: paid once per kind of machine, by the
+takes 30-45 s there, and under 10 s at the demo run's 71 px: paid once per kind of machine, by the
 first worker that loads the run (the others wait for it and read its choice)."""
 MARGIN = 1.05
 """How much faster than `keras` an export must be at every batch size to replace it: a tie within
