@@ -9,7 +9,7 @@
     seeds-tf check-dataset                           # a report on a dataset before training
     seeds-tf evaluate 2026-11-21_215742 other.txt    # a run on another labelled split
     seeds-tf import-legacy seeds.tar.xz              # the original service's published seeds model
-    seeds-tf export 2026-11-21_215742 --format tflite --precision int8 --serve   # a faster engine
+    seeds-tf export 2026-11-21_215742 --format tflite --precision int8 --serve   # a faster engine, timed
     seeds-tf calibrate 2026-11-21_215742 --split val # temperature and decision thresholds
     seeds-tf index 2026-11-21_215742                 # the reference specimens behind each answer
     seeds-tf healthcheck                             # exit 1 when the service cannot predict in time
@@ -331,7 +331,8 @@ def _add_run_commands(commands) -> None:
     exporter.add_argument(
         "--serve",
         action="store_true",
-        help="make this export the run's engine for engine=auto, if it agrees with Keras on >= 99%%",
+        help="refuse the export if it agrees with Keras on < 99%%, and measure now which engine "
+        "engine=auto runs on this CPU (else measured at the run's first load on each CPU)",
     )
     exporter.set_defaults(command=_export)
 

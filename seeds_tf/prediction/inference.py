@@ -145,7 +145,9 @@ def default_engine(exports_dir: Path, model: keras.Model, remeasure: bool = Fals
     ).engine
 
 
-def load_run(layout: runs.RunLayout, checkpoint: str = "final", model: keras.Model | None = None) -> LoadedRun:
+def load_run(
+    layout: runs.RunLayout, checkpoint: str = "final", model: keras.Model | None = None
+) -> LoadedRun:
     """Loads a checkpoint of a complete run, with its class names and model config.
 
     Args:
