@@ -80,31 +80,39 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
-@pytest.mark.parametrize("password", [PASSWORD, "wrong-password"])
-def test_a_finished_run_arrives_whole_on_the_remote_or_the_failure_is_reported(
-    data_roots, tmp_path, monkeypatch, password
-):
+def test_a_finished_run_arrives_whole_on_the_remote(data_roots, tmp_path, monkeypatch):
     storage = tmp_path / "nextcloud"
     storage.mkdir()
     with webdav_server(storage) as url:
-        configure_rshare(monkeypatch, tmp_path, url, password)
+        configure_rshare(monkeypatch, tmp_path, url, PASSWORD)
         options = {**SMALL_OPTIONS, "upload_to": "rshare:/models"}
         result = training.train(config.RunConfig.from_options(**options), data_roots)
 
     layout = runs.RunLayout(data_roots.models / result.run_id)
-    assert layout.is_complete(), "the local run is complete either way"
-    assert result.upload["destination"] == f"rshare:/models/{result.run_id}"
-    if password == PASSWORD:
-        assert result.upload == {
-            "destination": f"rshare:/models/{result.run_id}",
-            "status": "copied",
-            "error": "",
-        }
-        assert tree(storage / "models" / result.run_id) == tree(layout.root)
-    else:
-        assert result.upload["status"] == "failed"
-        assert "401" in result.upload["error"] or "Unauthorized" in result.upload["error"]
-        assert not (storage / "models" / result.run_id).exists()
+    assert layout.is_complete()
+    destination = f"rshare:/models/{result.run_id}"
+    assert result.upload == {"destination": destination, "status": "copied", "error": ""}
+    assert tree(storage / "models" / result.run_id) == tree(layout.root)
+
+
+def test_a_refused_copy_is_reported_and_the_local_run_kept(roots, tiny_run, tmp_path, monkeypatch):
+    """The copy a training makes once its run is complete (the test above), refused by the remote:
+    the failure is reported with rclone's reason, nothing arrives, the local run is untouched. The
+    tiny run stands in for a just-finished one."""
+    storage = tmp_path / "nextcloud"
+    storage.mkdir()
+    layout = runs.RunLayout(roots.models / tiny_run)
+    before = tree(layout.root)
+    with webdav_server(storage) as url:
+        configure_rshare(monkeypatch, tmp_path, url, "wrong-password")
+        upload = remote.upload_run(layout.root, "rshare:/models").to_dict()
+
+    assert upload["destination"] == f"rshare:/models/{tiny_run}"
+    assert upload["status"] == "failed"
+    assert "401" in upload["error"] or "Unauthorized" in upload["error"]
+    assert not (storage / "models" / tiny_run).exists()
+    assert layout.is_complete()
+    assert tree(layout.root) == before
 
 
 @pytest.mark.parametrize("destination", ["no-colon-here", ":leading", "rshare\x00:/x"])
