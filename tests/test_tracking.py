@@ -121,13 +121,12 @@ def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch,
     assert summary["mlflow_model_version"] == version.version
 
 
-def test_refused_credentials_cost_a_warning_not_the_training(data_roots, monkeypatch, mlflow_server, caplog):
+def test_refused_credentials_cost_a_warning_not_the_training(monkeypatch, mlflow_server, caplog):
+    """The real server answers 401 to the preflight: no logger, so the training runs untracked (as
+    every training without MLflow does) and records no model version."""
     tracked_by(monkeypatch, mlflow_server, password="not-the-password")  # noqa: S106 - wrong on purpose
     with caplog.at_level(logging.WARNING, logger="seeds_tf.learning.tracking"):
-        result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), data_roots)
-    layout = runs.RunLayout(data_roots.models / result.run_id)
-    assert layout.is_complete()
-    assert files.read_json(layout.summary_file)["mlflow_model_version"] is None
+        assert tracking.start_logger("2026-11-30_000000", {}) is None
     assert "refused the credentials (HTTP 401)" in caplog.text
 
 
