@@ -52,8 +52,8 @@ class LoadedRun:
     _lazy: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, compare=False, repr=False)
 
-    def references(self) -> tuple[keras.Model, references.ReferenceIndex]:
-        """The feature model and the index of the run's training images, loaded on first use.
+    def required_index(self) -> references.ReferenceIndex:
+        """`reference_index`, for a request that asks for the reference specimens.
 
         Raises:
             InputError: naming `neighbours`, for a run without an index.
@@ -65,10 +65,7 @@ class LoadedRun:
                 f"run {self.run_id} has no index of its training images; "
                 f"make it with: seeds-tf index {self.run_id}",
             )
-        with self._lock:
-            if "features" not in self._lazy:
-                self._lazy["features"] = references.feature_model(self.model)
-            return self._lazy["features"], index
+        return index
 
     def reference_index(self) -> references.ReferenceIndex | None:
         """The index of the run's training images, loaded on first use; None for a run without."""
@@ -419,7 +416,7 @@ def nearest_references(run: LoadedRun, pixels: Sequence[np.ndarray], k: int, mer
     Raises:
         InputError: naming `neighbours`, for a run without an index.
     """
-    _, index = run.references()
+    index = run.required_index()
     queries = observe(run, pixels, "none", "keras", embed=True)[1]
     if merge:
         queries = queries.mean(axis=0, keepdims=True)
@@ -456,7 +453,7 @@ def predict(
     """
     pixels = images.decode_images(uploads)
     run = choose_run(roots, cache, config.timestamp, config.ckpt_name)
-    index = run.references()[1] if config.neighbours else run.reference_index()
+    index = run.required_index() if config.neighbours else run.reference_index()
     specimens = run.specimens()
     probabilities, embeddings = observe(
         run, pixels, config.tta, config.engine, embed=bool(config.neighbours) or specimens is not None
