@@ -63,25 +63,6 @@ EVIDENCE_K = max(AGREEMENT_NEIGHBOURS, KNN_RANK)
 """References per query that specimen_evidence needs."""
 
 
-def feature_model(model: keras.Model) -> keras.Model:
-    """The classifier from the image to its pooled features (layer "avg_pool"), sharing its layers:
-    a later change of the classifier's weights changes the features too."""
-    return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="features")
-
-
-def embed(features_model: keras.Model, images_batch: np.ndarray) -> np.ndarray:
-    """L2-normalised float32 embeddings, shape (N, dimension), of a batch of images.
-
-    Args:
-        features_model: from `feature_model`.
-        images_batch: float32 images (N, size, size, 3) in [0, 255], as the classifier takes them
-            (its preprocessing is inside the model).
-    """
-    if images_batch.ndim != 4 or images_batch.shape[-1] != 3:
-        raise ValueError(f"Expected images of shape (N, size, size, 3). Received: shape={images_batch.shape}")
-    return normalised(np.asarray(features_model.predict_on_batch(images_batch), dtype=np.float32))
-
-
 def normalised(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length; an all-zero row stays zero (similar to nothing)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -196,12 +177,13 @@ def split_outputs(
 
 
 def build_index(
-    model: keras.Model, split: Split, images_dir: Path, image_size: int, batch_size: int = 32
+    joint: JointModel, split: Split, images_dir: Path, image_size: int, batch_size: int = 32
 ) -> ReferenceIndex:
-    """Embeds every image of `split` (a labelled split, usually the run's training images).
+    """Embeds every image of `split` (a labelled split, usually the run's training images) as the
+    answers embed their photos: through the classifier's JointModel.
 
     Args:
-        model: the classifier.
+        joint: the classifier's JointModel.
         split: the images and their labels; every path lies inside `images_dir`.
         images_dir: the dataset's images folder: the paths are stored relative to it, so the index
             survives a move of the data folder.
@@ -214,12 +196,9 @@ def build_index(
         raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
     root = images_dir.resolve()
     paths = tuple(_relative(path, root) for path in split.paths)
-    data = images_only(make_dataset(split, image_size, batch_size, model.output_shape[-1]))
-    features = np.asarray(feature_model(model).predict(data, verbose=0), dtype=np.float32)
-    _LOGGER.debug("Embedded %d images of %s: dimension %d", len(features), split.name, features.shape[1])
-    return ReferenceIndex(
-        normalised(features).astype(STORED_DTYPE), paths, np.asarray(split.labels, dtype=np.int32)
-    )
+    embeddings = split_outputs(joint, split, image_size, batch_size)[0]
+    _LOGGER.debug("Embedded %d images of %s: dimension %d", len(embeddings), split.name, embeddings.shape[1])
+    return ReferenceIndex(embeddings.astype(STORED_DTYPE), paths, np.asarray(split.labels, dtype=np.int32))
 
 
 def save_index(index: ReferenceIndex, folder: Path) -> None:
