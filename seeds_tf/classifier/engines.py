@@ -252,9 +252,11 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     )
 
 
+@functools.cache
 def cpu_model(cpuinfo: str | None = None) -> str:
     """This CPU's model name from /proc/cpuinfo (or the `cpuinfo` text given); the machine's
-    architecture where it names none (ARM lists part numbers only)."""
+    architecture where it names none (ARM lists part numbers only). Read once per process, like
+    cpu_flags: every request for engine=auto asks for it."""
     for line in _cpuinfo(cpuinfo).splitlines():
         if line.startswith("model name"):
             return line.partition(":")[2].strip()
