@@ -14,7 +14,7 @@ from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.learning import distribute
 from seeds_tf.learning.training import weights_digest
 from tests.deepaas_harness import free_port
-from tests.helpers import SMALL_OPTIONS
+from tests.helpers import SMALL_OPTIONS, train_flags
 
 SEEDS_TF = Path(sys.executable).parent / "seeds-tf"
 
@@ -26,7 +26,8 @@ def _tf_config(ports: list[int], index: int) -> str:
 
 def test_two_workers_train_one_run_and_agree(data_roots, tmp_path):
     ports = [free_port(), free_port()]
-    flags = [f"--{name}={value}" for name, value in SMALL_OPTIONS.items()]
+    # Compiled steps, as a cluster trains: MultiWorkerMirroredStrategy's collectives run in the graph.
+    flags = train_flags({**SMALL_OPTIONS, "run_eagerly": False})
     workers = [
         subprocess.Popen(
             [str(SEEDS_TF), "--quiet", "train", *flags],

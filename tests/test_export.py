@@ -17,7 +17,7 @@ from seeds_tf.data import images
 from seeds_tf.data.splits import read_split
 from seeds_tf.learning import training
 from seeds_tf.prediction import export, inference
-from tests.helpers import TINY_OPTIONS, seed_photo
+from tests.helpers import SMALL_OPTIONS, seed_photo
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def small(tmp_path_factory, session_roots) -> tuple[Roots, runs.RunLayout]:
     base = tmp_path_factory.mktemp("export")
     roots = Roots(data=base / "data", models=base / "models")
     shutil.copytree(session_roots.data, roots.data)
-    options = {**TINY_OPTIONS, "modelname": "MobileNetV3Small", "image_size": 32, "epochs": 2}
+    options = {**SMALL_OPTIONS, "epochs": 2}
     run_id = training.train(config.RunConfig.from_options(**options), roots).run_id
     return roots, runs.RunLayout(roots.models / run_id)
 

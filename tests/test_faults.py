@@ -26,9 +26,9 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.learning import demo
 from seeds_tf.prediction import inference
 from tests.deepaas_harness import MODEL_URL
-from tests.helpers import TINY_OPTIONS, in_process_service, seed_photo
+from tests.helpers import TINY_OPTIONS, in_process_service, seed_photo, train_flags
 
-SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32}
+SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32, "run_eagerly": True}
 """A network that trains faster than the tiny Xception, for trainings that only have to reach a save."""
 
 # Run in a separate Python: saves a small model with save_classifier, but its zip writer stops half
@@ -152,8 +152,12 @@ def test_a_read_only_models_folder_fails_clearly_and_keeps_the_runs(roots):
     through file modes with CAP_DAC_OVERRIDE: as root, the command runs without that capability
     (dropped from the bounding set before exec), so it obeys the folder's mode as any user does."""
     before = _snapshot(roots.models)
-    flags = [f"--{name}={value}" for name, value in SMALL_OPTIONS.items()]
-    command = [str(Path(sys.executable).with_name("seeds-tf")), "--quiet", "train", *flags]
+    command = [
+        str(Path(sys.executable).with_name("seeds-tf")),
+        "--quiet",
+        "train",
+        *train_flags(SMALL_OPTIONS),
+    ]
     if os.geteuid() == 0:
         command = [sys.executable, "-c", _WITHOUT_DAC_OVERRIDE, *command]
     roots.models.chmod(0o555)

@@ -98,6 +98,14 @@ def test_unreadable_images_are_skipped_and_counted(data_roots):
     assert summary["skipped_images"] == 1
 
 
+@pytest.mark.parametrize("run_eagerly", [True, False])
+def test_the_run_chooses_eager_steps_or_a_compiled_graph(run_eagerly):
+    run_config = config.RunConfig.from_options(**{**SMALL_OPTIONS, "run_eagerly": run_eagerly})
+    model = build_classifier(run_config.model, 3)
+    training.compile_classifier(model, run_config, 3)
+    assert model.run_eagerly is run_eagerly
+
+
 def test_fast_mode_trains_the_head_only(data_roots):
     """A weights file inside the data folder initialises the backbone; fast mode keeps it fixed."""
     backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3))

@@ -115,10 +115,6 @@ def _seeds_tf(*arguments: str, env: dict | None = None, **kwargs) -> subprocess.
     )
 
 
-def _flags(options: dict) -> list[str]:
-    return [f"--{name}={value}" for name, value in options.items() if not isinstance(value, bool)]
-
-
 def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     run_id = interrupted_run(colours.models, {**COLOURS, "epochs": 3})
     assert run_id not in runs.complete_runs(colours.models)

@@ -94,6 +94,7 @@ class TrainConfig:
     keep_checkpoints: int
     augment: bool
     mixed_precision: str
+    run_eagerly: bool
     resume: str
     seed: int
     upload_to: str

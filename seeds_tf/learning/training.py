@@ -387,7 +387,8 @@ def _compiled_model(config: RunConfig, num_classes: int, weights: str | None) ->
 
 
 def compile_classifier(model: keras.Model, config: RunConfig, num_classes: int) -> None:
-    """Adam with the backbone at its own rate, cross-entropy with label smoothing, top-1 and top-5.
+    """Adam with the backbone at its own rate, cross-entropy with label smoothing, top-1 and top-5,
+    in a compiled graph unless the run asks for eager steps.
 
     The optimizer's variables are made here: made inside the first traced training step instead,
     they make TensorFlow trace that step twice (seconds to tens of seconds per training)."""
@@ -401,6 +402,7 @@ def compile_classifier(model: keras.Model, config: RunConfig, num_classes: int) 
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
         ],
+        run_eagerly=config.training.run_eagerly,
     )
     model.optimizer.build(model.trainable_variables)
 
