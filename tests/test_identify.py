@@ -78,8 +78,12 @@ def test_a_folder_is_answered_as_the_api_answers_each_image(session_roots, tiny_
             [s["probability"] for s in result["species"]], abs=1e-5
         )
         assert [g["genus"] for g in row["genera"]] == [g["genus"] for g in result["genera"]]
-        assert row["decision"] == result["decision"]
-        assert row["ood_score"] == pytest.approx(result["ood_score"], abs=1e-5)
+        # The same trust, the reference specimens' evidence included (the tiny run has them).
+        assert row["neighbours_agree"] is not None
+        for field in ("decision", "out_of_distribution", "neighbours_agree"):
+            assert row[field] == result[field], field
+        for field in ("ood_score", "specimen_distance"):
+            assert row[field] == pytest.approx(result[field], abs=1e-5), field
 
 
 def test_a_manifest_of_paths_and_urls_gives_csv_rows_with_their_errors(

@@ -103,7 +103,7 @@ def test_a_job_on_two_ray_nodes_writes_the_rows_one_machine_writes(
     assert '"failed": 1' in done.stdout
 
     here = tmp_path / "here.csv"
-    options = batch.IdentifyOptions(timestamp=tiny_run, engine="keras", top_k=3, batch_size=32)
+    options = batch.IdentifyOptions(timestamp=tiny_run, engine="keras", top_k=3, batch_size=16)
     batch.identify(session_roots, collection, here, options)
     tables = []
     for path in (on_ray, here):
@@ -114,7 +114,7 @@ def test_a_job_on_two_ray_nodes_writes_the_rows_one_machine_writes(
     assert [row["input"] for row in ray_rows] == [row["input"] for row in rows]
     for ray_row, row in zip(ray_rows, rows, strict=True):
         for column, value in row.items():
-            if column.endswith(("probability", "ood_score")) and value:
+            if column.endswith(("probability", "ood_score", "specimen_distance")) and value:
                 assert float(ray_row[column]) == pytest.approx(float(value), abs=1e-5), column
             else:
                 assert ray_row[column] == value, column

@@ -337,28 +337,31 @@ def answer(
     top_k: int,
 ) -> list[dict[str, Any]]:
     """One row per item: its input, top_k species and genera with their probabilities, the decision
-    and OOD score (seeds_tf.prediction.inference's ranking and trust, as the API answers), the run
-    and engine; or its error. `decoded` holds (pixels, error) of each item, the pixels resized to the
-    run's image size (so class_probabilities sends them to the engine as they are) and ignored where
-    there is an error."""
+    and OOD score (seeds_tf.prediction.inference's ranking and trust, with the reference specimens'
+    evidence where the run has them, as the API answers), the run and engine; or its error.
+    `decoded` holds (pixels, error) of each item, the pixels resized to the run's image size (so
+    inference.observe sends them to the engine as they are) and ignored where there is an error."""
     good = [index for index, (_, error) in enumerate(decoded) if not error]
-    probabilities = (
-        inference.class_probabilities(run, [decoded[index][0] for index in good], "none", engine)
-        if good
-        else []
-    )
-    by_index = dict(zip(good, probabilities, strict=True))
+    answers: dict[int, tuple[np.ndarray, tuple[int, float] | None]] = {}
+    if good:
+        with_specimens = run.specimens() is not None
+        probabilities, embeddings = inference.observe(
+            run, [decoded[index][0] for index in good], "none", engine, embed=with_specimens
+        )
+        evidence = inference.specimen_evidence(run, embeddings) if with_specimens else [None] * len(good)
+        answers = dict(zip(good, zip(probabilities, evidence, strict=True), strict=True))
     thresholds = config.load(config.PredictConfig)  # the run's own calibrated thresholds
     rows = []
     for index, item in enumerate(items):
         row: dict[str, Any] = {"input": item.input, "run_id": run.run_id, "engine": engine}
-        if index in by_index:
-            ranking = inference.ranked(run, by_index[index], top_k)
+        if index in answers:
+            probabilities, evidence = answers[index]
+            ranking = inference.ranked(run, probabilities, top_k)
             row["species"] = [
                 {"label": s["label"], "probability": s["probability"]} for s in ranking["species"]
             ]
             row["genera"] = ranking["genera"]
-            row.update(inference.trust(run, by_index[index], thresholds))
+            row.update(inference.trust(run, probabilities, thresholds, evidence))
             row["error"] = ""
         else:
             row.update(species=[], genera=[], **dict.fromkeys(trust_fields(run)))

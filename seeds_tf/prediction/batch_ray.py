@@ -2,10 +2,12 @@
 
 The driver (`seeds-tf identify --ray ADDRESS`) lists the inputs, skips those already answered and
 writes the part files and the output exactly as on one machine; only the answering moves to the
-cluster. The pending inputs become a Ray dataset (`ray.data.from_items`) that `map_batches` sends to
-a pool of actors, each an `_Identifier` that loads the run once and answers whole batches (reading,
-decoding and resizing as on one machine, then `batch.answer`). Order is preserved, so the output is
-row for row what one machine writes.
+cluster. The pending inputs, cut into the batches one machine would answer, become a Ray dataset of
+one row per batch (`ray.data.from_items`) that `map_batches` sends to a pool of actors, each an
+`_Identifier` that loads the run once and answers whole batches (reading, decoding and resizing as
+on one machine, then `batch.answer`). Order is preserved and each image goes through the engine in
+the batch it would have on one machine (a batch's composition changes the last float32 digits), so
+the output is row for row what one machine writes.
 
 Every node reads the images and the run from the same paths as the driver: a shared file system
 (or URLs) for the images, and the models folder mounted on every node.
@@ -83,7 +85,12 @@ def _answer_on_ray(
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cluster.cpus_per_worker))
         threads = max(1, int(cluster.cpus_per_worker))
-        data = ray.data.from_items([{"input": item.input, "source": item.source} for item in items])
+        batches = [
+            items[start : start + options.batch_size] for start in range(0, len(items), options.batch_size)
+        ]
+        data = ray.data.from_items(
+            [{"inputs": [i.input for i in chunk], "sources": [i.source for i in chunk]} for chunk in batches]
+        )
         answered = data.map_batches(
             _Identifier,
             fn_constructor_kwargs={
@@ -93,7 +100,7 @@ def _answer_on_ray(
                 "options": options,
                 "threads": threads,
             },
-            batch_size=options.batch_size,
+            batch_size=1,  # one batch of images
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
             num_cpus=cluster.cpus_per_worker,
@@ -102,16 +109,18 @@ def _answer_on_ray(
         _LOGGER.info(
             "Answering %d images on Ray (%s), up to %d workers", len(items), cluster.address, workers
         )
-        for rows in answered.iter_batches(batch_size=None, batch_format="numpy"):
-            yield from (json.loads(row) for row in rows["row"])
+        for answers in answered.iter_batches(batch_size=None, batch_format="numpy"):
+            for rows in answers["rows"]:
+                yield from json.loads(rows)
     finally:
         if connected_here:
             ray.shutdown()
 
 
 class _Identifier:
-    """A Ray Data worker: loads the run once (the engine too), then answers batches of
-    {"input", "source"} columns with a "row" column of JSON rows (see batch.answer)."""
+    """A Ray Data worker: loads the run once (the engine too), then answers rows of one batch of
+    images each ({"inputs", "sources"}) with a "rows" column, the batch's rows (see batch.answer)
+    as one JSON list."""
 
     def __init__(
         self, models_dir: str, run_id: str, engine: str, options: batch.IdentifyOptions, threads: int
@@ -127,14 +136,16 @@ class _Identifier:
         self._policy = sources.FetchPolicy.from_env()
 
     def __call__(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [
-            batch.Item(str(name), str(source))
-            for name, source in zip(columns["input"], columns["source"], strict=True)
+        answers = [
+            json.dumps(self._answer([batch.Item(str(n), str(s)) for n, s in zip(names, paths, strict=True)]))
+            for names, paths in zip(columns["inputs"], columns["sources"], strict=True)
         ]
+        return {"rows": np.array(answers, dtype=object)}
+
+    def _answer(self, items: list[batch.Item]) -> list[dict[str, Any]]:
         size = self._run.config.image_size
         decoded = []
         for read in batch.read_all(items, self._policy, self._options.fetch_threads):
             pixels, error = batch.decode(*read)
             decoded.append((pixels if error else pipeline.resize(pixels, size).numpy(), error))
-        rows = batch.answer(self._run, self._engine, items, decoded, self._options.top_k)
-        return {"row": np.array([json.dumps(row) for row in rows], dtype=object)}
+        return batch.answer(self._run, self._engine, items, decoded, self._options.top_k)

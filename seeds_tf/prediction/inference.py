@@ -409,6 +409,19 @@ def trust(
     }
 
 
+def specimen_evidence(run: LoadedRun, embeddings: np.ndarray) -> list[tuple[int, float]]:
+    """What the reference specimens say of each embedding (observe's), as `trust` takes it, for a
+    run with specimens (LoadedRun.specimens)."""
+    index = run.required_index()
+    return _evidence(index, *index.search(embeddings, references.EVIDENCE_K))
+
+
+def _evidence(
+    index: references.ReferenceIndex, indices: np.ndarray, similarities: np.ndarray
+) -> list[tuple[int, float]]:
+    return list(zip(*references.specimen_evidence(index, indices, similarities), strict=True))
+
+
 def nearest_references(run: LoadedRun, pixels: Sequence[np.ndarray], k: int, merge: bool) -> list[list[dict]]:
     """The k training images most like each image (one list for all of them when `merge`: their
     mean embedding), from the run's index.
@@ -471,7 +484,7 @@ def predict(
         # One search serves the decision's evidence and the neighbours shown.
         indices, similarities = index.search(embeddings, max(config.neighbours, references.EVIDENCE_K))
         if specimens is not None:
-            evidence = list(zip(*references.specimen_evidence(index, indices, similarities), strict=True))
+            evidence = _evidence(index, indices, similarities)
         k = config.neighbours
         found = references.specimens(index, indices[:, :k], similarities[:, :k], run.classes) if k else []
     results = [
