@@ -78,6 +78,14 @@ class InProcessDeepaas:
             form.add_field(name, str(value))
         return self.request("POST", f"{MODEL_URL}/predict/", data=form, timeout=timeout, headers=headers)
 
+    def train(self, **options) -> Response:
+        """POST train with `options` as query parameters, booleans as "true" or "false", as the
+        Swagger UI sends them."""
+        params = {
+            name: str(value).lower() if isinstance(value, bool) else value for name, value in options.items()
+        }
+        return self.request("POST", f"{MODEL_URL}/train/", params=params)
+
     def wait_for_training(self, uuid: str, timeout: float = 300) -> dict:
         """The status of training `uuid` once it is no longer running."""
         deadline = time.monotonic() + timeout

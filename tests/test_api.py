@@ -114,7 +114,7 @@ def test_a_missing_image_is_a_client_error(app):
 
 def test_train_through_the_api_then_predict_with_the_new_run(app, service, photo, tiny_run):
     options = {**SMALL_OPTIONS, "epochs": 1, "use_validation": "false"}
-    started = app.request("POST", f"{MODEL_URL}/train/", params=options)
+    started = app.train(**options)
     assert started.status == 200, started.body
     assert started.json()["status"] == "running"
     assert started.json()["args"]["use_validation"] is False
@@ -142,7 +142,7 @@ def test_train_through_the_api_then_predict_with_the_new_run(app, service, photo
 def test_a_dataset_problem_ends_the_training_with_a_clear_message(app, service):
     # Neither split files nor one folder per class: nothing to train on.
     options = {**TINY_OPTIONS, "splits_directory": "tiny/images", "images_directory": "tiny/dataset_files"}
-    uuid = app.request("POST", f"{MODEL_URL}/train/", params=options).json()["uuid"]
+    uuid = app.train(**options).json()["uuid"]
     status = app.wait_for_training(uuid)
     assert status["status"] == "error"
     assert "splits_directory" in status["message"]
@@ -156,7 +156,7 @@ def test_a_cancelled_training_is_never_offered(app, service, photo):
     before = set(runs.complete_runs(roots.models))
     interrupted_before = set(runs.incomplete_runs(roots.models))
     options = {**SMALL_OPTIONS, "epochs": 2}
-    uuid = app.request("POST", f"{MODEL_URL}/train/", params=options).json()["uuid"]
+    uuid = app.train(**options).json()["uuid"]
     deadline = time.monotonic() + 300
     started = None
     while started is None and time.monotonic() < deadline:
@@ -187,7 +187,7 @@ def test_resume_finishes_an_interrupted_run_with_its_own_config(app, interrupted
     conf = layout.conf_file.read_bytes()
     backed_up = files.read_json(layout.backup_state)["epoch"]
     done_before = files.read_json(layout.stats_file)["epochs"][:backed_up]
-    resumed = app.request("POST", f"{MODEL_URL}/train/", params={"resume": layout.run_id})
+    resumed = app.train(resume=layout.run_id)
     assert resumed.status == 200, resumed.body
     status = app.wait_for_training(resumed.json()["uuid"])
     assert status["status"] == "done", status

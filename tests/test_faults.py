@@ -285,7 +285,7 @@ def test_a_full_disk_ends_the_training_with_a_clear_error_and_keeps_the_runs(ser
     soft, hard = resource.prlimit(worker, resource.RLIMIT_FSIZE)
     resource.prlimit(worker, resource.RLIMIT_FSIZE, (1 << 20, hard))
     try:
-        started = app.request("POST", f"{MODEL_URL}/train/", params=SMALL_OPTIONS)
+        started = app.train(**SMALL_OPTIONS)
         assert started.status == 200, started.body
         status = app.wait_for_training(started.json()["uuid"])
     finally:
