@@ -16,6 +16,38 @@ from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.data import synthetic
 from tests.helpers import TINY_OPTIONS, copy_roots
 
+LONGEST_FIRST = (
+    "test_export.py",
+    "test_distribute.py",
+    "test_training.py",
+    "test_trust.py",
+    "test_legacy.py",
+    "test_training_features.py",
+    "test_hostile_inputs.py",
+    "test_identify_ray.py",
+    "test_model.py",
+    "test_concurrency.py",
+    "test_cli.py",
+    "test_platform.py",
+    "test_identify.py",
+    "test_api.py",
+    "test_inference.py",
+    "test_tracking.py",
+    "test_faults.py",
+    "test_guards.py",
+)
+"""The test files that take longest (pytest --durations on 2 cores), longest first; the others
+follow in their own order. The two xdist workers take files in this order: long ones first leaves
+short ones to even out the end, and the first two need no tiny run, so that neither worker waits
+while the other trains it."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(
+        key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST))
+    )  # stable: files keep their order
+
 
 @pytest.fixture(scope="session")
 def session_roots(tmp_path_factory, worker_id) -> Roots:

@@ -10,6 +10,7 @@ import pytest
 
 from seeds_tf import cli
 from seeds_tf.classifier import engine_choice, engines
+from seeds_tf.classifier.model import load_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
@@ -32,13 +33,17 @@ def small(tmp_path_factory, session_roots) -> tuple[Roots, runs.RunLayout]:
 
 @pytest.fixture(scope="module")
 def exported(small) -> dict[str, object]:
-    """Every export of the small run, made once for the module."""
+    """Every export of the small run, made once for the module from one load of its final model
+    (`seeds-tf export`, which loads it for each, is test_the_export_command's)."""
     roots, layout = small
     calibration = export.calibration_images(layout, roots.data / "tiny" / "images")
-    made = {}
-    for spec in engines.EXPORTS:
-        made[spec.name] = export.export_checkpoint(layout, spec, calibration if spec.calibrated else ())
-    return made
+    model = load_classifier(runs.resolve_checkpoint(layout, "final"))
+    return {
+        spec.name: export.export_model(
+            model, spec, spec.path(layout.exports_dir), calibration if spec.calibrated else ()
+        )
+        for spec in engines.EXPORTS
+    }
 
 
 def _test_split(roots: Roots, layout: runs.RunLayout, run: inference.LoadedRun):
