@@ -33,17 +33,12 @@ def small(tmp_path_factory, session_roots) -> tuple[Roots, runs.RunLayout]:
 
 @pytest.fixture(scope="module")
 def exported(small) -> dict[str, object]:
-    """Every export of the small run, made once for the module from one load of its final model
-    (`seeds-tf export`, which loads it for each, is test_the_export_command's)."""
+    """Every export of the small run, made once for the module by export_models from one load of
+    its final model (`seeds-tf export`, one export_model each, is test_the_export_command's)."""
     roots, layout = small
     calibration = export.calibration_images(layout, roots.data / "tiny" / "images")
     model = load_classifier(runs.resolve_checkpoint(layout, "final"))
-    return {
-        spec.name: export.export_model(
-            model, spec, spec.path(layout.exports_dir), calibration if spec.calibrated else ()
-        )
-        for spec in engines.EXPORTS
-    }
+    return export.export_models(model, engines.EXPORTS, layout.exports_dir, calibration)
 
 
 def _test_split(roots: Roots, layout: runs.RunLayout, run: inference.LoadedRun):
@@ -173,3 +168,13 @@ def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch):
     assert served["reason"] == "measured"
     assert set(served["ms"]) == set(served["candidates"]) == {"keras", "tflite_fp32"}
     api._run_cache.cache_clear()
+
+
+def test_only_a_converted_export_takes_the_export_it_converts_from(small, exported, tmp_path):
+    _, layout = small
+    model = load_classifier(layout.final_model)
+    with pytest.raises(ValueError, match="converts from nothing"):
+        export.export_model(
+            model, engines.engine_spec("onnx_fp32"), tmp_path / "x.onnx", converted_from=exported["onnx_fp32"]
+        )
+    assert not (tmp_path / "x.onnx").exists()

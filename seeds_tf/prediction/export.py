@@ -117,27 +117,41 @@ def export_model(
     destination: Path,
     calibration: Sequence[Path] = (),
     onnx_calibration: str = ONNX_CALIBRATION,
+    *,
+    converted_from: Path | None = None,
 ) -> Path:
     """Writes `model` in the format and precision of `spec` to `destination`, atomically; an ONNX
     int8 export sets its activation ranges on `calibration` by `onnx_calibration` (ONNX_CALIBRATION
-    by default; the benchmarks try the others)."""
+    by default; the benchmarks try the others).
+
+    `converted_from` is `model`'s fp32 export that this one converts from, when it is already
+    written (see export_models): a savedmodel_fp32 folder for TensorFlow Lite, an onnx_fp32 file
+    for ONNX int8. Defaults to None: written here, in a scratch folder.
+
+    Raises:
+        InputError: naming `precision`, for a calibrated export without calibration images.
+        ValueError: for `converted_from` with an export that converts from nothing.
+    """
     if spec.calibrated and not calibration:
         raise InputError(
             "precision", f"{spec.precision} needs calibration images; the run's train split has none"
         )
+    if converted_from is not None and _converts_from(spec) is None:
+        raise ValueError(f"Expected no converted_from for {spec.name}, which converts from nothing.")
     if spec.precision == "bf16":
         model = bfloat16_copy(fold_batch_norms(model))
     if spec.format == "onnx":
         with files.atomic_path(destination) as temporary:
             if spec.precision == "int8":
-                _onnx_int8(model, temporary, calibration, onnx_calibration)
+                _onnx_int8(model, temporary, calibration, onnx_calibration, converted_from)
             else:
                 _onnx(model, temporary)
         return destination
     # TensorFlow Lite converts from a SavedModel, the other format: the same one, in both cases.
     with tempfile.TemporaryDirectory(prefix="seeds_tf_export_") as scratch:
-        saved_model = Path(scratch) / "savedmodel"
-        model.export(str(saved_model), format="tf_saved_model", verbose=False)
+        saved_model = converted_from or Path(scratch) / "savedmodel"
+        if converted_from is None:
+            model.export(str(saved_model), format="tf_saved_model", verbose=False)
         if spec.format == "savedmodel":
             _replace_folder(saved_model, destination)
         else:
@@ -145,6 +159,33 @@ def export_model(
             with files.atomic_path(destination) as temporary:
                 temporary.write_bytes(blob)
     return destination
+
+
+def export_models(
+    model: keras.Model,
+    specs: Sequence[engines.EngineSpec],
+    exports_dir: Path,
+    calibration: Sequence[Path] = (),
+) -> dict[str, Path]:
+    """Writes every export of `specs` into `exports_dir` (see export_model), the fp32 SavedModel and
+    ONNX exports first when asked for, so that the exports converted from them read them instead of
+    writing them again (a SavedModel of the network takes seconds). Returns each export's path by
+    name."""
+    fp32 = {"savedmodel_fp32", "onnx_fp32"}
+    made: dict[str, Path] = {}
+    for spec in sorted(specs, key=lambda spec: spec.name not in fp32):
+        source = made.get(_converts_from(spec) or "")
+        made[spec.name] = export_model(
+            model, spec, spec.path(exports_dir), calibration if spec.calibrated else (), converted_from=source
+        )
+    return made
+
+
+def _converts_from(spec: engines.EngineSpec) -> str | None:
+    """The export that `spec`'s export is converted from, if any."""
+    if spec.format == "tflite":
+        return "savedmodel_fp32"
+    return "onnx_fp32" if spec.format == "onnx" and spec.precision == "int8" else None
 
 
 def compare_with_keras(run: inference.LoadedRun, engine: str, split: Split, batch_size: int = 16) -> dict:
@@ -229,20 +270,27 @@ def _onnx(model: keras.Model, destination: Path) -> None:
 
 
 def _onnx_int8(
-    model: keras.Model, destination: Path, calibration: Sequence[Path], method: str = ONNX_CALIBRATION
+    model: keras.Model,
+    destination: Path,
+    calibration: Sequence[Path],
+    method: str = ONNX_CALIBRATION,
+    fp32: Path | None = None,
 ) -> None:
     """ONNX Runtime's static quantization of the fp32 export, in QDQ form (its CPU kernels fuse
     each QuantizeLinear/DequantizeLinear pair around a convolution into an int8 convolution):
     weights int8 per output channel, activations uint8 with ranges set by `method` on the
     `calibration` images, the input and the softmax left in float. Weights use 7 bits
     (reduce_range): CPUs without VNNI (AVX2) multiply uint8 by int8 pairs into saturating int16,
-    which 7-bit weights cannot overflow, so the export answers the same on every x86 CPU."""
+    which 7-bit weights cannot overflow, so the export answers the same on every x86 CPU. `fp32`:
+    the model's onnx_fp32 export, when written already."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="seeds_tf_export_") as scratch:
-        fp32, prepared = Path(scratch) / "fp32.onnx", Path(scratch) / "prepared.onnx"
-        _onnx(model, fp32)
+        prepared = Path(scratch) / "prepared.onnx"
+        if fp32 is None:
+            fp32 = Path(scratch) / "fp32.onnx"
+            _onnx(model, fp32)
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # as ORT advises
         quantize_static(
             str(prepared),
