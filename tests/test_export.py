@@ -4,6 +4,7 @@ fast to convert)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from seeds_tf.data import images
 from seeds_tf.data.splits import read_split
 from seeds_tf.learning import training
 from seeds_tf.prediction import export, inference
+from seeds_tf.prediction.calibration import SPECIMENS_NEED_KERAS
 from tests.helpers import SMALL_OPTIONS, seed_photo
 
 
@@ -98,7 +100,7 @@ def test_agreement_with_keras_is_measured_on_the_test_split(small, exported):
     assert figures["top1_change"] == 0.0
 
 
-def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported):
+def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported, tmp_path):
     _, layout = small
     with pytest.raises(InputError) as refused:
         export.record_export(layout, "tflite_int8", {"agreement_top1": 0.9}, serve=True)
@@ -108,11 +110,23 @@ def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported):
 
     export.record_export(layout, "tflite_fp32", {"agreement_top1": 1.0}, serve=True)
     assert engine_choice.candidates(layout.exports_dir, engines.cpu_flags()) == ("keras", "tflite_fp32")
-    auto = inference.load_run(layout).engine("auto").name  # measured here, at the first load
-    assert auto == engine_choice.recorded_choice(layout.exports_dir).engine
-    assert inference.load_run(layout, "best").engine("auto").name == "keras"  # exports are of final
+    # Its answers use its reference specimens: keras gives their embedding in its own pass.
+    assert inference.load_run(layout).engine("auto").name == "keras"
+    assert engine_choice.recorded_choice(layout.exports_dir) is None, "measured for nothing"
+    plain = _without_index(layout, tmp_path)
+    auto = inference.load_run(plain).engine("auto").name  # measured here, at the first load
+    assert auto == engine_choice.recorded_choice(plain.exports_dir).engine
+    assert inference.load_run(plain, "best").engine("auto").name == "keras"  # exports are of final
     recorded = files.read_json(layout.exports_dir / runs.EXPORTS_INDEX)
     assert set(recorded["exports"]) == {"tflite_int8", "tflite_fp32"}
+
+
+def _without_index(layout: runs.RunLayout, base: Path) -> runs.RunLayout:
+    """A copy of the run in `base`/models without its index, as runs indexed before issue 13 are:
+    its answers take no embedding, so engine=auto measures its exports."""
+    plain = runs.RunLayout(base / "models" / layout.run_id)
+    shutil.copytree(layout.root, plain.root, ignore=shutil.ignore_patterns(layout.index_dir.name))
+    return plain
 
 
 def test_a_prediction_names_its_engine_and_refuses_a_missing_export(small, exported, tmp_path):
@@ -145,12 +159,12 @@ def test_the_export_command(small, monkeypatch, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert status == 0
     assert printed["agreement_top1"] == 1.0
-    assert printed["serve"] in {"keras", "tflite_fp32"}  # the faster here: measured again
-    assert set(printed["measured_ms"]) == {"keras", "tflite_fp32"}
-    assert printed["serve"] == engine_choice.recorded_choice(layout.exports_dir).engine
+    assert set(printed["measured_ms"]) == {"keras", "tflite_fp32"}  # measured again
+    assert engine_choice.recorded_choice(layout.exports_dir).engine in {"keras", "tflite_fp32"}
+    assert printed["serve"] == "keras"  # whatever was measured: the run's answers use its specimens
 
 
-def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch):
+def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch, tmp_path):
     """DEEPaaS calls warm() once per worker: the first request then finds the run loaded and its
     engine traced (the benchmark measures what that saves)."""
     from seeds_tf import api
@@ -160,11 +174,19 @@ def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch):
     monkeypatch.setenv(MODELS_ENV, str(roots.models))
     api._run_cache.cache_clear()
     api.warm()
-    run = api._run_cache().get(layout)
-    choice = engine_choice.recorded_choice(layout.exports_dir)
+    assert set(api._run_cache().get(layout)._engines) == {"keras"}
+    served = api.get_metadata()["engine"]  # which engine serves, and why
+    assert served == {"run_id": layout.run_id, "engine": "keras", "reason": SPECIMENS_NEED_KERAS}
+
+    plain = _without_index(layout, tmp_path)
+    monkeypatch.setenv(MODELS_ENV, str(plain.root.parent))
+    api._run_cache.cache_clear()
+    api.warm()
+    run = api._run_cache().get(plain)
+    choice = engine_choice.recorded_choice(plain.exports_dir)
     assert set(run._engines) == {choice.engine}
     served = api.get_metadata()["engine"]  # which engine serves, and the timings it was chosen by
-    assert served == {**choice.to_dict(), "run_id": layout.run_id}
+    assert served == {**choice.to_dict(), "run_id": plain.run_id}
     assert served["reason"] == "measured"
     assert set(served["ms"]) == set(served["candidates"]) == {"keras", "tflite_fp32"}
     api._run_cache.cache_clear()

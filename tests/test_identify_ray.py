@@ -88,7 +88,7 @@ def test_a_job_on_two_ray_nodes_writes_the_rows_one_machine_writes(
 ):
     on_ray = tmp_path / "ray.csv"
     command = [
-        sys.executable, "-m", "seeds_tf.cli", "--quiet", "identify", str(collection), "--output", str(on_ray),
+        sys.executable, "-m", "seeds_tf.cli", "identify", str(collection), "--output", str(on_ray),
         "--run", tiny_run, "--engine", "keras", "--top-k", "3", "--batch-size", "16", "--ray", cluster,
     ]  # fmt: skip
     done = subprocess.run(
@@ -101,6 +101,9 @@ def test_a_job_on_two_ray_nodes_writes_the_rows_one_machine_writes(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert '"failed": 1' in done.stdout
+    assert f"Answered {len(list(collection.rglob('*.*')))} images on 2 Ray nodes" in done.stderr, done.stderr[
+        -3000:
+    ]
 
     here = tmp_path / "here.csv"
     options = batch.IdentifyOptions(timestamp=tiny_run, engine="keras", top_k=3, batch_size=16)

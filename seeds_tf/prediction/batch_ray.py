@@ -18,6 +18,7 @@ runs: the service never needs it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -102,16 +103,27 @@ def _answer_on_ray(
             },
             batch_size=1,  # one batch of images
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+            # Every worker from the start: a job's work is known, and nothing is gained by
+            # starting one actor and waiting for a queue to grow before adding the others.
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=cluster.cpus_per_worker,
             runtime_env={"env_vars": {THREADS_ENV: str(threads)}},
         )
         _LOGGER.info(
             "Answering %d images on Ray (%s), up to %d workers", len(items), cluster.address, workers
         )
+        nodes = collections.Counter()
         for answers in answered.iter_batches(batch_size=None, batch_format="numpy"):
-            for rows in answers["rows"]:
-                yield from json.loads(rows)
+            for rows, node in zip(answers["rows"], answers["node"], strict=True):
+                answered_here = json.loads(rows)
+                nodes[str(node)] += len(answered_here)
+                yield from answered_here
+        _LOGGER.info(
+            "Answered %d images on %d Ray nodes (%s)",
+            sum(nodes.values()),
+            len(nodes),
+            ", ".join(f"{node[:8]}: {count}" for node, count in sorted(nodes.items())),
+        )
     finally:
         if connected_here:
             ray.shutdown()
@@ -120,7 +132,7 @@ def _answer_on_ray(
 class _Identifier:
     """A Ray Data worker: loads the run once (the engine too), then answers rows of one batch of
     images each ({"inputs", "sources"}) with a "rows" column, the batch's rows (see batch.answer)
-    as one JSON list."""
+    as one JSON list, and a "node" column, the id of the Ray node that answered it."""
 
     def __init__(
         self, models_dir: str, run_id: str, engine: str, options: batch.IdentifyOptions, threads: int
@@ -130,6 +142,9 @@ class _Identifier:
         # The worker's share of the node's CPUs, before TensorFlow starts its thread pools.
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
+        import ray
+
+        self._node = ray.get_runtime_context().get_node_id()
         self._run = inference.load_run(runs.RunLayout(Path(models_dir) / run_id))
         self._engine = self._run.engine(engine).name
         self._options = options
@@ -140,7 +155,10 @@ class _Identifier:
             json.dumps(self._answer([batch.Item(str(n), str(s)) for n, s in zip(names, paths, strict=True)]))
             for names, paths in zip(columns["inputs"], columns["sources"], strict=True)
         ]
-        return {"rows": np.array(answers, dtype=object)}
+        return {
+            "rows": np.array(answers, dtype=object),
+            "node": np.array([self._node] * len(answers), dtype=object),
+        }
 
     def _answer(self, items: list[batch.Item]) -> list[dict[str, Any]]:
         size = self._run.config.image_size

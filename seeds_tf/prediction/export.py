@@ -67,7 +67,8 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
 
     Returns:
         The export's path, and for an engine its figures (see `compare_with_keras`); with `serve`,
-        the engine "auto" runs on this CPU (`serve`) and the timings it was chosen by (`measured_ms`).
+        the engine "auto" runs on this CPU (`serve`: keras for a run whose answers use its reference
+        specimens, see inference.LoadedRun.engine) and the timings of the run's engines (`measured_ms`).
 
     Raises:
         InputError: naming `serve`, with `serve`, for an export that agrees too little (see
@@ -88,7 +89,8 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
         return {"export": str(path), **figures}
     inference.default_engine(layout.exports_dir, run.model, remeasure=True)
     choice = engine_choice.recorded_choice(layout.exports_dir)
-    return {"export": str(path), **figures, "serve": choice.engine, "measured_ms": choice.ms}
+    serving = run.engine("auto").name  # keras, whatever was measured, where the answers embed
+    return {"export": str(path), **figures, "serve": serving, "measured_ms": choice.ms}
 
 
 def export_checkpoint(

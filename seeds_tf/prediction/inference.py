@@ -98,12 +98,15 @@ class LoadedRun:
     def engine(self, name: str = "auto") -> Engine:
         """The engine called `name` (seeds_tf.classifier.engines.ENGINES); "auto" is the fastest of
         the run's agreeing exports and keras on this CPU (`default_engine`), keras for a checkpoint
-        other than final.
+        other than final, and keras for a run whose answers use its reference specimens
+        (calibration.SPECIMENS_NEED_KERAS).
 
         Raises:
             InputError: naming `engine`, for a name not in ENGINES or an export this run does not
                 have; exports are made of the final model only.
         """
+        if name == "auto" and self.specimens() is not None:
+            name = "keras"
         with self._lock:
             if name == "auto":
                 name = default_engine(self.exports_dir, self.model) if self.checkpoint == "final" else "keras"
