@@ -169,13 +169,13 @@ def export_models(
     exports_dir: Path,
     calibration: Sequence[Path] = (),
 ) -> dict[str, Path]:
-    """Writes every export of `specs` into `exports_dir` (see export_model), the fp32 SavedModel and
-    ONNX exports first when asked for, so that the exports converted from them read them instead of
-    writing them again (a SavedModel of the network takes seconds). Returns each export's path by
-    name."""
-    fp32 = {"savedmodel_fp32", "onnx_fp32"}
+    """Writes every export of `specs` into `exports_dir` (see export_model), those the others
+    convert from first (the fp32 SavedModel and ONNX ones, when asked for), so that the others read
+    them instead of writing them again (a SavedModel of the network takes seconds). Returns each
+    export's path by name."""
+    sources = {_converts_from(spec) for spec in specs}
     made: dict[str, Path] = {}
-    for spec in sorted(specs, key=lambda spec: spec.name not in fp32):
+    for spec in sorted(specs, key=lambda spec: spec.name not in sources):
         source = made.get(_converts_from(spec) or "")
         made[spec.name] = export_model(
             model, spec, spec.path(exports_dir), calibration if spec.calibrated else (), converted_from=source
