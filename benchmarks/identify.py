@@ -74,7 +74,9 @@ def throughput(
         started = time.perf_counter()
         for start in range(0, len(ready), batch_size):
             chunk = ready[start : start + batch_size]
-            batch.answer(run, engine.name, items[start : start + batch_size], [(p, "") for p in chunk], 5)
+            batch.answer(
+                run, engine.name, items[start : start + batch_size], [(p, "") for p in chunk], options.top_k
+            )
         return len(ready) / (time.perf_counter() - started)
 
     def job() -> float:

@@ -122,8 +122,8 @@ def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported, tmp_path
 
 
 def _without_index(layout: runs.RunLayout, base: Path) -> runs.RunLayout:
-    """A copy of the run in `base`/models without its index, as runs indexed before issue 13 are:
-    its answers take no embedding, so engine=auto measures its exports."""
+    """A copy of the run in `base`/models without its index, as runs trained before issue 13 or
+    imported are: its answers take no embedding, so engine=auto measures its exports."""
     plain = runs.RunLayout(base / "models" / layout.run_id)
     shutil.copytree(layout.root, plain.root, ignore=shutil.ignore_patterns(layout.index_dir.name))
     return plain
