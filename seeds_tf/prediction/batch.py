@@ -266,10 +266,16 @@ def image_batches(items: Sequence[Item], image_size: int, options: IdentifyOptio
     """Batches of (float32 images, error messages), in the order of `items`; an image that cannot be
     read has a blank in place of its pixels and its message."""
     policy = sources.FetchPolicy.from_env()
-    signature = (tf.TensorSpec((), tf.string),) * 3
-    data = tf.data.Dataset.from_generator(
-        lambda: read_all(items, policy, options.fetch_threads), output_signature=signature
-    )
+    signature = (tf.TensorSpec((None,), tf.string),) * 3
+
+    def chunks() -> Iterator[tuple[np.ndarray, ...]]:
+        """The reads in columns of up to a batch: from_generator costs a Python call per element
+        it yields, more than decoding a small JPEG, so whole chunks cross into TensorFlow."""
+        reads = read_all(items, policy, options.fetch_threads)
+        while chunk := list(itertools.islice(reads, options.batch_size)):
+            yield tuple(np.array(column, dtype=object) for column in zip(*chunk, strict=True))
+
+    data = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
 
     @tf.autograph.experimental.do_not_convert  # no Python control flow to convert
     def load(name, encoded, error):
