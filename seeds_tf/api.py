@@ -23,7 +23,7 @@ from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.hosting import admission, monitor
-from seeds_tf.prediction.calibration import SPECIMENS_NEED_KERAS, load_calibration
+from seeds_tf.prediction.calibration import load_calibration
 from seeds_tf.service import dependency_warnings, request_parsing, schemas
 
 _LOGGER = logging.getLogger(__name__)
@@ -102,14 +102,13 @@ def get_metadata() -> dict[str, Any]:
 
 
 def _auto_engine(models: Path, run_id: str) -> dict[str, Any]:
-    """The engine `engine=auto` runs `run_id` with on this CPU and why: keras for a run whose answers
-    use its reference specimens (inference.LoadedRun.engine), else the timings it was chosen by,
-    "only keras", or that it is measured at the run's first load here."""
+    """The engine `engine=auto` runs `run_id` with on this CPU and why: the timings it was chosen
+    by, "only keras", or that it is measured at the run's first load here; for a run whose answers
+    use its reference specimens, among the exports that qualify for it (inference.LoadedRun.engine)."""
     layout = runs.RunLayout(models / run_id)
     fitted = load_calibration(layout)
-    if fitted is not None and fitted.specimens is not None and layout.index_dir.is_dir():
-        return {"run_id": run_id, "engine": "keras", "reason": SPECIMENS_NEED_KERAS}
-    choice = engine_choice.recorded_choice(layout.exports_dir)
+    embeds = fitted is not None and fitted.specimens is not None and layout.index_dir.is_dir()
+    choice = engine_choice.recorded_choice(layout.exports_dir, embeds=embeds)
     if choice is None:
         return {"run_id": run_id, "engine": None, "reason": "not measured on this CPU yet: at the first load"}
     return {**choice.to_dict(), "run_id": run_id}

@@ -19,7 +19,6 @@ from seeds_tf.data import images
 from seeds_tf.data.splits import read_split
 from seeds_tf.learning import training
 from seeds_tf.prediction import export, inference
-from seeds_tf.prediction.calibration import SPECIMENS_NEED_KERAS
 from tests.helpers import SMALL_OPTIONS, seed_photo
 
 
@@ -76,17 +75,21 @@ TOLERANCES = {
 
 
 @pytest.mark.parametrize("engine", [name for name in engines.ENGINES if name != "keras"])
-def test_each_engine_gives_the_keras_probabilities(small, exported, engine):
+def test_each_engine_gives_the_keras_probabilities_and_embedding(small, exported, engine):
     tolerance = TOLERANCES[engine]
     roots, layout = small
     run = inference.load_run(layout)
     pixels = [images.read_image(seed_photo(roots, index)) for index in range(4)]
-    reference = inference.class_probabilities(run, pixels, engine="keras")
-    got = inference.class_probabilities(run, pixels, engine=engine)
+    got, embedding = inference.observe(run, pixels, engine=engine, embed=True)
+    assert set(run._engines) == {engine}, "one pass of the export gives both: no pass of keras"
+    assert run.engine(engine).embeds
+    reference, reference_embedding = inference.observe(run, pixels, engine="keras", embed=True)
     assert got.shape == reference.shape
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-3)
     assert np.abs(got - reference).max() < tolerance
-    assert run.engine(engine).name == engine
+    assert embedding.shape == reference_embedding.shape
+    similarity = np.sum(embedding * reference_embedding, axis=1)  # unit vectors: their cosines
+    assert similarity.min() > 1 - tolerance
 
 
 def test_agreement_with_keras_is_measured_on_the_test_split(small, exported):
@@ -96,6 +99,7 @@ def test_agreement_with_keras_is_measured_on_the_test_split(small, exported):
     figures = export.compare_with_keras(run, "tflite_fp32", test)
     assert figures["images"] == len(test.paths)
     assert figures["agreement_top1"] == 1.0
+    assert figures["agreement_decision"] == 1.0  # the run's answers use its reference specimens
     assert figures["top1"] == figures["keras_top1"]
     assert figures["top1_change"] == 0.0
 
@@ -109,10 +113,23 @@ def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported, tmp_path
     assert engine_choice.candidates(layout.exports_dir, engines.cpu_flags()) == ("keras",)
 
     export.record_export(layout, "tflite_fp32", {"agreement_top1": 1.0}, serve=True)
-    assert engine_choice.candidates(layout.exports_dir, engines.cpu_flags()) == ("keras", "tflite_fp32")
-    # Its answers use its reference specimens: keras gives their embedding in its own pass.
+    flags = engines.cpu_flags()
+    assert engine_choice.candidates(layout.exports_dir, flags) == ("keras", "tflite_fp32")
+    # The run's answers use its reference specimens: an export qualifies once its decisions agree.
+    assert engine_choice.candidates(layout.exports_dir, flags, embeds=True) == ("keras",)
     assert inference.load_run(layout).engine("auto").name == "keras"
-    assert engine_choice.recorded_choice(layout.exports_dir) is None, "measured for nothing"
+    assert engine_choice.recorded_choice(layout.exports_dir, embeds=True).reason == "only keras"
+    with pytest.raises(InputError) as refused:
+        export.record_export(
+            layout, "tflite_int8", {"agreement_top1": 1.0, "agreement_decision": 0.9}, serve=True
+        )
+    assert "(agreement_decision)" in refused.value.problem
+    export.record_export(
+        layout, "tflite_fp32", {"agreement_top1": 1.0, "agreement_decision": 1.0}, serve=True
+    )
+    assert engine_choice.candidates(layout.exports_dir, flags, embeds=True) == ("keras", "tflite_fp32")
+    auto = inference.load_run(layout).engine("auto").name  # measured here, at the first load
+    assert auto == engine_choice.recorded_choice(layout.exports_dir, embeds=True).engine
     plain = _without_index(layout, tmp_path)
     auto = inference.load_run(plain).engine("auto").name  # measured here, at the first load
     assert auto == engine_choice.recorded_choice(plain.exports_dir).engine
@@ -159,9 +176,9 @@ def test_the_export_command(small, monkeypatch, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert status == 0
     assert printed["agreement_top1"] == 1.0
+    assert printed["agreement_decision"] == 1.0  # the run's answers use its reference specimens
     assert set(printed["measured_ms"]) == {"keras", "tflite_fp32"}  # measured again
-    assert engine_choice.recorded_choice(layout.exports_dir).engine in {"keras", "tflite_fp32"}
-    assert printed["serve"] == "keras"  # whatever was measured: the run's answers use its specimens
+    assert printed["serve"] == engine_choice.recorded_choice(layout.exports_dir, embeds=True).engine
 
 
 def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch, tmp_path):
@@ -174,9 +191,10 @@ def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch, tmp
     monkeypatch.setenv(MODELS_ENV, str(roots.models))
     api._run_cache.cache_clear()
     api.warm()
-    assert set(api._run_cache().get(layout)._engines) == {"keras"}
+    choice = engine_choice.recorded_choice(layout.exports_dir, embeds=True)
+    assert set(api._run_cache().get(layout)._engines) == {choice.engine}  # it gives the embedding too
     served = api.get_metadata()["engine"]  # which engine serves, and why
-    assert served == {"run_id": layout.run_id, "engine": "keras", "reason": SPECIMENS_NEED_KERAS}
+    assert served == {**choice.to_dict(), "run_id": layout.run_id}
 
     plain = _without_index(layout, tmp_path)
     monkeypatch.setenv(MODELS_ENV, str(plain.root.parent))
@@ -188,7 +206,9 @@ def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch, tmp
     served = api.get_metadata()["engine"]  # which engine serves, and the timings it was chosen by
     assert served == {**choice.to_dict(), "run_id": plain.run_id}
     assert served["reason"] == "measured"
-    assert set(served["ms"]) == set(served["candidates"]) == {"keras", "tflite_fp32"}
+    offered = engine_choice.candidates(plain.exports_dir, engines.cpu_flags())
+    assert set(served["ms"]) == set(served["candidates"]) == set(offered)
+    assert {"keras", "tflite_fp32"} <= set(offered)
     api._run_cache.cache_clear()
 
 

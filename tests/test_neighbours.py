@@ -43,14 +43,16 @@ def _index(embeddings: np.ndarray, labels=None) -> ReferenceIndex:
 
 
 def _pooled(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    """The reference the joint model is checked against: the classifier itself, unfolded, cut at
-    its pooled features."""
+    """The reference the keras engine's features are checked against: the classifier itself,
+    unfolded, cut at its pooled features."""
     return keras.Model(model.input, model.get_layer("avg_pool").output)(images, training=False).numpy()
 
 
 def test_an_image_is_its_own_nearest_reference(small_model):
     images = _distinct_images(6)
-    embeddings = neighbours.normalised(neighbours.JointModel(small_model)(images)[0])
+    embeddings = neighbours.normalised(
+        engines.load_engine("keras", small_model, Path(".")).observe(images)[1]
+    )
     assert embeddings.dtype == np.float32
     assert embeddings.shape == (6, small_model.get_layer("avg_pool").output.shape[-1])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
@@ -197,11 +199,13 @@ def test_the_explained_picture_can_carry_the_contact_sheet_beside_it(tmp_path):
     np.testing.assert_array_equal(np.asarray(both)[:256, :384], np.asarray(alone.convert("RGB")))
 
 
-def test_one_joint_pass_gives_the_keras_engine_probabilities_and_the_features(small_model):
+def test_one_pass_of_the_keras_engine_gives_the_probabilities_and_the_features(small_model):
     images = _distinct_images(4)
-    features, probabilities = neighbours.JointModel(small_model)(images)
     keras_engine = engines.load_engine("keras", small_model, Path("."))
-    np.testing.assert_allclose(probabilities, keras_engine(images), atol=1e-5)
+    probabilities, features = keras_engine.observe(images)
+    assert keras_engine.embeds
+    np.testing.assert_allclose(probabilities, small_model(images, training=False).numpy(), atol=1e-5)
+    np.testing.assert_allclose(keras_engine(images), probabilities)
     np.testing.assert_allclose(features, _pooled(small_model, images), rtol=1e-4, atol=1e-4)
 
 

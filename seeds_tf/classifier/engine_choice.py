@@ -37,7 +37,11 @@ from seeds_tf.core import files, runs
 _LOGGER = logging.getLogger(__name__)
 
 MIN_AGREEMENT = 0.99
-"""Top-1 agreement with the Keras model an export needs before `engine=auto` may serve with it."""
+"""Agreement with the Keras model an export needs before `engine=auto` may serve with it."""
+AGREEMENTS = ("agreement_top1", "agreement_decision")
+"""What must agree, in exports.json's figures (seeds_tf.prediction.export.compare_with_keras): the
+top-1 species; and for a run whose answers use its reference specimens, also the decision, which
+the embedding's nearest references take part in."""
 CHOICE_FILE = "engine_choice.json"
 """In exports/: the engine chosen for each CPU signature, with the timings it was chosen by."""
 BATCHES = (1, 8)
@@ -98,16 +102,19 @@ def cpu_signature(cpuinfo: str | None = None, threads: int | None = None) -> str
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
-def candidates(exports_dir: Path, flags: Collection[str]) -> tuple[str, ...]:
+def candidates(exports_dir: Path, flags: Collection[str], embeds: bool = False) -> tuple[str, ...]:
     """The engines `auto` may choose from: `keras`, and each export of the run in exports.json
     that agreed with Keras on at least MIN_AGREEMENT of the test images, is still there, and runs
-    natively on a CPU with these `flags` (seeds_tf.classifier.engines.cpu_flags)."""
+    natively on a CPU with these `flags` (seeds_tf.classifier.engines.cpu_flags). With `embeds`
+    (default False: a run whose answers use its reference specimens), an export also needs that
+    agreement on the decisions (`AGREEMENTS`), which only exports giving the embedding have."""
     index = exports_dir / runs.EXPORTS_INDEX
     figures = files.read_json(index).get("exports", {}) if index.is_file() else {}
+    required = AGREEMENTS if embeds else AGREEMENTS[:1]
     agreeing = [
         spec
         for spec in engines.EXPORTS
-        if spec.serves and figures.get(spec.name, {}).get("agreement_top1", 0.0) >= MIN_AGREEMENT
+        if spec.serves and all(figures.get(spec.name, {}).get(key, 0.0) >= MIN_AGREEMENT for key in required)
     ]
     return (
         "keras",
@@ -116,14 +123,18 @@ def candidates(exports_dir: Path, flags: Collection[str]) -> tuple[str, ...]:
 
 
 def recorded_choice(
-    exports_dir: Path, flags: Collection[str] | None = None, signature: str | None = None
+    exports_dir: Path,
+    flags: Collection[str] | None = None,
+    signature: str | None = None,
+    embeds: bool = False,
 ) -> EngineChoice | None:
-    """The choice for this CPU (`flags` and `signature` default to this machine's) without
-    measuring: "only keras" when no export qualifies, the cached one while the candidates it was
-    measured among are still the run's, else None (a new export, or a CPU not measured yet)."""
+    """The choice for this CPU (`flags` and `signature` default to this machine's) among the
+    `candidates` (with `embeds`, default False) without measuring: "only keras" when no export
+    qualifies, the cached one while the candidates it was measured among are still the run's, else
+    None (a new export, or a CPU not measured yet)."""
     flags = engines.cpu_flags() if flags is None else flags
     signature = signature or cpu_signature()
-    offered = candidates(exports_dir, flags)
+    offered = candidates(exports_dir, flags, embeds)
     if offered == ("keras",):
         return EngineChoice("keras", "only keras", engines.cpu_model(), signature, offered)
     cached = _read_choices(exports_dir).get(signature)
@@ -140,6 +151,7 @@ def choose_engine(
     flags: Collection[str] | None = None,
     signature: str | None = None,
     remeasure: bool = False,
+    embeds: bool = False,
     rounds: int = ROUNDS,
     budget_s: float = BUDGET_S,
 ) -> EngineChoice:
@@ -153,6 +165,8 @@ def choose_engine(
         flags: the CPU flags that filter the candidates; this CPU's by default.
         signature: the CPU signature the choice is cached under; this CPU's by default.
         remeasure: measure even if a choice is recorded (`seeds-tf export --serve`).
+        embeds: choose among the exports that qualify for a run whose answers use its reference
+            specimens (see `candidates`). Defaults to False.
         rounds: timed rounds (ROUNDS by default).
         budget_s: no round starts after this many seconds (BUDGET_S by default).
     """
@@ -160,7 +174,7 @@ def choose_engine(
     signature = signature or cpu_signature()
 
     def settled() -> EngineChoice | None:
-        known = recorded_choice(exports_dir, flags, signature)
+        known = recorded_choice(exports_dir, flags, signature, embeds)
         return known if known is not None and (known.reason == "only keras" or not remeasure) else None
 
     if known := settled():
@@ -169,7 +183,7 @@ def choose_engine(
         # A second worker starting beside the first waits here, then finds its choice.
         if known := settled():
             return known
-        offered = candidates(exports_dir, flags)
+        offered = candidates(exports_dir, flags, embeds)
         ms = measure({name: functools.partial(load, name) for name in offered}, image_size, rounds, budget_s)
         choice = EngineChoice(
             fastest(ms),

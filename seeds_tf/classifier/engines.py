@@ -7,7 +7,9 @@ TensorFlow Lite with XNNPACK (`tflite_fp32`, `tflite_dynamic_int8`, `tflite_int8
 (`onnx_fp32`, and `onnx_int8`: static int8 quantization in QDQ form, whose int8 kernels use AVX2,
 AVX-512 and VNNI) or TensorFlow itself on a bfloat16 SavedModel (`savedmodel_bf16`, for CPUs with bf16
 units); `savedmodel_fp32` is exported for TensorFlow Serving, not run here. All take float32 RGB
-batches of shape (n, size, size, 3) in [0, 255] and return (n, classes) softmax probabilities.
+batches of shape (n, size, size, 3) in [0, 255] and give (n, classes) softmax probabilities, and
+with them, from the same forward pass, each image's embedding (`Engine.observe`): what the run's
+reference specimens are searched with, so that a run whose answers use them is as fast as its engine.
 Which one `engine=auto` runs is measured on each CPU: seeds_tf.classifier.engine_choice.
 
 Importing this module imports no runtime (the CLI builds its choices from the table without
@@ -21,9 +23,9 @@ import functools
 import os
 import platform
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,13 +40,37 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 THREADS_ENV = "SEEDS_TF_ENGINE_THREADS"
 
 
-class Engine(Protocol):
+class Engine:
+    """What runs a run's network on a batch of images: `observe` gives the probabilities and the
+    embedding (the pooled features the reference specimens are searched with, see
+    seeds_tf.classifier.model.with_features) from one forward pass; calling it gives the
+    probabilities alone.
+
+    Attributes:
+        name: the engine's name in SPECS.
+        embeds: whether `observe` gives the embedding. Exports made before exports carried it give
+            the probabilities alone (their embedding is None).
+    """
+
     name: str
+    embeds: bool = True
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+    def observe(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (n, classes), embedding (n, dimension) float32 or None) of a float32
+        batch (n, size, size, 3) in [0, 255]."""
+        raise NotImplementedError
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.observe(batch)[0]
 
 
-class KerasEngine:
+def _outputs(ordered: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, embedding or None) of an export's outputs in their order: the probabilities
+    last, after the embedding where the export has it (with_features' order)."""
+    return ordered[-1], (ordered[0] if len(ordered) == 2 else None)
+
+
+class KerasEngine(Engine):
     """The run's Keras model, its batch normalisations folded into the convolutions before them
     (the same function, 1.1-1.2x faster: benchmarks/NOTES.md), in one traced TensorFlow function
     for every batch size: no per-call tf.data pipeline as in `model.predict`, no retracing as batch
@@ -57,19 +83,21 @@ class KerasEngine:
         import tensorflow as tf
 
         from seeds_tf.classifier.inference_model import fold_batch_norms
+        from seeds_tf.classifier.model import with_features
 
-        folded = fold_batch_norms(model)
+        joint = with_features(fold_batch_norms(model))
         size = model.input_shape[1]
         signature = [tf.TensorSpec((None, size, size, 3), tf.float32)]
         self._forward = tf.function(
-            lambda batch: folded(batch, training=False), input_signature=signature, autograph=False
+            lambda batch: joint(batch, training=False), input_signature=signature, autograph=False
         )
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self._forward(np.asarray(batch, dtype=np.float32)).numpy()
+    def observe(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features, probabilities = self._forward(np.asarray(batch, dtype=np.float32))
+        return probabilities.numpy(), features.numpy()
 
 
-class TFLiteEngine:
+class TFLiteEngine(Engine):
     """A TensorFlow Lite model in the LiteRT interpreter, whose default XNNPACK delegate runs the
     float and int8 kernels with this CPU's vector units. One interpreter is not thread-safe: calls
     are serialised, and the input is resized only when the batch size changes."""
@@ -80,11 +108,15 @@ class TFLiteEngine:
         self.name = name
         self._interpreter = Interpreter(model_path=str(path), num_threads=threads or engine_threads())
         self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+        # The serving signature's outputs by name (output_0, output_1: the Keras outputs' order);
+        # the tensors' own order in the file is the converter's.
+        named = self._interpreter.get_signature_runner().get_output_details()
+        self._outputs = [named[output]["index"] for output in sorted(named)]
+        self.embeds = len(self._outputs) == 2
         self._batch_size = None
         self._lock = threading.Lock()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def observe(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:
             if batch.shape[0] != self._batch_size:
                 self._interpreter.resize_tensor_input(self._input, batch.shape)
@@ -92,10 +124,10 @@ class TFLiteEngine:
                 self._batch_size = batch.shape[0]
             self._interpreter.set_tensor(self._input, np.ascontiguousarray(batch, dtype=np.float32))
             self._interpreter.invoke()
-            return self._interpreter.get_tensor(self._output).copy()
+            return _outputs([self._interpreter.get_tensor(output).copy() for output in self._outputs])
 
 
-class SavedModelEngine:
+class SavedModelEngine(Engine):
     """A SavedModel's serving function in TensorFlow (thread-safe), here the bfloat16 copy whose
     convolutions oneDNN runs on AVX512-BF16 and AMX."""
 
@@ -104,18 +136,21 @@ class SavedModelEngine:
 
         self.name = name
         self._saved_model = tf.saved_model.load(str(path))
-        # The serving signature, as TensorFlow Serving calls it: one named input, one output.
+        # The serving signature, as TensorFlow Serving calls it: one named input, and the outputs
+        # output_0 (and output_1), named in the Keras outputs' order.
         self._serve = self._saved_model.signatures["serving_default"]
         (self._input,) = self._serve.structured_input_signature[1]
+        self.embeds = len(self._serve.structured_outputs) == 2
         self._tensor = functools.partial(tf.constant, dtype=tf.float32)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        (output,) = self._serve(**{self._input: self._tensor(batch)}).values()
-        return output.numpy()
+    def observe(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        named = self._serve(**{self._input: self._tensor(batch)})
+        return _outputs([named[output].numpy() for output in sorted(named)])
 
 
-class OnnxEngine:
-    """An ONNX model in ONNX Runtime's CPU execution provider (thread-safe by design)."""
+class OnnxEngine(Engine):
+    """An ONNX model in ONNX Runtime's CPU execution provider (thread-safe by design); its graph's
+    outputs are in the Keras outputs' order."""
 
     def __init__(self, name: str, path: Path, threads: int | None = None):
         import onnxruntime
@@ -125,9 +160,10 @@ class OnnxEngine:
         self.name = name
         self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
+        self.embeds = len(self._session.get_outputs()) == 2
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    def observe(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return _outputs(self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)}))
 
 
 @dataclasses.dataclass(frozen=True)

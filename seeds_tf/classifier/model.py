@@ -22,6 +22,9 @@ from seeds_tf.core import files
 from seeds_tf.core.config import ModelConfig
 
 HEAD_LAYERS = ("head_dense", "predictions")
+FEATURES_LAYER = "avg_pool"
+"""The layer whose output is the classifier's embedding: the pooled backbone features the head reads,
+which the reference specimens' index holds and searches with."""
 
 
 @keras.saving.register_keras_serializable(package="seeds_tf")
@@ -99,7 +102,7 @@ def build_classifier(config: ModelConfig, num_classes: int, weights: str | None 
     regularizer = keras.regularizers.L2(config.l2_reg) if config.l2_reg else None
     _regularize_kernels(backbone, regularizer)
 
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
+    x = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(backbone.output)
     if config.dense_units:
         x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
         x = keras.layers.Dense(
@@ -117,9 +120,17 @@ def build_classifier(config: ModelConfig, num_classes: int, weights: str | None 
     return keras.Model(inputs, outputs, name=f"seeds_{config.modelname.lower()}")
 
 
+def with_features(model: keras.Model) -> keras.Model:
+    """`model` with its embedding as a first output: (pooled features, probabilities) from one
+    forward pass, on the same layers and weights. The keras engine and every export run this, so
+    that one pass gives both an answer's probabilities and the embedding its reference specimens
+    are searched with."""
+    return keras.Model(model.inputs, [model.get_layer(FEATURES_LAYER).output, model.output], name=model.name)
+
+
 def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The layers of the backbone: all but the input, the preprocessing and the head."""
-    head_start = [layer.name for layer in model.layers].index("avg_pool")
+    head_start = [layer.name for layer in model.layers].index(FEATURES_LAYER)
     return [
         layer
         for layer in model.layers[:head_start]
@@ -133,10 +144,10 @@ def head_model(model: keras.Model) -> keras.Model:
     Its layers are the classifier's own, so training the head trains the classifier.
     """
     names = [layer.name for layer in model.layers]
-    features = model.get_layer("avg_pool").output
+    features = model.get_layer(FEATURES_LAYER).output
     inputs = keras.Input(features.shape[1:], name="features")
     x = inputs
-    for layer in model.layers[names.index("avg_pool") + 1 :]:
+    for layer in model.layers[names.index(FEATURES_LAYER) + 1 :]:
         x = layer(x)
     return keras.Model(inputs, x, name="head")
 

@@ -145,7 +145,7 @@ def _observed(
     if index is None:
         return predict_split(run.model, split, run.config.image_size, batch_size), None
     embeddings, probabilities = neighbours.split_outputs(
-        run.joint_model(), split, run.config.image_size, batch_size
+        run.engine("keras"), split, run.config.image_size, batch_size
     )
     return probabilities, evidence_of(index, embeddings)
 

@@ -56,7 +56,7 @@ def index_split(
     complete or not: the training indexes its run, less the unreadable images it skipped, before
     marking it complete."""
     started = time.perf_counter()
-    index = neighbours.build_index(run.joint_model(), split, images_dir, run.config.image_size, batch_size)
+    index = neighbours.build_index(run.engine("keras"), split, images_dir, run.config.image_size, batch_size)
     neighbours.save_index(index, layout.index_dir)
     _LOGGER.info(
         "Run %s: indexed %d training images (dimension %d) in %.1f s into %s",

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from seeds_tf.classifier.backbones import get_backbone
 from seeds_tf.classifier.model import (
+    FEATURES_LAYER,
     BackboneScaledAdam,
     backbone_layers,
     build_classifier,
@@ -496,7 +497,7 @@ def _cached_features(
     model: keras.Model, data: tf.data.Dataset, batch_size: int, shuffle_seed: int | None = None
 ) -> tf.data.Dataset:
     """(features, labels) batches whose features the backbone computes once, on the first pass."""
-    extractor = keras.Model(model.input, model.get_layer("avg_pool").output, name="features")
+    extractor = keras.Model(model.input, model.get_layer(FEATURES_LAYER).output, name="features")
     features = data.map(lambda batch, labels: (extractor(batch, training=False), labels)).unbatch().cache()
     if shuffle_seed is not None:
         features = features.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)

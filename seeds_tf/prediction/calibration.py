@@ -220,14 +220,6 @@ class Evidence:
     distance_rank: int
 
 
-SPECIMENS_NEED_KERAS = (
-    "the run's answers use its reference specimens: the keras engine gives each image's embedding in "
-    "the pass that gives its probabilities, any other engine needs a second pass of the Keras model"
-)
-"""Why engine=auto runs keras for a run with Specimens and its index, whatever its exports measure:
-no export has the embedding output, so any of them adds its own pass to the Keras one."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Specimens:
     """How a run's decisions use its reference specimens, recorded with the thresholds chosen

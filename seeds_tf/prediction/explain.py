@@ -21,6 +21,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import tensorflow as tf
 
+from seeds_tf.classifier.model import FEATURES_LAYER
 from seeds_tf.core import runs
 from seeds_tf.core.config import PredictConfig
 from seeds_tf.core.errors import InputError
@@ -44,7 +45,7 @@ CAPTION_FONT_SIZE = 11
 
 def gradcam(run: LoadedRun, pixels: np.ndarray, class_index: int) -> np.ndarray:
     """Heatmap in [0, 1] of shape (h, w), the backbone's output grid, for class `class_index`."""
-    features = run.model.get_layer("avg_pool").input
+    features = run.model.get_layer(FEATURES_LAYER).input
     explainer = keras.Model(run.model.inputs, [features, run.model.output])
     batch = pipeline.resize(pixels, run.config.image_size)[tf.newaxis]
     with tf.GradientTape() as tape:

@@ -7,7 +7,8 @@ activations calibrated on the training images); a SavedModel serves TensorFlow S
 its bf16 precision (batch norms folded into the convolutions, bfloat16 up to the float32 softmax)
 is an engine for CPUs with AVX512-BF16 or AMX.
 Every export takes the same input as the Keras model (float32 RGB in [0, 255], the backbone's
-preprocessing is inside) and gives the same softmax, so an engine can replace the other.
+preprocessing is inside) and gives the same two outputs as the keras engine (the embedding, then the
+softmax), so an engine can replace the other, for a run whose answers use its reference specimens too.
 What can be exported is seeds_tf.classifier.engines' table; `export_run` is the whole use case
 (export, compare with Keras, record, and with `serve` measure which engine `auto` runs here),
 behind `seeds-tf export` and the benchmarks.
@@ -27,8 +28,8 @@ import tensorflow as tf
 
 from seeds_tf.classifier import engine_choice, engines
 from seeds_tf.classifier.inference_model import bfloat16_copy, fold_batch_norms
-from seeds_tf.classifier.model import load_classifier
-from seeds_tf.core import files, runs
+from seeds_tf.classifier.model import load_classifier, with_features
+from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import images, pipeline
@@ -67,8 +68,8 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
 
     Returns:
         The export's path, and for an engine its figures (see `compare_with_keras`); with `serve`,
-        the engine "auto" runs on this CPU (`serve`: keras for a run whose answers use its reference
-        specimens, see inference.LoadedRun.engine) and the timings of the run's engines (`measured_ms`).
+        the engine "auto" runs on this CPU (`serve`, see inference.LoadedRun.engine) and the
+        timings of the run's engines it was chosen by (`measured_ms`).
 
     Raises:
         InputError: naming `serve`, with `serve`, for an export that agrees too little (see
@@ -87,9 +88,9 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
     record_export(layout, spec.name, figures, serve)
     if not serve:
         return {"export": str(path), **figures}
-    inference.default_engine(layout.exports_dir, run.model, remeasure=True)
-    choice = engine_choice.recorded_choice(layout.exports_dir)
-    serving = run.engine("auto").name  # keras, whatever was measured, where the answers embed
+    embeds = run.specimens() is not None
+    serving = inference.default_engine(layout.exports_dir, run.model, remeasure=True, embeds=embeds)
+    choice = engine_choice.recorded_choice(layout.exports_dir, embeds=embeds)
     return {"export": str(path), **figures, "serve": serving, "measured_ms": choice.ms}
 
 
@@ -142,6 +143,7 @@ def export_model(
         raise ValueError(f"Expected no converted_from for {spec.name}, which converts from nothing.")
     if spec.precision == "bf16":
         model = bfloat16_copy(fold_batch_norms(model))
+    model = with_features(model)  # the embedding with the probabilities, as the keras engine gives them
     if spec.format == "onnx":
         with files.atomic_path(destination) as temporary:
             if spec.precision == "int8":
@@ -192,16 +194,28 @@ def _converts_from(spec: engines.EngineSpec) -> str | None:
 
 def compare_with_keras(run: inference.LoadedRun, engine: str, split: Split, batch_size: int = 16) -> dict:
     """How far an export's answers are from the Keras model's on a labelled split: the share of
-    images whose top-1 species is the same, and both top-1 accuracies."""
-    answers = {name: [] for name in ("keras", engine)}
+    images whose top-1 species is the same, and both top-1 accuracies. For a run whose answers use
+    its reference specimens and an export that gives the embedding, also the share of images whose
+    decision (species, genus or unknown: inference.trust with the specimens' evidence) is the same."""
+    specimens = run.specimens() is not None and run.engine(engine).embeds
+    thresholds = config.load(config.PredictConfig)  # the run's own calibrated thresholds
+    top1: dict[str, list[np.ndarray]] = {name: [] for name in ("keras", engine)}
+    decisions: dict[str, list[str]] = {name: [] for name in top1}
     for start in range(0, len(split.paths), batch_size):
         pixels = [images.read_image(path) for path in split.paths[start : start + batch_size]]
-        for name, collected in answers.items():
-            collected.append(inference.class_probabilities(run, pixels, engine=name).argmax(axis=1))
-    reference, exported = (np.concatenate(answers[name]) for name in ("keras", engine))
+        for name, answers in top1.items():
+            probabilities, embeddings = inference.observe(run, pixels, engine=name, embed=specimens)
+            answers.append(probabilities.argmax(axis=1))
+            if specimens:
+                evidence = inference.specimen_evidence(run, embeddings)
+                decisions[name].extend(
+                    inference.trust(run, answer, thresholds, said)["decision"]
+                    for answer, said in zip(probabilities, evidence, strict=True)
+                )
+    reference, exported = (np.concatenate(top1[name]) for name in ("keras", engine))
     labels = np.asarray(split.labels)
     keras_top1, export_top1 = float(np.mean(reference == labels)), float(np.mean(exported == labels))
-    return {
+    figures = {
         "split": split.name,
         "images": len(labels),
         "agreement_top1": round(float(np.mean(exported == reference)), 4),
@@ -209,6 +223,10 @@ def compare_with_keras(run: inference.LoadedRun, engine: str, split: Split, batc
         "top1": round(export_top1, 4),
         "top1_change": round(export_top1 - keras_top1, 4),
     }
+    if specimens:
+        same = np.asarray(decisions["keras"]) == np.asarray(decisions[engine])
+        figures["agreement_decision"] = round(float(np.mean(same)), 4)
+    return figures
 
 
 def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: bool = False) -> dict:
@@ -218,19 +236,22 @@ def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: boo
 
     Raises:
         InputError: naming `serve`, with `serve`, when the export agrees with the Keras model on
-            less than engine_choice.MIN_AGREEMENT of the images (its figures are recorded).
+            less than engine_choice.MIN_AGREEMENT of the images, on the top-1 species or, where it
+            was measured, the decision (its figures are recorded).
     """
     index = layout.exports_dir / runs.EXPORTS_INDEX
     recorded = files.read_json(index) if index.is_file() else {}
     recorded = {"exports": {**recorded.get("exports", {}), engine: figures}}
     files.write_json(index, recorded)
-    agreement = figures.get("agreement_top1")
-    if serve and (agreement is None or agreement < engine_choice.MIN_AGREEMENT):
-        raise InputError(
-            "serve",
-            f"{engine} agrees with the Keras model on {agreement} of the test images, below "
-            f"{engine_choice.MIN_AGREEMENT}: engine=auto will not run it",
-        )
+    measured = [key for key in engine_choice.AGREEMENTS if key in figures] or ["agreement_top1"]
+    for key in measured:
+        agreement = figures.get(key)
+        if serve and (agreement is None or agreement < engine_choice.MIN_AGREEMENT):
+            raise InputError(
+                "serve",
+                f"{engine} agrees with the Keras model on {agreement} of the test images "
+                f"({key}), below {engine_choice.MIN_AGREEMENT}: engine=auto will not run it",
+            )
     return recorded
 
 

@@ -88,28 +88,21 @@ class LoadedRun:
         index = self.reference_index() if specimens else None
         return (specimens, index) if index is not None else None
 
-    def joint_model(self) -> references.JointModel:
-        """The model giving pooled features and probabilities in one pass, built on first use."""
-        with self._lock:
-            if "joint" not in self._lazy:
-                self._lazy["joint"] = references.JointModel(self.model)
-            return self._lazy["joint"]
-
     def engine(self, name: str = "auto") -> Engine:
         """The engine called `name` (seeds_tf.classifier.engines.ENGINES); "auto" is the fastest of
-        the run's agreeing exports and keras on this CPU (`default_engine`), keras for a checkpoint
-        other than final, and keras for a run whose answers use its reference specimens
-        (calibration.SPECIMENS_NEED_KERAS).
+        the run's agreeing exports and keras on this CPU (`default_engine`), and keras for a
+        checkpoint other than final. For a run whose answers use its reference specimens, the
+        exports that agree count only if they give the embedding and their decisions agreed too.
 
         Raises:
             InputError: naming `engine`, for a name not in ENGINES or an export this run does not
                 have; exports are made of the final model only.
         """
-        if name == "auto" and self.specimens() is not None:
-            name = "keras"
+        embeds = name == "auto" and self.specimens() is not None
         with self._lock:
             if name == "auto":
-                name = default_engine(self.exports_dir, self.model) if self.checkpoint == "final" else "keras"
+                final = self.checkpoint == "final"
+                name = default_engine(self.exports_dir, self.model, embeds=embeds) if final else "keras"
             if name not in self._engines:
                 if name != "keras" and self.checkpoint != "final":
                     raise InputError(
@@ -131,17 +124,22 @@ class LoadedRun:
             return self._engines[name]
 
 
-def default_engine(exports_dir: Path, model: keras.Model, remeasure: bool = False) -> str:
+def default_engine(
+    exports_dir: Path, model: keras.Model, remeasure: bool = False, *, embeds: bool = False
+) -> str:
     """The engine a run whose final model is `model` serves with when a request says "auto": the
     choice recorded for this CPU in `exports_dir`, else (or with `remeasure`, default False)
     measured now, a short, bounded timing of keras and each agreeing export this CPU runs
-    natively, and recorded; see seeds_tf.classifier.engine_choice. One run folder serves every node
-    of a mixed fleet with its fastest engine, and never one slower than keras."""
+    natively, and recorded; see seeds_tf.classifier.engine_choice. With `embeds` (a run whose
+    answers use its reference specimens; default False), only exports that give the embedding and
+    whose decisions agreed are candidates. One run folder serves every node of a mixed fleet with
+    its fastest engine, and never one slower than keras."""
     return engine_choice.choose_engine(
         exports_dir,
         functools.partial(load_engine, model=model, exports_dir=exports_dir),
         model.input_shape[1],
         remeasure=remeasure,
+        embeds=embeds,
     ).engine
 
 
@@ -308,20 +306,17 @@ def observe(
     """class_probabilities, and with `embed` each image's embedding: the mean of the unit pooled
     features of its TTA views, float32 (len(pixels), dimension); else None.
 
-    With the keras engine one forward pass gives both (neighbours.JointModel). Another engine gives
-    the probabilities alone, and the features take a second pass of the Keras model (the whole
-    backbone again: benchmarks/retrieval.py measures it).
+    One forward pass of the engine gives both (Engine.observe). An export made before exports
+    carried the embedding gives the probabilities alone: its embeddings take a pass of the keras
+    engine (the whole backbone again: benchmarks/retrieval.py measures it).
     """
     views = [tta_views(image, run.config.image_size, tta) for image in pixels]
     batch = np.concatenate(views)
-    chosen = run.engine(engine)
-    features = None
-    if embed and chosen.name == "keras":
-        features, outputs = run.joint_model()(batch)
-    else:
-        outputs = chosen(batch)
-        if embed:
-            features = run.joint_model()(batch)[0]
+    outputs, features = run.engine(engine).observe(batch)
+    if not embed:
+        features = None
+    elif features is None:
+        features = run.engine("keras").observe(batch)[1]
     outputs = np.asarray(outputs, dtype=np.float64)
     if run.calibration is not None:
         outputs = run.calibration.scale(outputs)

@@ -1,7 +1,7 @@
 """The reference specimens behind an answer: the training images most like a photo.
 
-A run's index holds one embedding per training image: the classifier's pooled features (layer
-"avg_pool", the input of the head), L2-normalised and stored as float16, with the image's path
+A run's index holds one embedding per training image: the classifier's pooled features (its
+FEATURES_LAYER, the input of the head), L2-normalised and stored as float16, with the image's path
 relative to the dataset's images folder and its label. An answer can then show the k reference
 images nearest to the photo by cosine similarity, which makes a prediction checkable by eye. The
 same search gives the decision its two specimen signals (specimen_evidence): whether the nearest
@@ -21,19 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from seeds_tf.classifier.inference_model import fold_batch_norms
+from seeds_tf.classifier.engines import Engine
 from seeds_tf.core import files
 from seeds_tf.data.pipeline import images_only, make_dataset
 from seeds_tf.data.splits import Split
 
 _LOGGER = logging.getLogger(__name__)
-
-FEATURES_LAYER = "avg_pool"
-"""The classifier's layer whose output is the embedding: the pooled backbone features the head reads."""
 
 EMBEDDINGS_FILE = "embeddings.npy"
 REFERENCES_FILE = "references.json"
@@ -67,30 +63,6 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length; an all-zero row stays zero (similar to nothing)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
-
-
-class JointModel:
-    """The classifier's pooled features and probabilities from one forward pass: the classifier with
-    a second output at layer "avg_pool", run as the keras engine runs it (batch normalisations
-    folded, one traced function for every batch size), so its probabilities are the keras engine's.
-    Other engines give the probabilities alone: with them, the features take a second pass."""
-
-    def __init__(self, model: keras.Model):
-        folded = fold_batch_norms(model)
-        joint = keras.Model(folded.inputs, [folded.get_layer(FEATURES_LAYER).output, folded.output])
-        size = model.input_shape[1]
-        self.classes = model.output_shape[-1]
-        self._forward = tf.function(
-            lambda batch: joint(batch, training=False),
-            input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
-            autograph=False,
-        )
-
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(features (N, dimension) float32, not normalised; probabilities (N, classes) float32) of a
-        batch of float32 images in [0, 255]."""
-        features, probabilities = self._forward(np.asarray(batch, dtype=np.float32))
-        return features.numpy(), probabilities.numpy()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,30 +132,32 @@ class ReferenceIndex:
 
 
 def split_outputs(
-    joint: JointModel, split: Split, image_size: int, batch_size: int = 32
+    engine: Engine, split: Split, image_size: int, batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every image of `split`, in order, through `joint` (one pass each): unit embeddings, float32
-    (n, dimension), and probabilities, float64 (n, classes).
+    """Every image of `split`, in order, through `engine` (one pass each, embedding and
+    probabilities: the run's keras engine): unit embeddings, float32 (n, dimension), and
+    probabilities, float64 (n, classes).
 
     Raises:
         ValueError: for a split without images.
     """
     if not split.paths:
         raise ValueError(f"Expected a split with images. Received: split {split.name!r} without any")
-    data = images_only(make_dataset(split, image_size, batch_size, joint.classes))
-    pairs = [joint(batch.numpy()) for batch in data]
-    features, probabilities = (np.concatenate(part) for part in zip(*pairs, strict=True))
+    images = dataclasses.replace(split, labels=None)  # the pixels alone: no labels to encode
+    data = images_only(make_dataset(images, image_size, batch_size, num_classes=0))
+    pairs = [engine.observe(batch.numpy()) for batch in data]
+    probabilities, features = (np.concatenate(part) for part in zip(*pairs, strict=True))
     return normalised(features.astype(np.float32)), probabilities.astype(np.float64)
 
 
 def build_index(
-    joint: JointModel, split: Split, images_dir: Path, image_size: int, batch_size: int = 32
+    engine: Engine, split: Split, images_dir: Path, image_size: int, batch_size: int = 32
 ) -> ReferenceIndex:
     """Embeds every image of `split` (a labelled split, usually the run's training images) as the
-    answers embed their photos: through the classifier's JointModel.
+    answers embed their photos: through the run's keras engine.
 
     Args:
-        joint: the classifier's JointModel.
+        engine: the run's keras engine (seeds_tf.classifier.engines.KerasEngine).
         split: the images and their labels; every path lies inside `images_dir`.
         images_dir: the dataset's images folder: the paths are stored relative to it, so the index
             survives a move of the data folder.
@@ -196,7 +170,7 @@ def build_index(
         raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
     root = images_dir.resolve()
     paths = tuple(_relative(path, root) for path in split.paths)
-    embeddings = split_outputs(joint, split, image_size, batch_size)[0]
+    embeddings = split_outputs(engine, split, image_size, batch_size)[0]
     _LOGGER.debug("Embedded %d images of %s: dimension %d", len(embeddings), split.name, embeddings.shape[1])
     return ReferenceIndex(embeddings.astype(STORED_DTYPE), paths, np.asarray(split.labels, dtype=np.int32))
 
