@@ -231,6 +231,26 @@ ROWS: list[Row] = [
         lambda r: all(r["retrieval"][f"batch_{b}"]["search_over_forward"] < 0.5 for b in (1, 8)),
     ),
     (
+        "identify: a folder of JPEGs vs answering the same images decoded, batch 64, after the job's "
+        "first batch (whole job with its start-up): demo run / original model's shape (Xception 299 px, "
+        "743 classes)",
+        lambda r: " / ".join(_identified(r["identify"][network]) for network in IDENTIFY_NETWORKS),
+        ">= 0.9",
+        lambda r: all(r["identify"][network]["ratio"] >= 0.9 for network in IDENTIFY_NETWORKS),
+    ),
+    (
+        "identify: peak RSS of one job after 1,000 and 10,000 photos",
+        lambda r: (
+            f"{r['identify']['memory']['peak_rss_mib_after_1000']:.0f} MiB, "
+            f"{r['identify']['memory']['peak_rss_mib_after_10000']:.0f} MiB "
+            f"({r['identify']['memory']['growth_mib']:+.1f} MiB)"
+        ),
+        "flat",
+        lambda r: (
+            r["identify"]["memory"]["growth_mib"] <= 0.01 * r["identify"]["memory"]["peak_rss_mib_after_1000"]
+        ),
+    ),
+    (
         "load: requests held / sent, 1 and 2 workers, 8 clients",
         lambda r: " and ".join(
             f"{r['load'][f'workers_{w}']['held']}/{r['load'][f'workers_{w}']['sent']}" for w in (1, 2)
@@ -239,6 +259,19 @@ ROWS: list[Row] = [
         lambda r: all(r["load"][f"workers_{w}"]["failures"] == 0 for w in (1, 2)),
     ),
 ]
+
+
+IDENTIFY_NETWORKS = ("demo_run", "original_shape")
+"""benchmarks/identify.py's networks, in the order the table shows them."""
+
+
+def _identified(figures: dict) -> str:
+    """One network's identify ratio, engine and rates (steady, and whole job with its start-up)."""
+    return (
+        f"{figures['ratio']:.2f} ({figures['engine']}, {figures['identify_images_per_s']:.1f} vs "
+        f"{figures['answer_decoded_images_per_s']:.1f} img/s; whole job {figures['whole_job_ratio']:.2f}, "
+        f"{figures['start_up_s']:.1f} s start-up)"
+    )
 
 
 def _scaling(fit: dict) -> str:
