@@ -303,13 +303,16 @@ def forward_times(size: int, classes: int, repeats: int) -> dict:
 def auto_choice(model, agreement: dict, scratch: Path) -> dict:
     """What `engine=auto` chooses on this machine for the benchmark's network, by its own short
     measurement (seeds_tf.classifier.engine_choice), given the exports made by `engine_speed` in
-    `scratch`/exports and the agreement the same exports of the trained run reached."""
+    `scratch`/exports and the agreement the same exports of the trained run reached: among those
+    whose decisions agreed too where the trained run's answers use its reference specimens."""
     layout = runs.RunLayout(scratch)
-    for name, figures in agreement.items():
-        if name != "run_id":
-            export.record_export(layout, name, figures)
+    exported = {name: figures for name, figures in agreement.items() if name != "run_id"}
+    for name, figures in exported.items():
+        export.record_export(layout, name, figures)
+    embeds = any("agreement_decision" in figures for figures in exported.values())
     load = functools.partial(engines.load_engine, model=model, exports_dir=layout.exports_dir)
-    choice = engine_choice.choose_engine(layout.exports_dir, load, model.input_shape[1], remeasure=True)
+    size = model.input_shape[1]
+    choice = engine_choice.choose_engine(layout.exports_dir, load, size, remeasure=True, embeds=embeds)
     return choice.to_dict()
 
 
