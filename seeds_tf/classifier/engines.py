@@ -18,6 +18,7 @@ TensorFlow); each engine imports its own when it is loaded.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import os
@@ -40,7 +41,7 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 THREADS_ENV = "SEEDS_TF_ENGINE_THREADS"
 
 
-class Engine:
+class Engine(abc.ABC):
     """What runs a run's network on a batch of images: `observe` gives the probabilities and the
     embedding (the pooled features the reference specimens are searched with, see
     seeds_tf.classifier.model.with_features) from one forward pass; calling it gives the
@@ -55,10 +56,10 @@ class Engine:
     name: str
     embeds: bool = True
 
+    @abc.abstractmethod
     def observe(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities (n, classes), embedding (n, dimension) float32 or None) of a float32
         batch (n, size, size, 3) in [0, 255]."""
-        raise NotImplementedError
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.observe(batch)[0]
