@@ -92,6 +92,38 @@ def test_each_engine_gives_the_keras_probabilities_and_embedding(small, exported
     assert similarity.min() > 1 - tolerance
 
 
+def test_an_export_without_the_embedding_serves_by_name_and_never_under_auto(small, tmp_path):
+    """An export made before exports carried the embedding (one output, as TensorFlow Lite writes
+    the classifier alone) still answers by name; the run's answers then take their embedding from
+    a pass of the keras engine, and auto never takes it for a run with specimens."""
+    import tensorflow as tf
+
+    roots, layout = small
+    old = runs.RunLayout(tmp_path / "models" / layout.run_id)
+    shutil.copytree(layout.root, old.root, ignore=shutil.ignore_patterns(layout.exports_dir.name))
+    saved = tmp_path / "savedmodel"
+    load_classifier(layout.final_model).export(str(saved), format="tf_saved_model", verbose=False)
+    old.exports_dir.mkdir()
+    tflite = engines.engine_spec("tflite_fp32")
+    tflite.path(old.exports_dir).write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert())
+
+    run = inference.load_run(old)
+    pixels = [images.read_image(seed_photo(roots, index)) for index in range(4)]
+    got, embedding = inference.observe(run, pixels, engine=tflite.name, embed=True)
+    assert not run.engine(tflite.name).embeds
+    assert set(run._engines) == {tflite.name, "keras"}, "the embedding took a pass of keras"
+    reference, reference_embedding = inference.observe(run, pixels, engine="keras", embed=True)
+    np.testing.assert_array_equal(embedding, reference_embedding)
+    assert np.abs(got - reference).max() < TOLERANCES[tflite.name]
+
+    figures = export.compare_with_keras(run, tflite.name, _test_split(roots, old, run))
+    assert figures["agreement_top1"] == 1.0
+    assert "agreement_decision" not in figures
+    export.record_export(old, tflite.name, figures)
+    assert engine_choice.candidates(old.exports_dir, engines.cpu_flags()) == ("keras", tflite.name)
+    assert engine_choice.candidates(old.exports_dir, engines.cpu_flags(), embeds=True) == ("keras",)
+
+
 def test_agreement_with_keras_is_measured_on_the_test_split(small, exported):
     roots, layout = small
     run = inference.load_run(layout)
