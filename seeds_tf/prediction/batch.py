@@ -348,26 +348,24 @@ def answer(
     `decoded` holds (pixels, error) of each item, the pixels resized to the run's image size (so
     inference.observe sends them to the engine as they are) and ignored where there is an error."""
     good = [index for index, (_, error) in enumerate(decoded) if not error]
-    answers: dict[int, tuple[np.ndarray, tuple[int, float] | None]] = {}
-    if good:
-        with_specimens = run.specimens() is not None
-        probabilities, embeddings = inference.observe(
-            run, [decoded[index][0] for index in good], "none", engine, embed=with_specimens
-        )
-        evidence = inference.specimen_evidence(run, embeddings) if with_specimens else [None] * len(good)
-        answers = dict(zip(good, zip(probabilities, evidence, strict=True), strict=True))
     thresholds = config.load(config.PredictConfig)  # the run's own calibrated thresholds
+    answers: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
+    if good:
+        pixels = [decoded[index][0] for index in good]
+        answers = dict(
+            zip(good, zip(*inference.judged(run, pixels, engine, thresholds), strict=True), strict=True)
+        )
     rows = []
     for index, item in enumerate(items):
         row: dict[str, Any] = {"input": item.input, "run_id": run.run_id, "engine": engine}
         if index in answers:
-            probabilities, evidence = answers[index]
+            probabilities, trusted = answers[index]
             ranking = inference.ranked(run, probabilities, top_k)
             row["species"] = [
                 {"label": s["label"], "probability": s["probability"]} for s in ranking["species"]
             ]
             row["genera"] = ranking["genera"]
-            row.update(inference.trust(run, probabilities, thresholds, evidence))
+            row.update(trusted)
             row["error"] = ""
         else:
             row.update(species=[], genera=[], **dict.fromkeys(trust_fields(run)))

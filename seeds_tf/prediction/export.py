@@ -204,14 +204,12 @@ def compare_with_keras(run: inference.LoadedRun, engine: str, split: Split, batc
     for start in range(0, len(split.paths), batch_size):
         pixels = [images.read_image(path) for path in split.paths[start : start + batch_size]]
         for name, answers in top1.items():
-            probabilities, embeddings = inference.observe(run, pixels, engine=name, embed=specimens)
-            answers.append(probabilities.argmax(axis=1))
             if specimens:
-                evidence = inference.specimen_evidence(run, embeddings)
-                decisions[name].extend(
-                    inference.trust(run, answer, thresholds, said)["decision"]
-                    for answer, said in zip(probabilities, evidence, strict=True)
-                )
+                probabilities, trusted = inference.judged(run, pixels, name, thresholds)
+                decisions[name].extend(judgement["decision"] for judgement in trusted)
+            else:
+                probabilities = inference.class_probabilities(run, pixels, engine=name)
+            answers.append(probabilities.argmax(axis=1))
     reference, exported = (np.concatenate(top1[name]) for name in ("keras", engine))
     labels = np.asarray(split.labels)
     keras_top1, export_top1 = float(np.mean(reference == labels)), float(np.mean(exported == labels))
@@ -243,15 +241,16 @@ def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: boo
     recorded = files.read_json(index) if index.is_file() else {}
     recorded = {"exports": {**recorded.get("exports", {}), engine: figures}}
     files.write_json(index, recorded)
-    measured = [key for key in engine_choice.AGREEMENTS if key in figures] or ["agreement_top1"]
-    for key in measured:
-        agreement = figures.get(key)
-        if serve and (agreement is None or agreement < engine_choice.MIN_AGREEMENT):
-            raise InputError(
-                "serve",
-                f"{engine} agrees with the Keras model on {agreement} of the test images "
-                f"({key}), below {engine_choice.MIN_AGREEMENT}: engine=auto will not run it",
-            )
+    if serve:
+        measured = [key for key in engine_choice.AGREEMENTS if key in figures] or ["agreement_top1"]
+        for key in measured:
+            agreement = figures.get(key)
+            if agreement is None or agreement < engine_choice.MIN_AGREEMENT:
+                raise InputError(
+                    "serve",
+                    f"{engine} agrees with the Keras model on {agreement} of the test images "
+                    f"({key}), below {engine_choice.MIN_AGREEMENT}: engine=auto will not run it",
+                )
     return recorded
 
 

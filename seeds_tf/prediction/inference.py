@@ -407,6 +407,20 @@ def trust(
     }
 
 
+def judged(
+    run: LoadedRun, pixels: Sequence[np.ndarray], engine: str, config: PredictConfig
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """class_probabilities of `pixels` (no TTA) and the `trust` of each, with the reference
+    specimens' evidence where the run has them (LoadedRun.specimens): each image judged as the
+    API judges it, from one pass of `engine`."""
+    with_specimens = run.specimens() is not None
+    probabilities, embeddings = observe(run, pixels, "none", engine, embed=with_specimens)
+    evidence = specimen_evidence(run, embeddings) if with_specimens else [None] * len(pixels)
+    return probabilities, [
+        trust(run, row, config, said) for row, said in zip(probabilities, evidence, strict=True)
+    ]
+
+
 def specimen_evidence(run: LoadedRun, embeddings: np.ndarray) -> list[tuple[int, float]]:
     """What the reference specimens say of each embedding (observe's), as `trust` takes it, for a
     run with specimens (LoadedRun.specimens)."""
