@@ -104,16 +104,16 @@ def _decoded(image: PIL.Image.Image, field: str, name: str, max_pixels: int) -> 
     if min(width, height) < MIN_SIDE:
         raise InputError(field, f"{name!r} is {width}x{height} pixels; each side must be at least {MIN_SIDE}")
     image.load()
-    return _to_rgb(_upright(image))
+    _turn_upright(image)
+    return _to_rgb(image)
 
 
-def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
-    """The image turned as its EXIF orientation says. A broken or hostile EXIF block only loses
-    the orientation: the pixels are still good."""
-    try:
-        return PIL.ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):
-        return image
+def _turn_upright(image: PIL.Image.Image) -> None:
+    """Turns the image in place as its EXIF orientation says (in place: a copy of a large photo
+    costs as much as decoding it). A broken or hostile EXIF block only loses the orientation: the
+    pixels are still good."""
+    with contextlib.suppress(OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):
+        PIL.ImageOps.exif_transpose(image, in_place=True)
 
 
 def decode_images(
@@ -206,4 +206,4 @@ def _to_rgb(image: PIL.Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(PIL.Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
