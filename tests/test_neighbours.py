@@ -39,7 +39,8 @@ def _index(embeddings: np.ndarray, labels=None) -> ReferenceIndex:
     count = len(embeddings)
     labels = np.arange(count) % 3 if labels is None else labels
     paths = tuple(f"class{label}/image{i}.png" for i, label in enumerate(labels))
-    return ReferenceIndex(embeddings.astype(np.float16), paths, np.asarray(labels, dtype=np.int32))
+    stored = embeddings.astype(np.float16).astype(np.float32)  # as an index holds them
+    return ReferenceIndex(stored, paths, np.asarray(labels, dtype=np.int32))
 
 
 def _pooled(model: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -78,13 +79,15 @@ def test_search_orders_by_cosine_similarity_and_caps_k():
             index.search(references, bad_k)
     with pytest.raises(ValueError, match=r"\(q, 3\)"):
         index.search(np.ones((2, 4)), 1)
+    with pytest.raises(ValueError, match="float32 embeddings"):
+        ReferenceIndex(references.astype(np.float16), index.paths, index.labels)
     with pytest.raises(ValueError, match="finite"):
         index.search(np.array([[np.nan, 0, 0]]), 1)
 
 
-def test_search_over_several_chunks_matches_an_exact_ranking():
+def test_search_matches_an_exact_ranking():
     rng = np.random.default_rng(1)
-    count = 2 * neighbours.SEARCH_CHUNK + 123
+    count = 2171
     references = rng.standard_normal((count, 16)).astype(np.float32)
     references /= np.linalg.norm(references, axis=1, keepdims=True)
     index = _index(references)
@@ -134,6 +137,11 @@ def test_the_index_round_trips_through_its_files_in_float16(tmp_path):
     files.write_json(folder / "references.json", {**references, "count": 8})
     with pytest.raises(ValueError, match=r"embeddings\.npy"):
         neighbours.load_index(folder)
+    # So is an array of another precision than float16, even one that references.json names.
+    np.save(folder / "embeddings.npy", index.embeddings, allow_pickle=False)
+    files.write_json(folder / "references.json", {**references, "dtype": "float32"})
+    with pytest.raises(ValueError, match=r"npy holds float32 embeddings; an index stores float16"):
+        neighbours.load_index(folder)
     (folder / "embeddings.npy").unlink()
     with pytest.raises(ValueError, match=r"embeddings\.npy is missing"):
         neighbours.load_index(folder)
@@ -153,8 +161,8 @@ def test_index_run_embeds_every_training_image_with_its_relative_path(roots, tin
     np.testing.assert_array_equal(index.labels, [label for _, label in entries])
     images_dir = roots.data / "tiny" / "images"
     assert all(not path.startswith("/") and (images_dir / path).is_file() for path in index.paths)
-    np.testing.assert_allclose(np.linalg.norm(index.embeddings.astype(np.float32), axis=1), 1.0, atol=2e-3)
-    answer = neighbours.neighbours_of(index, index.embeddings[:2].astype(np.float32), 3, layout.classes())
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=2e-3)
+    answer = neighbours.neighbours_of(index, index.embeddings[:2], 3, layout.classes())
     assert [row[0]["similarity"] for row in answer] == pytest.approx([1.0, 1.0], abs=2e-3)
     with pytest.raises(InputError) as raised:
         index_run(roots, "no_such_run")

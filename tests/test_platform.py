@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,16 +78,22 @@ def test_the_configuration_file_chooses_the_model_and_the_workers(platform_serve
 
 
 def test_the_server_log_of_a_normal_start_is_clean(platform_server):
-    """After start and warm-up: no deprecation noise from the dependencies and no CUDA
-    messages on a CPU machine. The one deprecation left is DEEPaaS 2.6's own
-    `web.Application(debug=...)`, which it raises before any plugin is loaded."""
+    """After start, warm-up and a first answer (which searches the run's reference specimens): no
+    deprecation noise from the dependencies, no CUDA messages on a CPU machine and no error line
+    of TensorFlow's. The one deprecation left is DEEPaaS 2.6's own `web.Application(debug=...)`,
+    which it raises before any plugin is loaded."""
     url, _, roots, _ = platform_server
     assert requests.get(f"{url}/v2/models/seeds_tf/", timeout=10).status_code == 200
+    photo = seed_photo(roots).read_bytes()
+    answer = requests.post(f"{url}{MODEL_URL}/predict/", files={"image": ("seed.jpg", photo)}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["results"][0]["neighbours_agree"] is not None, "the answer used the specimens"
     log = (roots.data.parent / "server.log").read_text()  # deepaas_process writes it beside the roots
     warnings = [line for line in log.splitlines() if "Warning:" in line]
     assert [line for line in warnings if "debug argument is deprecated" not in line] == []
     assert "cuda" not in log.lower()
     assert "Traceback" not in log
+    assert [line for line in log.splitlines() if re.match(r"E\d{4} ", line)] == []  # absl's error lines
 
 
 def test_a_body_over_the_configured_cap_gets_413(platform_server):

@@ -1,8 +1,9 @@
 """The reference specimens behind an answer: the training images most like a photo.
 
 A run's index holds one embedding per training image: the classifier's pooled features (its
-FEATURES_LAYER, the input of the head), L2-normalised and stored as float16, with the image's path
-relative to the dataset's images folder and its label. An answer can then show the k reference
+FEATURES_LAYER, the input of the head), L2-normalised and stored as float16 (held as float32 in
+memory, where a search is one matrix product), with the image's path relative to the dataset's
+images folder and its label. An answer can then show the k reference
 images nearest to the photo by cosine similarity, which makes a prediction checkable by eye. The
 same search gives the decision its two specimen signals (specimen_evidence): whether the nearest
 references agree with the classifier, and how far the photo is from them.
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from seeds_tf.classifier.engines import Engine
 from seeds_tf.core import files
@@ -35,12 +35,15 @@ EMBEDDINGS_FILE = "embeddings.npy"
 REFERENCES_FILE = "references.json"
 
 STORED_DTYPE = np.float16
-"""Half the size of float32; cosine similarities of unit vectors lose under 1e-3 (enough to rank)."""
+"""The file's precision: half the size of float32; cosine similarities of unit vectors lose under
+1e-3 (enough to rank)."""
 
-SEARCH_CHUNK = 1024
-"""References per matrix product: the float32 copy of one chunk (8 MiB at 2048 dimensions, within
-the last-level cache) is all the extra memory a search takes, not a float32 copy of the whole index
-(234 MiB for 30,000 references). 512 to 1024 measured fastest here, 4096 and more 10-25% slower."""
+SEARCH_DTYPE = np.float32
+"""The precision held in memory: one BLAS product per search. Holding float16 and casting chunk by
+chunk at each search would halve the memory (117 against 234 MiB for 30,000 references of 2048
+dimensions) but took 5x as long at batch 1 (52 against 10 ms, a third of the original model's
+forward pass: benchmarks/retrieval.py), and the first float16 tensor of a process makes TensorFlow
+log an error line (oneDNN has no float16 kernels on most CPUs, this AVX-512 one included)."""
 
 SIMILARITY_DIGITS = 4
 """Decimals of the similarities in an answer: float16 storage makes further digits noise."""
@@ -70,7 +73,8 @@ class ReferenceIndex:
     """The embeddings of a run's training images, with their paths and labels.
 
     Attributes:
-        embeddings: float16 array (n, dimension), rows L2-normalised.
+        embeddings: float32 array (n, dimension) of float16 values (as stored, so an index
+            answers the same before and after a reload), rows L2-normalised.
         paths: path of each image relative to the dataset's images folder, in rows' order.
         labels: class id of each image, an int array of shape (n,).
     """
@@ -80,9 +84,9 @@ class ReferenceIndex:
     labels: np.ndarray
 
     def __post_init__(self):
-        if self.embeddings.ndim != 2 or self.embeddings.dtype != STORED_DTYPE:
+        if self.embeddings.ndim != 2 or self.embeddings.dtype != SEARCH_DTYPE:
             raise ValueError(
-                "Expected float16 embeddings of shape (n, dimension). "
+                "Expected float32 embeddings of shape (n, dimension). "
                 f"Received: dtype={self.embeddings.dtype}, shape={self.embeddings.shape}"
             )
         if not np.issubdtype(self.labels.dtype, np.integer):
@@ -120,7 +124,7 @@ class ReferenceIndex:
         if not np.all(np.isfinite(queries)):
             raise ValueError("Expected finite queries. Received: NaN or infinite values")
         k = min(int(k), len(self))
-        scores = _similarities(normalised(np.asarray(queries, dtype=np.float32)), self.embeddings)
+        scores = normalised(np.asarray(queries, dtype=SEARCH_DTYPE)) @ self.embeddings.T
         if k < scores.shape[1]:
             candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         else:
@@ -172,14 +176,15 @@ def build_index(
     paths = tuple(_relative(path, root) for path in split.paths)
     embeddings = split_outputs(engine, split, image_size, batch_size)[0]
     _LOGGER.debug("Embedded %d images of %s: dimension %d", len(embeddings), split.name, embeddings.shape[1])
-    return ReferenceIndex(embeddings.astype(STORED_DTYPE), paths, np.asarray(split.labels, dtype=np.int32))
+    stored = embeddings.astype(STORED_DTYPE).astype(SEARCH_DTYPE)  # the values a reload gives
+    return ReferenceIndex(stored, paths, np.asarray(split.labels, dtype=np.int32))
 
 
 def save_index(index: ReferenceIndex, folder: Path) -> None:
     """Writes `index` into `folder` (a run's `index_dir`): embeddings.npy, then references.json,
     each atomically."""
     with files.atomic_path(folder / EMBEDDINGS_FILE) as temporary:
-        np.save(temporary, index.embeddings, allow_pickle=False)
+        np.save(temporary, index.embeddings.astype(STORED_DTYPE), allow_pickle=False)
     files.write_json(
         folder / REFERENCES_FILE,
         {
@@ -187,7 +192,7 @@ def save_index(index: ReferenceIndex, folder: Path) -> None:
             "labels": index.labels.tolist(),
             "count": len(index),
             "dimension": index.dimension,
-            "dtype": str(index.embeddings.dtype),
+            "dtype": np.dtype(STORED_DTYPE).name,
         },
     )
 
@@ -197,7 +202,8 @@ def load_index(folder: Path) -> ReferenceIndex | None:
 
     Raises:
         ValueError: naming the file, when embeddings.npy is missing or disagrees with
-            references.json (count, dimension or dtype), or references.json is malformed.
+            references.json (count, dimension or dtype), or references.json is malformed, or the
+            embeddings are not float16.
     """
     references_file = folder / REFERENCES_FILE
     if not references_file.is_file():
@@ -223,12 +229,14 @@ def load_index(folder: Path) -> ReferenceIndex | None:
             f"{embeddings_file} holds {found[0]} embeddings of dimension {found[1]} ({found[2]}); "
             f"{references_file} expects {expected[0]} of dimension {expected[1]} ({expected[2]})"
         )
+    if found[2] != np.dtype(STORED_DTYPE).name:
+        raise ValueError(f"{embeddings_file} holds {found[2]} embeddings; an index stores float16")
     if len(paths) != expected[0] or labels.shape != (expected[0],):
         raise ValueError(
             f"{references_file} lists {len(paths)} paths and {len(labels)} labels "
             f"for a count of {expected[0]}"
         )
-    return ReferenceIndex(embeddings, paths, labels)
+    return ReferenceIndex(embeddings.astype(SEARCH_DTYPE), paths, labels)
 
 
 def neighbours_of(
@@ -296,21 +304,6 @@ def specimen_evidence(
         1.0 - similarities[:, min(KNN_RANK, indices.shape[1]) - 1].astype(np.float64), 0.0, 2.0
     )
     return majority, distance
-
-
-def _similarities(queries: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
-    """Cosine similarities (q, n) of unit queries (float32) with unit float16 embeddings.
-
-    The product runs in float32 over chunks of SEARCH_CHUNK references, each chunk cast by
-    TensorFlow: in a process where TensorFlow's threads run, its cast and matrix product were twice
-    as fast as NumPy's (benchmarks/retrieval.py, "numpy_cast_over_search"). The cast logs once per
-    process that oneDNN has no float16 kernel on this CPU and Eigen's is used: that is expected.
-    """
-    scores = np.empty((len(queries), len(embeddings)), dtype=np.float32)
-    for start in range(0, len(embeddings), SEARCH_CHUNK):
-        chunk = tf.cast(embeddings[start : start + SEARCH_CHUNK], tf.float32)
-        scores[:, start : start + SEARCH_CHUNK] = tf.matmul(queries, chunk, transpose_b=True).numpy()
-    return scores
 
 
 def _relative(path: Path, root: Path) -> str:
