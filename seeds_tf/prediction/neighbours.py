@@ -3,10 +3,10 @@
 A run's index holds one embedding per training image: the classifier's pooled features (its
 FEATURES_LAYER, the input of the head), L2-normalised and stored as float16 (held as float32 in
 memory, where a search is one matrix product), with the image's path relative to the dataset's
-images folder and its label. An answer can then show the k reference
-images nearest to the photo by cosine similarity, which makes a prediction checkable by eye. The
-same search gives the decision its two specimen signals (specimen_evidence): whether the nearest
-references agree with the classifier, and how far the photo is from them.
+images folder and its label. An answer can then show the k reference images nearest to the photo
+by cosine similarity, which makes a prediction checkable by eye. The same search gives the
+decision its two specimen signals (specimen_evidence): whether the nearest references agree with
+the classifier, and how far the photo is from them.
 
 Files in the run's index folder (`RunLayout.index_dir`):
     embeddings.npy   float16 array (count, dimension), rows L2-normalised (np.save, no pickles)
