@@ -15,13 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The package built as pip builds it; the build's output (verbose: the build backend's
+    warnings included) is kept beside it in build.log."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
+    done = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
+            "--verbose",
             "--no-deps",
             "--no-build-isolation",
             "-w",
@@ -30,10 +33,20 @@ def wheel(tmp_path_factory) -> Path:
         ],
         check=True,
         capture_output=True,
+        text=True,
         timeout=300,
     )
+    (out / "build.log").write_text(done.stdout + done.stderr)
     (built,) = out.glob("seeds_tf-*.whl")
     return built
+
+
+def test_the_package_builds_without_warnings_of_the_build_backend(wheel):
+    """Every install of the service (`make serve`, the image) builds it: a warning there is noise a
+    user reads, e.g. setuptools' deprecation of license classifiers beside the SPDX `license`."""
+    log = (wheel.parent / "build.log").read_text()
+    assert "Successfully built seeds_tf" in log
+    assert [line for line in log.splitlines() if "Warning" in line] == []
 
 
 def test_the_wheel_carries_the_config_as_a_real_file(wheel):
