@@ -103,6 +103,31 @@ def test_the_choice_is_cached_per_cpu_signature(tmp_path, keras_engine):
     assert remeasured.engine == "tflite_fp32"
 
 
+def test_a_choice_that_cannot_be_recorded_is_measured_once_per_process(tmp_path, keras_engine):
+    """A read-only models volume: the process that measured keeps its choice (`remembered`) while
+    its CPU signature and candidates are the run's, instead of measuring at every request."""
+    layout = _exports(tmp_path, {"tflite_fp32": 1.0})
+    (layout.exports_dir / engine_choice.CHOICE_FILE).mkdir()  # not writable as a file, even by root
+    load = _Loader(keras_engine, {"tflite_fp32": 0.0})
+    choose = {"load": load, "image_size": SIZE, "flags": AVX2_CPU, "rounds": 1}
+    first = engine_choice.choose_engine(layout.exports_dir, signature="a", **choose)
+    assert engine_choice.recorded_choice(layout.exports_dir, AVX2_CPU, "a") is None  # not recorded
+    again = engine_choice.choose_engine(layout.exports_dir, signature="a", remembered=first, **choose)
+    assert again == first
+    assert load.loaded == ["keras", "tflite_fp32"]  # not measured again
+    engine_choice.choose_engine(layout.exports_dir, signature="b", remembered=first, **choose)
+    assert load.loaded == ["keras", "tflite_fp32"] * 2  # not on another kind of machine
+
+    export.record_export(layout, "onnx_fp32", {"agreement_top1": 1.0})
+    engines.engine_spec("onnx_fp32").path(layout.exports_dir).touch()
+    load = _Loader(keras_engine, {"tflite_fp32": 0.0, "onnx_fp32": 0.0})
+    renewed = engine_choice.choose_engine(
+        layout.exports_dir, signature="a", remembered=first, **choose | {"load": load}
+    )
+    assert load.loaded == ["keras", "tflite_fp32", "onnx_fp32"]  # a new candidate is measured
+    assert renewed.candidates == ("keras", "tflite_fp32", "onnx_fp32")
+
+
 def test_only_keras_is_not_measured(tmp_path, keras_engine):
     layout = _exports(tmp_path, {"tflite_int8": 0.975})  # below the bar
     load = _Loader(keras_engine, {})

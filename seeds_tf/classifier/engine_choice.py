@@ -152,6 +152,7 @@ def choose_engine(
     signature: str | None = None,
     remeasure: bool = False,
     embeds: bool = False,
+    remembered: EngineChoice | None = None,
     rounds: int = ROUNDS,
     budget_s: float = BUDGET_S,
 ) -> EngineChoice:
@@ -167,6 +168,10 @@ def choose_engine(
         remeasure: measure even if a choice is recorded (`seeds-tf export --serve`).
         embeds: choose among the exports that qualify for a run whose answers use its reference
             specimens (see `candidates`). Defaults to False.
+        remembered: the choice this process measured last time (None by default); it stands while
+            its CPU signature and candidates are still the run's, so that a run folder where the
+            choice cannot be recorded (a read-only models volume) is measured once per process,
+            not at every request.
         rounds: timed rounds (ROUNDS by default).
         budget_s: no round starts after this many seconds (BUDGET_S by default).
     """
@@ -175,6 +180,8 @@ def choose_engine(
 
     def settled() -> EngineChoice | None:
         known = recorded_choice(exports_dir, flags, signature, embeds)
+        if known is None and remembered is not None and remembered.signature == signature:
+            known = remembered if remembered.candidates == candidates(exports_dir, flags, embeds) else None
         return known if known is not None and (known.reason == "only keras" or not remeasure) else None
 
     if known := settled():
@@ -253,8 +260,8 @@ def _read_choices(exports_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def _record(exports_dir: Path, choice: EngineChoice) -> None:
-    """Adds `choice` to engine_choice.json under its signature; a read-only run folder keeps it in
-    memory only (it is measured again at the next load)."""
+    """Adds `choice` to engine_choice.json under its signature; in a read-only run folder, only the
+    process that measured it keeps it (choose_engine's `remembered`)."""
     try:
         files.write_json(
             exports_dir / CHOICE_FILE, {**_read_choices(exports_dir), choice.signature: choice.to_dict()}

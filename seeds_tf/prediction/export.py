@@ -89,9 +89,8 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
     if not serve:
         return {"export": str(path), **figures}
     embeds = run.specimens() is not None
-    serving = inference.default_engine(layout.exports_dir, run.model, remeasure=True, embeds=embeds)
-    choice = engine_choice.recorded_choice(layout.exports_dir, embeds=embeds)
-    return {"export": str(path), **figures, "serve": serving, "measured_ms": choice.ms}
+    choice = inference.default_engine(layout.exports_dir, run.model, remeasure=True, embeds=embeds)
+    return {"export": str(path), **figures, "serve": choice.engine, "measured_ms": choice.ms}
 
 
 def export_checkpoint(

@@ -100,9 +100,13 @@ class LoadedRun:
         """
         embeds = name == "auto" and self.specimens() is not None
         with self._lock:
-            if name == "auto":
-                final = self.checkpoint == "final"
-                name = default_engine(self.exports_dir, self.model, embeds=embeds) if final else "keras"
+            if name == "auto" and self.checkpoint != "final":
+                name = "keras"
+            elif name == "auto":
+                remembered = self._lazy.get("auto_choice")  # stands while its candidates do
+                choice = default_engine(self.exports_dir, self.model, embeds=embeds, remembered=remembered)
+                self._lazy["auto_choice"] = choice
+                name = choice.engine
             if name not in self._engines:
                 if name != "keras" and self.checkpoint != "final":
                     raise InputError(
@@ -125,22 +129,29 @@ class LoadedRun:
 
 
 def default_engine(
-    exports_dir: Path, model: keras.Model, remeasure: bool = False, *, embeds: bool = False
-) -> str:
-    """The engine a run whose final model is `model` serves with when a request says "auto": the
-    choice recorded for this CPU in `exports_dir`, else (or with `remeasure`, default False)
-    measured now, a short, bounded timing of keras and each agreeing export this CPU runs
-    natively, and recorded; see seeds_tf.classifier.engine_choice. With `embeds` (a run whose
-    answers use its reference specimens; default False), only exports that give the embedding and
-    whose decisions agreed are candidates. One run folder serves every node of a mixed fleet with
-    its fastest engine, and never one slower than keras."""
+    exports_dir: Path,
+    model: keras.Model,
+    remeasure: bool = False,
+    *,
+    embeds: bool = False,
+    remembered: engine_choice.EngineChoice | None = None,
+) -> engine_choice.EngineChoice:
+    """The engine a run whose final model is `model` serves with when a request says "auto", and
+    why: the choice recorded for this CPU in `exports_dir` (or `remembered`, the one this process
+    measured; default None), else (or with `remeasure`, default False) measured now, a short,
+    bounded timing of keras and each agreeing export this CPU runs natively, and recorded; see
+    seeds_tf.classifier.engine_choice. With `embeds` (a run whose answers use its reference
+    specimens; default False), only exports that give the embedding and whose decisions agreed are
+    candidates. One run folder serves every node of a mixed fleet with its fastest engine, and
+    never one slower than keras."""
     return engine_choice.choose_engine(
         exports_dir,
         functools.partial(load_engine, model=model, exports_dir=exports_dir),
         model.input_shape[1],
         remeasure=remeasure,
         embeds=embeds,
-    ).engine
+        remembered=remembered,
+    )
 
 
 def load_run(
