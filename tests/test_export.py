@@ -153,11 +153,11 @@ def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported, tmp_path
     assert engine_choice.recorded_choice(layout.exports_dir, embeds=True).reason == "only keras"
     with pytest.raises(InputError) as refused:
         export.record_export(
-            layout, "tflite_int8", {"agreement_top1": 1.0, "agreement_decision": 0.9}, serve=True
+            layout, "tflite_int8", {"agreement_top1": 1.0, "agreement_decision": 0.9}, serve=True, embeds=True
         )
     assert "(agreement_decision)" in refused.value.problem
     export.record_export(
-        layout, "tflite_fp32", {"agreement_top1": 1.0, "agreement_decision": 1.0}, serve=True
+        layout, "tflite_fp32", {"agreement_top1": 1.0, "agreement_decision": 1.0}, serve=True, embeds=True
     )
     assert engine_choice.candidates(layout.exports_dir, flags, embeds=True) == ("keras", "tflite_fp32")
     auto = inference.load_run(layout).engine("auto").name  # measured here, at the first load
@@ -168,6 +168,41 @@ def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported, tmp_path
     assert inference.load_run(plain, "best").engine("auto").name == "keras"  # exports are of final
     recorded = files.read_json(layout.exports_dir / runs.EXPORTS_INDEX)
     assert set(recorded["exports"]) == {"tflite_int8", "tflite_fp32"}
+
+
+def test_a_run_without_a_test_split_is_exported_but_not_served_by_it(small, tmp_path):
+    """The test split is optional in a dataset: the export is made and recorded without figures,
+    and `--serve` refuses it, naming why, instead of failing on the missing file."""
+    roots, layout = small
+    copy = Roots(data=roots.data, models=tmp_path / "models")
+    untested = runs.RunLayout(copy.models / layout.run_id)
+    shutil.copytree(layout.root, untested.root, ignore=shutil.ignore_patterns("exports"))
+    (untested.dataset_dir / "test.txt").unlink()
+    spec = engines.engine_spec("tflite_fp32")
+    with pytest.raises(InputError) as refused:
+        export.export_run(copy, layout.run_id, spec, serve=True)
+    assert refused.value.field == "serve"
+    assert "has no labelled test split" in refused.value.problem
+    assert spec.path(untested.exports_dir).is_file()
+    assert files.read_json(untested.exports_dir / runs.EXPORTS_INDEX)["exports"] == {"tflite_fp32": {}}
+    assert engine_choice.candidates(untested.exports_dir, engines.cpu_flags()) == ("keras",)
+
+
+def test_a_folder_export_replaces_one_an_earlier_export_left_half_replaced(tmp_path):
+    """An export killed between its two renames leaves the old copy behind: the next one still
+    lands (a rename onto a folder that is not empty would fail)."""
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "saved_model.pb").write_text("new")
+    destination = tmp_path / "exports" / "savedmodel_bf16"
+    destination.mkdir(parents=True)
+    (destination / "saved_model.pb").write_text("old")
+    left = destination.with_name(".savedmodel_bf16.old")
+    left.mkdir()
+    (left / "saved_model.pb").write_text("older")
+    export._replace_folder(made, destination)
+    assert (destination / "saved_model.pb").read_text() == "new"
+    assert [path.name for path in destination.parent.iterdir()] == ["savedmodel_bf16"]
 
 
 def _without_index(layout: runs.RunLayout, base: Path) -> runs.RunLayout:

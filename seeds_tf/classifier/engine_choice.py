@@ -102,19 +102,26 @@ def cpu_signature(cpuinfo: str | None = None, threads: int | None = None) -> str
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
+def shortfall(figures: Mapping[str, Any], embeds: bool = False) -> str | None:
+    """The first of the agreements (`AGREEMENTS`) an export's figures in exports.json miss, below
+    MIN_AGREEMENT or not measured: the top-1 species, and with `embeds` (a run whose answers use its
+    reference specimens; default False) the decision too. None for an export `auto` may choose."""
+    required = AGREEMENTS if embeds else AGREEMENTS[:1]
+    return next((key for key in required if figures.get(key, 0.0) < MIN_AGREEMENT), None)
+
+
 def candidates(exports_dir: Path, flags: Collection[str], embeds: bool = False) -> tuple[str, ...]:
     """The engines `auto` may choose from: `keras`, and each export of the run in exports.json
     that agreed with Keras on at least MIN_AGREEMENT of the test images, is still there, and runs
     natively on a CPU with these `flags` (seeds_tf.classifier.engines.cpu_flags). With `embeds`
-    (default False: a run whose answers use its reference specimens), an export also needs that
-    agreement on the decisions (`AGREEMENTS`), which only exports giving the embedding have."""
+    (a run whose answers use its reference specimens; default False), an export also needs that
+    agreement on the decisions (`shortfall`), which only exports giving the embedding have."""
     index = exports_dir / runs.EXPORTS_INDEX
     figures = files.read_json(index).get("exports", {}) if index.is_file() else {}
-    required = AGREEMENTS if embeds else AGREEMENTS[:1]
     agreeing = [
         spec
         for spec in engines.EXPORTS
-        if spec.serves and all(figures.get(spec.name, {}).get(key, 0.0) >= MIN_AGREEMENT for key in required)
+        if spec.serves and shortfall(figures.get(spec.name, {}), embeds) is None
     ]
     return (
         "keras",

@@ -33,7 +33,7 @@ from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import images, pipeline
-from seeds_tf.data.splits import Split, read_split
+from seeds_tf.data.splits import Split, parse_split_file, read_split
 from seeds_tf.prediction import inference
 
 _LOGGER = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
         timings of the run's engines it was chosen by (`measured_ms`).
 
     Raises:
-        InputError: naming `serve`, with `serve`, for an export that agrees too little (see
-            `record_export`).
+        InputError: naming `serve`, with `serve`, for an export that agrees too little or a run
+            without a labelled test split to compare on (see `record_export`).
     """
     layout = runs.resolve_run(roots.models, run_id, field="run")
     training = layout.config().training
@@ -83,12 +83,13 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
     if not spec.serves:
         return {"export": str(path)}
     run = inference.load_run(layout)
-    test = read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "run")
-    figures = compare_with_keras(run, spec.name, test) if test.labels else {}
-    record_export(layout, spec.name, figures, serve)
+    test_file = layout.dataset_dir / "test.txt"  # optional in a dataset, so in a run too
+    test = read_split(test_file, "test", images_dir, len(run.classes), "run") if test_file.is_file() else None
+    figures = compare_with_keras(run, spec.name, test) if test is not None and test.labels else {}
+    embeds = run.specimens() is not None
+    record_export(layout, spec.name, figures, serve, embeds)
     if not serve:
         return {"export": str(path), **figures}
-    embeds = run.specimens() is not None
     choice = inference.default_engine(layout.exports_dir, run.model, remeasure=True, embeds=embeds)
     return {"export": str(path), **figures, "serve": choice.engine, "measured_ms": choice.ms}
 
@@ -226,30 +227,36 @@ def compare_with_keras(run: inference.LoadedRun, engine: str, split: Split, batc
     return figures
 
 
-def record_export(layout: runs.RunLayout, engine: str, figures: dict, serve: bool = False) -> dict:
+def record_export(
+    layout: runs.RunLayout, engine: str, figures: dict, serve: bool = False, embeds: bool = False
+) -> dict:
     """Adds an export's figures (see `compare_with_keras`) to the run's exports.json, where
     seeds_tf.classifier.engine_choice finds the exports `engine=auto` may choose from; returns the
-    index. With `serve` (default False), refuses an export that agrees too little to be chosen.
+    index. With `serve` (default False), refuses an export that agrees too little to be chosen for
+    the run: by `engine_choice.shortfall`, with `embeds` (default False) for a run whose answers
+    use its reference specimens.
 
     Raises:
         InputError: naming `serve`, with `serve`, when the export agrees with the Keras model on
-            less than engine_choice.MIN_AGREEMENT of the images, on the top-1 species or, where it
-            was measured, the decision (its figures are recorded).
+            less than engine_choice.MIN_AGREEMENT of the images, on the top-1 species or, with
+            `embeds`, the decision, or was compared on no images (its figures are recorded).
     """
     index = layout.exports_dir / runs.EXPORTS_INDEX
     recorded = files.read_json(index) if index.is_file() else {}
     recorded = {"exports": {**recorded.get("exports", {}), engine: figures}}
     files.write_json(index, recorded)
-    if serve:
-        measured = [key for key in engine_choice.AGREEMENTS if key in figures] or ["agreement_top1"]
-        for key in measured:
-            agreement = figures.get(key)
-            if agreement is None or agreement < engine_choice.MIN_AGREEMENT:
-                raise InputError(
-                    "serve",
-                    f"{engine} agrees with the Keras model on {agreement} of the test images "
-                    f"({key}), below {engine_choice.MIN_AGREEMENT}: engine=auto will not run it",
-                )
+    if serve and not figures:
+        raise InputError(
+            "serve",
+            f"run {layout.run_id} has no labelled test split to compare {engine} with the Keras model "
+            "on: engine=auto will not run it",
+        )
+    if serve and (key := engine_choice.shortfall(figures, embeds)) is not None:
+        raise InputError(
+            "serve",
+            f"{engine} agrees with the Keras model on {figures.get(key)} of the test images "
+            f"({key}), below {engine_choice.MIN_AGREEMENT}: engine=auto will not run it",
+        )
     return recorded
 
 
@@ -257,9 +264,8 @@ def calibration_images(
     layout: runs.RunLayout, images_dir: Path, count: int = CALIBRATION_IMAGES
 ) -> list[Path]:
     """Up to `count` images of the run's train split, spread over it (the split is class-ordered)."""
-    lines = [line for line in (layout.dataset_dir / "train.txt").read_text().splitlines() if line.strip()]
-    chosen = lines[:: max(1, len(lines) // count)][:count]
-    return [images_dir / line.rsplit(maxsplit=1)[0] for line in chosen]
+    entries = parse_split_file(layout.dataset_dir / "train.txt")
+    return [images_dir / relative for relative, _ in entries[:: max(1, len(entries) // count)][:count]]
 
 
 def _tflite(saved_model: Path, precision: str, image_size: int, calibration: Sequence[Path]) -> bytes:
@@ -345,6 +351,7 @@ def _replace_folder(source: Path, destination: Path) -> None:
     shutil.rmtree(staged, ignore_errors=True)
     shutil.copytree(source, staged)
     old = destination.with_name(f".{destination.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by an export killed between the two renames
     if destination.exists():
         destination.rename(old)
     staged.rename(destination)
