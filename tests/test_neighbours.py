@@ -238,3 +238,10 @@ def test_specimen_evidence_is_the_majority_of_the_nearest_and_the_distance_at_ra
     np.testing.assert_allclose(distance, 1.0 - np.cos(0.4), atol=2e-3)  # the last of 3
     with pytest.raises(ValueError, match="at least 5 references"):
         neighbours.specimen_evidence(index, *index.search(query, 2))
+    # A run calibrated with other numbers of voters and another rank gets its evidence by those.
+    index = _index(references, np.array([1, 2, 2, 0, 1, 1, 1]))
+    voted, distance = neighbours.specimen_evidence(index, *index.search(query, 3), voters=3, rank=2)
+    assert voted.tolist() == [2]
+    np.testing.assert_allclose(distance, 1.0 - np.cos(0.2), atol=2e-3)  # the 2nd: angle 0.2
+    with pytest.raises(ValueError, match="voters >= 1"):
+        neighbours.specimen_evidence(index, *index.search(query, 3), voters=0)

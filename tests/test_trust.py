@@ -102,6 +102,23 @@ def test_each_answer_carries_its_decision_and_the_request_may_set_the_thresholds
     assert genus_only["decision"] == ("unknown" if ood else "genus")
 
 
+def test_the_evidence_follows_the_rule_the_run_was_calibrated_with(roots, tiny_run):
+    """A run's thresholds were chosen with the voting references and the distance rank its
+    calibration records: its answers take the evidence by those, whatever the defaults are now."""
+    layout = runs.RunLayout(roots.models / tiny_run)
+    recorded = calibration.load_calibration(layout).to_dict()
+    assert recorded["specimens"]["distance_rank"] == neighbours.KNN_RANK > 1
+    nearest_only = {**recorded["specimens"], "neighbours": 1, "distance_rank": 1}
+    calibration.Calibration.from_dict({**recorded, "specimens": nearest_only}).save(layout)
+    run = inference.load_run(layout)
+    photo = images.read_image(seed_photo(roots))
+    _, embeddings = inference.observe(run, [photo], "none", "keras", embed=True)
+    said = inference.specimen_evidence(run, embeddings)
+    indices, similarities = run.required_index().search(embeddings, 1)
+    distance = float(np.clip(1.0 - float(similarities[0, 0]), 0.0, 2.0))
+    assert said == [(run.required_index().labels[indices[0, 0]], distance)]
+
+
 def test_a_run_without_calibration_says_so_and_still_answers(roots, tiny_run):
     layout = runs.RunLayout(roots.models / tiny_run)
     layout.calibration_file.unlink()

@@ -236,6 +236,11 @@ class Specimens:
     distance_rank: int
     distance_threshold: float
 
+    @property
+    def references_needed(self) -> int:
+        """References per search that the rule takes its evidence from."""
+        return max(self.neighbours, self.distance_rank)
+
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:

@@ -435,14 +435,19 @@ def judged(
 def specimen_evidence(run: LoadedRun, embeddings: np.ndarray) -> list[tuple[int, float]]:
     """What the reference specimens say of each embedding (observe's), as `trust` takes it, for a
     run with specimens (LoadedRun.specimens)."""
-    index = run.required_index()
-    return _evidence(index, *index.search(embeddings, references.EVIDENCE_K))
+    rule, index = run.specimens()
+    return _evidence(rule, index, *index.search(embeddings, rule.references_needed))
 
 
 def _evidence(
-    index: references.ReferenceIndex, indices: np.ndarray, similarities: np.ndarray
+    rule: calibrating.Specimens,
+    index: references.ReferenceIndex,
+    indices: np.ndarray,
+    similarities: np.ndarray,
 ) -> list[tuple[int, float]]:
-    return list(zip(*references.specimen_evidence(index, indices, similarities), strict=True))
+    """The evidence by the rule the run's thresholds were chosen under, not today's defaults."""
+    said = references.specimen_evidence(index, indices, similarities, rule.neighbours, rule.distance_rank)
+    return list(zip(*said, strict=True))
 
 
 def nearest_references(run: LoadedRun, pixels: Sequence[np.ndarray], k: int, merge: bool) -> list[list[dict]]:
@@ -489,8 +494,8 @@ def predict(
     """
     pixels = images.decode_images(uploads)
     run = choose_run(roots, cache, config.timestamp, config.ckpt_name)
-    index = run.required_index() if config.neighbours else run.reference_index()
     specimens = run.specimens()
+    index = run.required_index() if config.neighbours else (specimens[1] if specimens else None)
     probabilities, embeddings = observe(
         run, pixels, config.tta, config.engine, embed=bool(config.neighbours) or specimens is not None
     )
@@ -505,9 +510,10 @@ def predict(
     found: list[list[dict[str, Any]]] = []
     if embeddings is not None:
         # One search serves the decision's evidence and the neighbours shown.
-        indices, similarities = index.search(embeddings, max(config.neighbours, references.EVIDENCE_K))
+        needed = specimens[0].references_needed if specimens else 0
+        indices, similarities = index.search(embeddings, max(config.neighbours, needed))
         if specimens is not None:
-            evidence = _evidence(index, indices, similarities)
+            evidence = _evidence(*specimens, indices, similarities)
         k = config.neighbours
         found = references.specimens(index, indices[:, :k], similarities[:, :k], run.classes) if k else []
     results = [

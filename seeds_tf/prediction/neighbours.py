@@ -59,7 +59,7 @@ neighbour score of Sun et al., 2022): on the demo the 5th nearest told unseen im
 than the 1st, and photos of no seed at AUROC 0.89 where the entropy of the probabilities is at chance."""
 
 EVIDENCE_K = max(AGREEMENT_NEIGHBOURS, KNN_RANK)
-"""References per query that specimen_evidence needs."""
+"""References per query that specimen_evidence needs with its defaults."""
 
 
 def normalised(vectors: np.ndarray) -> np.ndarray:
@@ -275,34 +275,45 @@ def specimens(
 
 
 def specimen_evidence(
-    index: ReferenceIndex, indices: np.ndarray, similarities: np.ndarray
+    index: ReferenceIndex,
+    indices: np.ndarray,
+    similarities: np.ndarray,
+    voters: int = AGREEMENT_NEIGHBOURS,
+    rank: int = KNN_RANK,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The two signals of a search (ReferenceIndex.search with k >= EVIDENCE_K, or every reference
-    of a smaller index) that the decision uses besides the probabilities.
+    """The two signals of a search (ReferenceIndex.search with k >= max(voters, rank), or every
+    reference of a smaller index) that the decision uses besides the probabilities.
+
+    Args:
+        index: the references searched.
+        indices, similarities: the search's answer, most similar first.
+        voters: the nearest references whose majority species is taken (AGREEMENT_NEIGHBOURS by
+            default; a run's calibration records the value its thresholds were chosen with).
+        rank: the rank of the reference whose distance is taken (KNN_RANK by default; recorded too).
 
     Returns:
-        (majority species of the AGREEMENT_NEIGHBOURS most similar references, int64 (q,): a tie goes
-        to the species of the most similar reference among those tied; specimen distance, float64
-        (q,): 1 - the cosine similarity of the KNN_RANK-th most similar reference, or of the last
-        one in an index of fewer, in [0, 2], higher being less like any training image).
+        (majority species of the `voters` most similar references, int64 (q,): a tie goes to the
+        species of the most similar reference among those tied; specimen distance, float64 (q,):
+        1 - the cosine similarity of the `rank`-th most similar reference, or of the last one in an
+        index of fewer, in [0, 2], higher being less like any training image).
 
     Raises:
-        ValueError: for a search of fewer references than it needs.
+        ValueError: for voters or rank below 1, or a search of fewer references than they need.
     """
-    needed = min(EVIDENCE_K, len(index))
+    if min(voters, rank) < 1:
+        raise ValueError(f"Expected voters >= 1 and rank >= 1. Received: voters={voters}, rank={rank}")
+    needed = min(max(voters, rank), len(index))
     if indices.ndim != 2 or indices.shape[1] < needed or similarities.shape != indices.shape:
         raise ValueError(
             f"Expected a search of at least {needed} references per query. "
             f"Received: indices of shape {indices.shape}, similarities of shape {similarities.shape}"
         )
-    nearest = index.labels[indices[:, :AGREEMENT_NEIGHBOURS]]
+    nearest = index.labels[indices[:, :voters]]
     # argmax takes the first of equal counts, and the references are in order of similarity.
     votes = (nearest[:, :, None] == nearest[:, None, :]).sum(axis=2)
     majority = nearest[np.arange(len(nearest)), votes.argmax(axis=1)].astype(np.int64)
     # Clipped: float16 references can give a similarity a hair above 1 (a distance of -1e-5).
-    distance = np.clip(
-        1.0 - similarities[:, min(KNN_RANK, indices.shape[1]) - 1].astype(np.float64), 0.0, 2.0
-    )
+    distance = np.clip(1.0 - similarities[:, min(rank, indices.shape[1]) - 1].astype(np.float64), 0.0, 2.0)
     return majority, distance
 
 
