@@ -107,7 +107,7 @@ def _auto_engine(models: Path, run_id: str) -> dict[str, Any]:
     use its reference specimens, among the exports that qualify for it (inference.LoadedRun.engine)."""
     layout = runs.RunLayout(models / run_id)
     fitted = load_calibration(layout)
-    embeds = fitted is not None and fitted.specimens is not None and layout.index_dir.is_dir()
+    embeds = fitted is not None and fitted.specimens is not None and layout.has_index
     choice = engine_choice.recorded_choice(layout.exports_dir, embeds=embeds)
     if choice is None:
         return {"run_id": run_id, "engine": None, "reason": "not measured on this CPU yet: at the first load"}

@@ -112,3 +112,15 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file_and_no_debris(tmp_
     assert target.read_text() == "version 1"
     assert os.listdir(target.parent) == ["final.keras"]
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_index_is_complete_only_once_its_references_are_written(tmp_path):
+    """The server's metadata judges from the files whether a run's answers use its specimens
+    (it loads no TensorFlow): an index cut short before its references.json is no index."""
+    layout = runs.RunLayout(tmp_path / "2026-11-30_000000")
+    assert not layout.has_index
+    layout.index_dir.mkdir(parents=True)
+    (layout.index_dir / "embeddings.npy").write_bytes(b"written first")
+    assert not layout.has_index
+    files.write_json(layout.index_dir / runs.INDEX_REFERENCES, {"paths": [], "labels": []})
+    assert layout.has_index

@@ -41,6 +41,10 @@ PROMOTED_FILE = "promoted.json"
 EXPORTS_INDEX = "exports.json"
 """In exports/: each export's agreement with the Keras model, and the engine the run serves with."""
 
+INDEX_REFERENCES = "references.json"
+"""In index/: the paths and labels of the reference specimens, written after their embeddings, so
+an index without it is incomplete (seeds_tf.prediction.neighbours)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
@@ -116,6 +120,11 @@ class RunLayout:
         """Optional: the embeddings of the run's training images, the reference specimens behind
         an answer (seeds_tf.prediction.neighbours)."""
         return self.root / "index"
+
+    @property
+    def has_index(self) -> bool:
+        """Whether the run's index is complete (its INDEX_REFERENCES, written last, is there)."""
+        return (self.index_dir / INDEX_REFERENCES).is_file()
 
     @property
     def summary_file(self) -> Path:

@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 
 from seeds_tf.classifier.engines import Engine
-from seeds_tf.core import files
+from seeds_tf.core import files, runs
 from seeds_tf.data.pipeline import images_only, make_dataset
 from seeds_tf.data.splits import Split
 
 _LOGGER = logging.getLogger(__name__)
 
 EMBEDDINGS_FILE = "embeddings.npy"
-REFERENCES_FILE = "references.json"
 
 STORED_DTYPE = np.float16
 """The file's precision: half the size of float32; cosine similarities of unit vectors lose under
@@ -186,7 +185,7 @@ def save_index(index: ReferenceIndex, folder: Path) -> None:
     with files.atomic_path(folder / EMBEDDINGS_FILE) as temporary:
         np.save(temporary, index.embeddings.astype(STORED_DTYPE), allow_pickle=False)
     files.write_json(
-        folder / REFERENCES_FILE,
+        folder / runs.INDEX_REFERENCES,
         {
             "paths": list(index.paths),
             "labels": index.labels.tolist(),
@@ -205,7 +204,7 @@ def load_index(folder: Path) -> ReferenceIndex | None:
             references.json (count, dimension or dtype), or references.json is malformed, or the
             embeddings are not float16.
     """
-    references_file = folder / REFERENCES_FILE
+    references_file = folder / runs.INDEX_REFERENCES
     if not references_file.is_file():
         return None
     try:
