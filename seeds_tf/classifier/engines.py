@@ -103,11 +103,11 @@ class TFLiteEngine(Engine):
     float and int8 kernels with this CPU's vector units. One interpreter is not thread-safe: calls
     are serialised, and the input is resized only when the batch size changes."""
 
-    def __init__(self, name: str, path: Path, threads: int | None = None):
+    def __init__(self, name: str, path: Path):
         from ai_edge_litert.interpreter import Interpreter
 
         self.name = name
-        self._interpreter = Interpreter(model_path=str(path), num_threads=threads or engine_threads())
+        self._interpreter = Interpreter(model_path=str(path), num_threads=engine_threads())
         self._input = self._interpreter.get_input_details()[0]["index"]
         # The serving signature's outputs by name (output_0, output_1: the Keras outputs' order);
         # the tensors' own order in the file is the converter's.
@@ -153,11 +153,11 @@ class OnnxEngine(Engine):
     """An ONNX model in ONNX Runtime's CPU execution provider (thread-safe by design); its graph's
     outputs are in the Keras outputs' order."""
 
-    def __init__(self, name: str, path: Path, threads: int | None = None):
+    def __init__(self, name: str, path: Path):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or engine_threads()
+        options.intra_op_num_threads = engine_threads()
         self.name = name
         self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name

@@ -95,22 +95,19 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
 
 
 def export_checkpoint(
-    layout: runs.RunLayout,
-    spec: engines.EngineSpec,
-    calibration: Sequence[Path] = (),
-    checkpoint: str = "final",
+    layout: runs.RunLayout, spec: engines.EngineSpec, calibration: Sequence[Path] = ()
 ) -> Path:
-    """Writes one export of a run's checkpoint into its exports/ folder and returns its path.
+    """Writes one export of a run's final model into its exports/ folder (the engines serve the
+    final model's exports only) and returns its path.
 
     Args:
         layout: a complete run.
         spec: what to export.
         calibration: image files whose activations set the int8 ranges (only for calibrated exports).
-        checkpoint: the checkpoint to export.
     """
-    model = load_classifier(runs.resolve_checkpoint(layout, checkpoint))
+    model = load_classifier(runs.resolve_checkpoint(layout, "final"))
     destination = export_model(model, spec, spec.path(layout.exports_dir), calibration)
-    _LOGGER.info("Exported run %s/%s as %s", layout.run_id, checkpoint, destination)
+    _LOGGER.info("Exported run %s as %s", layout.run_id, destination)
     return destination
 
 

@@ -156,8 +156,9 @@ def split_outputs(
 def build_index(
     engine: Engine, split: Split, images_dir: Path, image_size: int, batch_size: int = 32
 ) -> ReferenceIndex:
-    """Embeds every image of `split` (a labelled split, usually the run's training images) as the
-    answers embed their photos: through the run's keras engine.
+    """Embeds every image of `split` (a labelled split, usually the run's training images) through
+    the run's keras engine: the reference that every export's embedding is held to (an answer
+    embeds its photo with the engine it runs).
 
     Args:
         engine: the run's keras engine (seeds_tf.classifier.engines.KerasEngine).
