@@ -496,10 +496,10 @@ def predict(
     run = choose_run(roots, cache, config.timestamp, config.ckpt_name)
     specimens = run.specimens()
     index = run.required_index() if config.neighbours else (specimens[1] if specimens else None)
+    engine = run.engine(config.engine).name  # resolved once: the answer names the engine that ran
     probabilities, embeddings = observe(
-        run, pixels, config.tta, config.engine, embed=bool(config.neighbours) or specimens is not None
+        run, pixels, config.tta, engine, embed=bool(config.neighbours) or specimens is not None
     )
-    engine = run.engine(config.engine).name
     names = [name for name, _ in uploads]
     if config.merge:
         # One specimen in several photos: one answer from the mean of their probabilities (and of
