@@ -134,20 +134,24 @@ def recorded_choice(
     flags: Collection[str] | None = None,
     signature: str | None = None,
     embeds: bool = False,
+    remembered: EngineChoice | None = None,
 ) -> EngineChoice | None:
     """The choice for this CPU (`flags` and `signature` default to this machine's) among the
     `candidates` (with `embeds`, default False) without measuring: "only keras" when no export
-    qualifies, the cached one while the candidates it was measured among are still the run's, else
-    None (a new export, or a CPU not measured yet)."""
+    qualifies, the cached one (or else `remembered`, one this process measured but could not
+    cache; default None) while the candidates it was measured among are still the run's, else None
+    (a new export, or a CPU not measured yet)."""
     flags = engines.cpu_flags() if flags is None else flags
     signature = signature or cpu_signature()
     offered = candidates(exports_dir, flags, embeds)
     if offered == ("keras",):
         return EngineChoice("keras", "only keras", engines.cpu_model(), signature, offered)
     cached = _read_choices(exports_dir).get(signature)
-    if cached is None or tuple(cached.get("candidates", ())) != offered:
-        return None
-    return EngineChoice(**{**cached, "candidates": offered})
+    if cached is not None and tuple(cached.get("candidates", ())) == offered:
+        return EngineChoice(**{**cached, "candidates": offered})
+    if remembered is not None and (remembered.signature, remembered.candidates) == (signature, offered):
+        return remembered
+    return None
 
 
 def choose_engine(
@@ -186,9 +190,7 @@ def choose_engine(
     signature = signature or cpu_signature()
 
     def settled() -> EngineChoice | None:
-        known = recorded_choice(exports_dir, flags, signature, embeds)
-        if known is None and remembered is not None and remembered.signature == signature:
-            known = remembered if remembered.candidates == candidates(exports_dir, flags, embeds) else None
+        known = recorded_choice(exports_dir, flags, signature, embeds, remembered)
         return known if known is not None and (known.reason == "only keras" or not remeasure) else None
 
     if known := settled():
