@@ -14,18 +14,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: serve test system lint demo bench learning fuzz load audit clean
 
 # The environment: what serving needs (`make serve`), plus the test and lint tools (`make test`);
-# each is reinstalled whenever the package metadata changes. --no-compile: Python compiles a module
-# when it is first imported, so installing skips the thousands a run never imports (68 s -> 29 s).
+# each is reinstalled whenever the package metadata changes.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
 
 $(SERVING): setup.cfg setup.py | $(BIN)/python
-	$(BIN)/python -m pip install --no-compile -e ".[cpu]"
+	$(BIN)/python -m pip install -e ".[cpu]"
 	touch $@
 
 $(TESTING): setup.cfg setup.py | $(BIN)/python
-	$(BIN)/python -m pip install --no-compile -e ".[cpu,test]"
+	$(BIN)/python -m pip install -e ".[cpu,test]"
 	touch $@ $(SERVING)
 
 ## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
