@@ -77,7 +77,7 @@ def throughput(
         for start in range(0, len(ready), batch_size):
             chunk = ready[start : start + batch_size]
             batch.answer(
-                run, engine.name, items[start : start + batch_size], [(p, "") for p in chunk], options.top_k
+                run, engine.name, items[start : start + batch_size], [(p, "") for p in chunk], options
             )
         return len(ready) / (time.perf_counter() - started)
 

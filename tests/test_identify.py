@@ -4,6 +4,7 @@ job killed (SIGKILL) in the middle, on a collection of real images answered by t
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import http.server
 import json
@@ -149,9 +150,47 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
     )
     with pytest.raises(InputError, match=r"output: .* holds answers of run 2020-01-01_000000"):
         batch.identify(session_roots, list_file, other, options)
+    with pytest.raises(InputError, match=r"output: .* has answers of 3 species, not 2 \(another top_k\?\)"):
+        batch.identify(session_roots, list_file, output, dataclasses.replace(options, top_k=2))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="input: no image in"):
         batch.identify(session_roots, tmp_path / "empty", output, options)
+
+
+def test_names_that_are_not_utf8_are_answered_kept_and_resumed(session_roots, tiny_run, collection, tmp_path):
+    """A photo named in Latin-1 (old archives and cameras do that) is answered like any other: the
+    CSV keeps its name's bytes, JSON Lines escapes them, a list file finds it, and a rerun skips it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    latin = os.fsdecode(b"caf\xe9.jpg")
+    for name in (latin, "plain.jpg"):
+        shutil.copy(_images(collection)[0], folder / name)
+    options = batch.IdentifyOptions(timestamp=tiny_run, top_k=3, chunk_size=1)
+    output = tmp_path / "answers.csv"
+    first = batch.identify(session_roots, folder, output, options)
+    assert (first.done, first.failed) == (2, 0)
+    assert b"caf\xe9.jpg," in output.read_bytes()
+    # Parts retired by a merge and left by a kill before they were deleted are no rows of the job.
+    retired = tmp_path / ".answers.csv.merged"
+    retired.mkdir()
+    shutil.copy(output, retired / "chunk-000000.csv")
+    (retired / "chunk-000001.csv").write_text("input,error\nplain.jpg,an older failure\n")
+    again = batch.identify(session_roots, folder, output, options)
+    assert (again.skipped, again.done) == (2, 0)
+    assert not retired.exists()
+    with open(output, newline="", errors="surrogateescape") as stream:
+        table = [(row["input"], row["error"]) for row in csv.DictReader(stream)]
+    assert table == [(latin, ""), ("plain.jpg", "")]
+
+    listed = tmp_path / "photos.txt"
+    listed.write_bytes(b"".join(os.fsencode(folder / name) + b"\n" for name in (latin, "plain.jpg")))
+    rows = tmp_path / "listed.jsonl"
+    assert batch.identify(session_roots, listed, rows, options).done == 2
+    assert [json.loads(line)["input"] for line in rows.read_text().splitlines()] == [
+        str(folder / latin),
+        str(folder / "plain.jpg"),
+    ]
+    assert "caf\\udce9.jpg" in rows.read_text()
 
 
 def test_a_job_killed_in_the_middle_loses_at_most_its_chunk_and_resumes(

@@ -10,6 +10,8 @@ machine's own (what it does for a cluster that other machines may join).
 from __future__ import annotations
 
 import csv
+import functools
+import http.server
 import os
 import shutil
 import subprocess
@@ -21,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from seeds_tf.core.paths import MODELS_ENV
+from seeds_tf.data.sources import ALLOW_ENV
 from seeds_tf.prediction import batch
+from tests.loopback import http_server
 
 _CLUSTER = """
 import sys
@@ -75,45 +79,58 @@ def cluster(ray_env) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, session_roots) -> Path:
-    """A few hundred small images (the tiny dataset's, four times over) and a broken file."""
+    """A few hundred small images (the tiny dataset's, four times over), one of them named in
+    Latin-1, and a broken file."""
     folder = tmp_path_factory.mktemp("collection")
     for copy in range(4):
         shutil.copytree(session_roots.data / "tiny" / "images", folder / f"box{copy}")
+    first = min(folder.rglob("*.jpg"))
+    first.rename(first.with_name(os.fsdecode(b"caf\xe9.jpg")))
     (folder / "box1" / "broken.png").write_bytes(b"\x89PNG broken")
     return folder
 
 
 def test_a_job_on_two_ray_nodes_writes_the_rows_one_machine_writes(
-    cluster, ray_env, session_roots, tiny_run, collection, tmp_path
+    cluster, ray_env, session_roots, tiny_run, collection, tmp_path, monkeypatch
 ):
-    on_ray = tmp_path / "ray.csv"
-    command = [
-        sys.executable, "-m", "seeds_tf.cli", "identify", str(collection), "--output", str(on_ray),
-        "--run", tiny_run, "--engine", "keras", "--top-k", "3", "--batch-size", "16", "--ray", cluster,
-    ]  # fmt: skip
-    done = subprocess.run(
-        command,
-        env={**ray_env, MODELS_ENV: str(session_roots.models)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert '"failed": 1' in done.stdout
-    answered = len(list(collection.rglob("*.*")))  # the images and the broken file
-    assert f"Answered {answered} images on 2 Ray nodes" in done.stderr, done.stderr[-3000:]
+    """The job's own settings reach the workers, whose environment is their node's: here a URL on
+    loopback, allowed to the job alone, is fetched on the cluster as on one machine."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(collection))
+    with http_server(handler) as base:
+        listed = tmp_path / "images.txt"
+        paths = sorted(collection.rglob("*.*"))  # the images and the broken file
+        url = f"{base}/{paths[-1].relative_to(collection).as_posix()}"
+        listed.write_bytes(b"".join(os.fsencode(path) + b"\n" for path in paths) + url.encode() + b"\n")
+        on_ray = tmp_path / "ray.csv"
+        command = [
+            sys.executable, "-m", "seeds_tf.cli", "identify", str(listed), "--output", str(on_ray),
+            "--run", tiny_run, "--engine", "keras", "--top-k", "3", "--batch-size", "16", "--ray", cluster,
+        ]  # fmt: skip
+        done = subprocess.run(
+            command,
+            env={**ray_env, MODELS_ENV: str(session_roots.models), ALLOW_ENV: "127.0.0.1"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert '"failed": 1' in done.stdout
+        assert f"Answered {len(paths) + 1} images on 2 Ray nodes" in done.stderr, done.stderr[-3000:]
 
-    here = tmp_path / "here.csv"
-    options = batch.IdentifyOptions(timestamp=tiny_run, engine="keras", top_k=3, batch_size=16)
-    batch.identify(session_roots, collection, here, options)
+        here = tmp_path / "here.csv"
+        monkeypatch.setenv(ALLOW_ENV, "127.0.0.1")
+        options = batch.IdentifyOptions(timestamp=tiny_run, engine="keras", top_k=3, batch_size=16)
+        batch.identify(session_roots, listed, here, options)
     tables = []
     for path in (on_ray, here):
-        with open(path, newline="") as stream:
+        with open(path, newline="", errors=batch.NAMES_ERRORS) as stream:
             tables.append(list(csv.DictReader(stream)))
     ray_rows, rows = tables
-    assert len(rows) == len(list(collection.rglob("*.jpg"))) + 1 > 200
+    assert len(rows) == len(list(collection.rglob("*.jpg"))) + 2 > 200
     assert [row["input"] for row in ray_rows] == [row["input"] for row in rows]
+    assert ray_rows[-1]["input"] == url and ray_rows[-1]["error"] == ""
+    assert os.fsdecode(b"caf\xe9.jpg") in {Path(row["input"]).name for row in ray_rows if not row["error"]}
     for ray_row, row in zip(ray_rows, rows, strict=True):
         for column, value in row.items():
             if column.endswith(("probability", "ood_score", "specimen_distance")) and value:

@@ -54,8 +54,9 @@ def read_json(path: Path) -> Any:
         return json.load(stream)
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: Path, errors: str = "strict") -> list[str]:
     """Non-blank lines of a UTF-8 text file (a byte-order mark allowed), without line ends or
-    surrounding whitespace: the format of classes.txt, info.txt and the split files."""
-    text = path.read_text(encoding="utf-8-sig")
+    surrounding whitespace: the format of classes.txt, info.txt and the split files. `errors` is
+    open()'s: "surrogateescape" keeps file names that are not UTF-8 as the file system has them."""
+    text = path.read_text(encoding="utf-8-sig", errors=errors)
     return [line.strip() for line in text.splitlines() if line.strip()]

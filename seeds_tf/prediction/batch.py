@@ -50,6 +50,10 @@ OUTPUT_FORMATS = (".csv", ".jsonl")
 MANIFEST_COLUMNS = ("path", "url")
 """Columns of a CSV manifest that name an image; a row takes its path, else its URL."""
 
+NAMES_ERRORS = "surrogateescape"
+"""How names that are not UTF-8 (file names from old archives and cameras) are read and written:
+kept byte for byte, as Python's os functions keep them, so each is found, answered and resumed."""
+
 _LOG_EVERY_S = 30.0
 _PART_GLOB = "chunk-*"
 
@@ -85,7 +89,14 @@ class IdentifyOptions:
         chunk_size: rows per part file, the most a kill can lose. Defaults to 1024: a few seconds
             to a minute of work, and a million images make about a thousand part files.
         fetch_threads: URLs downloaded at once. Defaults to 16: downloads wait on the network, not
-            on the CPU, and each stays within the limits of sources.FetchPolicy.from_env().
+            on the CPU, and each stays within the limits of `fetch_policy`.
+        fetch_policy: the limits of URL fetching. Defaults to sources.FetchPolicy.from_env() of
+            the process that makes the options.
+        prediction: the prediction options whose decision thresholds judge each row (the run's
+            own calibrated ones, unless the configuration file sets others). Defaults to
+            config.load(config.PredictConfig) in the process that makes the options.
+    The two defaults are read once, by the job's own process: the workers of a Ray job, whose
+    environment is their node's, fetch and judge as it says.
     """
 
     timestamp: str = ""
@@ -94,6 +105,10 @@ class IdentifyOptions:
     batch_size: int = 64
     chunk_size: int = 1024
     fetch_threads: int = 16
+    fetch_policy: sources.FetchPolicy = dataclasses.field(default_factory=sources.FetchPolicy.from_env)
+    prediction: config.PredictConfig = dataclasses.field(
+        default_factory=lambda: config.load(config.PredictConfig)
+    )
 
     def __post_init__(self):
         for name in ("top_k", "batch_size", "chunk_size", "fetch_threads"):
@@ -145,7 +160,11 @@ def list_inputs(source: Path) -> list[Item]:
         )
         items = [Item(path.relative_to(source).as_posix(), str(path.resolve())) for path in found]
     elif source.is_file():
-        entries = _manifest_entries(source) if source.suffix.lower() == ".csv" else files.read_lines(source)
+        entries = (
+            _manifest_entries(source)
+            if source.suffix.lower() == ".csv"
+            else files.read_lines(source, errors=NAMES_ERRORS)
+        )
         items = [_item(entry, source.parent) for entry in entries]
     else:
         raise InputError("input", f"{str(source)!r} is neither a folder nor a file")
@@ -155,7 +174,7 @@ def list_inputs(source: Path) -> list[Item]:
 
 
 def _manifest_entries(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig", newline="") as stream:
+    with open(path, encoding="utf-8-sig", errors=NAMES_ERRORS, newline="") as stream:
         reader = csv.DictReader(stream)
         columns = [name for name in MANIFEST_COLUMNS if name in (reader.fieldnames or ())]
         if not columns:
@@ -200,7 +219,11 @@ def identify(
     items = list_inputs(source)
     run = inference.choose_run(roots, inference.RunCache(), options.timestamp)
     engine = run.engine(options.engine).name
-    writer = _CsvRows(options.top_k, trust_fields(run)) if suffix == ".csv" else _JsonRows()
+    writer = (
+        _CsvRows(options.top_k, trust_fields(run))
+        if suffix == ".csv"
+        else _JsonRows(min(options.top_k, len(run.classes)))
+    )
     with _Job(output, writer) as job:
         answered = job.answered(run.run_id, engine)
         pending = [item for item in items if item.input not in answered]
@@ -258,22 +281,22 @@ def answer_locally(
     for pixels, errors in data.as_numpy_iterator():
         batch = items[start : start + len(errors)]
         start += len(errors)
-        decoded = [(image, error.decode()) for image, error in zip(pixels, errors, strict=True)]
-        yield from answer(run, engine, batch, decoded, options.top_k)
+        decoded = [(image, _text(error)) for image, error in zip(pixels, errors, strict=True)]
+        yield from answer(run, engine, batch, decoded, options)
 
 
 def image_batches(items: Sequence[Item], image_size: int, options: IdentifyOptions) -> tf.data.Dataset:
     """Batches of (float32 images, error messages), in the order of `items`; an image that cannot be
     read has a blank in place of its pixels and its message."""
-    policy = sources.FetchPolicy.from_env()
     signature = (tf.TensorSpec((None,), tf.string),) * 3
 
     def chunks() -> Iterator[tuple[np.ndarray, ...]]:
         """The reads in columns of up to a batch: from_generator costs a Python call per element
         it yields, more than decoding a small JPEG, so whole chunks cross into TensorFlow."""
-        reads = read_all(items, policy, options.fetch_threads)
+        reads = read_all(items, options.fetch_policy, options.fetch_threads)
         while chunk := list(itertools.islice(reads, options.batch_size)):
-            yield tuple(np.array(column, dtype=object) for column in zip(*chunk, strict=True))
+            names, encoded, errors = zip(*chunk, strict=True)
+            yield tuple(np.array(column, dtype=object) for column in (_bytes(names), encoded, _bytes(errors)))
 
     data = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
 
@@ -331,8 +354,17 @@ def decode(name: str, encoded: bytes, error: str) -> tuple[np.ndarray, str]:
 
 
 def _decode(name: bytes, encoded: bytes, error: bytes) -> tuple[np.ndarray, bytes]:
-    pixels, problem = decode(name.decode(), encoded, error.decode())
-    return pixels, problem.encode()
+    pixels, problem = decode(_text(name), encoded, _text(error))
+    return pixels, problem.encode("utf-8", NAMES_ERRORS)
+
+
+def _bytes(texts: Sequence[str]) -> list[bytes]:
+    """`texts` as TensorFlow strings: TensorFlow refuses str that is not valid UTF-8."""
+    return [text.encode("utf-8", NAMES_ERRORS) for text in texts]
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", NAMES_ERRORS)
 
 
 def answer(
@@ -340,7 +372,7 @@ def answer(
     engine: str,
     items: Sequence[Item],
     decoded: Sequence[tuple[np.ndarray, str]],
-    top_k: int,
+    options: IdentifyOptions,
 ) -> list[dict[str, Any]]:
     """One row per item: its input, top_k species and genera with their probabilities, the decision
     and OOD score (seeds_tf.prediction.inference's ranking and trust, with the reference specimens'
@@ -348,19 +380,17 @@ def answer(
     `decoded` holds (pixels, error) of each item, the pixels resized to the run's image size (so
     inference.observe sends them to the engine as they are) and ignored where there is an error."""
     good = [index for index, (_, error) in enumerate(decoded) if not error]
-    thresholds = config.load(config.PredictConfig)  # the run's own calibrated thresholds
     answers: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
     if good:
         pixels = [decoded[index][0] for index in good]
-        answers = dict(
-            zip(good, zip(*inference.judged(run, pixels, engine, thresholds), strict=True), strict=True)
-        )
+        judged = inference.judged(run, pixels, engine, options.prediction)
+        answers = dict(zip(good, zip(*judged, strict=True), strict=True))
     rows = []
     for index, item in enumerate(items):
         row: dict[str, Any] = {"input": item.input, "run_id": run.run_id, "engine": engine}
         if index in answers:
             probabilities, trusted = answers[index]
-            ranking = inference.ranked(run, probabilities, top_k)
+            ranking = inference.ranked(run, probabilities, options.top_k)
             row["species"] = [
                 {"label": s["label"], "probability": s["probability"]} for s in ranking["species"]
             ]
@@ -382,15 +412,29 @@ def trust_fields(run: inference.LoadedRun) -> tuple[str, ...]:
 
 
 class _JsonRows:
-    """Rows as JSON Lines, as `answer` makes them."""
+    """Rows as JSON Lines, as `answer` makes them, each answer with `ranks` species (top_k, or
+    every class of a run with fewer)."""
 
     suffix = ".jsonl"
+
+    def __init__(self, ranks: int):
+        self.ranks = ranks
 
     def write(self, stream: TextIO, rows: Iterable[dict[str, Any]]) -> None:
         stream.writelines(json.dumps(row) + "\n" for row in rows)
 
     def read(self, stream: TextIO) -> Iterator[dict[str, Any]]:
-        return (json.loads(line) for line in stream if line.strip())
+        for line in stream:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("species") and len(row["species"]) != self.ranks:  # a row with an error has none
+                raise InputError(
+                    "output",
+                    f"{stream.name!r} has answers of {len(row['species'])} species, not {self.ranks} "
+                    "(another top_k?)",
+                )
+            yield row
 
 
 class _CsvRows:
@@ -452,11 +496,15 @@ class _Job:
         except BlockingIOError:
             self._lock.close()
             raise InputError("output", f"another job is writing {str(self.output)!r}") from None
-        # A kill during an atomic write leaves its hidden temporary behind: never a part, and no use.
+        # A kill during an atomic write leaves its hidden temporary behind, and a kill after a merge
+        # the parts it retired (see merge): never a part, and no use.
         for stale in itertools.chain(
             self.parts.glob(".*"), self.output.parent.glob(f".{self.output.name}.*")
         ):
-            stale.unlink()
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -467,7 +515,7 @@ class _Job:
         return [path for path in [self.output, *sorted(self.parts.glob(_PART_GLOB))] if path.is_file()]
 
     def _records(self, path: Path) -> Iterator[dict[str, Any]]:
-        with open(path, encoding="utf-8", newline="") as stream:
+        with open(path, encoding="utf-8", errors=NAMES_ERRORS, newline="") as stream:
             yield from self._rows.read(stream)
 
     def answered(self, run_id: str, engine: str) -> set[str]:
@@ -499,7 +547,7 @@ class _Job:
     def _write(self, path: Path, rows: Iterable[dict[str, Any]]) -> None:
         with (
             files.atomic_path(path) as temporary,
-            open(temporary, "w", encoding="utf-8", newline="") as stream,
+            open(temporary, "w", encoding="utf-8", errors=NAMES_ERRORS, newline="") as stream,
         ):
             self._rows.write(stream, rows)
 
@@ -522,7 +570,11 @@ class _Job:
 
         if sources != [self.output]:
             self._write(self.output, rows())
-        shutil.rmtree(self.parts)
+        # Retired in one rename, then deleted: parts left by a kill half-way through deleting them
+        # would hold older rows that a rerun takes for newer than the output's.
+        retired = self.output.with_name(f".{self.output.name}.merged")
+        self.parts.rename(retired)
+        shutil.rmtree(retired)
 
 
 @contextlib.contextmanager

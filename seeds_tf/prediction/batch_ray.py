@@ -31,7 +31,7 @@ import numpy as np
 from seeds_tf.classifier.engines import THREADS_ENV
 from seeds_tf.core import runs
 from seeds_tf.core.errors import InputError
-from seeds_tf.data import pipeline, sources
+from seeds_tf.data import pipeline
 from seeds_tf.prediction import batch, inference
 
 _LOGGER = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ def _answer_on_ray(
         batches = [
             items[start : start + options.batch_size] for start in range(0, len(items), options.batch_size)
         ]
+        # As JSON, which keeps names that are not UTF-8 (Arrow's strings refuse them) as escapes.
         data = ray.data.from_items(
-            [{"inputs": [i.input for i in chunk], "sources": [i.source for i in chunk]} for chunk in batches]
+            [{"items": json.dumps([[item.input, item.source] for item in chunk])} for chunk in batches]
         )
         answered = data.map_batches(
             _Identifier,
@@ -131,8 +132,9 @@ def _answer_on_ray(
 
 class _Identifier:
     """A Ray Data worker: loads the run once (the engine too), then answers rows of one batch of
-    images each ({"inputs", "sources"}) with a "rows" column, the batch's rows (see batch.answer)
-    as one JSON list, and a "node" column, the id of the Ray node that answered it."""
+    images each ({"items": the batch's (input, source) pairs as JSON}) with a "rows" column, the
+    batch's rows (see batch.answer) as one JSON list, and a "node" column, the id of the Ray node
+    that answered it."""
 
     def __init__(
         self, models_dir: str, run_id: str, engine: str, options: batch.IdentifyOptions, threads: int
@@ -148,12 +150,11 @@ class _Identifier:
         self._run = inference.load_run(runs.RunLayout(Path(models_dir) / run_id))
         self._engine = self._run.engine(engine).name
         self._options = options
-        self._policy = sources.FetchPolicy.from_env()
 
     def __call__(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         answers = [
-            json.dumps(self._answer([batch.Item(str(n), str(s)) for n, s in zip(names, paths, strict=True)]))
-            for names, paths in zip(columns["inputs"], columns["sources"], strict=True)
+            json.dumps(self._answer([batch.Item(*pair) for pair in json.loads(items)]))
+            for items in columns["items"]
         ]
         return {
             "rows": np.array(answers, dtype=object),
@@ -163,7 +164,7 @@ class _Identifier:
     def _answer(self, items: list[batch.Item]) -> list[dict[str, Any]]:
         size = self._run.config.image_size
         decoded = []
-        for read in batch.read_all(items, self._policy, self._options.fetch_threads):
+        for read in batch.read_all(items, self._options.fetch_policy, self._options.fetch_threads):
             pixels, error = batch.decode(*read)
             decoded.append((pixels if error else pipeline.resize(pixels, size).numpy(), error))
-        return batch.answer(self._run, self._engine, items, decoded, self._options.top_k)
+        return batch.answer(self._run, self._engine, items, decoded, self._options)
