@@ -3,6 +3,7 @@ carries its decision and OOD score, the reference specimens come on request (JSO
 the real DEEPaaS app), `seeds-tf calibrate` and `seeds-tf index` work on a served run, and the trust
 report measures unseen images against the test split."""
 
+import dataclasses
 import io
 import json
 
@@ -145,6 +146,13 @@ def test_neighbours_are_training_images_with_their_species(roots, tiny_run):
     # The tiny run's features are nearly all alike (cosine > 0.9999), so which training image comes
     # first is noise here; tests/test_neighbours.py checks with a real model that an image finds itself.
     assert all(0.99 <= n["similarity"] <= 1.001 for n in found)
+
+    # The index holds the final model's embeddings: another checkpoint is told so, not sent to make one.
+    best = dataclasses.replace(request, ckpt_name="best")
+    with pytest.raises(InputError) as other_checkpoint:
+        inference.predict(roots, inference.RunCache(), best, [(photo.name, photo.read_bytes())])
+    assert other_checkpoint.value.field == "neighbours"
+    assert "ckpt_name final, not best" in other_checkpoint.value.problem
 
     layout.index_dir.joinpath("references.json").unlink()
     with pytest.raises(InputError) as missing:

@@ -56,9 +56,16 @@ class LoadedRun:
         """`reference_index`, for a request that asks for the reference specimens.
 
         Raises:
-            InputError: naming `neighbours`, for a run without an index.
+            InputError: naming `neighbours`, for a run without an index, or a checkpoint other than
+                the final one (the index holds embeddings of the final model).
         """
         index = self.reference_index()
+        if index is None and self.checkpoint != "final":
+            raise InputError(
+                "neighbours",
+                f"the reference specimens are embedded by the final model: ask for ckpt_name final, "
+                f"not {self.checkpoint}",
+            )
         if index is None:
             raise InputError(
                 "neighbours",
