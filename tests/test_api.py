@@ -150,8 +150,8 @@ def test_a_dataset_problem_ends_the_training_with_a_clear_message(app, service):
 
 
 def test_a_cancelled_training_is_never_offered(app, service, photo):
-    """DEEPaaS kills the worker of a cancelled training (its DELETE answers 500 in 2.6.0, a server
-    bug); the half-made run is never offered and the replacement worker loads a model lazily."""
+    """DEEPaaS kills the worker of a cancelled training and answers its DELETE with the status
+    "cancelled"; the half-made run is never offered and the replacement worker loads a model lazily."""
     roots = service[1]
     before = set(runs.complete_runs(roots.models))
     interrupted_before = set(runs.incomplete_runs(roots.models))
@@ -163,7 +163,9 @@ def test_a_cancelled_training_is_never_offered(app, service, photo):
         started = next(iter(set(runs.incomplete_runs(roots.models)) - interrupted_before), None)
         time.sleep(0.1)
     assert started is not None, app.request("GET", f"{MODEL_URL}/train/{uuid}").body
-    app.request("DELETE", f"{MODEL_URL}/train/{uuid}")
+    cancelled = app.request("DELETE", f"{MODEL_URL}/train/{uuid}")
+    assert cancelled.status == 200, cancelled.body
+    assert (cancelled.json()["status"], cancelled.json()["uuid"]) == ("cancelled", uuid)
     assert set(runs.complete_runs(roots.models)) == before
     assert started in runs.incomplete_runs(roots.models)
     listing = app.request("GET", f"{MODEL_URL}/").json()

@@ -1,6 +1,6 @@
 """seeds_tf.service.request_parsing through the real DEEPaaS app: what DEEPaaS 2.6 and webargs 5 get
 wrong, put right in the server process (one shape for every client error, an empty form, unknown
-arguments, the order of a training's status)."""
+and repeated arguments, the order of a training's status)."""
 
 import io
 
@@ -106,6 +106,24 @@ def test_an_unknown_argument_is_refused_and_named(app, photo, path, arguments, u
         form.add_field(name, value)
     answer = app.request("POST", path, data=form)
     assert_client_error(answer, 422, unknown, f"unknown argument {unknown!r}", "the arguments are")
+
+
+def test_an_argument_sent_twice_is_refused_and_named(app, photo):
+    """webargs 5 would read one of the two and drop the other silently: a second photo under the
+    same name (what `<input type=file multiple>` sends), a query value beside a form value."""
+    form = aiohttp.FormData()
+    for name in ("image", "image"):
+        form.add_field(name, photo, filename="seed.jpg")
+    form.add_field("merge", "true")
+    answer = app.request("POST", PREDICT, data=form)
+    assert_client_error(
+        answer, 422, "image", "sent 2 times; give it once: one photo in each of image, image_2,"
+    )
+    form = aiohttp.FormData()
+    form.add_field("image", photo, filename="seed.jpg")
+    form.add_field("top_k", "abc")
+    answer = app.request("POST", PREDICT, params={"top_k": "2"}, data=form)
+    assert_client_error(answer, 422, "top_k", "sent 2 times; give it once")
 
 
 def test_a_malformed_multipart_body_is_a_400_naming_the_body(app):

@@ -11,16 +11,22 @@ can be fixed in predict or train:
 - a malformed multipart body (no boundary, a truncated part, a control character in a name) makes
   aiohttp raise inside webargs' form parsing, and the client got a 500: it gets a 400 instead;
 - webargs 5 reads only the declared arguments and silently drops the others, so a misspelt option
-  (`top-k=3`, `epoch=5`) would be ignored: the client gets a 422 naming it instead;
+  (`top-k=3`, `epoch=5`) would be ignored: the client gets a 422 naming it instead; and it reads one
+  value of an argument sent twice (two files under `image`, `top_k` in the query and the form),
+  silently dropping the other: the client gets a 422 naming it instead;
 - DEEPaaS queues every training for a worker: a guard can refuse a POST train at once (409);
 - a training's status lists `status` (and its `result` or `message`) first, not after the echo of
-  every argument.
+  every argument;
+- a cancelled training's status is "cancelled": DEEPaaS ends it by killing its worker, which leaves
+  the task with no result, and its status builder then failed (a 500 answered the DELETE).
 `install()` wraps webargs' parser and two functions of DEEPaaS 2.6 (setup.cfg keeps it below 2.7)
 once per process; valid requests are untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 from collections.abc import Callable
 
@@ -30,6 +36,7 @@ from deepaas.api.v2 import train as v2_train
 from webargs import aiohttpparser, core
 
 from seeds_tf.core.errors import InputError
+from seeds_tf.service.schemas import UPLOAD_FIELDS
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -74,10 +81,16 @@ def install(before_training: Callable[[], None] | None = None) -> None:
         parsed = await parse(parser, argmap, req, *args, **kwargs)
         schema = parser._get_schema(argmap, req)
         known = {field.data_key or name for name, field in schema.fields.items()}
-        unknown = sorted(await _sent_names(req) - known)
+        sent = await _sent_names(req)
+        unknown = sorted(sent.keys() - known)
         if unknown:
             problem = f"unknown argument {', '.join(map(repr, unknown))}; the arguments are {sorted(known)}"
             raise _error(web.HTTPUnprocessableEntity, unknown[0], problem)
+        repeated = sorted(name for name, times in sent.items() if times > 1)
+        if repeated:
+            name = repeated[0]
+            hint = f": one photo in each of {', '.join(UPLOAD_FIELDS)}" if name in UPLOAD_FIELDS else ""
+            raise _error(web.HTTPUnprocessableEntity, name, f"sent {sent[name]} times; give it once{hint}")
         return parsed
 
     strict_parse.seeds_tf_strict = True
@@ -89,18 +102,20 @@ def install(before_training: Callable[[], None] | None = None) -> None:
     v2_train._get_handler = _with_status_first(v2_train._get_handler)
 
 
-async def _sent_names(request: web.Request) -> set[str]:
-    """The argument names a request sends in its query string and form or JSON body."""
-    names = set(request.query)
+async def _sent_names(request: web.Request) -> collections.Counter[str]:
+    """The argument names a request sends in its query string and form or JSON body, each with the
+    number of times it is sent (a multidict's items, not its keys, repeat a name sent twice)."""
+    names = collections.Counter(name for name, _ in request.query.items())
     if request.content_type in _FORMS and request.body_exists:
-        names |= set(await request.post())  # aiohttp parses the body once and keeps it
+        form = await request.post()  # aiohttp parses the body once and keeps it
+        names.update(name for name, _ in form.items())
     elif request.content_type == "application/json" and request.body_exists:
         try:
             body = await request.json()
         except ValueError:
             body = None
         if isinstance(body, dict):
-            names |= set(body)
+            names.update(body.keys())
     return names
 
 
@@ -162,7 +177,7 @@ def _with_status_first(get_handler: Callable) -> Callable:
         build = handler.build_train_response
 
         def build_train_response(uuid, training):
-            answer = build(uuid, training)
+            answer = build(uuid, _as_cancelled(training) if _killed(training) else training)
             if not answer:
                 return answer
             return {**{key: answer[key] for key in _LEADING if key in answer}, **answer}
@@ -171,6 +186,22 @@ def _with_status_first(get_handler: Callable) -> Callable:
         return handler
 
     return get_handler_with_status_first
+
+
+def _killed(training: dict | None) -> bool:
+    """Whether DEEPaaS cancelled `training` by killing its worker: its task then ends with neither
+    a result nor an exception (a finished training's result is never None)."""
+    task = training["task"] if training else None
+    return bool(
+        task and task.done() and not task.cancelled() and task.exception() is None and task.result() is None
+    )
+
+
+def _as_cancelled(training: dict) -> dict:
+    """`training` with a cancelled task in place of its own, for DEEPaaS' status builder."""
+    cancelled: asyncio.Future = training["task"].get_loop().create_future()
+    cancelled.cancel()
+    return {**training, "task": cancelled}
 
 
 def _error(kind: type[web.HTTPException], field: str, problem: str) -> web.HTTPException:
