@@ -60,6 +60,11 @@ class ClientError(web.HTTPUnprocessableEntity):
     def __reduce__(self):
         return (type(self), (self.field, self.problem))
 
+    def __str__(self) -> str:
+        """What deepaas-cli (and the platform's serverless path, which runs it) shows of a refusal:
+        the field and the problem, not the status' reason alone."""
+        return f"{self.field}: {self.problem}"
+
 
 def get_metadata() -> dict[str, Any]:
     """The model's description, its working runs, the promoted run, the summary of the run that

@@ -3,12 +3,15 @@
 import base64
 import http.server
 import io
+import json
+import pickle
 import time
 
 import numpy as np
 import PIL.Image
 import pytest
 
+from seeds_tf import api
 from seeds_tf.core import files, runs
 from tests.deepaas_harness import MODEL_URL
 from tests.helpers import SMALL_OPTIONS, TINY_OPTIONS, encode, in_process_service, interrupted_run, seed_photo
@@ -245,3 +248,12 @@ def test_merge_answers_once_for_one_specimen(app, photo):
     assert body["merged"] is True
     (result,) = body["results"]
     assert result["image"] == "a.jpg + b.jpg"
+
+
+def test_a_refusal_made_in_a_worker_keeps_its_field_and_problem():
+    """DEEPaaS pickles a worker's refusal back to the server, and deepaas-cli (the platform's
+    serverless path) prints it: both keep the field and the problem."""
+    refusal = pickle.loads(pickle.dumps(api.ClientError("top_k", "must be at least 1")))  # noqa: S301 (our own bytes)
+    assert (refusal.status, refusal.field, refusal.problem) == (422, "top_k", "must be at least 1")
+    assert json.loads(refusal.text) == {"message": "top_k: must be at least 1", "field": "top_k"}
+    assert str(refusal) == "top_k: must be at least 1"
