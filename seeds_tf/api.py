@@ -23,7 +23,7 @@ from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.hosting import admission, monitor
-from seeds_tf.prediction.calibration import load_calibration
+from seeds_tf.prediction.calibration import UnreadableCalibration, load_calibration
 from seeds_tf.service import dependency_warnings, request_parsing, schemas
 
 _LOGGER = logging.getLogger(__name__)
@@ -111,7 +111,10 @@ def _auto_engine(models: Path, run_id: str) -> dict[str, Any]:
     by, "only keras", or that it is measured at the run's first load here; for a run whose answers
     use its reference specimens, among the exports that qualify for it (inference.LoadedRun.engine)."""
     layout = runs.RunLayout(models / run_id)
-    fitted = load_calibration(layout)
+    try:
+        fitted = load_calibration(layout)
+    except UnreadableCalibration as error:  # the run does not load: requests go to the next one
+        return {"run_id": run_id, "engine": None, "reason": str(error)}
     embeds = fitted is not None and fitted.specimens is not None and layout.has_index
     choice = engine_choice.recorded_choice(layout.exports_dir, embeds=embeds)
     if choice is None:

@@ -91,11 +91,12 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 def _damage(models: Path, run_id: str) -> dict[str, runs.RunLayout]:
-    """Copies of a run, each damaged one way, all newer than it. The last ("weights") passes the
-    listing's checks (a sound archive) and only fails when its model is loaded."""
+    """Copies of a run, each damaged one way, all newer than it. The last two ("weights", and
+    "calibration" with a calibration.json that is not JSON) pass the listing's checks and only fail
+    when the run is loaded."""
     layouts = {
         name: _copy_run(models, run_id, f"2099-01-01_00000{index}")
-        for index, name in enumerate(("run.json", "truncated", "garbage", "weights"), start=1)
+        for index, name in enumerate(("run.json", "truncated", "garbage", "weights", "calibration"), start=1)
     }
     _replace(layouts["run.json"].summary_file, b'{"run_id": "2099-01-01_000001", "metr')
     model = layouts["truncated"].final_model.read_bytes()
@@ -108,6 +109,7 @@ def _damage(models: Path, run_id: str) -> dict[str, runs.RunLayout]:
         for name, data in members.items():
             damaged.writestr(name, data[: len(data) // 2] if name.startswith("model.weights") else data)
     _replace(layouts["weights"].final_model, archive.getvalue())
+    _replace(layouts["calibration"].calibration_file, b'{"temperature": 1.5, "thresh')
     return layouts
 
 
@@ -181,15 +183,17 @@ def test_damaged_runs_are_listed_as_broken_and_skipped(roots, tiny_run, capsys):
     them is the caller's error, naming `timestamp`."""
     damaged = _damage(roots.models, tiny_run)
     listing = runs.list_runs(roots.models)
-    assert list(listing.working) == [tiny_run, damaged["weights"].run_id]
+    assert list(listing.working) == [tiny_run, damaged["weights"].run_id, damaged["calibration"].run_id]
     reasons = {name: listing.broken.get(layout.run_id) for name, layout in damaged.items()}
     assert reasons["run.json"].startswith("run.json is unreadable")
     assert reasons["truncated"].startswith("ckpts/final.keras is not a whole Keras model file")
     assert reasons["garbage"].startswith("ckpts/final.keras is not a whole Keras model file")
-    assert reasons["weights"] is None
+    assert reasons["weights"] is reasons["calibration"] is None
 
-    metadata = api.get_metadata()  # a run.json that is not JSON made this fail before
+    metadata = api.get_metadata()  # a run.json or a calibration.json that is not JSON made this fail before
     assert metadata["runs"] == list(listing.working)
+    assert metadata["engine"]["run_id"] == damaged["calibration"].run_id
+    assert metadata["engine"]["reason"].startswith("calibration.json is unreadable")
     assert metadata["broken"] == listing.broken_list()
     assert cli.main(["--quiet", "runs"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -201,6 +205,7 @@ def test_damaged_runs_are_listed_as_broken_and_skipped(roots, tiny_run, capsys):
     cache = inference.RunCache()
     answer = inference.predict(roots, cache, config.load(config.PredictConfig), photo)
     assert answer["run_id"] == tiny_run
+    problems = {}
     for name, layout in damaged.items():
         request = config.load(config.PredictConfig, timestamp=layout.run_id)
         with pytest.raises(InputError) as raised:
@@ -208,7 +213,9 @@ def test_damaged_runs_are_listed_as_broken_and_skipped(roots, tiny_run, capsys):
         assert raised.value.field == "timestamp", name
         assert layout.run_id in raised.value.problem, name
         assert " is broken: " in raised.value.problem, name
-    assert "ckpts/final.keras does not load" in raised.value.problem
+        problems[name] = raised.value.problem
+    assert "is broken: ckpts/final.keras does not load" in problems["weights"]
+    assert "is broken: calibration.json is unreadable" in problems["calibration"]
 
 
 def test_make_serve_trains_the_demo_when_every_run_is_broken(roots, tiny_run, monkeypatch):
@@ -251,6 +258,7 @@ def test_the_service_reports_broken_runs_and_keeps_serving(service, tiny_run):
         assert metadata.status == 200, metadata.body
         broken = {entry["run_id"]: entry["reason"] for entry in metadata.json()["broken"]}
         assert set(broken) == {damaged[name].run_id for name in ("run.json", "truncated", "garbage")}
+        assert metadata.json()["engine"]["reason"].startswith("calibration.json is unreadable")
         assert app.request("GET", "/v2/models/").status == 200
 
         answer = app.predict({"image": photo})

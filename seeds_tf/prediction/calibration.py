@@ -513,15 +513,23 @@ class Calibration:
         files.write_json(layout.calibration_file, self.to_dict())
 
 
+class UnreadableCalibration(ValueError):
+    """A run's calibration.json that is not JSON or not a calibration: the run cannot answer as
+    it was calibrated, whatever its model."""
+
+
 def load_calibration(layout: runs.RunLayout) -> Calibration | None:
     """The run's calibration, or None when it has none (it answers uncalibrated).
 
     Raises:
-        ValueError: for a calibration.json that is not JSON or not a calibration.
+        UnreadableCalibration: for a calibration.json that is not JSON or not a calibration.
     """
     if not layout.calibration_file.is_file():
         return None
-    return Calibration.from_dict(files.read_json(layout.calibration_file))
+    try:
+        return Calibration.from_dict(files.read_json(layout.calibration_file))
+    except ValueError as error:  # not JSON, not UTF-8, or not a calibration
+        raise UnreadableCalibration(f"{layout.calibration_file.name} is unreadable: {error}") from None
 
 
 def fit_calibration(

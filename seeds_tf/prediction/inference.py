@@ -240,6 +240,9 @@ class RunCache:
             if key not in self._runs and key not in self._broken:
                 try:
                     self._runs[key] = load_run(layout, checkpoint)
+                except calibrating.UnreadableCalibration as error:
+                    _LOGGER.error("Run %s/%s does not load: %s", layout.run_id, checkpoint, error)
+                    self._broken[key] = str(error)
                 except Exception as error:
                     _LOGGER.exception("Run %s/%s does not load", layout.run_id, checkpoint)
                     self._broken[key] = f"ckpts/{model_file.name} does not load: {error}"
