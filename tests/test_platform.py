@@ -252,6 +252,11 @@ def test_the_healthcheck_predicts_and_fails_when_the_workers_hang(platform_serve
     command = [str(BIN / "seeds-tf"), "--quiet", "healthcheck", "--url", url, "--timeout", "5"]
     healthy = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
     assert healthy.returncode == 0, healthy.stderr
+    # A wrong address is answered by the router, not a worker: it never passes.
+    wrong = [*command[:4], f"{url}/elsewhere", *command[5:]]
+    misdirected = subprocess.run(wrong, capture_output=True, text=True, check=False, timeout=60)
+    assert misdirected.returncode == 1
+    assert "a prediction got HTTP 404" in misdirected.stderr
     workers = [child for child in psutil.Process(pid).children() if "spawn_main" in " ".join(child.cmdline())]
     for worker in workers:
         worker.suspend()

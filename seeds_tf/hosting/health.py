@@ -3,7 +3,9 @@
 DEEPaaS answers its listing routes from the server process, so a check of /v2/models/ stays green
 while every worker is hung (a worker killed for memory is never replaced in DEEPaaS 2.6's pool).
 This check sends a real prediction of a small generated image: it passes when a worker answers
-within the timeout, with a prediction or a client error of its own (such as "no run yet").
+within the timeout, with a prediction or a refusal of its own (a 422 in the service's error shape,
+such as "no run yet"). Any other answer fails it: a 404 or 405 comes from a router, not a worker,
+so a wrong URL or path prefix never stays green.
 """
 
 from __future__ import annotations
@@ -36,7 +38,21 @@ def check_service(url: str = "", timeout_s: float = 30.0) -> str | None:
         return f"{base} cannot be reached: {type(error).__name__}"
     if answer.status_code >= 500:
         return f"a prediction failed with HTTP {answer.status_code}"
-    return None
+    if answer.status_code == 200 or _refused_by_the_service(answer):
+        return None
+    return (
+        f"a prediction got HTTP {answer.status_code} from {base}{PREDICT_PATH}, neither an answer nor "
+        "a refusal of seeds_tf: is that the service's address?"
+    )
+
+
+def _refused_by_the_service(answer: requests.Response) -> bool:
+    """A 422 in the one shape of the service's client errors (service.request_parsing.error_text)."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return False
+    return answer.status_code == 422 and isinstance(body, dict) and set(body) == {"message", "field"}
 
 
 def _probe_image() -> bytes:
