@@ -109,8 +109,11 @@ def test_unreadable_dataset_images_are_found(tmp_path):
     truncated.write_bytes(encode(PHOTO, "JPEG")[:300])
     text = tmp_path / "text.jpg"
     text.write_text("hello")
-    problems = images.find_unreadable([good, truncated, text])
-    assert set(problems) == {truncated, text}
+    thumbnail = tmp_path / "thumbnail.jpg"  # decodes, but every decoding refuses it
+    thumbnail.write_bytes(encode(np.zeros((12, 40, 3), np.uint8), "JPEG"))
+    problems = images.find_unreadable([good, truncated, text, thumbnail])
+    assert set(problems) == {truncated, text, thumbnail}
+    assert problems[thumbnail] == f"is 40x12 pixels; each side must be at least {images.MIN_SIDE}"
 
 
 def test_several_images_decode_in_order_and_the_first_bad_one_is_named():

@@ -21,6 +21,9 @@ from seeds_tf.data.splits import (
         ("seed.jpg\t2", ("seed.jpg", 2)),
         ("unlabelled seed.jpg", ("unlabelled seed.jpg", None)),
         ("seed.jpg", ("seed.jpg", None)),
+        ("seed.jpg -1", ("seed.jpg", -1)),  # a label out of range, which the reader reports
+        ("seed.jpg --1", ("seed.jpg --1", None)),  # not a label: a path without one
+        ("seed.jpg 1\u00b2", ("seed.jpg 1\u00b2", None)),
     ],
 )
 def test_split_lines(line, expected):

@@ -98,11 +98,9 @@ def _decoding_errors(data: bytes, field: str, name: str) -> Iterator[None]:
 
 def _decoded(image: PIL.Image.Image, field: str, name: str, max_pixels: int) -> np.ndarray:
     """The pixels of an opened image, after checking its size from the header alone."""
-    width, height = image.size
-    if width * height > max_pixels:
-        raise InputError(field, f"{name!r} has {width}x{height} pixels, more than the limit of {max_pixels}")
-    if min(width, height) < MIN_SIDE:
-        raise InputError(field, f"{name!r} is {width}x{height} pixels; each side must be at least {MIN_SIDE}")
+    problem = _size_problem(image, max_pixels)
+    if problem is not None:
+        raise InputError(field, f"{name!r} {problem}")
     image.load()
     _turn_upright(image)
     return _to_rgb(image)
@@ -179,11 +177,23 @@ def find_unreadable(paths: Sequence[Path], threads: int = 8) -> dict[Path, str]:
     return {path: problem for path, problem in problems.items() if problem is not None}
 
 
+def _size_problem(image: PIL.Image.Image, max_pixels: int) -> str | None:
+    """What is wrong with an opened image's size (from its header alone), or None: a dataset's
+    screening and every decoding refuse the same images."""
+    width, height = image.size
+    if width * height > max_pixels:
+        return f"has {width}x{height} pixels, more than the limit of {max_pixels}"
+    if min(width, height) < MIN_SIDE:
+        return f"is {width}x{height} pixels; each side must be at least {MIN_SIDE}"
+    return None
+
+
 def _problem_of(path: Path) -> str | None:
     try:
         with PIL.Image.open(path, formats=FORMATS) as image:
-            if image.width * image.height > MAX_PIXELS:
-                return f"{image.width}x{image.height} pixels, more than the limit of {MAX_PIXELS}"
+            problem = _size_problem(image, MAX_PIXELS)
+            if problem is not None:
+                return problem
             image.draft("RGB", (64, 64))
             image.load()
         return None

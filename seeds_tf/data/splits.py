@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 import shutil
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +30,9 @@ train.txt it was taken from, so the run records that the model never trained on 
 
 _READ_SPLITS = (*SPLIT_NAMES, CALIBRATION_SPLIT)
 """The split files read_dataset reads and copy_split_files copies, where present."""
+
+_LABEL = re.compile(r"-?[0-9]+")
+"""A label id as split files write it: ASCII digits (str.isdigit also takes "²"), one sign at most."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,7 @@ def parse_split_line(line: str) -> tuple[str, int | None]:
     """Splits `<path> <label id>` at its last whitespace; a line without a trailing integer is
     a path alone (an unlabelled test image), spaces included."""
     head, _, tail = line.replace("\t", " ").rpartition(" ")
-    if head.strip() and tail.lstrip("-").isdigit():
+    if head.strip() and _LABEL.fullmatch(tail):
         return head.rstrip(), int(tail)
     return line, None
 
