@@ -145,10 +145,13 @@ def save_keras2_h5(model: keras.Model, path: Path, keras_version: str = "2.2.4-t
                 layer_group.create_dataset(name.decode(), data=keras.ops.convert_to_numpy(weight))
 
 
-def interrupted_run(models: Path, options: dict, timeout: float = 300) -> str:
+def interrupted_run(
+    models: Path, options: dict, timeout: float = 300, marker: str = "ckpts/backup/state.json"
+) -> str:
     """A run as a crash leaves it: `seeds-tf train` with `options` (the data and models folders
-    from the environment), SIGKILLed as soon as its first epoch is backed up. Returns its id."""
-    before = set(os.listdir(models)) if models.is_dir() else set()
+    from the environment; `resume` for a run already there), SIGKILLed as soon as the file `marker`
+    of the run exists (by default, once its first epoch is backed up). Returns its id."""
+    before = (set(os.listdir(models)) if models.is_dir() else set()) - {options.get("resume")}
     seeds_tf = Path(sys.executable).parent / "seeds-tf"
     process = subprocess.Popen(
         [str(seeds_tf), "--quiet", "train", *train_flags(options)],
@@ -158,17 +161,12 @@ def interrupted_run(models: Path, options: dict, timeout: float = 300) -> str:
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and process.poll() is None:
-            backed_up = [
-                state.parents[2].name
-                for state in models.glob("*/ckpts/backup/state.json")
-                if state.parents[2].name not in before
-            ]
-            if backed_up:
-                return backed_up[0]
+            reached = {path.relative_to(models).parts[0] for path in models.glob(f"*/{marker}")} - before
+            if reached:
+                return reached.pop()
             time.sleep(0.1)
-        raise AssertionError(
-            f"no epoch was backed up: {process.stderr.read() if process.poll() else 'timeout'}"
-        )
+        problem = process.stderr.read() if process.poll() else "timeout"
+        raise AssertionError(f"no {marker} was written: {problem}")
     finally:
         process.send_signal(signal.SIGKILL)
         process.communicate()

@@ -122,12 +122,20 @@ def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     layout = runs.RunLayout(colours.models / run_id)
     conf = layout.conf_file.read_bytes()
 
-    resumed = _seeds_tf("train", "--resume", run_id, "--epochs", "50")  # the run's own epochs win
+    # Resumed, and killed again once its last epoch is done, before the run is complete (while its
+    # final model is saved, evaluated, indexed and calibrated).
+    resumed_then_killed = {"resume": run_id, "epochs": 50}  # the run's own epochs win
+    assert interrupted_run(colours.models, resumed_then_killed, marker="ckpts/final.keras") == run_id
+    trained = files.read_json(layout.stats_file)["epochs"]
+    assert [e["epoch"] for e in trained] == [1, 2, 3]
+    assert not layout.is_complete()
+
+    resumed = _seeds_tf("train", "--resume", run_id, "--epochs", "50")
     output, errors = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, errors
     assert json.loads(output)["run_id"] == run_id
-    epochs = files.read_json(layout.stats_file)["epochs"]
-    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert files.read_json(layout.stats_file)["epochs"] == trained, "epochs were trained again"
+    assert not layout.backup_dir.exists()
     assert layout.conf_file.read_bytes() == conf, "the resumed run's configuration changed"
     assert layout.config().training.epochs == 3
     assert layout.is_complete()
@@ -136,6 +144,25 @@ def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     _, errors = again.communicate(timeout=120)
     assert again.returncode == 2
     assert "is complete" in errors
+
+
+def test_a_resumed_run_replaces_best_only_with_an_epoch_better_than_all_before(tmp_path):
+    """best.keras follows the best epoch of the whole run: a resumed fit starts from the best of
+    the epochs it restored (stats.json), not from scratch; records beyond the restored epoch (of the
+    attempt that was killed) do not count."""
+    layout = runs.RunLayout(tmp_path / "run")
+    records = [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.7}, {"epoch": 3, "val_loss": 0.1}]
+    files.write_json(layout.stats_file, {"epochs": records})
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model._initial_epoch = 2  # as _AtomicBackup restores it: epochs 1 and 2 were backed up
+    checkpoints = training._Checkpoints(model, layout, frequency=0, keep=0, monitor="val_loss")
+    checkpoints.set_model(model)
+    checkpoints.on_train_begin()
+    checkpoints.on_epoch_end(2, {"val_loss": 0.6})
+    assert not layout.best_model.exists()
+    checkpoints.on_epoch_end(3, {"val_loss": 0.4})
+    assert layout.best_model.is_file()
 
 
 def test_check_dataset_and_evaluate_commands(roots, tiny_run):

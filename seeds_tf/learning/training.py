@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -330,6 +331,7 @@ def _train_run(
             mlflow_model_version=registered,
             candidate=candidate,
         )
+        shutil.rmtree(layout.backup_dir, ignore_errors=True)  # a complete run is never resumed
     _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
     upload = None
     if training.upload_to and distribute.is_chief():
@@ -451,8 +453,8 @@ def _fit(
         # The epoch's record goes to stats.json before its backup: a run killed in between redoes
         # the epoch and replaces the record, instead of resuming without one.
         epoch_log,
-        # Saves the training state every epoch, restores it when the run is resumed, and deletes
-        # it once the run has finished.
+        # Saves the training state every epoch and restores it when the run is resumed; kept
+        # until the run is complete (_train_run deletes it).
         _AtomicBackup(layout),
         keras.callbacks.LearningRateScheduler(schedule(training.initial_lr, training.epochs)),
         keras.callbacks.TensorBoard(log_dir=str(layout.logs_dir)),
@@ -569,10 +571,14 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
     kill while saving leaves truncated weights (the resumed run then fails) or weights an epoch
     ahead of their number. Here each epoch's weights go to a file of their own through
     files.atomic_path; only then does `state.json` (atomic too) name them as the last epoch done.
+
+    Keras deletes its backup when fit returns; this one outlives fit until the run is complete, so
+    a run killed while it is saved, evaluated, indexed or calibrated resumes after its last epoch
+    (fitting no epoch again) instead of from the first.
     """
 
     def __init__(self, layout: runs.RunLayout):
-        super().__init__(str(layout.backup_dir))
+        super().__init__(str(layout.backup_dir), delete_checkpoint=False)
         self._layout = layout
 
     def _save_model(self):
@@ -597,7 +603,8 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
 class _Checkpoints(keras.callbacks.Callback):
     """ckpts/epoch_NNNN.keras every `frequency` epochs (the newest `keep` of them kept) and
     ckpts/best.keras at the best `monitor`, written atomically, for the full classifier even while
-    a head alone is being fitted."""
+    a head alone is being fitted. A resumed run starts from the best of the epochs it had done (in
+    stats.json), so a worse epoch after the resume does not replace best.keras."""
 
     def __init__(
         self, classifier: keras.Model, layout: runs.RunLayout, frequency: int, keep: int, monitor: str
@@ -609,6 +616,14 @@ class _Checkpoints(keras.callbacks.Callback):
         self._keep = keep
         self._monitor = monitor
         self._best = math.inf
+
+    def on_train_begin(self, logs=None):
+        # _AtomicBackup, before this callback, has set the epoch a resumed fit starts from.
+        done = getattr(self.model, "_initial_epoch", 0) or 0
+        if done and self._layout.stats_file.is_file():
+            records = files.read_json(self._layout.stats_file).get("epochs", [])
+            done_values = [r[self._monitor] for r in records if r["epoch"] <= done and self._monitor in r]
+            self._best = min(done_values, default=math.inf)
 
     def on_epoch_end(self, epoch, logs=None):
         if self._frequency and self._keep and (epoch + 1) % self._frequency == 0:
