@@ -10,7 +10,7 @@ from seeds_tf.classifier.model import backbone_layers, build_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.hosting import admission
-from seeds_tf.learning import training
+from seeds_tf.learning import calibrate, evaluation, indexing, training
 from seeds_tf.prediction.inference import load_run
 from tests.helpers import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
 
@@ -90,12 +90,21 @@ def test_a_split_naming_a_missing_image_fails_before_training(data_roots):
 
 
 def test_unreadable_images_are_skipped_and_counted(data_roots):
+    """By the training, and by what reads the run's split files later (they list what it skipped)
+    or a user's split file: an index, a calibration, an evaluation."""
     train_txt = data_roots.data / "tiny" / "dataset_files" / "train.txt"
     first = train_txt.read_text().splitlines()[0].rsplit(" ", 1)[0]
     (data_roots.data / "tiny" / "images" / first).write_bytes(b"not a jpeg")
     result = training.train(config.RunConfig.from_options(**SMALL_OPTIONS), data_roots)
-    summary = files.read_json(runs.RunLayout(data_roots.models / result.run_id).summary_file)
+    layout = runs.RunLayout(data_roots.models / result.run_id)
+    summary = files.read_json(layout.summary_file)
     assert summary["skipped_images"] == 1
+
+    listed = len(train_txt.read_text().splitlines())
+    indexing.index_run(data_roots, result.run_id)
+    assert len(files.read_json(layout.index_dir / "references.json")["paths"]) == listed - 1
+    assert calibrate.calibrate_run(data_roots, result.run_id, split="train").fitted_on == "train"
+    assert evaluation.evaluate_run(data_roots, result.run_id, train_txt).num_images == listed - 1
 
 
 @pytest.mark.parametrize("run_eagerly", [True, False])

@@ -28,6 +28,7 @@ from seeds_tf.data import images
 from seeds_tf.data.splits import (
     SPLIT_NAMES,
     Problem,
+    Split,
     entry_problems,
     folder_problems,
     listable,
@@ -48,6 +49,16 @@ _EXAMPLES = 10
 """Problems of one kind that `DatasetReport.summary` spells out; the rest are counted."""
 
 _HASH_CHUNK = 1 << 20
+
+
+def readable(split: Split) -> Split:
+    """`split` less the images that cannot be decoded (images.find_unreadable), each named in a
+    warning: one bad file among thousands should not end a training, an evaluation, an index or a
+    calibration, which would otherwise fail on it in the middle of their pipeline."""
+    unreadable = images.find_unreadable(split.paths)
+    for path, problem in unreadable.items():
+        _LOGGER.warning("Skipping unreadable image %s: %s", path, problem)
+    return split.without(unreadable) if unreadable else split
 
 
 def is_folder_dataset(images_dir: Path) -> bool:

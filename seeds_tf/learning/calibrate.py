@@ -21,6 +21,7 @@ from seeds_tf.core import files, runs
 from seeds_tf.core.config import option_specs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
+from seeds_tf.data import datasets
 from seeds_tf.data.splits import CALIBRATION_SPLIT, SPLIT_NAMES, Split, read_split
 from seeds_tf.learning import reports
 from seeds_tf.learning.evaluation import predict_split
@@ -170,7 +171,7 @@ def _labelled_split(layout: runs.RunLayout, split: str, images_dir: Path, num_cl
         path, name = Path(split), Path(split).stem
         if not path.is_file():
             raise InputError("split", f"{split!r} is neither a split name {SPLIT_NAMES} nor a split file")
-    found = read_split(path, name, images_dir, num_classes, "split")
+    found = datasets.readable(read_split(path, name, images_dir, num_classes, "split"))
     if found.labels is None:
         raise InputError(
             "split", f"the {name!r} split ({path}) has images without labels; calibration needs labels"
@@ -190,7 +191,7 @@ def _held_out_split(
     path = layout.dataset_dir / f"{_HELD_OUT_SPLIT}.txt"
     if fitted_on == _HELD_OUT_SPLIT or not path.is_file():
         return None
-    found = read_split(path, _HELD_OUT_SPLIT, images_dir, num_classes, "split")
+    found = datasets.readable(read_split(path, _HELD_OUT_SPLIT, images_dir, num_classes, "split"))
     return found if found.labels is not None and found.paths else None
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from seeds_tf.core import runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
+from seeds_tf.data import datasets
 from seeds_tf.data.pipeline import images_only, make_dataset
 from seeds_tf.data.splits import Split, read_split
 from seeds_tf.learning import reports
@@ -54,7 +55,8 @@ def evaluate_run(roots: Roots, run_id: str, split_file: Path, batch_size: int = 
     images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
     if not split_file.is_file():
         raise InputError("split_file", f"{split_file} is not a file")
-    split = read_split(split_file, split_file.stem, images_dir, len(run.classes), "split_file")
+    listed = read_split(split_file, split_file.stem, images_dir, len(run.classes), "split_file")
+    split = datasets.readable(listed)
     evaluation = evaluate_split(run.model, split, run.classes, run.config.image_size, batch_size)
     written = reports.write_evaluation(evaluation, layout.reports_dir, prefix=split_file.stem)
     _LOGGER.info("Run %s on %s: top-1 %.4f; wrote %s", run_id, split_file, evaluation.top1, written)

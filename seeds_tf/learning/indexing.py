@@ -12,6 +12,7 @@ from pathlib import Path
 from seeds_tf.core import runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
+from seeds_tf.data import datasets
 from seeds_tf.data.splits import Split, read_split
 from seeds_tf.prediction import neighbours
 from seeds_tf.prediction.inference import LoadedRun, load_run
@@ -45,7 +46,8 @@ def index_layout(layout: runs.RunLayout, images_dir: Path, batch_size: int = 32)
     train_file = layout.dataset_dir / "train.txt"
     if not train_file.is_file():
         raise InputError("run", f"run {layout.run_id} has no {train_file.name} to index")
-    split = read_split(train_file, "train", images_dir, len(layout.classes()), "run")
+    # A run's train.txt lists the images its training skipped as unreadable too.
+    split = datasets.readable(read_split(train_file, "train", images_dir, len(layout.classes()), "run"))
     return index_split(layout, load_run(layout), split, images_dir, batch_size)
 
 

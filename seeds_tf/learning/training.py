@@ -38,7 +38,7 @@ from seeds_tf.core import files, runs
 from seeds_tf.core.config import ModelConfig, RunConfig, TrainConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
-from seeds_tf.data import datasets, images
+from seeds_tf.data import datasets
 from seeds_tf.data.pipeline import augmentation, make_dataset
 from seeds_tf.data.splits import (
     CALIBRATION_SPLIT,
@@ -219,18 +219,14 @@ def _initial_weights(weights: str, roots: Roots) -> str | None:
 
 
 def _skip_unreadable(dataset: Dataset) -> tuple[Dataset, int]:
-    """Drops images that cannot be decoded, with a warning each: one bad file among thousands
-    should not end a run."""
-    all_paths = [path for split in dataset.splits.values() for path in split.paths]
-    unreadable = images.find_unreadable(all_paths)
-    for path, problem in unreadable.items():
-        _LOGGER.warning("Skipping unreadable image %s: %s", path, problem)
-    if not unreadable:
+    """`dataset` less the images that cannot be decoded (datasets.readable), and how many."""
+    splits = {name: datasets.readable(split) for name, split in dataset.splits.items()}
+    skipped = sum(len(dataset.splits[name].paths) - len(split.paths) for name, split in splits.items())
+    if not skipped:
         return dataset, 0
-    splits = {name: split.without(unreadable) for name, split in dataset.splits.items()}
     if not splits["train"].paths:
         raise InputError("images_directory", "no readable image in the training split")
-    return dataclasses.replace(dataset, splits=splits), len(unreadable)
+    return dataclasses.replace(dataset, splits=splits), skipped
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import numpy as np
 from seeds_tf.core import files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
+from seeds_tf.data import datasets
 from seeds_tf.data.datasets import IMAGE_EXTENSIONS
 from seeds_tf.data.splits import Split, read_split
 from seeds_tf.learning.calibrate import evidence_of
@@ -61,7 +62,7 @@ def evaluate_trust(
     test_file = layout.dataset_dir / "test.txt"
     if not test_file.is_file():
         raise InputError("run", f"run {layout.run_id} has no test split to measure against")
-    test = read_split(test_file, "test", images_dir, len(run.classes), "run")
+    test = datasets.readable(read_split(test_file, "test", images_dir, len(run.classes), "run"))
     if test.labels is None or len(test.paths) < 2:
         raise InputError("run", f"run {layout.run_id}'s test split needs at least 2 labelled images")
     index = run.reference_index()
