@@ -220,7 +220,7 @@ def identify(
     run = inference.choose_run(roots, inference.RunCache(), options.timestamp)
     engine = run.engine(options.engine).name
     writer = (
-        _CsvRows(options.top_k, trust_fields(run))
+        _CsvRows(options.top_k, trust_fields(run, options.prediction))
         if suffix == ".csv"
         else _JsonRows(min(options.top_k, len(run.classes)))
     )
@@ -398,17 +398,17 @@ def answer(
             row.update(trusted)
             row["error"] = ""
         else:
-            row.update(species=[], genera=[], **dict.fromkeys(trust_fields(run)))
+            row.update(species=[], genera=[], **dict.fromkeys(trust_fields(run, options.prediction)))
             row["error"] = decoded[index][1]
         rows.append(row)
     return rows
 
 
-def trust_fields(run: inference.LoadedRun) -> tuple[str, ...]:
-    """The fields inference.trust gives each answer of `run` (decision, OOD score, ...): blank in
-    a row with an error, and columns of a CSV output."""
+def trust_fields(run: inference.LoadedRun, prediction: config.PredictConfig) -> tuple[str, ...]:
+    """The fields inference.trust gives each answer of `run` judged with `prediction` (decision, OOD
+    score, ...): blank in a row with an error, and columns of a CSV output."""
     uniform = np.full(len(run.classes), 1 / len(run.classes))
-    return tuple(inference.trust(run, uniform, config.load(config.PredictConfig)))
+    return tuple(inference.trust(run, uniform, prediction))
 
 
 class _JsonRows:
