@@ -21,8 +21,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from seeds_tf.core import config, runs
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
-from seeds_tf.data.splits import write_split_files
+from seeds_tf.data.splits import copy_split_files, write_split_files
 
 TINY_OPTIONS = {
     "weights": "none",
@@ -143,6 +144,16 @@ def save_keras2_h5(model: keras.Model, path: Path, keras_version: str = "2.2.4-t
             layer_group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([], "S1")
             for name, weight in zip(names, weights, strict=True):
                 layer_group.create_dataset(name.decode(), data=keras.ops.convert_to_numpy(weight))
+
+
+def unstarted_run(roots: Roots, options: dict) -> runs.RunLayout:
+    """A run folder as a training leaves it when it dies before its first epoch: its configuration
+    (`options`) and split files, nothing trained. Costs no training, unlike interrupted_run."""
+    run_config = config.RunConfig.from_options(**options)
+    layout = runs.create_run(roots.models)
+    copy_split_files(roots.data / run_config.training.splits_directory, layout.dataset_dir)
+    runs.write_conf(layout, run_config.to_dict())
+    return layout
 
 
 def interrupted_run(

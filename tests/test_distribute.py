@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,10 @@ import pytest
 from seeds_tf.classifier.model import load_classifier
 from seeds_tf.core import files, runs
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
-from seeds_tf.learning import distribute
+from seeds_tf.learning import distribute, training
 from seeds_tf.learning.training import weights_digest
 from tests.deepaas_harness import free_port
-from tests.helpers import SMALL_OPTIONS, train_flags
+from tests.helpers import SMALL_OPTIONS, train_flags, unstarted_run
 
 SEEDS_TF = Path(sys.executable).parent / "seeds-tf"
 
@@ -68,6 +69,33 @@ def test_two_workers_train_one_run_and_agree(data_roots, tmp_path):
 
 PAIR = {"worker": ["a:1", "b:1"]}
 CHIEF_AND_WORKER = {"chief": ["a:1"], "worker": ["b:1"]}
+
+
+def test_a_worker_resumes_in_a_scratch_copy_while_the_chief_holds_the_run(data_roots, monkeypatch, tmp_path):
+    """On a cluster, the chief resumes the interrupted run itself and holds its in-progress lock
+    while it trains; the other workers train in lockstep in a scratch copy of the run. Had they
+    opened the run too, they would wait for the chief's lock while the chief waits for them in its
+    first collective step: a deadlock."""
+    interrupted = unstarted_run(data_roots, CLUSTER_OPTIONS)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": PAIR, "task": {"type": "worker", "index": 1}}))
+    with (
+        runs.mark_in_progress(interrupted),  # the chief, training
+        training._run_folder(data_roots, resume=interrupted.run_id) as copy,
+    ):
+        assert copy.root.is_relative_to(scratch)
+        assert copy.run_id == interrupted.run_id
+        assert copy.config() == interrupted.config()
+        assert copy.dataset_dir.joinpath("train.txt").read_bytes() == (
+            interrupted.dataset_dir.joinpath("train.txt").read_bytes()
+        )
+        with runs.mark_in_progress(copy):  # the worker, training: a lock of its own
+            assert sorted(path.name for path in copy.root.iterdir()) == sorted(
+                path.name for path in interrupted.root.iterdir()
+            )
+    assert list(scratch.iterdir()) == [], "the worker's scratch copy was left behind"
 
 
 @pytest.mark.parametrize(

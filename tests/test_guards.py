@@ -14,7 +14,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.hosting import admission
 from seeds_tf.learning import training
 from seeds_tf.prediction import inference
-from tests.helpers import SMALL_OPTIONS
+from tests.helpers import SMALL_OPTIONS, unstarted_run
 
 
 def test_a_remote_training_is_a_candidate_until_promoted(roots, tiny_run, capsys):
@@ -65,6 +65,12 @@ def test_a_run_that_would_not_fit_on_disk_is_refused_before_it_starts(data_roots
     assert raised.value.field == "models_dir"
     # The training lock stays in a models folder once a training has asked for it; nothing else may appear.
     assert sorted({path.name for path in data_roots.models.iterdir()} - {admission.LOCK_FILE}) == before
+
+    # Nor does an interrupted run resume onto a disk it would not fit on.
+    interrupted = unstarted_run(data_roots, SMALL_OPTIONS)
+    with pytest.raises(InputError, match=r"the run needs about \d+ MiB and .* has 32 MiB free"):
+        training.train(config.RunConfig.from_options(**SMALL_OPTIONS, resume=interrupted.run_id), data_roots)
+    assert not interrupted.backup_dir.exists(), "the run was trained"
 
 
 def test_the_disk_a_run_needs_grows_with_the_checkpoints_kept():

@@ -77,8 +77,10 @@ def test_a_run_with_every_option_on(empty_roots):
     final = load_run(layout).model
     best = keras.saving.load_model(layout.best_model, compile=False, safe_mode=True)
     assert training.weights_digest(best) == summary["weights_digest"] == training.weights_digest(final)
-    # Trained in bfloat16, served in float32.
-    assert {layer.dtype_policy.name for layer in final.layers} == {"float32"}
+    # Trained in bfloat16, saved and served in float32: every checkpoint, not the final model alone.
+    for name in ("best", "epoch_0001", "epoch_0002", "final"):
+        saved = keras.saving.load_model(runs.resolve_checkpoint(layout, name), compile=False)
+        assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}, name
 
 
 def test_schedules_and_class_weights():
@@ -134,7 +136,9 @@ def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     output, errors = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, errors
     assert json.loads(output)["run_id"] == run_id
-    assert files.read_json(layout.stats_file)["epochs"] == trained, "epochs were trained again"
+    stats = files.read_json(layout.stats_file)
+    assert stats["epochs"] == trained, "epochs were trained again"
+    assert stats["training_time_s"] >= sum(epoch["seconds"] for epoch in trained)
     assert not layout.backup_dir.exists()
     assert layout.conf_file.read_bytes() == conf, "the resumed run's configuration changed"
     assert layout.config().training.epochs == 3
@@ -155,14 +159,57 @@ def test_a_resumed_run_replaces_best_only_with_an_epoch_better_than_all_before(t
     files.write_json(layout.stats_file, {"epochs": records})
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    model._initial_epoch = 2  # as _AtomicBackup restores it: epochs 1 and 2 were backed up
-    checkpoints = training._Checkpoints(model, layout, frequency=0, keep=0, monitor="val_loss")
+    checkpoints = training._Checkpoints(model, layout, frequency=0, keep=0, monitor="val_loss", twin=None)
     checkpoints.set_model(model)
-    checkpoints.on_train_begin()
+    checkpoints.on_epoch_begin(2)  # the fit's first epoch: epochs 1 and 2 were backed up
     checkpoints.on_epoch_end(2, {"val_loss": 0.6})
     assert not layout.best_model.exists()
     checkpoints.on_epoch_end(3, {"val_loss": 0.4})
     assert layout.best_model.is_file()
+
+
+@pytest.mark.parametrize(
+    ("losses", "patience", "epochs_left"),
+    [
+        # Best at epoch 2, one epoch without improvement since: one more worse epoch stops it.
+        ([0.5, 0.4, 0.45], 2, 1),
+        # It had stopped after epoch 2, then was killed while saved: it trains no further epoch.
+        ([0.5, 0.6], 1, 0),
+    ],
+)
+def test_a_resumed_run_keeps_its_early_stopping_count(tmp_path, losses, patience, epochs_left):
+    """Early stopping continues from the epochs the run did before it was killed (stats.json)
+    instead of starting its patience over, which would train up to `patience` epochs too many."""
+    layout = runs.RunLayout(tmp_path / "run")
+    records = [{"epoch": epoch, "val_loss": loss} for epoch, loss in enumerate(losses, start=1)]
+    files.write_json(layout.stats_file, {"epochs": [*records, {"epoch": 9, "val_loss": 0.0}]})
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model._initial_epoch = len(losses)  # as _AtomicBackup restores it; epoch 9 was not backed up
+    stopping = training._ResumableEarlyStopping(layout, "val_loss", patience)
+    stopping.set_model(model)
+    stopping.set_params({"epochs": 10})
+    stopping.on_train_begin()
+    trained = 0
+    for epoch in range(model._initial_epoch, 10):  # as Keras' fit goes on from there
+        stopping.on_epoch_end(epoch, {"val_loss": 0.9})  # no improvement
+        trained += 1
+        if model.stop_training:
+            break
+    assert trained == epochs_left
+
+
+def test_the_training_time_counts_the_epochs_restored(tmp_path):
+    layout = runs.RunLayout(tmp_path / "run")
+    records = [{"epoch": 1, "seconds": 10.0}, {"epoch": 2, "seconds": 12.5}, {"epoch": 3, "seconds": 99.0}]
+    files.write_json(layout.stats_file, {"epochs": records})
+    resumed = training._EpochLog(layout)
+    resumed.on_train_begin()
+    resumed.on_epoch_begin(2)  # epochs 1 and 2 were backed up; epoch 3 is trained again
+    assert resumed.restored_seconds() == 22.5
+    finished = training._EpochLog(layout)  # resumed after its last epoch: it trains none
+    finished.on_train_begin()
+    assert finished.restored_seconds() == 121.5
 
 
 def test_check_dataset_and_evaluate_commands(roots, tiny_run):

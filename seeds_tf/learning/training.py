@@ -32,6 +32,7 @@ from seeds_tf.classifier.model import (
     backbone_layers,
     build_classifier,
     head_model,
+    load_classifier,
     save_classifier,
 )
 from seeds_tf.core import files, runs
@@ -230,14 +231,23 @@ def _skip_unreadable(dataset: Dataset) -> tuple[Dataset, int]:
 
 
 @contextlib.contextmanager
-def _run_folder(roots: Roots) -> Iterator[runs.RunLayout]:
-    """A new run folder: in models/ on the chief, in a scratch folder on the other workers of a
-    cluster, which train in lockstep but must not write a second copy of the run."""
+def _run_folder(roots: Roots, resume: str | None = None) -> Iterator[runs.RunLayout]:
+    """The run's folder, new or the interrupted run `resume`: in models/ on the chief. The other
+    workers of a cluster train in lockstep into a scratch folder (a copy of the interrupted run):
+    they must not write a second copy of the run, nor wait on the lock the chief holds on it.
+
+    Raises:
+        InputError: naming `resume`, when it is not an interrupted run of the models folder.
+    """
+    interrupted = runs.resolve_interrupted_run(roots.models, resume) if resume else None
     if distribute.is_chief():
-        yield runs.create_run(roots.models)
+        yield interrupted or runs.create_run(roots.models)
         return
     with tempfile.TemporaryDirectory(prefix="seeds_tf_worker_") as scratch:
-        yield runs.create_run(Path(scratch))
+        if interrupted is None:
+            yield runs.create_run(Path(scratch))
+        else:
+            yield runs.RunLayout(shutil.copytree(interrupted.root, Path(scratch) / interrupted.run_id))
 
 
 def _check_disk(config: RunConfig, num_classes: int, roots: Roots) -> None:
@@ -261,15 +271,16 @@ def _parameter_count(model: ModelConfig, num_classes: int) -> int:
 
 def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool) -> TrainResult:
     """Continues an interrupted run with its own configuration and split files."""
-    layout = runs.resolve_interrupted_run(roots.models, run_id)
-    config = layout.config()
-    images_dir = roots.data_path(config.training.images_directory, "images_directory")
-    dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))
-    _LOGGER.info("Resuming run %s", run_id)
-    weights = _initial_weights(config.model.weights, roots)
-    return _train_run(
-        config, dataset, layout, strategy, weights=weights, skipped=skipped, candidate=candidate
-    )
+    with _run_folder(roots, resume=run_id) as layout:
+        config = layout.config()
+        images_dir = roots.data_path(config.training.images_directory, "images_directory")
+        dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))
+        _check_disk(config, len(dataset.classes), roots)
+        _LOGGER.info("Resuming run %s", run_id)
+        weights = _initial_weights(config.model.weights, roots)
+        return _train_run(
+            config, dataset, layout, strategy, weights=weights, skipped=skipped, candidate=candidate
+        )
 
 
 def _train_run(
@@ -292,6 +303,9 @@ def _train_run(
         with _dtype_policy(training.mixed_precision), strategy.scope():
             model = _compiled_model(config, num_classes, weights)
             distribute.synchronize_batch_norm(model, strategy)
+        # What is saved and served is float32: a model trained in mixed precision is copied into
+        # its float32 twin, built once, for every checkpoint and the final model.
+        twin = build_classifier(config.model, num_classes) if training.mixed_precision != "none" else None
         # Tracked by the chief alone: the other workers of a cluster train the same run.
         mlflow = (
             tracking.start_logger(layout.run_id, _flat_options(config))
@@ -299,9 +313,11 @@ def _train_run(
             else None
         )
         try:
-            history = _fit(model, config, dataset, layout, strategy, mlflow=mlflow, progress_log=tracker)
-            if training.mixed_precision != "none":
-                model = _float32_copy(model, config, num_classes)
+            epoch_log = _fit(
+                model, config, dataset, layout, strategy, twin=twin, mlflow=mlflow, progress_log=tracker
+            )
+            history = epoch_log.epochs
+            model = _as_served(model, twin)
             save_classifier(model, layout.final_model)
             metrics = _write_reports(model, config, dataset, layout, history)
             if distribute.is_chief():
@@ -310,7 +326,8 @@ def _train_run(
             if mlflow is not None:
                 mlflow.abort()
             raise
-        training_time = round(time.monotonic() - started, 1)
+        # The epochs restored from an interrupted attempt count too.
+        training_time = round(epoch_log.restored_seconds() + time.monotonic() - started, 1)
         digest = weights_digest(model)
         files.write_json(
             layout.stats_file, {"epochs": history, "training_time_s": training_time, "test": metrics}
@@ -406,11 +423,13 @@ def compile_classifier(model: keras.Model, config: RunConfig, num_classes: int) 
     model.optimizer.build(model.trainable_variables)
 
 
-def _float32_copy(model: keras.Model, config: RunConfig, num_classes: int) -> keras.Model:
-    """The trained weights in a float32 model: serving on CPUs must not run in 16-bit."""
-    copy = build_classifier(config.model, num_classes)
-    copy.set_weights(model.get_weights())
-    return copy
+def _as_served(model: keras.Model, twin: keras.Model | None) -> keras.Model:
+    """`model` as it is saved and served: its weights in `twin`, the float32 twin of a model trained
+    in mixed precision (serving on CPUs must not run in 16-bit), else `model` itself."""
+    if twin is None:
+        return model
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def _fit(
@@ -420,10 +439,12 @@ def _fit(
     layout: runs.RunLayout,
     strategy: tf.distribute.Strategy,
     *,
+    twin: keras.Model | None,
     mlflow: tracking.MlflowLogger | None,
     progress_log: progress.ProgressLog,
-) -> list[dict[str, float]]:
-    """Runs model.fit with the run's callbacks; returns the per-epoch records of stats.json."""
+) -> _EpochLog:
+    """Runs model.fit with the run's callbacks, leaving `model` with the weights to save (those of
+    the best epoch under early stopping); returns the log of the per-epoch records of stats.json."""
     training, size = config.training, config.model.image_size
     num_classes = len(dataset.classes)
     train_split = dataset.split("train")
@@ -444,32 +465,21 @@ def _fit(
         val_data = _cached_features(model, val_data, training.batch_size) if val_data else None
 
     epoch_log = _EpochLog(layout)
+    monitor = "val_loss" if val_data else "loss"
     schedule = {"step": step_decay, "cosine": cosine_decay}[training.lr_schedule]
     callbacks = [
-        # The epoch's record goes to stats.json before its backup: a run killed in between redoes
-        # the epoch and replaces the record, instead of resuming without one.
+        # The epoch's record goes to stats.json and its checkpoints are saved before its backup: a
+        # run killed in between redoes the epoch and replaces them, instead of resuming without.
         epoch_log,
+        _Checkpoints(model, layout, training.ckpt_freq, training.keep_checkpoints, monitor, twin=twin),
         # Saves the training state every epoch and restores it when the run is resumed; kept
         # until the run is complete (_train_run deletes it).
         _AtomicBackup(layout),
         keras.callbacks.LearningRateScheduler(schedule(training.initial_lr, training.epochs)),
         keras.callbacks.TensorBoard(log_dir=str(layout.logs_dir)),
-        _Checkpoints(
-            model,
-            layout,
-            training.ckpt_freq,
-            training.keep_checkpoints,
-            monitor="val_loss" if val_data else "loss",
-        ),
     ]
     if training.use_early_stopping:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss" if val_data else "loss",
-                patience=training.early_stopping_patience,
-                restore_best_weights=True,
-            )
-        )
+        callbacks.append(_ResumableEarlyStopping(layout, monitor, training.early_stopping_patience))
     if mlflow is not None:
         callbacks.append(mlflow)
     # On a terminal, Keras' progress bar shows the batches of each epoch; it is placed here so that
@@ -488,7 +498,11 @@ def _fit(
         callbacks=callbacks,
         verbose=1 if terminal else 0,  # elsewhere (a DEEPaaS worker's log, a file), no bar
     )
-    return epoch_log.epochs
+    if training.use_early_stopping and layout.best_model.is_file():
+        # The best epoch's weights, as Keras' restore_best_weights would restore them, but from
+        # best.keras, which outlives a kill: a resumed run ends at its best epoch of all attempts.
+        model.set_weights(load_classifier(layout.best_model).get_weights())
+    return epoch_log
 
 
 def _cached_features(
@@ -535,6 +549,7 @@ class _EpochLog(keras.callbacks.Callback):
         self._layout = layout
         self.epochs: list[dict[str, float]] = []
         self._started = 0.0
+        self._first_epoch: int | None = None  # of this fit; None until it trains one
 
     def on_train_begin(self, logs=None):
         if self._layout.stats_file.is_file():
@@ -542,6 +557,8 @@ class _EpochLog(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.monotonic()
+        if self._first_epoch is None:
+            self._first_epoch = epoch
         # Records beyond the restored epoch belong to the interrupted attempt: it is done again.
         self.epochs = [record for record in self.epochs if record["epoch"] <= epoch]
 
@@ -558,6 +575,11 @@ class _EpochLog(keras.callbacks.Callback):
         }
         self.epochs.append(record)
         files.write_json(self._layout.stats_file, {"epochs": self.epochs})
+
+    def restored_seconds(self) -> float:
+        """The training time of the epochs restored from the attempts before this fit."""
+        first = math.inf if self._first_epoch is None else self._first_epoch
+        return sum(record["seconds"] for record in self.epochs if record["epoch"] <= first)
 
 
 class _AtomicBackup(keras.callbacks.BackupAndRestore):
@@ -599,35 +621,77 @@ class _AtomicBackup(keras.callbacks.BackupAndRestore):
 class _Checkpoints(keras.callbacks.Callback):
     """ckpts/epoch_NNNN.keras every `frequency` epochs (the newest `keep` of them kept) and
     ckpts/best.keras at the best `monitor`, written atomically, for the full classifier even while
-    a head alone is being fitted. A resumed run starts from the best of the epochs it had done (in
-    stats.json), so a worse epoch after the resume does not replace best.keras."""
+    a head alone is being fitted, and in float32 through its `twin` when it trains in mixed
+    precision. A resumed run starts from the best of the epochs it had done (in stats.json), so a
+    worse epoch after the resume does not replace best.keras."""
 
     def __init__(
-        self, classifier: keras.Model, layout: runs.RunLayout, frequency: int, keep: int, monitor: str
+        self,
+        classifier: keras.Model,
+        layout: runs.RunLayout,
+        frequency: int,
+        keep: int,
+        monitor: str,
+        *,
+        twin: keras.Model | None,
     ):
         super().__init__()
         self._classifier = classifier
+        self._twin = twin
         self._layout = layout
         self._frequency = frequency
         self._keep = keep
         self._monitor = monitor
-        self._best = math.inf
+        self._best: float | None = None  # known at the first epoch of the fit
 
-    def on_train_begin(self, logs=None):
-        # _AtomicBackup, before this callback, has set the epoch a resumed fit starts from.
-        done = getattr(self.model, "_initial_epoch", 0) or 0
-        if done and self._layout.stats_file.is_file():
-            records = files.read_json(self._layout.stats_file).get("epochs", [])
-            done_values = [r[self._monitor] for r in records if r["epoch"] <= done and self._monitor in r]
-            self._best = min(done_values, default=math.inf)
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._best is None:
+            # The fit's first epoch: the `epoch` epochs before it were done by an earlier attempt.
+            restored = _restored_records(self._layout, epoch, self._monitor)
+            self._best = min((record[self._monitor] for record in restored), default=math.inf)
 
     def on_epoch_end(self, epoch, logs=None):
         if self._frequency and self._keep and (epoch + 1) % self._frequency == 0:
-            save_classifier(self._classifier, self._layout.ckpts_dir / f"epoch_{epoch + 1:04d}.keras")
+            self._save(self._layout.ckpts_dir / f"epoch_{epoch + 1:04d}.keras")
             periodic = sorted(self._layout.ckpts_dir.glob("epoch_*.keras"))
             for stale in periodic[: -self._keep]:
                 stale.unlink()
         value = (logs or {}).get(self._monitor)
         if value is not None and value < self._best:
             self._best = value
-            save_classifier(self._classifier, self._layout.best_model)
+            self._save(self._layout.best_model)
+
+    def _save(self, path: Path) -> None:
+        save_classifier(_as_served(self._classifier, self._twin), path)
+
+
+class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' EarlyStopping, continued by a resumed run: its best value and its count of epochs
+    without improvement are replayed from the epochs done before (stats.json), and a run that had
+    already stopped trains no further epoch. It keeps no weights: the best are in ckpts/best.keras
+    (_Checkpoints, on the same monitor), which _fit loads when the fit ends."""
+
+    def __init__(self, layout: runs.RunLayout, monitor: str, patience: int):
+        super().__init__(monitor=monitor, patience=patience, mode="min")
+        self._layout = layout
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        # _AtomicBackup, before this callback, has set the epoch a resumed fit starts from.
+        done = getattr(self.model, "_initial_epoch", 0) or 0
+        for record in _restored_records(self._layout, done, self.monitor):
+            super().on_epoch_end(record["epoch"] - 1, record)
+        if self.stopped_epoch:
+            self.model._initial_epoch = self.params["epochs"]
+
+
+def _restored_records(layout: runs.RunLayout, done: int, monitor: str) -> list[dict[str, float]]:
+    """The records in stats.json of the first `done` epochs (those a resumed fit restored; the
+    later ones are of the attempt that was killed) that have a `monitor` value, oldest first."""
+    if not done or not layout.stats_file.is_file():
+        return []
+    records = files.read_json(layout.stats_file).get("epochs", [])
+    return sorted(
+        (record for record in records if record["epoch"] <= done and monitor in record),
+        key=lambda record: record["epoch"],
+    )
