@@ -43,17 +43,20 @@ def legacy_model():
     return keras.Model(base.input, outputs)
 
 
-def _tarball(folder, model, *, extra_member=None, test_images=False, mode="w:xz"):
+def _tarball(folder, model, *, extra_member=None, test_images=False, mode="w:xz", files_=None):
     """The original run layout as a tarball in `folder`, compressed as published (xz) unless `mode`
     says otherwise; with `test_images`, a labelled test split whose images come in the tarball's
-    images/ folder (the published tarball lists its split without them); without a `model`, no
-    weights file (for archives refused before their weights are read)."""
+    images/ folder (the published tarball lists its split without them); without a `model`, an
+    empty weights file (for archives refused before their weights are read); `files_` replaces
+    files of the run ({relative path: bytes})."""
     run = folder / "legacy" / "2019-06-01_120000"
     (run / "ckpts").mkdir(parents=True)
     (run / "conf").mkdir()
     (run / "dataset_files").mkdir()
     if model is not None:
         save_keras2_h5(model, run / "ckpts" / "final_model.h5")
+    else:
+        (run / "ckpts" / "final_model.h5").write_bytes(b"")
     conf = {"model": {"modelname": "Xception", "image_size": 71, "num_classes": 3, "preprocess_mode": "tf"}}
     (run / "conf" / "conf.json").write_text(json.dumps(conf))
     (run / "dataset_files" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
@@ -66,6 +69,8 @@ def _tarball(folder, model, *, extra_member=None, test_images=False, mode="w:xz"
         for index in range(6):
             pixels = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
             (run / "images" / "seeds" / f"{index}.png").write_bytes(encode(pixels, "PNG"))
+    for name, content in (files_ or {}).items():
+        (run / name).write_bytes(content)
     archive = folder / ("seeds.tar.xz" if mode == "w:xz" else "seeds.tar")
     options = {"preset": 0} if mode == "w:xz" else {}
     with tarfile.open(archive, mode, **options) as tar:
@@ -88,13 +93,16 @@ def published(tmp_path_factory, legacy_model):
         yield archive, f"{url}/{archive.name}"
 
 
-def test_a_legacy_run_imports_and_predicts_as_the_original(empty_roots, legacy_model, published):
+def test_a_legacy_run_imports_and_predicts_as_the_original(empty_roots, legacy_model, published, caplog):
     archive, url = published
-    run_id = legacy.import_legacy(url, empty_roots)
+    # A signed URL with credentials: neither the log nor run.json (shown by the metadata) repeats them.
+    secret_url = url.replace("http://", "http://alice:S3cret@") + "?temp_url_sig=T0ken&temp_url_expires=1"
+    run_id = legacy.import_legacy(secret_url, empty_roots)
     layout = runs.RunLayout(empty_roots.models / run_id)
     assert layout.is_complete()
     summary = files.read_json(layout.summary_file)
-    assert summary["imported_from"].endswith("seeds.tar.xz")
+    assert summary["imported_from"] == url
+    assert "S3cret" not in caplog.text and "T0ken" not in caplog.text
     assert summary["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
     # The published tarball lists its test split without the images: the run says so.
     assert summary["metrics"] == {}
@@ -130,15 +138,49 @@ def test_unreadable_sources_are_named(empty_roots, source, problem):
 def test_the_held_out_accuracy_is_recorded_when_the_test_images_come_along(
     empty_roots, tmp_path, legacy_model
 ):
-    """An uncompressed tarball, too: the importer reads any tar archive."""
-    archive = _tarball(tmp_path, legacy_model, test_images=True, mode="w")
+    """An uncompressed tarball, too: the importer reads any tar archive; a class without a
+    description has a blank line in info.txt, and keeps its place."""
+    described = {"dataset_files/info.txt": b"lentil\n\ncommon bean\n"}
+    archive = _tarball(tmp_path, legacy_model, test_images=True, mode="w", files_=described)
     run_id = legacy.import_legacy(str(archive), empty_roots, sha256=legacy.file_sha256(archive))
     layout = runs.RunLayout(empty_roots.models / run_id)
+    assert layout.info() == ("lentil", "", "common bean")
+    assert list(runs.list_runs(empty_roots.models).working) == [run_id]
     summary = files.read_json(layout.summary_file)
     assert summary["held_out"].startswith("evaluated on 6 test images")
     assert 0.0 <= summary["metrics"]["test_accuracy"] <= 1.0
     assert set(summary["metrics"]) == {"test_accuracy", "test_top5_accuracy", "test_loss", "test_macro_f1"}
     assert (layout.reports_dir / "test_evaluation.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("conf/conf.json", b"{not json", "conf/conf.json is not the original's"),
+        ("conf/conf.json", b'{"model": {"image_size": null}}', "conf/conf.json is not the original's"),
+        ("conf/conf.json", b'{"model": ["Xception"]}', "conf/conf.json is not the original's"),
+        ("dataset_files/classes.txt", "Lens\nPhaséolus\n".encode("latin-1"), "unreadable"),
+        ("dataset_files/classes.txt", b"Lens culinaris\n", "fewer than 2 classes"),
+        # A blank first line then the second description: the descriptions would shift by one.
+        ("dataset_files/info.txt", b"\nblack lentil\n", "info.txt has 2 lines for 3 classes"),
+    ],
+)
+def test_a_run_the_original_did_not_write_is_refused_and_nothing_is_written(
+    empty_roots, tmp_path, name, content, problem
+):
+    archive = _tarball(tmp_path, None, mode="w", files_={name: content})
+    with pytest.raises(InputError, match=problem) as raised:
+        legacy.import_legacy(str(archive), empty_roots)
+    assert raised.value.field == "source"
+    assert list(empty_roots.models.iterdir()) == []
+
+
+def test_a_url_is_shown_without_credentials_or_query():
+    assert (
+        legacy.public_url("https://u:p@[::1]:8080/a/seeds.tar.xz?sig=x#f")
+        == "https://[::1]:8080/a/seeds.tar.xz"
+    )
+    assert legacy.public_url("http://host/seeds.tar.xz") == "http://host/seeds.tar.xz"
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ class RunLayout:
 
     def info(self) -> tuple[str, ...] | None:
         """The classes' descriptions (info.txt), or None when the run has none."""
-        return tuple(files.read_lines(self.info_file)) if self.info_file.is_file() else None
+        return tuple(files.read_lines(self.info_file, keep_blank=True)) if self.info_file.is_file() else None
 
     def summary(self) -> dict[str, Any]:
         """run.json: how the run came to be, its checkpoints and test metrics."""
@@ -419,6 +419,9 @@ def _check_run(layout: RunLayout) -> tuple[str | None, dict[str, Any]]:
             raise _BrokenRun("run.json is not a JSON object")
         model = _read(lambda: layout.config().model, "conf/conf.json")
         classes = _read(layout.classes, "dataset_files/classes.txt")
+        info = _read(layout.info, "dataset_files/info.txt")
+        if info is not None and len(info) != len(classes):
+            raise _BrokenRun(f"dataset_files/info.txt has {len(info)} lines for {len(classes)} classes")
     except _BrokenRun as broken:
         return str(broken), {}
     description = {**summary, "modelname": model.modelname, "image_size": model.image_size}

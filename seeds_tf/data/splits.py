@@ -1,10 +1,10 @@
 """The split-file dataset format of the original service, read robustly.
 
 A splits folder holds `classes.txt` (line i names label i, "Genus species"), optional `info.txt` (one
-line per class), and `train.txt`, `val.txt`, `test.txt` with one image per line:
-`<path relative to the images folder> <label id>`. Paths may contain spaces and '#'; blank lines,
-a UTF-8 byte-order mark and Windows line ends are tolerated; test.txt may omit the labels. A run's
-own copy may hold `calibration.txt` too (CALIBRATION_SPLIT).
+line per class, blank for a class without a description), and `train.txt`, `val.txt`, `test.txt`
+with one image per line: `<path relative to the images folder> <label id>`. Paths may contain
+spaces and '#'; blank lines, a UTF-8 byte-order mark and Windows line ends are tolerated; test.txt
+may omit the labels. A run's own copy may hold `calibration.txt` too (CALIBRATION_SPLIT).
 """
 
 from __future__ import annotations
@@ -108,14 +108,21 @@ def read_labels(splits_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...] | No
         raise InputError("splits_directory", f"{splits_dir} has no classes.txt")
     classes = tuple(files.read_lines(splits_dir / "classes.txt"))
     info_file = splits_dir / "info.txt"
-    return classes, tuple(files.read_lines(info_file)) if info_file.is_file() else None
+    return classes, tuple(files.read_lines(info_file, keep_blank=True)) if info_file.is_file() else None
 
 
 def folder_problems(
     splits_dir: Path, classes: tuple[str, ...], info: tuple[str, ...] | None
 ) -> Iterator[Problem]:
-    """Problems of the dataset files as a whole: too few or repeated classes, an info.txt of the
-    wrong length, no train.txt."""
+    """Problems of the dataset files as a whole: those of label_problems, and no train.txt."""
+    yield from label_problems(classes, info)
+    if not (splits_dir / "train.txt").is_file():
+        yield Problem("file", "there is no train.txt")
+
+
+def label_problems(classes: tuple[str, ...], info: tuple[str, ...] | None) -> Iterator[Problem]:
+    """Problems of the class names and descriptions: too few or repeated classes, an info.txt of
+    the wrong length. A trained model's (an imported run's) too, which needs no train.txt."""
     if len(classes) < 2:
         yield Problem("file", f"classes.txt names {len(classes)} class(es): fewer than 2 classes")
     for name, count in collections.Counter(classes).items():
@@ -123,8 +130,6 @@ def folder_problems(
             yield Problem("file", f"classes.txt repeats {name!r}")
     if info is not None and len(info) != len(classes):
         yield Problem("file", f"info.txt has {len(info)} lines for {len(classes)} classes")
-    if not (splits_dir / "train.txt").is_file():
-        yield Problem("file", "there is no train.txt")
 
 
 def entry_problems(

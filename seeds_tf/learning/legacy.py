@@ -20,6 +20,7 @@ import logging
 import re
 import tarfile
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from seeds_tf.core import files, runs
 from seeds_tf.core.config import RunConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
-from seeds_tf.data.splits import copy_split_files, read_split
+from seeds_tf.data.splits import copy_split_files, label_problems, read_labels, read_split
 from seeds_tf.learning import evaluation, reports
 
 _LOGGER = logging.getLogger(__name__)
@@ -65,24 +66,20 @@ def import_legacy(source: str, roots: Roots, *, sha256: str = "", batch_size: in
     expected = sha256.strip().lower()
     if expected and not _SHA256.fullmatch(expected):
         raise InputError("sha256", f"expected 64 hexadecimal digits. Received: {sha256!r}")
+    is_url = source.startswith(("http://", "https://"))
+    # What is logged and recorded (run.json, the public metadata): no credentials or signed tokens.
+    shown = public_url(source) if is_url else source
     with tempfile.TemporaryDirectory(prefix="seeds_tf_legacy_") as folder:
         scratch = Path(folder)
-        archive = _download(source, scratch) if source.startswith(("http://", "https://")) else Path(source)
+        archive = _download(source, scratch) if is_url else Path(source)
         if not archive.is_file():
             raise InputError("source", f"{source!r} is not a file or an http(s) URL")
         digest = file_sha256(archive)
-        _LOGGER.warning("SHA-256 of %s: %s", source, digest)
+        _LOGGER.warning("SHA-256 of %s: %s", shown, digest)
         if expected and digest != expected:
-            raise InputError("sha256", f"{source} has SHA-256 {digest}, not the expected {expected}: refused")
+            raise InputError("sha256", f"{shown} has SHA-256 {digest}, not the expected {expected}: refused")
         run_folder = _extract(archive, scratch / "run")
-        weights, options, dataset_dir = _legacy_parts(run_folder)
-        classes = files.read_lines(dataset_dir / "classes.txt")
-        config = RunConfig.from_options(
-            modelname=options.get("modelname", "Xception"),
-            image_size=int(options.get("image_size", 224)),
-            weights="none",
-            dense_units=LEGACY_DENSE_UNITS,
-        )
+        weights, config, dataset_dir, classes = _legacy_parts(run_folder)
         model = build_classifier(config.model, len(classes))
         try:
             model.load_weights(weights)
@@ -102,12 +99,23 @@ def import_legacy(source: str, roots: Roots, *, sha256: str = "", batch_size: in
     runs.mark_complete(
         layout,
         metrics=metrics,
-        imported_from=source,
+        imported_from=shown,
         sha256=digest,
         held_out=held_out,
     )
-    _LOGGER.info("Imported %s as run %s (%d classes): %s", source, layout.run_id, len(classes), held_out)
+    _LOGGER.info("Imported %s as run %s (%d classes): %s", shown, layout.run_id, len(classes), held_out)
     return layout.run_id
+
+
+def public_url(url: str) -> str:
+    """`url` without what must not be shown: user name, password, query (signed URLs carry their
+    token there) and fragment. The SHA-256 identifies the tarball."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def file_sha256(path: Path) -> str:
@@ -149,8 +157,9 @@ def _held_out_evaluation(
 
 
 def _download(url: str, folder: Path) -> Path:
-    """Streams the tarball to disk with timeouts, a size cap and certificate checks."""
-    target = folder / "legacy.tar"
+    """Streams the tarball to disk with timeouts, a size cap and certificate checks. Errors name
+    the URL without its credentials or query (requests' own messages may hold both)."""
+    target, shown = folder / "legacy.tar", public_url(url)
     try:
         with requests.get(url, stream=True, timeout=_TIMEOUTS) as response:
             response.raise_for_status()
@@ -159,10 +168,12 @@ def _download(url: str, folder: Path) -> Path:
                 for chunk in response.iter_content(1024 * 1024):
                     size += len(chunk)
                     if size > MAX_DOWNLOAD_BYTES:
-                        raise InputError("source", f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
+                        raise InputError("source", f"{shown} is larger than {MAX_DOWNLOAD_BYTES} bytes")
                     stream.write(chunk)
+    except requests.HTTPError as error:
+        raise InputError("source", f"cannot download {shown}: HTTP {error.response.status_code}") from None
     except requests.RequestException as error:
-        raise InputError("source", f"cannot download {url}: {error}") from None
+        raise InputError("source", f"cannot download {shown}: {type(error).__name__}") from None
     return target
 
 
@@ -180,8 +191,12 @@ def _extract(archive: Path, destination: Path) -> Path:
     return candidates[0]
 
 
-def _legacy_parts(run_folder: Path) -> tuple[Path, dict[str, Any], Path]:
-    """The legacy model file, its model options and its dataset_files folder."""
+def _legacy_parts(run_folder: Path) -> tuple[Path, RunConfig, Path, tuple[str, ...]]:
+    """The legacy model file, the run's configuration, its checked dataset_files folder and classes.
+
+    Raises:
+        InputError: naming `source`, for a part that is missing or is not what the original wrote.
+    """
     models = sorted((run_folder / "ckpts").glob("*.h5"))
     final = [path for path in models if path.stem.startswith("final")] or models
     if not final:
@@ -189,14 +204,37 @@ def _legacy_parts(run_folder: Path) -> tuple[Path, dict[str, Any], Path]:
     dataset_dir = run_folder / "dataset_files"
     if not (dataset_dir / "classes.txt").is_file():
         raise InputError("source", "the run has no dataset_files/classes.txt")
-    options: dict[str, Any] = {}
-    conf_file = run_folder / "conf" / "conf.json"
-    if conf_file.is_file():
-        conf = files.read_json(conf_file)
-        model_group = conf.get("model", {}) if isinstance(conf, dict) else {}
+    try:
+        classes, info = read_labels(dataset_dir)
+    except ValueError as error:  # not UTF-8
+        raise InputError("source", f"dataset_files is unreadable: {error}") from None
+    problems = [problem.message for problem in label_problems(classes, info)]
+    if problems:
+        raise InputError("source", "dataset_files: " + "; ".join(problems))
+    return final[0], _legacy_config(run_folder / "conf" / "conf.json"), dataset_dir, classes
+
+
+def _legacy_config(conf_file: Path) -> RunConfig:
+    """The seeds_tf configuration of the legacy model that conf/conf.json (optional) describes.
+
+    Raises:
+        InputError: naming `source`, when conf.json is not the original's.
+    """
+    model_group: Any = {}
+    try:
+        if conf_file.is_file():
+            conf = files.read_json(conf_file)
+            model_group = conf.get("model", {}) if isinstance(conf, dict) else {}
         # The original saved either plain values or {"value": ...} entries per option.
         options = {
-            name: entry.get("value") if isinstance(entry, dict) else entry
-            for name, entry in model_group.items()
+            name: value.get("value") if isinstance(value, dict) else value
+            for name, value in model_group.items()
         }
-    return final[0], options, dataset_dir
+        return RunConfig.from_options(
+            modelname=options.get("modelname", "Xception"),
+            image_size=int(options.get("image_size", 224)),
+            weights="none",
+            dense_units=LEGACY_DENSE_UNITS,
+        )
+    except (ValueError, TypeError, AttributeError, InputError) as error:  # not JSON, or of another shape
+        raise InputError("source", f"conf/conf.json is not the original's: {error}") from None
