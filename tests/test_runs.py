@@ -124,3 +124,13 @@ def test_an_index_is_complete_only_once_its_references_are_written(tmp_path):
     assert not layout.has_index
     files.write_json(layout.index_dir / runs.INDEX_REFERENCES, {"paths": [], "labels": []})
     assert layout.has_index
+
+
+def test_a_run_whose_info_does_not_match_its_classes_is_broken(roots, tiny_run):
+    """A missing line in info.txt would give every class after it the next one's description."""
+    layout = runs.RunLayout(roots.models / tiny_run)
+    info = layout.info_file.read_text().splitlines()
+    layout.info_file.write_text("\n".join(info[1:]) + "\n")
+    assert runs.list_runs(roots.models).broken == {
+        tiny_run: f"dataset_files/info.txt has {len(info) - 1} lines for {len(layout.classes())} classes"
+    }
