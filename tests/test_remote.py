@@ -18,7 +18,7 @@ import pytest
 
 from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
-from seeds_tf.hosting import remote
+from seeds_tf.hosting import admission, remote
 from seeds_tf.learning import training
 from tests.deepaas_harness import free_port
 from tests.helpers import SMALL_OPTIONS
@@ -81,8 +81,16 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_finished_run_arrives_whole_on_the_remote(data_roots, tmp_path, monkeypatch):
+    """The copy, which may take hours, is made once the training slot is free again."""
     storage = tmp_path / "nextcloud"
     storage.mkdir()
+    copy = remote.upload_run
+
+    def copy_once_the_slot_is_free(folder, destination):
+        admission.check_no_training(data_roots.models)  # raises while a training holds the slot
+        return copy(folder, destination)
+
+    monkeypatch.setattr(remote, "upload_run", copy_once_the_slot_is_free)
     with webdav_server(storage) as url:
         configure_rshare(monkeypatch, tmp_path, url, PASSWORD)
         options = {**SMALL_OPTIONS, "upload_to": "rshare:/models"}

@@ -95,20 +95,34 @@ def train(config: RunConfig, roots: Roots, *, candidate: bool = False) -> TrainR
     # The other workers of a cluster train the same run, into a scratch folder: the chief holds the slot.
     slot = admission.training_slot(roots.models) if distribute.is_chief() else contextlib.nullcontext()
     with slot:
-        if config.training.resume:
-            with runs.storage_errors(roots.models):
-                return _resume(config.training.resume, roots, strategy, candidate)
-        with tempfile.TemporaryDirectory(prefix="seeds_tf_splits_") as staging:
-            dataset, weights = _check_inputs(config, roots, Path(staging))
-            dataset = _hold_out_calibration(dataset, config.training, Path(staging) / CALIBRATION_SPLIT)
-            dataset, skipped = _skip_unreadable(dataset)
-            _check_disk(config, len(dataset.classes), roots)
-            with runs.storage_errors(roots.models), _run_folder(roots) as layout:
-                copy_split_files(dataset.splits_dir, layout.dataset_dir)
-                runs.write_conf(layout, config.to_dict())
-                return _train_run(
-                    config, dataset, layout, strategy, weights=weights, skipped=skipped, candidate=candidate
-                )
+        result = _train_or_resume(config, roots, strategy, candidate)
+    if not distribute.is_chief():
+        return result
+    # Outside the slot: the copy of a complete run, which may take hours, keeps no training waiting.
+    layout = runs.RunLayout(roots.models / result.run_id)
+    upload_to = layout.config().training.upload_to  # a resumed run's own destination
+    if not upload_to:
+        return result
+    return dataclasses.replace(result, upload=remote.upload_run(layout.root, upload_to).to_dict())
+
+
+def _train_or_resume(
+    config: RunConfig, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool
+) -> TrainResult:
+    if config.training.resume:
+        with runs.storage_errors(roots.models):
+            return _resume(config.training.resume, roots, strategy, candidate)
+    with tempfile.TemporaryDirectory(prefix="seeds_tf_splits_") as staging:
+        dataset, weights = _check_inputs(config, roots, Path(staging))
+        dataset = _hold_out_calibration(dataset, config.training, Path(staging) / CALIBRATION_SPLIT)
+        dataset, skipped = _skip_unreadable(dataset)
+        _check_disk(config, len(dataset.classes), roots)
+        with runs.storage_errors(roots.models), _run_folder(roots) as layout:
+            copy_split_files(dataset.splits_dir, layout.dataset_dir)
+            runs.write_conf(layout, config.to_dict())
+            return _train_run(
+                config, dataset, layout, strategy, weights=weights, skipped=skipped, candidate=candidate
+            )
 
 
 def step_decay(initial_lr: float, epochs: int) -> Callable[[int], float]:
@@ -346,10 +360,7 @@ def _train_run(
         )
         shutil.rmtree(layout.backup_dir, ignore_errors=True)  # a complete run is never resumed
     _LOGGER.info("Run %s complete in %.0f s: %s", layout.run_id, training_time, metrics)
-    upload = None
-    if training.upload_to and distribute.is_chief():
-        upload = remote.upload_run(layout.root, training.upload_to).to_dict()
-    return TrainResult(layout.run_id, metrics, training_time, digest, upload)
+    return TrainResult(layout.run_id, metrics, training_time, digest)
 
 
 def _trust_files(model: keras.Model, layout: runs.RunLayout, dataset: Dataset, config: RunConfig) -> None:
