@@ -1,7 +1,7 @@
 """MLflow as the AI4OS platform runs it: a real `mlflow server` with basic auth on loopback, the
 credentials in MLFLOW_TRACKING_USERNAME/PASSWORD. A training logs its options, per-epoch metrics,
-reports, configuration and model, registered with the alias `challenger`; a tracking server that is
-down or refuses the credentials costs a warning, never the training."""
+reports, configuration and model, registered with the alias `challenger` and served by MLflow alone;
+a tracking server that is down or refuses the credentials costs a warning, never the training."""
 
 from __future__ import annotations
 
@@ -13,15 +13,27 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
+from seeds_tf.classifier.model import load_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.learning import tracking, training
 from tests.deepaas_harness import free_port
 from tests.helpers import SMALL_OPTIONS
 
 ADMIN, PASSWORD = "admin", "seeds-admin-password-1234"
+REGISTERED = f"models:/{tracking.REGISTERED_MODEL}@{tracking.NEW_VERSION_ALIAS}"
+CONSUMER = """
+import sys
+import mlflow
+import numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+sys.exit("seeds_tf was imported" if "seeds_tf" in sys.modules else 0)
+"""
+"""What a consumer of the registry runs, in a fresh interpreter that imports nothing of seeds_tf."""
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +106,15 @@ def tracked_by(monkeypatch, url: str, password: str = PASSWORD) -> None:
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch, mlflow_server):
+def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch, mlflow_server, tmp_path):
+    import mlflow
     from mlflow import MlflowClient
 
     tracked_by(monkeypatch, mlflow_server)
     options = {**SMALL_OPTIONS, "epochs": 2, "lr_schedule": "cosine"}
     result = training.train(config.RunConfig.from_options(**options), data_roots)
-    summary = files.read_json(runs.RunLayout(data_roots.models / result.run_id).summary_file)
+    layout = runs.RunLayout(data_roots.models / result.run_id)
+    summary = files.read_json(layout.summary_file)
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
@@ -119,6 +133,19 @@ def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch,
     version = client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.NEW_VERSION_ALIAS)
     assert version.run_id == run.info.run_id
     assert summary["mlflow_model_version"] == version.version
+
+    # The registered model serves through MLflow alone: the Keras model's probabilities, for a
+    # batch of float32 RGB images in [0, 255] of the run's size, with no seeds_tf code loaded.
+    size = options["image_size"]
+    images = np.random.default_rng(0).uniform(0, 255, (3, size, size, 3)).astype("float32")
+    np.save(tmp_path / "images.npy", images)
+    command = [sys.executable, "-c", CONSUMER, REGISTERED, tmp_path / "images.npy", tmp_path / "answer.npy"]
+    served = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert served.returncode == 0, served.stderr[-3000:]
+    keras_probabilities = load_classifier(layout.final_model).predict(images, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "answer.npy"), keras_probabilities, atol=1e-6)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(REGISTERED)).read_text()
+    assert "seeds_tf" not in requirements
 
 
 def test_refused_credentials_cost_a_warning_not_the_training(monkeypatch, mlflow_server, caplog):

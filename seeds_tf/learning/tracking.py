@@ -5,6 +5,11 @@ MLflow's client reads all three. Each run logs its options, per-epoch metrics, t
 and configuration, and its final model, registered as a new version of the model `seeds_tf` with the
 alias `challenger` (promoting it to `champion` is a person's decision).
 
+The model is logged as a TensorFlow SavedModel (the keras flavor's `save_exported_model`): its graph
+holds the preprocessing layer, so MLflow loads and serves it with TensorFlow alone. A `.keras` file
+would need seeds_tf's custom layer imported before loading, which MLflow's keras flavor cannot do
+(it takes neither `code_paths` nor custom objects).
+
 Tracking never fails a training: an MLflow that is not installed, not reachable or refuses the
 credentials is named in a warning, and the run completes locally. The client's retries are bounded
 (unless the environment sets them), so a tracking server that goes down costs seconds, not minutes.
@@ -104,9 +109,14 @@ class MlflowLogger(keras.callbacks.Callback):
         for folder in folders:
             if folder.is_dir():
                 self._mlflow.log_artifacts(str(folder), artifact_path=folder.name)
-        info = self._mlflow.keras.log_model(
-            model, name="model", signature=_signature(model), pip_requirements=_requirements()
-        )
+        with _keras_messages_to_logging():
+            info = self._mlflow.keras.log_model(
+                model,
+                name="model",
+                save_exported_model=True,
+                signature=_signature(model),
+                pip_requirements=_requirements(),
+            )
         registered = self._mlflow.register_model(info.model_uri, REGISTERED_MODEL)
         self._mlflow.MlflowClient().set_registered_model_alias(
             REGISTERED_MODEL, NEW_VERSION_ALIAS, registered.version
@@ -174,24 +184,45 @@ def _bounded_retries() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+@contextlib.contextmanager
+def _keras_messages_to_logging() -> Iterator[None]:
+    """Keras's export prints every variable it saves (hundreds of lines for Xception) and MLflow
+    cannot pass it `verbose=False`: for this thread (Keras keeps the setting per thread), that
+    message goes to the absl logger instead of stdout."""
+    interactive = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if interactive:
+            keras.config.enable_interactive_logging()
+
+
 def _signature(model: keras.Model):
-    """The model's input and output tensors, stated rather than inferred from an example."""
+    """The model's input and output tensors, stated rather than inferred from an example: a batch
+    of RGB images in [0, 255] (float32, the run's size) in, the class probabilities out. Both are
+    unnamed: the SavedModel's `serve` takes one positional tensor, and a named input would make
+    MLflow ask for a dict."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    (image,) = model.inputs
+    (probabilities,) = model.outputs
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.input_shape[1:]), "images")]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, model.output_shape[-1]), "probabilities")]),
+        inputs=Schema([TensorSpec(np.dtype(image.dtype), (-1, *image.shape[1:]))]),
+        outputs=Schema([TensorSpec(np.dtype(probabilities.dtype), (-1, *probabilities.shape[1:]))]),
     )
 
 
 def _requirements() -> list[str]:
-    """What loading the logged model needs, stated rather than inferred (faster, and exact)."""
+    """What loading the logged model needs (MLflow adds itself), stated rather than inferred
+    (faster, and exact): Keras and TensorFlow, pinned as installed. Not seeds_tf: the SavedModel
+    needs none of its code, and seeds_tf is not on a package index."""
     from importlib.metadata import PackageNotFoundError, version
 
     pinned = []
-    for package in ("seeds_tf", "keras", "tensorflow", "tensorflow-cpu"):
+    for package in ("keras", "tensorflow", "tensorflow-cpu"):
         with contextlib.suppress(PackageNotFoundError):
             pinned.append(f"{package}=={version(package)}")
     return pinned
