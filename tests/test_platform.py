@@ -13,9 +13,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import PIL.Image
@@ -24,7 +26,7 @@ import pytest
 import requests
 
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
-from seeds_tf.hosting import admission, monitor
+from seeds_tf.hosting import admission, health, monitor
 from tests.deepaas_harness import MODEL_URL, deepaas_process, free_port
 from tests.helpers import copy_roots, seed_photo
 
@@ -257,6 +259,17 @@ def test_the_healthcheck_predicts_and_fails_when_the_workers_hang(platform_serve
     misdirected = subprocess.run(wrong, capture_output=True, text=True, check=False, timeout=60)
     assert misdirected.returncode == 1
     assert "a prediction got HTTP 404" in misdirected.stderr
+    # With no address given, port 5000, else the port deep-start serves on in a GPU node ($PORT0).
+    assert health.service_urls("") == [health.DEFAULT_URL]
+    if not _port_open(5000):
+        port = urllib.parse.urlsplit(url).port
+        gpu_node = {**os.environ, health.GPU_NODE_PORT_ENV: str(port)}
+        gpu_node.pop(health.URL_ENV, None)
+        unaddressed = command[:3] + command[5:]  # without --url
+        found = subprocess.run(
+            unaddressed, env=gpu_node, capture_output=True, text=True, check=False, timeout=60
+        )
+        assert found.returncode == 0, found.stderr
     workers = [child for child in psutil.Process(pid).children() if "spawn_main" in " ".join(child.cmdline())]
     for worker in workers:
         worker.suspend()
@@ -268,3 +281,8 @@ def test_the_healthcheck_predicts_and_fails_when_the_workers_hang(platform_serve
             worker.resume()
     assert hung.returncode == 1
     assert "no answer to a prediction within 5 s" in hung.stderr
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
