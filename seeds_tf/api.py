@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,14 @@ MODEL_NAME = "seeds_tf"
 """The name setup.cfg registers in the deepaas.v2.model group, and DEEPaaS' route to this model."""
 
 
-def _refuse_a_second_training() -> None:
-    """Runs in the server process for each POST train: a second training gets a 409 at once, not a
-    place in the workers' queue."""
-    admission.check_no_training(Roots.from_env().models)
+def _admit_a_training() -> Callable[[], None]:
+    """Runs in the server process for each valid POST train: a second training gets a 409 at once,
+    not a place in the workers' queue. Returns the release of the admission."""
+    return admission.reserve_training(Roots.from_env().models)
 
 
 dependency_warnings.silence_deprecations()
-request_parsing.install(before_training=_refuse_a_second_training)
+request_parsing.install(admit_training=_admit_a_training)
 
 
 class ClientError(web.HTTPUnprocessableEntity):

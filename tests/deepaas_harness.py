@@ -61,11 +61,19 @@ class InProcessDeepaas:
         return await deepaas.api.get_app()
 
     def request(self, method: str, path: str, timeout: float = 120, **kwargs) -> Response:
-        async def call():
-            async with self._client.request(method, path, **kwargs) as response:
-                return Response(response.status, response.headers, await response.read())
+        return self._loop.run_until_complete(asyncio.wait_for(self._call(method, path, **kwargs), timeout))
 
-        return self._loop.run_until_complete(asyncio.wait_for(call(), timeout))
+    def at_once(self, count: int, method: str, path: str, timeout: float = 120, **kwargs) -> list[Response]:
+        """`count` copies of one request, sent together: for races between requests."""
+
+        async def calls():
+            return await asyncio.gather(*(self._call(method, path, **kwargs) for _ in range(count)))
+
+        return self._loop.run_until_complete(asyncio.wait_for(calls(), timeout))
+
+    async def _call(self, method: str, path: str, **kwargs) -> Response:
+        async with self._client.request(method, path, **kwargs) as response:
+            return Response(response.status, response.headers, await response.read())
 
     def predict(
         self, files: dict[str, tuple[str, bytes]], timeout: float = 120, headers=None, **fields

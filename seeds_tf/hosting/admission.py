@@ -4,6 +4,8 @@ Anyone who can reach a trainable service can start a training. Trainings queued 
 run that fills the disk half-way, would take the service from everyone else: a second training is
 refused while one runs (a lock on the models folder, released by the kernel even when the worker is
 killed), and a run whose checkpoints would not fit in the free disk is refused before it starts.
+A server admits a training request with a reservation (a second lock, `reserve_training`), held from
+the request until the training ends, since its worker takes the training lock only when it starts.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import fcntl
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 from seeds_tf.core.errors import InputError
 
 LOCK_FILE = ".training.lock"
+RESERVATION_FILE = ".training.reserved"
 _BUSY = (errno.EAGAIN, errno.EACCES)
 
 
@@ -30,19 +34,30 @@ def training_slot(models_dir: Path) -> Iterator[None]:
     Raises:
         InputError: naming `training`, while another training holds it.
     """
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with open(models_dir / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in _BUSY:
-                raise
-            raise InputError("training", _busy(models_dir)) from None
+    with _locked(models_dir, LOCK_FILE) as lock:
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
         yield
+
+
+def reserve_training(models_dir: Path) -> Callable[[], None]:
+    """Admits a training request, in the server process, at once and atomically.
+
+    The worker that runs a queued training takes the training lock only when it starts: two requests
+    close together both found it free, both were accepted, and the second training then failed. A
+    reservation is a lock of its own, taken by the request: until it is released, every other request
+    to train in the models folder, from this server or another, is refused.
+
+    Returns:
+        The release of the reservation, to call once the training has ended (done, failed or cancelled).
+
+    Raises:
+        InputError: naming `training`, while another training is reserved or runs.
+    """
+    check_no_training(models_dir)
+    return _locked(models_dir, RESERVATION_FILE).close
 
 
 def check_no_training(models_dir: Path) -> None:
@@ -88,6 +103,25 @@ def check_disk(models_dir: Path, needed: int) -> None:
             f"the run needs about {needed / 2**20:.0f} MiB and {models_dir} has {free / 2**20:.0f} MiB "
             "free: free some space, or keep fewer checkpoints (ckpt_freq, keep_checkpoints)",
         )
+
+
+def _locked(models_dir: Path, name: str) -> TextIO:
+    """The lock file `name` of the models folder, opened and exclusively locked by this open: a lock
+    held by another process, or by another open in this one, refuses it.
+
+    Raises:
+        InputError: naming `training`, while the lock is held.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(models_dir / name, "a+")  # noqa: SIM115 - the caller holds it open as the lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        lock.close()
+        if error.errno not in _BUSY:
+            raise
+        raise InputError("training", _busy(models_dir)) from None
+    return lock
 
 
 def _busy(models_dir: Path) -> str:

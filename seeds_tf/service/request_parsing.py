@@ -14,7 +14,9 @@ can be fixed in predict or train:
   (`top-k=3`, `epoch=5`) would be ignored: the client gets a 422 naming it instead; and it reads one
   value of an argument sent twice (two files under `image`, `top_k` in the query and the form),
   silently dropping the other: the client gets a 422 naming it instead;
-- DEEPaaS queues every training for a worker: a guard can refuse a POST train at once (409);
+- DEEPaaS queues every training for a worker, which checks nothing before it starts: each POST train
+  is admitted (or refused with a 409) in the request, by a reservation taken just before DEEPaaS
+  queues the training, with no await in between, and released when the training ends;
 - a training's status lists `status` (and its `result` or `message`) first, not after the echo of
   every argument;
 - a cancelled training's status is "cancelled": DEEPaaS ends it by killing its worker, which leaves
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import types
 from collections.abc import Callable
 
 from aiohttp import http_exceptions, web
@@ -52,12 +55,14 @@ def error_text(field: str, problem: str) -> str:
     return json.dumps({"message": f"{field}: {problem}", "field": field})
 
 
-def install(before_training: Callable[[], None] | None = None) -> None:
+def install(admit_training: Callable[[], Callable[[], None]] | None = None) -> None:
     """Wraps webargs' aiohttp parser and DEEPaaS' v2 app and training handler, once per process.
 
     Args:
-        before_training: called before the arguments of a POST train are parsed; an InputError it
-            raises answers the request with a 409 naming its field. Defaults to None (no guard).
+        admit_training: called for a POST train whose arguments are valid, just before DEEPaaS queues
+            it; it returns the release, called once the training has ended (done, failed or
+            cancelled). An InputError it raises answers the request with a 409 naming its field.
+            Defaults to None (every training is queued).
     """
     parser_class = aiohttpparser.AIOHTTPParser
     if getattr(parser_class.parse, "seeds_tf_strict", False):
@@ -73,11 +78,6 @@ def install(before_training: Callable[[], None] | None = None) -> None:
             raise _error(web.HTTPBadRequest, "body", f"malformed form body: {error}") from None
 
     async def strict_parse(parser, argmap, req=None, *args, **kwargs):
-        if before_training is not None and req.method == "POST" and req.path.rstrip("/").endswith("/train"):
-            try:
-                before_training()
-            except InputError as error:
-                raise _error(web.HTTPConflict, error.field, error.problem) from None
         parsed = await parse(parser, argmap, req, *args, **kwargs)
         schema = parser._get_schema(argmap, req)
         known = {field.data_key or name for name, field in schema.fields.items()}
@@ -100,6 +100,8 @@ def install(before_training: Callable[[], None] | None = None) -> None:
     aiohttpparser.parser.error_callback = _invalid_arguments
     v2.get_app = _with_one_error_shape(v2.get_app)
     v2_train._get_handler = _with_status_first(v2_train._get_handler)
+    if admit_training is not None:
+        v2_train._get_handler = _with_admission(v2_train._get_handler, admit_training)
 
 
 async def _sent_names(request: web.Request) -> collections.Counter[str]:
@@ -186,6 +188,33 @@ def _with_status_first(get_handler: Callable) -> Callable:
         return handler
 
     return get_handler_with_status_first
+
+
+def _with_admission(get_handler: Callable, admit: Callable[[], Callable[[], None]]) -> Callable:
+    """DEEPaaS' training handler factory, its handler admitting each training with `admit`."""
+
+    def get_admitting_handler(model_name, model_obj):
+        handler = get_handler(model_name, model_obj)
+
+        def admitted_train(**args) -> asyncio.Task:
+            # Synchronous from the admission to the queued task: no other request runs in between.
+            try:
+                release = admit()
+            except InputError as error:
+                raise _error(web.HTTPConflict, error.field, error.problem) from None
+            try:
+                task = model_obj.train(**args)
+            except BaseException:
+                release()
+                raise
+            task.add_done_callback(lambda _: release())
+            return task
+
+        # DEEPaaS 2.6's training handler uses its model only to queue a training.
+        handler.model_obj = types.SimpleNamespace(train=admitted_train)
+        return handler
+
+    return get_admitting_handler
 
 
 def _killed(training: dict | None) -> bool:
