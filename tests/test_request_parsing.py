@@ -2,6 +2,7 @@
 wrong, put right in the server process (one shape for every client error, an empty form, unknown
 and repeated arguments, the order of a training's status)."""
 
+import base64
 import io
 
 import aiohttp
@@ -70,6 +71,15 @@ def test_an_empty_form_body_leaves_the_arguments_to_the_query_string(app):
         data=b"",
     )
     assert_client_error(answer, 422, "data", "image")
+
+
+def test_urls_and_data_uris_are_still_read_from_a_json_body_or_the_query_string(app, photo):
+    """They are documented in the form body; clients that send them elsewhere, as before, still can."""
+    uri = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+    for sent in ({"json": {"data": uri, "top_k": 2}}, {"params": {"data": uri, "top_k": "2"}}):
+        answer = app.request("POST", PREDICT, **sent)
+        assert answer.status == 200, answer.body
+        assert [result["image"] for result in answer.json()["results"]] == ["data URI 1"]
 
 
 def test_an_invalid_argument_is_refused_in_the_one_shape(app, photo):

@@ -136,6 +136,13 @@ def test_the_spec_lists_the_config_defaults_limits_and_choices(spec):
     assert {p["in"] for name, p in predict.items() if name in schemas.UPLOAD_FIELDS} == {"formData"}
 
 
+def test_the_photos_urls_and_data_uris_go_in_the_form_body(spec):
+    """In the query string, the Swagger UI sent a data URI in the URL, and one over aiohttp's 8 KB
+    limit got a plain-text 400 before seeds_tf could answer."""
+    predict = _parameters(spec, "predict")
+    assert {predict[name]["in"] for name in (*schemas.UPLOAD_FIELDS, "urls", "data")} == {"formData"}
+
+
 def test_the_accept_field_leaves_the_answer_type_to_the_ui_selector_unless_chosen(spec):
     """With a listed default, the field was always sent and the "Response content type" selector
     did nothing; `*/*`, which DEEPaaS adds, stays in the selector (produces) and out of the list."""

@@ -6,6 +6,9 @@ can be fixed in predict or train:
   (`error_text`): webargs' per-field dicts of invalid arguments, its invalid-JSON answer and the
   plain-text 4xx of aiohttp and DEEPaaS (an unknown training, a body over the size limit) are put in
   it, as are seeds_tf's own refusals;
+- a field declared in the form (`"location": "form"`, so that the OpenAPI spec puts it in the body and
+  the Swagger UI sends it there: a data URI in the query string made a URL over aiohttp's 8 KB limit)
+  is still read from the query string or a JSON body when the form lacks it, as every other argument;
 - an empty body is an empty form: the Swagger UI's predict with no file chosen sends multipart with no
   boundary, and gets the model's "no image" answer instead of a 400 about the boundary;
 - a malformed multipart body (no boundary, a truncated part, a control character in a name) makes
@@ -70,12 +73,15 @@ def install(admit_training: Callable[[], Callable[[], None]] | None = None) -> N
     parse, parse_form = parser_class.parse, parser_class.parse_form
 
     async def checked_parse_form(parser, request, name, field):
-        if not request.body_exists:
-            return core.missing
-        try:
-            return await parse_form(parser, request, name, field)
-        except (ValueError, LookupError, http_exceptions.HttpProcessingError) as error:
-            raise _error(web.HTTPBadRequest, "body", f"malformed form body: {error}") from None
+        if request.body_exists:
+            try:
+                value = await parse_form(parser, request, name, field)
+            except (ValueError, LookupError, http_exceptions.HttpProcessingError) as error:
+                raise _error(web.HTTPBadRequest, "body", f"malformed form body: {error}") from None
+            if value is not core.missing:
+                return value
+        value = parser.parse_querystring(request, name, field)
+        return await parser.parse_json(request, name, field) if value is core.missing else value
 
     async def strict_parse(parser, argmap, req=None, *args, **kwargs):
         parsed = await parse(parser, argmap, req, *args, **kwargs)

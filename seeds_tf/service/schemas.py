@@ -76,16 +76,22 @@ def predict_arguments() -> dict[str, fields.Field]:
     }
     return {
         **uploads,
+        # In the form body, where the Swagger UI then sends them: a URL holding a data URI went past
+        # aiohttp's 8 KB limit. The query string and a JSON body still work (request_parsing).
         "urls": fields.Str(
             required=False,
             load_default=_Unlisted(""),
-            metadata={"description": "http(s) URLs of photos, separated by spaces, commas or new lines."},
+            metadata={
+                "location": "form",
+                "description": "http(s) URLs of photos, separated by spaces, commas or new lines.",
+            },
         ),
         "data": fields.Str(
             required=False,
             load_default=_Unlisted(""),
             metadata={
-                "description": "Photos as base64 data URIs (`data:image/jpeg;base64,...`), space separated."
+                "location": "form",
+                "description": "Photos as base64 data URIs (`data:image/jpeg;base64,...`), space separated.",
             },
         ),
         **_option_fields("prediction"),
