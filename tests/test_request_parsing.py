@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from deepaas import config as deepaas_config
 
+from seeds_tf.service import request_parsing
 from tests.deepaas_harness import MODEL_URL
 from tests.helpers import in_process_service, seed_photo
 
@@ -134,6 +135,43 @@ def test_an_argument_sent_twice_is_refused_and_named(app, photo):
     form.add_field("top_k", "abc")
     answer = app.request("POST", PREDICT, params={"top_k": "2"}, data=form)
     assert_client_error(answer, 422, "top_k", "sent 2 times; give it once")
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [
+        ("application/json, text/plain, */*", "application/json"),  # the Swagger UI, axios
+        ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", "application/json"),  # a browser
+        ("*/*", "application/json"),
+        ("*; q=.2", "application/json"),  # Java's HttpURLConnection
+        ("image/*", "image/png"),
+        ("IMAGE/PNG", "image/png"),
+        ("image/webp, image/*;q=0.8, */*;q=0.5", "image/png"),
+        ("text/html, image/png;q=0.9, application/json;q=0.8", "image/png"),
+        ("image/png;q=0, */*", "application/json"),  # the most specific range decides
+        ("application/json;q=0, */*;q=0.1", "image/png"),
+        ("application/json;charset=utf-8", "application/json"),
+        ("text/html", None),
+        ("*/*;q=0", None),
+        ("application/json;q=high, image/png;q=2", None),  # ranges that cannot be read match nothing
+    ],
+)
+def test_the_accept_header_is_negotiated(accept, chosen):
+    assert request_parsing.negotiate(accept, ["application/json", "image/png"]) == chosen
+
+
+def test_a_browser_accept_header_is_answered_and_one_allowing_nothing_is_a_406(app, photo):
+    """DEEPaaS took `accept` as one exact value, and refused what browsers and the Swagger UI send."""
+    browser = {"Accept": "application/json, text/plain, */*"}
+    listed = app.predict({"image": ("seed.jpg", photo)}, headers=browser)
+    assert listed.status == 200, listed.body
+    assert listed.headers["Content-Type"].startswith("application/json")
+    assert listed.json()["results"][0]["image"] == "seed.jpg"
+    heatmap = app.predict({"image": ("seed.jpg", photo)}, headers={"Accept": "text/html, image/*;q=0.8"})
+    assert heatmap.status == 200, heatmap.body
+    assert heatmap.headers["Content-Type"] == "image/png"
+    refused = app.predict({"image": ("seed.jpg", photo)}, headers={"Accept": "text/html"})
+    assert_client_error(refused, 406, "accept", "'text/html' allows none of the answer types")
 
 
 def test_a_malformed_multipart_body_is_a_400_naming_the_body(app):

@@ -9,6 +9,9 @@ can be fixed in predict or train:
 - a field declared in the form (`"location": "form"`, so that the OpenAPI spec puts it in the body and
   the Swagger UI sends it there: a data URI in the query string made a URL over aiohttp's 8 KB limit)
   is still read from the query string or a JSON body when the form lacks it, as every other argument;
+- DEEPaaS takes `accept` as one of a list of exact values, so a browser's `Accept` header (a list
+  with q-values, `application/json, text/plain, */*`) was refused: the header is negotiated
+  (`negotiate`) among the field's choices, and one that allows none of them gets a 406;
 - an empty body is an empty form: the Swagger UI's predict with no file chosen sends multipart with no
   boundary, and gets the model's "no image" answer instead of a 400 about the boundary;
 - a malformed multipart body (no boundary, a truncated part, a control character in a name) makes
@@ -34,7 +37,7 @@ import asyncio
 import collections
 import json
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import http_exceptions, web
 from deepaas.api import v2
@@ -70,7 +73,11 @@ def install(admit_training: Callable[[], Callable[[], None]] | None = None) -> N
     parser_class = aiohttpparser.AIOHTTPParser
     if getattr(parser_class.parse, "seeds_tf_strict", False):
         return
-    parse, parse_form = parser_class.parse, parser_class.parse_form
+    parse, parse_form, parse_headers = parser_class.parse, parser_class.parse_form, parser_class.parse_headers
+
+    def negotiated_parse_headers(parser, request, name, field):
+        value = parse_headers(parser, request, name, field)
+        return _negotiated(value, field) if name == "accept" and value is not core.missing else value
 
     async def checked_parse_form(parser, request, name, field):
         if request.body_exists:
@@ -102,12 +109,86 @@ def install(admit_training: Callable[[], Callable[[], None]] | None = None) -> N
     strict_parse.seeds_tf_strict = True
     parser_class.parse = strict_parse
     parser_class.parse_form = checked_parse_form
+    parser_class.parse_headers = negotiated_parse_headers
     parser_class.handle_invalid_json_error = _invalid_json
     aiohttpparser.parser.error_callback = _invalid_arguments
     v2.get_app = _with_one_error_shape(v2.get_app)
     v2_train._get_handler = _with_status_first(v2_train._get_handler)
     if admit_training is not None:
         v2_train._get_handler = _with_admission(v2_train._get_handler, admit_training)
+
+
+def _negotiated(accept: str, field) -> str:
+    """The answer type an `Accept` header asks for, among the choices of the `accept` field but the
+    `*/*` DEEPaaS adds to them (no type to answer with); an empty header asks for none (the default).
+
+    Raises:
+        HTTPNotAcceptable: naming `accept`, for a header that allows none of them.
+    """
+    if not accept.strip():
+        return core.missing
+    offers = [str(choice) for choice in field.validate.choices if choice != "*/*"]
+    chosen = negotiate(accept, offers)
+    if chosen is None:
+        raise _error(web.HTTPNotAcceptable, "accept", f"{accept!r} allows none of the answer types {offers}")
+    return chosen
+
+
+def negotiate(accept: str, offers: Sequence[str]) -> str | None:
+    """The offer an HTTP Accept header prefers (RFC 9110, 12.5.1), or None when it accepts none.
+
+    Each offer takes the weight (`q`, 1 when not given) of the most specific media range that
+    matches it: `image/png` before `image/*` before `*/*`. The heaviest offer wins, ties go to the
+    first offer, and a weight of 0 refuses. Media type parameters other than `q` are ignored; a range
+    that cannot be read (`q=high`, no `/`) matches nothing. A lone `*` is `*/*`, as Java sends it.
+
+    Args:
+        accept: the header's value, e.g. "application/json, text/plain, */*".
+        offers: the media types the answer can have, in the server's order of preference.
+    """
+    ranges = [media_range for part in accept.split(",") if (media_range := _media_range(part))]
+
+    def weight(offer: str) -> float:
+        kind, _, subtype = offer.partition("/")
+        matches = [
+            (specificity, q)
+            for range_kind, range_subtype, q in ranges
+            if (specificity := _specificity(range_kind, range_subtype, kind, subtype)) is not None
+        ]
+        return max(matches)[1] if matches else 0.0
+
+    best = max(offers, key=weight)
+    return best if weight(best) > 0 else None
+
+
+def _media_range(text: str) -> tuple[str, str, float] | None:
+    """(type, subtype, q) of one media range of an Accept header, or None if it cannot be read."""
+    media, *parameters = text.split(";")
+    media = media.strip().lower()
+    kind, slash, subtype = ("*/*" if media == "*" else media).partition("/")
+    if not (kind and slash and subtype) or (kind == "*" and subtype != "*"):
+        return None
+    q = 1.0
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                return None
+    return (kind, subtype, q) if 0 <= q <= 1 else None
+
+
+def _specificity(range_kind: str, range_subtype: str, kind: str, subtype: str) -> int | None:
+    """How closely a media range names a media type: 2 exactly, 1 by its type, 0 as `*/*`; None if
+    it does not match it."""
+    if range_kind == "*":
+        return 0
+    if range_kind != kind:
+        return None
+    if range_subtype == "*":
+        return 1
+    return 2 if range_subtype == subtype else None
 
 
 async def _sent_names(request: web.Request) -> collections.Counter[str]:
