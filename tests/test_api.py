@@ -176,6 +176,11 @@ def test_a_cancelled_training_is_never_offered(app, service, photo):
     answer = app.predict({"image": ("a.jpg", photo)})
     assert answer.status == 200, answer.body
     assert answer.json()["run_id"] != started
+    # The cancelled training no longer holds the models folder: the next one is accepted.
+    failing = {**TINY_OPTIONS, "splits_directory": "tiny/images", "images_directory": "tiny/dataset_files"}
+    after = app.train(**failing)
+    assert after.status == 200, after.body
+    assert app.wait_for_training(after.json()["uuid"])["status"] == "error"
 
 
 @pytest.fixture
