@@ -23,6 +23,7 @@ from seeds_tf.classifier import engine_choice
 from seeds_tf.core import config, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
+from seeds_tf.data.images import Upload
 from seeds_tf.hosting import admission, monitor
 from seeds_tf.prediction.calibration import UnreadableCalibration, load_calibration
 from seeds_tf.service import dependency_warnings, request_parsing, schemas
@@ -149,14 +150,14 @@ def predict(**args) -> dict[str, Any] | bytes:
     from seeds_tf.prediction import explain, inference
 
     _worker_logging()
-    files = [args[name] for name in schemas.UPLOAD_FIELDS if args.get(name)]  # empty: no file
+    files = {name: args[name] for name in schemas.UPLOAD_FIELDS if args.get(name)}  # empty: no file
     try:
         with _client_errors():
             options = config.load(
                 config.PredictConfig, **{name: args[name] for name in config.option_specs("prediction")}
             )
             uploads = sources.gather_images(
-                [_read_upload(file) for file in files],
+                [_read_upload(name, file) for name, file in files.items()],
                 args["urls"],
                 args["data"],
                 sources.FetchPolicy.from_env(),
@@ -165,7 +166,7 @@ def predict(**args) -> dict[str, Any] | bytes:
                 return explain.explain_request(Roots.from_env(), _run_cache(), options, uploads)
             return inference.predict(Roots.from_env(), _run_cache(), options, uploads)
     finally:
-        for file in files:
+        for file in files.values():
             _delete_upload(file)
 
 
@@ -223,14 +224,14 @@ def _client_errors():
         raise ClientError(error.field, error.problem) from None
 
 
-def _read_upload(upload) -> tuple[str, bytes]:
-    """The name and bytes of an uploaded file (DEEPaaS UploadedFile, or a plain string)."""
+def _read_upload(field: str, upload) -> Upload:
+    """The image uploaded in `field` (DEEPaaS UploadedFile; a plain string is refused)."""
     filename = getattr(upload, "filename", None)
     if filename is None:
-        raise InputError("image", "expected an uploaded file (multipart form field 'image')")
+        raise InputError(field, f"expected an uploaded file (multipart form field {field!r})")
     name = getattr(upload, "original_filename", None) or os.path.basename(filename)
     with open(filename, "rb") as stream:
-        return name, stream.read()
+        return Upload(name, stream.read(), field)
 
 
 def _delete_upload(upload) -> None:

@@ -104,6 +104,17 @@ def test_a_problem_found_by_the_worker_has_the_same_shape(app):
     assert_client_error(answer, 422, "image", "notes.txt")
 
 
+def test_a_bad_image_is_refused_under_the_argument_it_was_sent_in(app, photo):
+    """Every image a worker refused was reported under `image`, wherever it was sent."""
+    second = app.predict({"image": ("seed.jpg", photo), "image_2": ("notes.txt", b"not a photo")})
+    assert_client_error(second, 422, "image_2", "'notes.txt' is not an image")
+    text = app.predict({"image": ("seed.jpg", photo)}, image_3="a plain string")
+    assert_client_error(text, 422, "image_3", "expected an uploaded file (multipart form field 'image_3')")
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"not a photo").decode()
+    inlined = app.predict({}, data=not_an_image)
+    assert_client_error(inlined, 422, "data", "'data URI 1' is not an image")
+
+
 @pytest.mark.parametrize(
     ("path", "arguments", "unknown"),
     [(PREDICT, {"top-k": "3"}, "top-k"), (TRAIN, {"epoch": "5", "weights": "none"}, "epoch")],

@@ -13,6 +13,7 @@ import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -114,12 +115,21 @@ def _turn_upright(image: PIL.Image.Image) -> None:
         PIL.ImageOps.exif_transpose(image, in_place=True)
 
 
+class Upload(NamedTuple):
+    """One image of a request: its name in the answer, its encoded bytes and the argument it was
+    sent in, which a refusal of it names (`image_2`, `urls`, `data`). A (name, bytes) pair is an
+    upload in `image`."""
+
+    name: str
+    data: bytes
+    field: str = "image"
+
+
 def decode_images(
-    uploads: Sequence[tuple[str, bytes]],
-    field: str = "image",
+    uploads: Sequence[Upload | tuple[str, bytes]],
     max_request_pixels: int = MAX_REQUEST_PIXELS,
 ) -> list[np.ndarray]:
-    """Decodes the (name, bytes) pairs of one request, in order, within a memory budget.
+    """Decodes the images of one request, in order, within a memory budget.
 
     Every header is read first: a request whose images add up to more than `max_request_pixels`
     is refused before anything is decoded. Then images decode in parallel threads (Pillow decodes
@@ -127,12 +137,14 @@ def decode_images(
     ~30 bytes per pixel (RGBA and float images), so that bounds the request's peak memory.
 
     Raises:
-        InputError: for the first image that cannot be decoded, or a request over the budget.
+        InputError: naming the argument of the first image that cannot be decoded, or `image` for
+            a request over the budget.
     """
-    sizes = [image_pixels(data, field, name) for name, data in uploads]
+    uploads = [Upload(*upload) for upload in uploads]
+    sizes = [image_pixels(upload.data, upload.field, upload.name) for upload in uploads]
     if sum(sizes) > max_request_pixels:
         raise InputError(
-            field,
+            "image",
             f"{len(uploads)} images of {sum(sizes)} pixels together; the limit per request is "
             f"{max_request_pixels} pixels",
         )
@@ -140,10 +152,12 @@ def decode_images(
     for group in _decoding_groups(sizes, DECODE_BUDGET_PIXELS):
         batch = [uploads[index] for index in group]
         if len(batch) == 1:
-            decoded.append(decode_image(batch[0][1], field, batch[0][0]))
+            decoded.append(decode_image(batch[0].data, batch[0].field, batch[0].name))
             continue
         with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
-            decoded.extend(pool.map(lambda upload: decode_image(upload[1], field, upload[0]), batch))
+            decoded.extend(
+                pool.map(lambda upload: decode_image(upload.data, upload.field, upload.name), batch)
+            )
     return decoded
 
 

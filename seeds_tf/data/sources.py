@@ -45,6 +45,7 @@ import urllib3.exceptions
 
 from seeds_tf import __version__
 from seeds_tf.core.errors import InputError
+from seeds_tf.data.images import Upload
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -160,13 +161,13 @@ MAX_IMAGES = 8
 
 
 def gather_images(
-    uploads: list[tuple[str, bytes]],
+    uploads: list[Upload | tuple[str, bytes]],
     urls: str,
     data_uris: str,
     policy: FetchPolicy,
     max_images: int = MAX_IMAGES,
-) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every image of a request, in order: uploads, then URLs, then data URIs.
+) -> list[Upload | tuple[str, bytes]]:
+    """Every image of a request, in order: uploads, then URLs (named `urls`), then data URIs (`data`).
 
     The images are counted before anything is split, fetched or decoded, so a huge field costs no
     more than reading it. The URLs are fetched at once, in threads, each within the policy's
@@ -196,9 +197,11 @@ def gather_images(
     if url_list:
         with concurrent.futures.ThreadPoolExecutor(len(url_list)) as pool:
             bodies = pool.map(lambda url: fetch_image_bytes(url, policy, "urls"), url_list)
-            fetched = list(zip(url_list, bodies, strict=True))
+            fetched = [Upload(url, body, "urls") for url, body in zip(url_list, bodies, strict=True)]
     uri_list = _SPACE_SEPARATED.findall(data_uris)
-    decoded = [(f"data URI {i + 1}", decode_data_uri(uri, "data")) for i, uri in enumerate(uri_list)]
+    decoded = [
+        Upload(f"data URI {i + 1}", decode_data_uri(uri, "data"), "data") for i, uri in enumerate(uri_list)
+    ]
     return [*uploads, *fetched, *decoded]
 
 

@@ -190,7 +190,7 @@ def explain_png(
 
 
 def explain_request(
-    roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[tuple[str, bytes]]
+    roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[images.Upload | tuple[str, bytes]]
 ) -> bytes:
     """The answer to a prediction request that accepts image/png: the first image, explained, with
     its `config.neighbours` reference specimens beside it as a contact sheet."""

@@ -475,7 +475,7 @@ def nearest_references(run: LoadedRun, pixels: Sequence[np.ndarray], k: int, mer
 
 
 def analyse(
-    roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[tuple[str, bytes]]
+    roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[images.Upload | tuple[str, bytes]]
 ) -> tuple[LoadedRun, list[np.ndarray], np.ndarray]:
     """The run chosen by `config`, the decoded images and their class probabilities.
 
@@ -488,7 +488,7 @@ def analyse(
 
 
 def predict(
-    roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[tuple[str, bytes]]
+    roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[images.Upload | tuple[str, bytes]]
 ) -> dict[str, Any]:
     """Answers one prediction request: the run and checkpoint `config` names say which species
     are in each image.
@@ -497,7 +497,7 @@ def predict(
         roots: where the runs are.
         cache: the checkpoints already loaded in this process.
         config: top_k, tta, merge, and the run and checkpoint to use.
-        uploads: (name, encoded bytes) of each image, in the order of the response.
+        uploads: each image (images.Upload, or a (name, bytes) pair), in the order of the response.
 
     Raises:
         InputError: for an unknown run or checkpoint, or an image that cannot be decoded.
@@ -510,7 +510,7 @@ def predict(
     probabilities, embeddings = observe(
         run, pixels, config.tta, engine, embed=bool(config.neighbours) or specimens is not None
     )
-    names = [name for name, _ in uploads]
+    names = [upload[0] for upload in uploads]
     if config.merge:
         # One specimen in several photos: one answer from the mean of their probabilities (and of
         # their embeddings).
