@@ -185,6 +185,17 @@ def test_a_browser_accept_header_is_answered_and_one_allowing_nothing_is_a_406(a
     assert_client_error(refused, 406, "accept", "'text/html' allows none of the answer types")
 
 
+def test_accept_sent_as_an_argument_is_refused_and_named(app, photo):
+    """It is read from the header alone: sent in the form or the query string, it was ignored and
+    the answer was JSON whatever it asked for."""
+    in_form = app.predict({"image": ("seed.jpg", photo)}, accept="image/png")
+    assert_client_error(in_form, 422, "accept", "an HTTP header: send it as 'Accept: <value>'")
+    form = aiohttp.FormData()
+    form.add_field("image", photo, filename="seed.jpg")
+    in_query = app.request("POST", PREDICT, params={"accept": "image/png"}, data=form)
+    assert_client_error(in_query, 422, "accept", "an HTTP header")
+
+
 def test_a_malformed_multipart_body_is_a_400_naming_the_body(app):
     answer = app.request(
         "POST",

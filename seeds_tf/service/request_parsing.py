@@ -19,7 +19,8 @@ can be fixed in predict or train:
 - webargs 5 reads only the declared arguments and silently drops the others, so a misspelt option
   (`top-k=3`, `epoch=5`) would be ignored: the client gets a 422 naming it instead; and it reads one
   value of an argument sent twice (two files under `image`, `top_k` in the query and the form),
-  silently dropping the other: the client gets a 422 naming it instead;
+  silently dropping the other: the client gets a 422 naming it instead; and it ignores a header
+  argument (`accept`) sent in the query string or body: a 422 naming it too;
 - DEEPaaS queues every training for a worker, which checks nothing before it starts: each POST train
   is admitted (or refused with a 409) in the request, by a reservation taken just before DEEPaaS
   queues the training, with no await in between, and released when the training ends;
@@ -99,6 +100,14 @@ def install(admit_training: Callable[[], Callable[[], None]] | None = None) -> N
         if unknown:
             problem = f"unknown argument {', '.join(map(repr, unknown))}; the arguments are {sorted(known)}"
             raise _error(web.HTTPUnprocessableEntity, unknown[0], problem)
+        headers = sorted(
+            name for name, field in schema.fields.items() if field.metadata.get("location") == "headers"
+        )
+        misplaced = [name for name in headers if name in sent]
+        if misplaced:
+            name = misplaced[0]
+            problem = f"an HTTP header: send it as '{name.title()}: <value>', not in the query string or body"
+            raise _error(web.HTTPUnprocessableEntity, name, problem)
         repeated = sorted(name for name, times in sent.items() if times > 1)
         if repeated:
             name = repeated[0]
