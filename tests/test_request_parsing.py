@@ -94,6 +94,13 @@ def test_several_invalid_arguments_name_the_first_and_tell_every_problem(app):
     assert_client_error(answer, 422, "mode", "mode: Must be one of: normal, fast", "; epochs: Must be")
 
 
+@pytest.mark.parametrize(("path", "name"), [(TRAIN, "epochs"), (TRAIN, "batch_size"), (PREDICT, "top_k")])
+def test_a_number_with_a_fraction_for_an_integer_is_refused_in_a_json_body(app, path, name):
+    """marshmallow's Int truncated it: `"epochs": 1.5` trained one epoch."""
+    answer = app.request("POST", path, json={name: 1.5, "weights": "none"} if path == TRAIN else {name: 1.5})
+    assert_client_error(answer, 422, name, "Not a valid integer")
+
+
 def test_a_check_against_the_disk_is_refused_in_the_one_shape(app, photo):
     answer = app.predict({"image": ("seed.jpg", photo)}, timestamp="1999-01-01_000000")
     assert_client_error(answer, 422, "timestamp", "1999-01-01_000000")

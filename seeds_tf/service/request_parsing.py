@@ -12,6 +12,8 @@ can be fixed in predict or train:
 - DEEPaaS takes `accept` as one of a list of exact values, so a browser's `Accept` header (a list
   with q-values, `application/json, text/plain, */*`) was refused: the header is negotiated
   (`negotiate`) among the field's choices, and one that allows none of them gets a 406;
+- marshmallow's Int truncates a JSON number (`"epochs": 1.5` trained 1 epoch): a number with a
+  fraction is refused for an integer argument, with the 422 "1.5" gets in a form;
 - an empty body is an empty form: the Swagger UI's predict with no file chosen sends multipart with no
   boundary, and gets the model's "no image" answer instead of a 400 about the boundary;
 - a malformed multipart body (no boundary, a truncated part, a control character in a name) makes
@@ -43,6 +45,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import http_exceptions, web
 from deepaas.api import v2
 from deepaas.api.v2 import train as v2_train
+from marshmallow import fields
 from webargs import aiohttpparser, core
 
 from seeds_tf.core.errors import InputError
@@ -75,6 +78,13 @@ def install(admit_training: Callable[[], Callable[[], None]] | None = None) -> N
     if getattr(parser_class.parse, "seeds_tf_strict", False):
         return
     parse, parse_form, parse_headers = parser_class.parse, parser_class.parse_form, parser_class.parse_headers
+    parse_json = parser_class.parse_json
+
+    async def whole_parse_json(parser, request, name, field):
+        value = await parse_json(parser, request, name, field)
+        if isinstance(field, fields.Integer) and isinstance(value, float) and not value.is_integer():
+            return str(value)  # refused by Int, as "1.5" is in a form, instead of truncated to 1
+        return value
 
     def negotiated_parse_headers(parser, request, name, field):
         value = parse_headers(parser, request, name, field)
@@ -119,6 +129,7 @@ def install(admit_training: Callable[[], Callable[[], None]] | None = None) -> N
     parser_class.parse = strict_parse
     parser_class.parse_form = checked_parse_form
     parser_class.parse_headers = negotiated_parse_headers
+    parser_class.parse_json = whole_parse_json
     parser_class.handle_invalid_json_error = _invalid_json
     aiohttpparser.parser.error_callback = _invalid_arguments
     v2.get_app = _with_one_error_shape(v2.get_app)
