@@ -106,6 +106,12 @@ def test_a_check_against_the_disk_is_refused_in_the_one_shape(app, photo):
     assert_client_error(answer, 422, "timestamp", "1999-01-01_000000")
 
 
+def test_a_malformed_upload_destination_is_refused_when_the_training_is_asked(app):
+    """Checked only by the worker, it answered 200 and the training's status then said why."""
+    answer = app.request("POST", TRAIN, params={"upload_to": "nowhere", "weights": "none"})
+    assert_client_error(answer, 422, "upload_to", "expected an rclone destination such as rshare:/models")
+
+
 def test_a_problem_found_by_the_worker_has_the_same_shape(app):
     answer = app.predict({"image": ("notes.txt", b"not a photo at all")})
     assert_client_error(answer, 422, "image", "notes.txt")

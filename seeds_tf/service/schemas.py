@@ -20,6 +20,7 @@ from seeds_tf.core import runs
 from seeds_tf.core.config import RUN_SECTIONS, OptionSpec, option_specs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
+from seeds_tf.hosting import remote
 
 UPLOAD_FIELDS = ("image", "image_2", "image_3", "image_4")
 """The file fields of predict: DEEPaaS 2.6 passes one file per field, so several photos need several."""
@@ -313,6 +314,16 @@ def _weights(value: str) -> None:
         _data_path("weights", must_be_folder=False)(value)
 
 
+def _upload_destination(destination: str) -> None:
+    """Validates `upload_to` in the server process: empty, or an rclone destination with rclone
+    installed. The worker checks it again (for the CLI), but only once the request is answered."""
+    if destination:
+        try:
+            remote.check_destination(destination)
+        except InputError as error:
+            raise marshmallow.ValidationError(error.problem) from None
+
+
 _SERVER_CHECKS: dict[str, Callable[[str], None]] = {
     "timestamp": _existing_run,
     "images_directory": _data_path("images_directory", must_be_folder=True),
@@ -320,6 +331,7 @@ _SERVER_CHECKS: dict[str, Callable[[str], None]] = {
     "splits_directory": _data_path("splits_directory", must_be_folder=False),
     "weights": _weights,
     "resume": _interrupted_run,
+    "upload_to": _upload_destination,
 }
 """Checks of option values against the disk, run in the server process at request time, by name."""
 
