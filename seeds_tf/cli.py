@@ -90,8 +90,22 @@ def _predict(args: argparse.Namespace, roots: Roots):
     if args.heatmap:
         from seeds_tf.prediction import explain
 
-        Path(args.heatmap).write_bytes(explain.explain_request(roots, cache, options, uploads))
+        _write_heatmap(Path(args.heatmap), explain.explain_request(roots, cache, options, uploads))
     return inference.predict(roots, cache, options, uploads)
+
+
+def _write_heatmap(path: Path, png: bytes) -> None:
+    """Writes the heatmap, making its folder when missing, as `identify --output` and deepaas-cli's
+    `--deepaas_method_output` do; a path that cannot be written is the user's mistake.
+
+    Raises:
+        InputError: naming `heatmap`, with the reason the system gives.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+    except OSError as error:
+        raise InputError("heatmap", f"cannot write {str(path)!r}: {error.strerror}") from None
 
 
 def _identify(args: argparse.Namespace, roots: Roots):
@@ -214,7 +228,10 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="name the species in seed photos")
     predict.add_argument("images", nargs="+", help="image files, http(s) URLs or data URIs")
-    predict.add_argument("--heatmap", help="also write the first image with its Grad-CAM heatmap to this PNG")
+    predict.add_argument(
+        "--heatmap",
+        help="also write the first image with its Grad-CAM heatmap to this PNG (its folder is made)",
+    )
     for spec in config.option_specs("prediction").values():
         _add_option(predict, spec, use_default=True)
     predict.set_defaults(command=_predict)

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
+
+from seeds_tf import cli
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from tests.helpers import SMALL_OPTIONS, seed_photo
 
@@ -84,3 +87,15 @@ def test_seeds_tf_reports_mistakes_with_exit_status_2(roots, tmp_path):
         assert done.returncode == 2, (arguments, done.stderr)
         assert message in done.stderr, (arguments, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_seeds_tf_predict_writes_the_heatmap_into_a_new_folder_or_says_why_it_cannot(roots, tmp_path, capsys):
+    """A missing folder ended in a Python traceback: it is made, as identify makes its output's."""
+    heatmap = tmp_path / "new" / "folder" / "seed.png"
+    assert cli.main(["--quiet", "predict", str(seed_photo(roots)), "--heatmap", str(heatmap)]) == 0
+    with PIL.Image.open(heatmap) as png:
+        assert png.format == "PNG"
+    capsys.readouterr()
+    under_a_file = heatmap / "seed.png"
+    assert cli.main(["--quiet", "predict", str(seed_photo(roots)), "--heatmap", str(under_a_file)]) == 2
+    assert f"seeds-tf: error: heatmap: cannot write {str(under_a_file)!r}: " in capsys.readouterr().err
