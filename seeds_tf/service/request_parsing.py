@@ -161,6 +161,8 @@ def negotiate(accept: str, offers: Sequence[str]) -> str | None:
     matches it: `image/png` before `image/*` before `*/*`. The heaviest offer wins, ties go to the
     first offer, and a weight of 0 refuses. Media type parameters other than `q` are ignored; a range
     that cannot be read (`q=high`, no `/`) matches nothing. A lone `*` is `*/*`, as Java sends it.
+    (werkzeug's MIMEAccept, the library at hand, matches neither `application/json;charset=utf-8`
+    nor a lone `*`.)
 
     Args:
         accept: the header's value, e.g. "application/json, text/plain, */*".
