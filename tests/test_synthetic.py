@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from seeds_tf.data import synthetic
-from seeds_tf.learning import demo
 
 IMAGES_PER_CLASS = 4
 IMAGE_SIZE = 48
@@ -287,8 +286,8 @@ def test_held_out_species_and_non_seeds_are_written_apart_from_the_classes(tmp_p
     not_seeds = root / synthetic.UNSEEN_FOLDER / "not_seeds"
     assert sorted(path.name for path in not_seeds.iterdir()) == sorted(synthetic.NON_SEED_KINDS)
     # The demo's trust report measures what there is: a dataset made without them has none.
-    assert demo.unseen_folders(root) == {"unseen species": species_dir, "not seeds": not_seeds}
-    assert demo.unseen_folders(dataset_root) == {}
+    assert synthetic.unseen_folders(root) == {"unseen species": species_dir, "not seeds": not_seeds}
+    assert synthetic.unseen_folders(dataset_root) == {}
     for kind in synthetic.NON_SEED_KINDS:
         for path in (not_seeds / kind).glob("*.jpg"):
             with Image.open(path) as image:

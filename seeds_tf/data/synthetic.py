@@ -855,3 +855,23 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 
 def _to_float(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255
+
+
+def unseen_folders(dataset_root: Path) -> dict[str, Path]:
+    """The folders of images unlike the classes (UNSEEN_FOLDER) that the synthetic dataset at
+    `dataset_root` has, for a trust report: one made by `seeds-tf synthetic` with its defaults (no
+    held-out species, no photos without a seed) has none, and the report measures the test split
+    alone."""
+    unseen = dataset_root / UNSEEN_FOLDER
+    present = {}
+    for name, folder in {"unseen species": unseen / "species", "not seeds": unseen / "not_seeds"}.items():
+        if folder.is_dir() and any(path.is_file() for path in folder.rglob("*")):
+            present[name] = folder
+        else:
+            _LOGGER.warning(
+                "%s has no %s images (seeds-tf synthetic --held_out_species, --non_seed_images): "
+                "the trust report goes without them",
+                dataset_root,
+                name,
+            )
+    return present

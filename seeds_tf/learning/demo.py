@@ -10,7 +10,6 @@ its classes apart (reports/trust.json).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from seeds_tf.core import config, runs
 from seeds_tf.core.paths import Roots
@@ -48,24 +47,5 @@ def train_demo_run(roots: Roots) -> str:
     )
     _LOGGER.info("Training the demo run: %s", run_config)
     run_id = training.train(run_config, roots).run_id
-    trust.evaluate_trust(roots, run_id, unseen_folders(dataset_root))
+    trust.evaluate_trust(roots, run_id, synthetic.unseen_folders(dataset_root))
     return run_id
-
-
-def unseen_folders(dataset_root: Path) -> dict[str, Path]:
-    """The folders of images unlike the classes that the synthetic dataset at `dataset_root` has:
-    one made by `seeds-tf synthetic` with its defaults (no held-out species, no photos without a
-    seed) has none, and the trust report then measures the test split alone."""
-    unseen = dataset_root / synthetic.UNSEEN_FOLDER
-    present = {}
-    for name, folder in {"unseen species": unseen / "species", "not seeds": unseen / "not_seeds"}.items():
-        if folder.is_dir() and any(path.is_file() for path in folder.rglob("*")):
-            present[name] = folder
-        else:
-            _LOGGER.warning(
-                "%s has no %s images (seeds-tf synthetic --held_out_species, --non_seed_images): "
-                "the trust report goes without them",
-                dataset_root,
-                name,
-            )
-    return present
