@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -229,6 +230,37 @@ def test_monitor_settings_follow_the_platform():
     with pytest.raises(ValueError, match="Received: 'x'"):
         monitor.MonitorSettings.from_env({monitor.ENABLE_ENV: "on", monitor.PORT_ENV: "x"})
     assert monitor.ensure_from_env(Path("."), {monitor.ENABLE_ENV: "on", monitor.PORT_ENV: "0"}) is None
+
+
+def test_a_tensorboard_that_cannot_bind_is_reported_as_not_started(tmp_path, monkeypatch, caplog):
+    """A real TensorBoard start on a port a socket holds: it exits at once, and the warning says why
+    from its log, with no pid file left naming the dead process."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))  # bound, not listening: only TensorBoard's own bind can fail
+        port = holder.getsockname()[1]
+        environ = {monitor.ENABLE_ENV: "on", monitor.PORT_ENV: str(port), monitor.HOST_ENV: "127.0.0.1"}
+        try:
+            assert monitor.ensure_from_env(tmp_path, environ) is None
+        finally:
+            _stop_tensorboard(monitor.pid_path(port))
+    assert not monitor.pid_path(port).exists()
+    assert "TensorBoard not started: TensorBoard exited at start" in caplog.text
+    assert f"Port {port} is in use by another program" in caplog.text
+
+
+def test_tensorboard_is_not_started_on_a_port_another_program_answers(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        try:
+            with pytest.raises(OSError, match=f"port {port} on 127.0.0.1 is in use by another program"):
+                monitor.ensure_tensorboard(tmp_path, monitor.MonitorSettings(port))
+        finally:
+            _stop_tensorboard(monitor.pid_path(port))
+    assert not monitor.pid_path(port).exists()
 
 
 def test_the_metadata_file_passes_the_platform_validator():

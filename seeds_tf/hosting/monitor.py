@@ -14,9 +14,11 @@ import dataclasses
 import fcntl
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +30,10 @@ HOST_ENV = "SEEDS_TF_MONITOR_HOST"
 PLATFORM_PORT_ENV = "monitorPORT"
 """Exported by deep-start: 6006, or the port the platform gives the monitor on a GPU node."""
 DEFAULT_PORT = 6006
+_START_TIMEOUT_S = 30.0
+"""How long a start waits to see TensorBoard serve or exit: it imports TensorFlow first (~5 s)."""
+_REASON_LINES = 2
+"""The last lines of TensorBoard's log that say why it exited (its port, its logdir)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +56,8 @@ class MonitorSettings:
 
 
 def ensure_from_env(logdir: Path, environ: Mapping[str, str] = os.environ) -> int | None:
-    """`ensure_tensorboard` with the settings of the environment; None when the monitor is off or
-    misconfigured (logged: the service and the training go on without it)."""
+    """`ensure_tensorboard` with the settings of the environment; None when the monitor is off,
+    misconfigured or TensorBoard cannot start (logged: the service and the training go on without it)."""
     try:
         settings = MonitorSettings.from_env(environ)
         return ensure_tensorboard(logdir, settings) if settings else None
@@ -64,9 +70,15 @@ def ensure_tensorboard(logdir: Path, settings: MonitorSettings) -> int:
     """Starts TensorBoard over `logdir` on the settings' address unless ours already runs there.
 
     Several DEEPaaS workers warm up at once: a lock around the pid file lets one of them start it.
+    The pid file is written only once TensorBoard serves (or still starts after
+    `_START_TIMEOUT_S`), so it never names a TensorBoard that died at start.
 
     Returns:
         The process id of the TensorBoard serving there.
+
+    Raises:
+        OSError: another program already answers on the port.
+        ChildProcessError: TensorBoard exited at start; the message ends with its log's last lines.
     """
     pid_file = pid_path(settings.port)
     with open(pid_file.with_suffix(".lock"), "w") as lock:
@@ -74,26 +86,17 @@ def ensure_tensorboard(logdir: Path, settings: MonitorSettings) -> int:
         running = _running_pid(pid_file)
         if running is not None:
             return running
+        pid_file.unlink(missing_ok=True)
+        # Once the port is known free, its answering tells that our TensorBoard serves.
+        if _answers(settings):
+            raise OSError(f"port {settings.port} on {settings.host} is in use by another program")
         log = pid_file.with_suffix(".log")
-        with open(log, "ab") as output:
-            process = subprocess.Popen(  # noqa: S603 - our own interpreter running TensorBoard
-                [
-                    sys.executable,
-                    "-m",
-                    "tensorboard.main",
-                    "--logdir",
-                    str(logdir),
-                    "--host",
-                    settings.host,
-                    "--port",
-                    str(settings.port),
-                    "--reload_interval",
-                    "15",
-                ],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
+        start = log.stat().st_size if log.exists() else 0
+        process = _start(logdir, settings, log)
+        if not _serves(process, settings):
+            raise ChildProcessError(
+                f"TensorBoard exited at start with status {process.returncode} (log {log}): "
+                + " / ".join(_last_lines(log, start))
             )
         pid_file.write_text(str(process.pid))
     _LOGGER.info(
@@ -105,6 +108,60 @@ def ensure_tensorboard(logdir: Path, settings: MonitorSettings) -> int:
         log,
     )
     return process.pid
+
+
+def _start(logdir: Path, settings: MonitorSettings, log: Path) -> subprocess.Popen:
+    """TensorBoard, detached (its own session) so that it outlives the worker, writing to `log`."""
+    with open(log, "ab") as output:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter running TensorBoard
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                "--logdir",
+                str(logdir),
+                "--host",
+                settings.host,
+                "--port",
+                str(settings.port),
+                "--reload_interval",
+                "15",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _serves(process: subprocess.Popen, settings: MonitorSettings) -> bool:
+    """Whether `process` serves: False once it exits, True once the port answers or, still starting
+    after `_START_TIMEOUT_S`, when it is given the benefit of the doubt (its log will say more)."""
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if _answers(settings):
+            return process.poll() is None
+        time.sleep(0.2)
+    return process.poll() is None
+
+
+def _answers(settings: MonitorSettings) -> bool:
+    """Whether something accepts connections on the settings' address."""
+    try:
+        with socket.create_connection((settings.host, settings.port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _last_lines(log: Path, start: int) -> list[str]:
+    """The last non-blank lines this start wrote to `log` (from byte `start` on)."""
+    with open(log, "rb") as file:
+        file.seek(start)
+        lines = file.read().decode(errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()][-_REASON_LINES:]
 
 
 def pid_path(port: int) -> Path:
