@@ -21,6 +21,7 @@ Mistakes in the input end with a message naming the argument and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -56,13 +57,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, roots: Roots):
-    from seeds_tf.hosting import monitor
-    from seeds_tf.learning import training
+    from seeds_tf.hosting import admission, monitor
+    from seeds_tf.learning import distribute, training
 
-    monitor.ensure_from_env(roots.models)
     names = [name for section in config.RUN_SECTIONS for name in config.option_specs(section)]
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    return training.train(config.RunConfig.from_options(**overrides), roots).to_dict()
+    run_config = config.RunConfig.from_options(**overrides)
+    # A server admits a training by a reservation before its worker takes the training lock: this
+    # training holds one too, so that it and an admitted one never both start. The chief alone, as
+    # it alone takes the training lock.
+    with contextlib.ExitStack() as reservation:
+        if distribute.is_chief():
+            with runs.storage_errors(roots.models):  # its lock file, in a models folder it cannot write
+                reservation.callback(admission.reserve_training(roots.models))
+        monitor.ensure_from_env(roots.models)
+        return training.train(run_config, roots).to_dict()
 
 
 def _predict(args: argparse.Namespace, roots: Roots):

@@ -14,7 +14,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.hosting import admission
 from seeds_tf.learning import training
 from seeds_tf.prediction import inference
-from tests.helpers import SMALL_OPTIONS, unstarted_run
+from tests.helpers import SMALL_OPTIONS, train_flags, unstarted_run
 
 
 def test_a_remote_training_is_a_candidate_until_promoted(roots, tiny_run, capsys):
@@ -53,6 +53,18 @@ def test_a_second_training_in_the_same_models_folder_is_refused(data_roots):
             admission.check_no_training(data_roots.models)
     assert raised.value.field == "training"
     admission.check_no_training(data_roots.models)  # free again
+    assert runs.incomplete_runs(data_roots.models) == []
+
+
+def test_a_command_line_training_is_refused_while_a_server_has_admitted_one(data_roots, capsys):
+    """A server's reservation (a POST train admitted, its worker not started yet) refuses
+    `seeds-tf train` as a running training does, so that the admitted training is not the one that fails."""
+    release = admission.reserve_training(data_roots.models)
+    try:
+        assert cli.main(["--quiet", "train", *train_flags(SMALL_OPTIONS)]) == 2
+    finally:
+        release()
+    assert "seeds-tf: error: training: another training is running" in capsys.readouterr().err
     assert runs.incomplete_runs(data_roots.models) == []
 
 
