@@ -5,10 +5,13 @@ import os
 import zipfile
 
 import pytest
+import yaml
 
-from seeds_tf.core import files, runs
+from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
+from seeds_tf.prediction import inference
+from tests.helpers import seed_photo
 
 NOW = datetime.datetime(2026, 11, 21, 12, 0, 0)
 
@@ -134,3 +137,47 @@ def test_a_run_whose_info_does_not_match_its_classes_is_broken(roots, tiny_run):
     assert runs.list_runs(roots.models).broken == {
         tiny_run: f"dataset_files/info.txt has {len(info) - 1} lines for {len(layout.classes())} classes"
     }
+
+
+def _cap_image_size(tmp_path, monkeypatch, most: int) -> None:
+    """A deployment's SEEDS_TF_CONFIG: the shipped options, with image_size capped at `most` px."""
+    raw = yaml.safe_load(config.config_path().read_text())
+    raw["model"]["image_size"].update(value=most, max=most)
+    path = tmp_path / "capped.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv(config.CONFIG_ENV, str(path))
+
+
+def test_a_run_made_under_wider_limits_still_serves_when_a_configuration_tightens_them(
+    roots, tiny_run, tmp_path, monkeypatch
+):
+    """The limits of a configuration file are for new requests: capped below the tiny run's 71 px,
+    a new training at 71 px is refused, and the tiny run is still listed as working and answers."""
+    _cap_image_size(tmp_path, monkeypatch, 64)
+    with pytest.raises(InputError, match="expected <= 64"):
+        config.RunConfig.from_options(image_size=71)
+    assert list(runs.list_runs(roots.models).working) == [tiny_run]
+    assert runs.RunLayout(roots.models / tiny_run).config().model.image_size == 71
+    photo = [("a.jpg", seed_photo(roots).read_bytes())]
+    answer = inference.predict(roots, inference.RunCache(), config.load(config.PredictConfig), photo)
+    assert answer["run_id"] == tiny_run
+
+
+@pytest.mark.parametrize(
+    ("saved", "problem"),
+    [
+        ({"model": {"image_size": "512"}}, "holds an invalid configuration: image_size: expected a int"),
+        ({"model": {"image_size": None}}, "holds an invalid configuration: image_size: expected a int"),
+        ({"model": {"size": 512}}, "holds an invalid configuration: size: unknown model option"),
+        ({"model": ["Xception"]}, "is not a run's conf/conf.json"),
+    ],
+)
+def test_a_run_whose_configuration_is_malformed_stays_broken_under_any_limits(
+    tmp_path, monkeypatch, saved, problem
+):
+    _cap_image_size(tmp_path, monkeypatch, 256)
+    layout = _complete(tmp_path / "models")
+    runs.write_conf(layout, saved)
+    broken = runs.list_runs(tmp_path / "models").broken
+    assert list(broken) == [layout.run_id]
+    assert broken[layout.run_id].startswith(f"conf/conf.json {problem}")

@@ -39,12 +39,9 @@ class OptionSpec:
     max: float | None = None
 
     def check(self, value: Any) -> Any:
-        """Returns `value` (ints promoted to float for float options) or raises InputError."""
-        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        # bool is a subclass of int: `True` must not pass as an int option.
-        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
-            raise InputError(self.name, f"expected a {self.type.__name__}. Received: {value!r}")
+        """Returns `value` (ints promoted to float for float options) or raises InputError: of the
+        option's type, and within its limits (choices, min, max)."""
+        value = self.check_type(value)
         if self.choices is not None and value not in self.choices:
             raise InputError(self.name, f"expected one of {list(self.choices)}. Received: {value!r}")
         # Written as "not within" so that NaN, which compares False with everything, is refused.
@@ -52,6 +49,16 @@ class OptionSpec:
             raise InputError(self.name, f"expected >= {self.min}. Received: {value!r}")
         if self.max is not None and not value <= self.max:
             raise InputError(self.name, f"expected <= {self.max}. Received: {value!r}")
+        return value
+
+    def check_type(self, value: Any) -> Any:
+        """Returns `value` (ints promoted to float for float options) or raises InputError: of the
+        option's type, whatever its limits."""
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        # bool is a subclass of int: `True` must not pass as an int option.
+        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
+            raise InputError(self.name, f"expected a {self.type.__name__}. Received: {value!r}")
         return value
 
 
@@ -147,6 +154,7 @@ _SECTION_OF = {
     AugmentationConfig: "augmentation",
     PredictConfig: "prediction",
 }
+_CLASS_OF = {section: config_class for config_class, section in _SECTION_OF.items()}
 Config = TypeVar("Config", ModelConfig, TrainConfig, AugmentationConfig, PredictConfig)
 RUN_SECTIONS = ("model", "training", "augmentation")
 """The sections of config.yaml that define a training run (and its DEEPaaS train arguments)."""
@@ -167,23 +175,24 @@ class RunConfig:
         unknown = set(overrides) - known
         if unknown:
             raise InputError(sorted(unknown)[0], "unknown training option")
-        return cls.from_dict(
-            {
-                section: {k: v for k, v in overrides.items() if k in option_specs(section)}
-                for section in RUN_SECTIONS
-            }
-        )
+        sections = {
+            section: {k: v for k, v in overrides.items() if k in option_specs(section)}
+            for section in RUN_SECTIONS
+        }
+        return cls(**{section: load(_CLASS_OF[section], **values) for section, values in sections.items()})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {section: dataclasses.asdict(getattr(self, section)) for section in RUN_SECTIONS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Mapping[str, Any]]) -> RunConfig:
-        """Reads a saved run config; options added since it was saved take their defaults."""
+        """Reads a saved run config; options added since it was saved take their defaults.
+
+        Its values are checked for their types, not against the limits of the configuration file in
+        use: those are for new requests, and a run made under other limits stays a run.
+        """
         return cls(
-            model=load(ModelConfig, **data.get("model", {})),
-            training=load(TrainConfig, **data.get("training", {})),
-            augmentation=load(AugmentationConfig, **data.get("augmentation", {})),
+            **{section: _saved(_CLASS_OF[section], **data.get(section, {})) for section in RUN_SECTIONS}
         )
 
 
@@ -201,13 +210,11 @@ def option_specs(section: str) -> dict[str, OptionSpec]:
 
 
 def load(config_class: type[Config], **overrides: Any) -> Config:
-    """An instance of `config_class` with the YAML defaults and the given overrides, validated."""
+    """An instance of `config_class` with the YAML defaults and the given overrides, validated
+    against the limits of the configuration file in use: the options of a new request."""
     specs = option_specs(_SECTION_OF[config_class])
-    unknown = set(overrides) - set(specs)
-    if unknown:
-        raise InputError(sorted(unknown)[0], f"unknown {_SECTION_OF[config_class]} option")
-    values = {name: spec.default for name, spec in specs.items()} | overrides
-    return config_class(**values)
+    values = _with_defaults(config_class, overrides)
+    return config_class(**{name: specs[name].check(value) for name, value in values.items()})
 
 
 def demo_settings() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -216,10 +223,30 @@ def demo_settings() -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(demo["synthetic"]), dict(demo["options"])
 
 
+def _saved(config_class: type[Config], **values: Any) -> Config:
+    """A section of a saved run's config: typed, whatever the limits of the configuration in use."""
+    return config_class(**_with_defaults(config_class, values))
+
+
+def _with_defaults(config_class: type[Config], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The YAML defaults of `config_class`'s section with `overrides`.
+
+    Raises:
+        InputError: naming the first option that the section does not have.
+    """
+    section = _SECTION_OF[config_class]
+    specs = option_specs(section)
+    unknown = set(overrides) - set(specs)
+    if unknown:
+        raise InputError(sorted(unknown)[0], f"unknown {section} option")
+    return {name: spec.default for name, spec in specs.items()} | overrides
+
+
 def _check_fields(config: Any, section: str) -> None:
+    """Every instance holds values of its options' types; the limits are checked by `load`."""
     specs = option_specs(section)
     for field in dataclasses.fields(config):
-        checked = specs[field.name].check(getattr(config, field.name))
+        checked = specs[field.name].check_type(getattr(config, field.name))
         # Frozen: the float promotion of an int has to bypass __setattr__.
         object.__setattr__(config, field.name, checked)
 
