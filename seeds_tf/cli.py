@@ -68,8 +68,7 @@ def _train(args: argparse.Namespace, roots: Roots):
     # it alone takes the training lock.
     with contextlib.ExitStack() as reservation:
         if distribute.is_chief():
-            with runs.storage_errors(roots.models):  # its lock file, in a models folder it cannot write
-                reservation.callback(admission.reserve_training(roots.models))
+            reservation.callback(admission.reserve_training(roots.models))
         monitor.ensure_from_env(roots.models)
         return training.train(run_config, roots).to_dict()
 

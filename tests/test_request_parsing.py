@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from deepaas import config as deepaas_config
 
+from seeds_tf.core.paths import MODELS_ENV
 from seeds_tf.service import request_parsing
 from tests.deepaas_harness import MODEL_URL
 from tests.helpers import in_process_service, seed_photo
@@ -276,3 +277,13 @@ def test_two_trainings_asked_at_once_get_one_200_and_one_409_until_the_first_end
     after_failure = app.request("POST", TRAIN, params=failing)
     assert after_failure.status == 200, after_failure.body
     assert app.wait_for_training(after_failure.json()["uuid"])["status"] == "error"
+
+
+def test_a_training_the_server_cannot_store_is_a_507_naming_the_models_folder(app, monkeypatch):
+    """A models folder the server cannot write (read-only, full, no permission) failed the request
+    with a 500 and a traceback when the reservation's lock file was made. Nothing may create a folder
+    in /sys (the kernel's, EPERM or EACCES): the server is pointed there for the request."""
+    unwritable = "/sys/seeds_tf_models"
+    monkeypatch.setenv(MODELS_ENV, unwritable)
+    refused = app.request("POST", TRAIN, params={"images_directory": "no_images", "weights": "none"})
+    assert_client_error(refused, 507, "models_dir", f"cannot write into the models folder {unwritable}")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from seeds_tf.core import runs
 from seeds_tf.core.errors import InputError
 
 LOCK_FILE = ".training.lock"
@@ -54,7 +55,8 @@ def reserve_training(models_dir: Path) -> Callable[[], None]:
         The release of the reservation, to call once the training has ended (done, failed or cancelled).
 
     Raises:
-        InputError: naming `training`, while another training is reserved or runs.
+        InputError: naming `training`, while another training is reserved or runs; naming
+            `models_dir`, when the models folder cannot be written.
     """
     check_no_training(models_dir)
     return _locked(models_dir, RESERVATION_FILE).close
@@ -110,10 +112,12 @@ def _locked(models_dir: Path, name: str) -> TextIO:
     held by another process, or by another open in this one, refuses it.
 
     Raises:
-        InputError: naming `training`, while the lock is held.
+        InputError: naming `training`, while the lock is held; naming `models_dir`, when the lock
+            file cannot be made there (a read-only or full models folder).
     """
-    models_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(models_dir / name, "a+")  # noqa: SIM115 - the caller holds it open as the lock
+    with runs.storage_errors(models_dir):
+        models_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(models_dir / name, "a+")  # noqa: SIM115 - the caller holds it open as the lock
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

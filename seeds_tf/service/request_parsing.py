@@ -310,7 +310,9 @@ def _with_admission(get_handler: Callable, admit: Callable[[], Callable[[], None
             try:
                 release = admit()
             except InputError as error:
-                raise _error(web.HTTPConflict, error.field, error.problem) from None
+                # Another training (409), or a models folder the server cannot write (507).
+                refusal = web.HTTPConflict if error.field == "training" else web.HTTPInsufficientStorage
+                raise _error(refusal, error.field, error.problem) from None
             try:
                 task = model_obj.train(**args)
             except BaseException:
