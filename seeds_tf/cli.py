@@ -63,12 +63,8 @@ def _train(args: argparse.Namespace, roots: Roots):
     names = [name for section in config.RUN_SECTIONS for name in config.option_specs(section)]
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     run_config = config.RunConfig.from_options(**overrides)
-    # A server admits a training by a reservation before its worker takes the training lock: this
-    # training holds one too, so that it and an admitted one never both start. The chief alone, as
-    # it alone takes the training lock.
-    with contextlib.ExitStack() as reservation:
-        if distribute.is_chief():
-            reservation.callback(admission.reserve_training(roots.models))
+    # The chief alone holds the reservation, as it alone takes the training lock.
+    with admission.reserved(roots.models) if distribute.is_chief() else contextlib.nullcontext():
         monitor.ensure_from_env(roots.models)
         return training.train(run_config, roots).to_dict()
 

@@ -56,16 +56,22 @@ def test_a_second_training_in_the_same_models_folder_is_refused(data_roots):
     assert runs.incomplete_runs(data_roots.models) == []
 
 
-def test_a_command_line_training_is_refused_while_a_server_has_admitted_one(data_roots, capsys):
+@pytest.mark.parametrize(
+    "command", [["train", *train_flags(SMALL_OPTIONS)], ["demo", "--force"]], ids=["train", "demo"]
+)
+def test_a_command_line_training_is_refused_while_a_server_has_admitted_one(data_roots, capsys, command):
     """A server's reservation (a POST train admitted, its worker not started yet) refuses
-    `seeds-tf train` as a running training does, so that the admitted training is not the one that fails."""
+    `seeds-tf train` and `seeds-tf demo --force` as a running training does, before they write
+    anything, so that the admitted training is not the one that fails."""
+    data_before = sorted(data_roots.data.iterdir())
     release = admission.reserve_training(data_roots.models)
     try:
-        assert cli.main(["--quiet", "train", *train_flags(SMALL_OPTIONS)]) == 2
+        assert cli.main(["--quiet", *command]) == 2
     finally:
         release()
     assert "seeds-tf: error: training: another training is running" in capsys.readouterr().err
-    assert runs.incomplete_runs(data_roots.models) == []
+    assert runs.incomplete_runs(data_roots.models) == runs.complete_runs(data_roots.models) == []
+    assert sorted(data_roots.data.iterdir()) == data_before  # no demo dataset generated
 
 
 def test_a_run_that_would_not_fit_on_disk_is_refused_before_it_starts(data_roots, monkeypatch):

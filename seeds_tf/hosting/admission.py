@@ -62,6 +62,21 @@ def reserve_training(models_dir: Path) -> Callable[[], None]:
     return _locked(models_dir, RESERVATION_FILE).close
 
 
+@contextlib.contextmanager
+def reserved(models_dir: Path) -> Iterator[None]:
+    """Holds a reservation (`reserve_training`) for the block: a training started outside a server,
+    from the command line, is admitted as a server's request is, and servers refuse meanwhile.
+
+    Raises:
+        InputError: as reserve_training.
+    """
+    release = reserve_training(models_dir)
+    try:
+        yield
+    finally:
+        release()
+
+
 def check_no_training(models_dir: Path) -> None:
     """Refuses, in the server process, a training request while a training runs.
 

@@ -14,6 +14,7 @@ import logging
 from seeds_tf.core import config, runs
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import synthetic
+from seeds_tf.hosting import admission
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,20 +33,26 @@ def ensure_demo_run(roots: Roots) -> str:
 
 
 def train_demo_run(roots: Roots) -> str:
-    """Generates the synthetic dataset (unless present) and trains the demo run on it."""
+    """Generates the synthetic dataset (unless present) and trains the demo run on it, under the
+    reservation a server's training takes (`seeds-tf demo --force` beside a running server).
+
+    Raises:
+        InputError: naming `training`, while another training is reserved or runs.
+    """
     from seeds_tf.learning import training, trust
 
-    synthetic_args, overrides = config.demo_settings()
-    dataset_root = roots.data / DEMO_FOLDER
-    if not (dataset_root / "dataset_files" / "train.txt").is_file():
-        _LOGGER.info("Generating the synthetic seeds dataset in %s", dataset_root)
-        synthetic.generate_dataset(dataset_root, **synthetic_args)
-    run_config = config.RunConfig.from_options(
-        images_directory=f"{DEMO_FOLDER}/images",
-        splits_directory=f"{DEMO_FOLDER}/dataset_files",
-        **overrides,
-    )
-    _LOGGER.info("Training the demo run: %s", run_config)
-    run_id = training.train(run_config, roots).run_id
-    trust.evaluate_trust(roots, run_id, synthetic.unseen_folders(dataset_root))
+    with admission.reserved(roots.models):
+        synthetic_args, overrides = config.demo_settings()
+        dataset_root = roots.data / DEMO_FOLDER
+        if not (dataset_root / "dataset_files" / "train.txt").is_file():
+            _LOGGER.info("Generating the synthetic seeds dataset in %s", dataset_root)
+            synthetic.generate_dataset(dataset_root, **synthetic_args)
+        run_config = config.RunConfig.from_options(
+            images_directory=f"{DEMO_FOLDER}/images",
+            splits_directory=f"{DEMO_FOLDER}/dataset_files",
+            **overrides,
+        )
+        _LOGGER.info("Training the demo run: %s", run_config)
+        run_id = training.train(run_config, roots).run_id
+        trust.evaluate_trust(roots, run_id, synthetic.unseen_folders(dataset_root))
     return run_id
