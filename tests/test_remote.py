@@ -136,3 +136,19 @@ def test_a_training_with_a_bad_destination_writes_no_run(data_roots):
         training.train(config.RunConfig.from_options(**SMALL_OPTIONS, upload_to="nowhere"), data_roots)
     assert runs.complete_runs(data_roots.models) == before
     assert runs.incomplete_runs(data_roots.models) == []
+
+
+def test_a_destination_on_a_remote_rclone_does_not_know_is_refused_before_training(
+    data_roots, tmp_path, monkeypatch
+):
+    """A misspelt remote showed only when the finished run was copied, hours later. The check asks
+    rclone which remotes it has configured; it contacts none (the URL here serves nothing)."""
+    configure_rshare(monkeypatch, tmp_path, "http://127.0.0.1:9", PASSWORD)
+    remote.check_destination("rshare:/models")
+    before = runs.complete_runs(data_roots.models)
+    with pytest.raises(InputError) as raised:
+        training.train(config.RunConfig.from_options(**SMALL_OPTIONS, upload_to="rshar:/models"), data_roots)
+    assert raised.value.field == "upload_to"
+    assert "no rclone remote named 'rshar' is configured (configured: rshare)" in raised.value.problem
+    assert runs.complete_runs(data_roots.models) == before
+    assert runs.incomplete_runs(data_roots.models) == []

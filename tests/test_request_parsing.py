@@ -107,10 +107,22 @@ def test_a_check_against_the_disk_is_refused_in_the_one_shape(app, photo):
     assert_client_error(answer, 422, "timestamp", "1999-01-01_000000")
 
 
-def test_a_malformed_upload_destination_is_refused_when_the_training_is_asked(app):
-    """Checked only by the worker, it answered 200 and the training's status then said why."""
-    answer = app.request("POST", TRAIN, params={"upload_to": "nowhere", "weights": "none"})
-    assert_client_error(answer, 422, "upload_to", "expected an rclone destination such as rshare:/models")
+@pytest.mark.parametrize(
+    ("destination", "problem"),
+    [
+        ("nowhere", "expected an rclone destination such as rshare:/models"),
+        ("rshare:/models", "no rclone remote named 'rshare' is configured (configured: none)"),
+    ],
+)
+def test_a_bad_upload_destination_is_refused_when_the_training_is_asked(
+    app, tmp_path, monkeypatch, destination, problem
+):
+    """Checked only by the worker, it answered 200 and the training's status then said why; a remote
+    rclone does not know (here an empty rclone configuration) was found only after the training."""
+    (tmp_path / "rclone.conf").touch()
+    monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "rclone.conf"))
+    answer = app.request("POST", TRAIN, params={"upload_to": destination, "weights": "none"})
+    assert_client_error(answer, 422, "upload_to", problem)
 
 
 def test_a_problem_found_by_the_worker_has_the_same_shape(app):

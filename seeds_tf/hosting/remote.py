@@ -23,6 +23,7 @@ _DESTINATION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_. -]*:[^\x00]*")
 # Bounded retries: a storage that is down must not hold a finished training for long.
 _RCLONE_FLAGS = ("--contimeout", "15s", "--timeout", "120s", "--retries", "2", "--low-level-retries", "3")
 _TIMEOUT_S = 6 * 3600
+_LIST_TIMEOUT_S = 30  # reads the local configuration only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,10 @@ class UploadResult:
 
 
 def check_destination(destination: str, field: str = "upload_to") -> None:
-    """Checks, before a training starts, that `destination` is `remote:folder` and rclone exists.
+    """Checks, before a training starts, that `destination` is `remote:folder` on a remote rclone
+    has configured (in its config file or RCLONE_CONFIG_<NAME>_* variables): a misspelt remote
+    would otherwise show only when the finished run is copied, hours later. The remote itself is
+    not contacted: a storage that is down now may be up when the training ends.
 
     Raises:
         InputError: naming `field`.
@@ -49,6 +53,24 @@ def check_destination(destination: str, field: str = "upload_to") -> None:
         )
     if _rclone_path() is None:
         raise InputError(field, "rclone is not installed (apt-get install rclone)")
+    name = destination.split(":", 1)[0]
+    try:
+        configured = _configured_remotes()
+    except (OSError, subprocess.SubprocessError) as error:
+        reason = getattr(error, "stderr", None) or str(error)
+        raise InputError(field, f"rclone cannot list its remotes: {_last_lines(reason)}") from None
+    if name not in configured:
+        raise InputError(
+            field,
+            f"no rclone remote named {name!r} is configured (configured: {', '.join(configured) or 'none'}); "
+            "on AI4OS the platform configures rshare, the user's Nextcloud",
+        )
+
+
+def _configured_remotes() -> list[str]:
+    """The names of the remotes rclone knows, from its config file and its environment."""
+    listed = _rclone("listremotes", timeout=_LIST_TIMEOUT_S)
+    return [line.removesuffix(":") for line in listed.splitlines() if line.strip()]
 
 
 def upload_run(run_folder: Path, destination: str) -> UploadResult:
@@ -69,17 +91,18 @@ def _rclone_path() -> str | None:
     return shutil.which("rclone")
 
 
-def _rclone(*arguments: str) -> None:
+def _rclone(*arguments: str, timeout: float = _TIMEOUT_S) -> str:
+    """rclone's standard output; CalledProcessError (with its stderr) if it fails."""
     program = _rclone_path()
     if program is None:
         raise FileNotFoundError("rclone is not installed")
-    subprocess.run(  # noqa: S603 - rclone by its full path, arguments from checked options
+    return subprocess.run(  # noqa: S603 - rclone by its full path, arguments from checked options
         [program, *_RCLONE_FLAGS, *arguments],
         check=True,
         capture_output=True,
         text=True,
-        timeout=_TIMEOUT_S,
-    )
+        timeout=timeout,
+    ).stdout
 
 
 def _last_lines(text: str, count: int = 5) -> str:
