@@ -14,9 +14,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
-import keras
 import numpy as np
 import PIL.Image
 import pytest
@@ -24,6 +24,9 @@ import pytest
 from seeds_tf.core import config, runs
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.data.splits import copy_split_files, write_split_files
+
+if TYPE_CHECKING:  # Keras imports TensorFlow: 3 s that pytest-xdist's controller, which loads this
+    import keras  # through conftest.py, would spend before it starts the workers
 
 TINY_OPTIONS = {
     "weights": "none",
@@ -143,7 +146,7 @@ def save_keras2_h5(model: keras.Model, path: Path, keras_version: str = "2.2.4-t
             names = [f"{layer.name}/{weight.name}:0".encode() for weight in weights]
             layer_group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([], "S1")
             for name, weight in zip(names, weights, strict=True):
-                layer_group.create_dataset(name.decode(), data=keras.ops.convert_to_numpy(weight))
+                layer_group.create_dataset(name.decode(), data=weight.numpy())
 
 
 def unstarted_run(roots: Roots, options: dict) -> runs.RunLayout:
