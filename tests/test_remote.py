@@ -152,3 +152,14 @@ def test_a_destination_on_a_remote_rclone_does_not_know_is_refused_before_traini
     assert "no rclone remote named 'rshar' is configured (configured: rshare)" in raised.value.problem
     assert runs.complete_runs(data_roots.models) == before
     assert runs.incomplete_runs(data_roots.models) == []
+
+
+def test_the_platform_s_rshare_without_a_storage_url_is_refused_before_training(tmp_path, monkeypatch):
+    """AI4OS defines rshare in every deployment, with an empty URL when the user configured no
+    storage: rclone lists it, and the copy failed only after the training ("unsupported protocol
+    scheme"). It is refused when the training is asked for."""
+    configure_rshare(monkeypatch, tmp_path, "", "")
+    with pytest.raises(InputError) as raised:
+        remote.check_destination("rshare:/models")
+    assert raised.value.field == "upload_to"
+    assert "RCLONE_CONFIG_RSHARE_URL is empty" in raised.value.problem

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -41,8 +42,10 @@ class UploadResult:
 def check_destination(destination: str, field: str = "upload_to") -> None:
     """Checks, before a training starts, that `destination` is `remote:folder` on a remote rclone
     has configured (in its config file or RCLONE_CONFIG_<NAME>_* variables): a misspelt remote
-    would otherwise show only when the finished run is copied, hours later. The remote itself is
-    not contacted: a storage that is down now may be up when the training ends.
+    would otherwise show only when the finished run is copied, hours later. The AI4OS platform
+    defines `rshare` in every deployment, with an empty RCLONE_CONFIG_RSHARE_URL when the user gave
+    no storage: such a remote, listed but with nowhere to copy to, is refused too. The remote itself
+    is not contacted: a storage that is down now may be up when the training ends.
 
     Raises:
         InputError: naming `field`.
@@ -64,6 +67,13 @@ def check_destination(destination: str, field: str = "upload_to") -> None:
             field,
             f"no rclone remote named {name!r} is configured (configured: {', '.join(configured) or 'none'}); "
             "on AI4OS the platform configures rshare, the user's Nextcloud",
+        )
+    url_variable = f"RCLONE_CONFIG_{name.upper()}_URL"
+    if os.environ.get(url_variable) == "":
+        raise InputError(
+            field,
+            f"the rclone remote {name!r} has no URL ({url_variable} is empty); on AI4OS, give your "
+            "storage's URL, user and password when you create the deployment",
         )
 
 
