@@ -24,7 +24,6 @@ from tests.deepaas_harness import free_port
 from tests.helpers import SMALL_OPTIONS
 
 ADMIN, PASSWORD = "admin", "seeds-admin-password-1234"
-REGISTERED = f"models:/{tracking.REGISTERED_MODEL}@{tracking.NEW_VERSION_ALIAS}"
 CONSUMER = """
 import sys
 import mlflow
@@ -117,7 +116,7 @@ def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch,
     summary = files.read_json(layout.summary_file)
 
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = client.get_experiment_by_name(f"seeds_tf-{ADMIN}")
     (run,) = client.search_runs([experiment.experiment_id], f"tags.`seeds_tf.run_id` = '{result.run_id}'")
     assert run.info.run_name == result.run_id
     assert run.info.status == "FINISHED"
@@ -130,7 +129,7 @@ def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch,
     reports = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "reports")}
     assert "reports/training_curves.png" in reports
 
-    version = client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.NEW_VERSION_ALIAS)
+    version = client.get_model_version_by_alias(f"seeds_tf-{ADMIN}", tracking.NEW_VERSION_ALIAS)
     assert version.run_id == run.info.run_id
     assert summary["mlflow_model_version"] == version.version
 
@@ -139,13 +138,46 @@ def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch,
     size = options["image_size"]
     images = np.random.default_rng(0).uniform(0, 255, (3, size, size, 3)).astype("float32")
     np.save(tmp_path / "images.npy", images)
-    command = [sys.executable, "-c", CONSUMER, REGISTERED, tmp_path / "images.npy", tmp_path / "answer.npy"]
+    registered = f"models:/seeds_tf-{ADMIN}@{tracking.NEW_VERSION_ALIAS}"
+    command = [sys.executable, "-c", CONSUMER, registered, tmp_path / "images.npy", tmp_path / "answer.npy"]
     served = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert served.returncode == 0, served.stderr[-3000:]
     keras_probabilities = load_classifier(layout.final_model).predict(images, verbose=0)
     np.testing.assert_allclose(np.load(tmp_path / "answer.npy"), keras_probabilities, atol=1e-6)
-    requirements = Path(mlflow.pyfunc.get_model_dependencies(REGISTERED)).read_text()
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(registered)).read_text()
     assert "seeds_tf" not in requirements
+
+
+def test_every_user_of_a_shared_server_is_tracked(monkeypatch, mlflow_server):
+    """The platform's MLflow is shared, and MLflow lets others only READ what a user created: with
+    one experiment for everyone, the second user's runs were refused (403) and never tracked.
+    Each user logs to, and registers in, names of their own."""
+    from mlflow import MlflowClient
+
+    for user in ("alice@example.org", "bob@example.org"):
+        created = requests.post(
+            f"{mlflow_server}/api/2.0/mlflow/users/create",
+            json={"username": user, "password": f"{user}-password"},
+            auth=(ADMIN, PASSWORD),
+            timeout=30,
+        )
+        assert created.ok, created.text
+        tracked_by(monkeypatch, mlflow_server, password=f"{user}-password")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        logger = tracking.start_logger("2026-11-30_000000", {"epochs": 1})
+        logger.on_train_begin()
+        logger.on_epoch_end(0, {"loss": 1.0})
+        logger.abort()  # the run's end, through the logger
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(f"seeds_tf-{user}")
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.data.metrics["loss"] == 1.0
+        assert run.info.status == "FAILED"
+        client.create_registered_model(tracking.registered_model_name())
+    # MLflow's own variable chooses another experiment.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "seed bank trials")
+    assert tracking.experiment_name() == "seed bank trials"
+    assert tracking.registered_model_name() == "seeds_tf-bob@example.org"
 
 
 def test_refused_credentials_cost_a_warning_not_the_training(monkeypatch, mlflow_server, caplog):

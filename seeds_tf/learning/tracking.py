@@ -2,8 +2,14 @@
 
 The platform injects `MLFLOW_TRACKING_URI`, `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`;
 MLflow's client reads all three. Each run logs its options, per-epoch metrics, test metrics, reports
-and configuration, and its final model, registered as a new version of the model `seeds_tf` with the
-alias `challenger` (promoting it to `champion` is a person's decision).
+and configuration, and its final model, registered as a new version with the alias `challenger`
+(promoting it to `champion` is a person's decision).
+
+The platform's MLflow is shared by all its users, and MLflow lets only an experiment's or a
+registered model's creator write to it (its default permission for others is READ): with one name
+for everyone, only the first user's trainings were ever tracked. A user's runs go to the experiment
+and registered model `seeds_tf-<user name>` (`seeds_tf` without a user name); MLflow's own
+`MLFLOW_EXPERIMENT_NAME` chooses another experiment.
 
 The model is logged as a TensorFlow SavedModel (the keras flavor's `save_exported_model`): its graph
 holds the preprocessing layer, so MLflow loads and serves it with TensorFlow alone. A `.keras` file
@@ -30,8 +36,9 @@ import requests
 _LOGGER = logging.getLogger(__name__)
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
-EXPERIMENT = "seeds_tf"
-REGISTERED_MODEL = "seeds_tf"
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+BASE_NAME = "seeds_tf"
 NEW_VERSION_ALIAS = "challenger"
 _CLIENT_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -45,6 +52,18 @@ Result = TypeVar("Result")
 
 def mlflow_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return bool(environ.get(TRACKING_ENV))
+
+
+def experiment_name(environ: Mapping[str, str] = os.environ) -> str:
+    """The experiment runs are logged to: `MLFLOW_EXPERIMENT_NAME`, else the user's own."""
+    return environ.get(EXPERIMENT_ENV) or registered_model_name(environ)
+
+
+def registered_model_name(environ: Mapping[str, str] = os.environ) -> str:
+    """`seeds_tf-<user name>`, a name the user creates and so may write to on a shared server
+    (MLflow refuses "/" and ":" in it), or `seeds_tf` when no user name is given."""
+    user = environ.get(USERNAME_ENV, "")
+    return f"{BASE_NAME}-{user.replace('/', '_').replace(':', '_')}" if user else BASE_NAME
 
 
 def start_logger(run_id: str, options: dict[str, Any]) -> MlflowLogger | None:
@@ -100,7 +119,7 @@ class MlflowLogger(keras.callbacks.Callback):
             self._safely("mark the run failed", lambda: self._mlflow.end_run(status="FAILED"))
 
     def _start(self) -> None:
-        self._mlflow.set_experiment(EXPERIMENT)
+        self._mlflow.set_experiment(experiment_name())
         self._mlflow.start_run(run_name=self._run_id, tags={"seeds_tf.run_id": self._run_id})
         self._mlflow.log_params(self._options)
 
@@ -117,14 +136,15 @@ class MlflowLogger(keras.callbacks.Callback):
                 signature=_signature(model),
                 pip_requirements=_requirements(),
             )
-        registered = self._mlflow.register_model(info.model_uri, REGISTERED_MODEL)
+        model_name = registered_model_name()
+        registered = self._mlflow.register_model(info.model_uri, model_name)
         self._mlflow.MlflowClient().set_registered_model_alias(
-            REGISTERED_MODEL, NEW_VERSION_ALIAS, registered.version
+            model_name, NEW_VERSION_ALIAS, registered.version
         )
         _LOGGER.info(
             "Run %s registered as %s version %s (@%s)",
             self._run_id,
-            REGISTERED_MODEL,
+            model_name,
             registered.version,
             NEW_VERSION_ALIAS,
         )
@@ -155,12 +175,12 @@ def _preflight(uri: str) -> str | None:
     Asks once, with a short timeout, instead of letting every MLflow call retry."""
     if not uri.startswith(("http://", "https://")):
         return None  # a local store (file:, sqlite:): MLflow reports its own errors
-    username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    username = os.environ.get(USERNAME_ENV)
     auth = (username, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if username else None
     try:
         answer = requests.get(
             f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
-            params={"experiment_name": EXPERIMENT},
+            params={"experiment_name": experiment_name()},
             auth=auth,
             timeout=_PREFLIGHT_TIMEOUT_S,
         )
