@@ -98,7 +98,8 @@ def train(config: RunConfig, roots: Roots, *, candidate: bool = False) -> TrainR
         result = _train_or_resume(config, roots, strategy, candidate)
     if not distribute.is_chief():
         return result
-    # Outside the slot: the copy of a complete run, which may take hours, keeps no training waiting.
+    # Outside the slot, but within a server's or the command line's reservation (admission), which
+    # refuses other trainings until the copy, which may take hours, has ended.
     layout = runs.RunLayout(roots.models / result.run_id)
     upload_to = layout.config().training.upload_to  # a resumed run's own destination
     if not upload_to:
