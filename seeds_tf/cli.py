@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -395,13 +396,26 @@ def _add_run_commands(commands) -> None:
     checker.add_argument(
         "--url", default="", help="the service (default: $SEEDS_TF_HEALTHCHECK_URL or :5000)"
     )
-    checker.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
+    checker.add_argument(
+        "--timeout", type=_positive_seconds, default=30.0, help="seconds to wait for the answer (> 0)"
+    )
     checker.set_defaults(command=_healthcheck)
 
     listing = commands.add_parser(
         "runs", help="list the working runs with their test metrics, and the broken runs with the reason"
     )
     listing.set_defaults(command=_runs)
+
+
+def _positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0: requests refuses any other timeout with a traceback."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0. Received: {text!r}")
+    return seconds
 
 
 def _add_option(parser, spec: config.OptionSpec, use_default: bool = False) -> None:

@@ -26,6 +26,7 @@ import psutil
 import pytest
 import requests
 
+from seeds_tf import cli
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.hosting import admission, health, monitor
 from tests.deepaas_harness import MODEL_URL, deepaas_process, free_port
@@ -318,3 +319,12 @@ def test_the_healthcheck_predicts_and_fails_when_the_workers_hang(platform_serve
 def _port_open(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "soon"])
+def test_a_healthcheck_timeout_that_is_not_a_duration_is_refused(timeout, capsys):
+    """A zero or negative timeout ended in requests' traceback (exit status 1, as if unhealthy)."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["healthcheck", "--timeout", timeout])
+    assert stopped.value.code == 2
+    assert f"expected a number of seconds above 0. Received: {timeout!r}" in capsys.readouterr().err
