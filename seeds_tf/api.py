@@ -71,8 +71,9 @@ class ClientError(web.HTTPUnprocessableEntity):
 def get_metadata() -> dict[str, Any]:
     """The model's description, its working runs, the promoted run, the summary of the run that
     serves requests naming none (`model`) and the engine `engine=auto` runs it with on this CPU
-    and why (`engine`), the broken runs with the reason each cannot serve, and the trainings in
-    progress with how far each is (seeds_tf.learning.progress)."""
+    and why (`engine`), the broken runs with the reason each cannot serve, the trainings in
+    progress with how far each is (seeds_tf.learning.progress), and the interrupted runs, which
+    `resume=<id>` finishes (after a cancelled training, its id is listed nowhere else)."""
     models = Roots.from_env().models
     listing = runs.list_runs(models)
     default = runs.default_order(models, listing)[0] if listing.working else None
@@ -105,6 +106,7 @@ def get_metadata() -> dict[str, Any]:
         "model": listing.working[default] if default else None,
         "engine": _auto_engine(models, default) if default else None,
         "trainings_in_progress": runs.trainings_in_progress(models),
+        "interrupted": runs.interrupted_runs(models),
     }
 
 

@@ -5,7 +5,7 @@
     seeds-tf identify photos/ --output answers.csv   # a whole collection; rerun to resume
     seeds-tf demo                                    # the demo run, trained if models/ has none
     seeds-tf synthetic data/synthetic_seeds          # the synthetic seeds dataset
-    seeds-tf runs                                    # the working runs, their test metrics; broken runs
+    seeds-tf runs                                    # working runs, their test metrics; broken, interrupted
     seeds-tf check-dataset                           # a report on a dataset before training
     seeds-tf evaluate 2026-11-21_215742 other.txt    # a run on another labelled split
     seeds-tf import-legacy seeds.tar.xz              # the original service's published seeds model
@@ -213,7 +213,11 @@ def _healthcheck(args: argparse.Namespace, roots: Roots):
 
 def _runs(args: argparse.Namespace, roots: Roots):
     listing = runs.list_runs(roots.models)
-    return {"runs": list(listing.working.values()), "broken": listing.broken_list()}
+    return {
+        "runs": list(listing.working.values()),
+        "broken": listing.broken_list(),
+        "interrupted": runs.interrupted_runs(roots.models),
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -402,7 +406,9 @@ def _add_run_commands(commands) -> None:
     checker.set_defaults(command=_healthcheck)
 
     listing = commands.add_parser(
-        "runs", help="list the working runs with their test metrics, and the broken runs with the reason"
+        "runs",
+        help="list the working runs with their test metrics, the broken runs with the reason, and the "
+        "interrupted runs (to finish with train --resume)",
     )
     listing.set_defaults(command=_runs)
 

@@ -218,6 +218,21 @@ def test_damaged_runs_are_listed_as_broken_and_skipped(roots, tiny_run, capsys):
     assert "is broken: calibration.json is unreadable" in problems["calibration"]
 
 
+def test_interrupted_runs_are_listed_for_resume(empty_roots, capsys):
+    """A training killed half-way (a cancelled DEEPaaS training, a crash) leaves a run that only
+    `resume=<id>` finishes, and no listing named it: `seeds-tf runs` and the metadata list it under
+    `interrupted`; a run being trained now is not."""
+    died = runs.RunLayout(empty_roots.models / "2026-01-01_000000")
+    training_now = runs.RunLayout(empty_roots.models / "2026-01-02_000000")
+    for layout in (died, training_now):
+        files.write_json(layout.conf_file, {})
+        layout.progress_file.parent.mkdir(parents=True)
+    with runs.mark_in_progress(training_now):
+        assert cli.main(["--quiet", "runs"]) == 0
+        assert json.loads(capsys.readouterr().out)["interrupted"] == [died.run_id]
+        assert api.get_metadata()["interrupted"] == [died.run_id]
+
+
 def test_make_serve_trains_the_demo_when_every_run_is_broken(roots, tiny_run, monkeypatch):
     """`make serve` runs `seeds-tf demo`: a working run is served as it is, but a models folder of
     broken runs only would leave the service with nothing to serve, so the demo run is trained."""

@@ -237,6 +237,14 @@ def incomplete_runs(models_dir: Path) -> list[str]:
     ]
 
 
+def interrupted_runs(models_dir: Path) -> list[str]:
+    """Ids of the runs whose training died (killed, cancelled, crashed), oldest first: the runs to
+    finish with `resume=<id>`, which no other listing names."""
+    return [
+        run_id for run_id in incomplete_runs(models_dir) if not _being_trained(RunLayout(models_dir / run_id))
+    ]
+
+
 def trainings_in_progress(models_dir: Path) -> list[dict[str, Any]]:
     """The progress of each run being trained now (its progress.json with its `run_id`), oldest
     first. A run whose training died (killed, cancelled, failed) is not among them, whatever its
