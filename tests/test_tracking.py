@@ -180,6 +180,25 @@ def test_every_user_of_a_shared_server_is_tracked(monkeypatch, mlflow_server):
     assert tracking.registered_model_name() == "seeds_tf-bob@example.org"
 
 
+def test_the_mlflow_run_of_an_attempt_killed_with_its_worker_is_ended_by_the_next(monkeypatch, mlflow_server):
+    """A cancelled DEEPaaS training kills its worker, and nothing ended its MLflow run: it showed
+    RUNNING forever beside the resumed attempt's. The resumed attempt marks it KILLED."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    tracked_by(monkeypatch, mlflow_server)
+    run_id = "2026-11-30_120000"
+    experiment = mlflow.set_experiment(tracking.experiment_name())
+    client = MlflowClient()
+    # What the killed worker left: its attempt's run, never ended.
+    client.create_run(experiment.experiment_id, tags={"seeds_tf.run_id": run_id}, run_name=run_id)
+    resumed = tracking.start_logger(run_id, {"resume": run_id})
+    resumed.on_train_begin()
+    resumed.abort()  # the resumed attempt's end, through the logger
+    attempts = client.search_runs([experiment.experiment_id], f"tags.`seeds_tf.run_id` = '{run_id}'")
+    assert sorted(attempt.info.status for attempt in attempts) == ["FAILED", "KILLED"]
+
+
 def test_refused_credentials_cost_a_warning_not_the_training(monkeypatch, mlflow_server, caplog):
     """The real server answers 401 to the preflight: no logger, so the training runs untracked (as
     every training without MLflow does) and records no model version."""

@@ -40,6 +40,7 @@ USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 BASE_NAME = "seeds_tf"
 NEW_VERSION_ALIAS = "challenger"
+RUN_ID_TAG = "seeds_tf.run_id"
 _CLIENT_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -119,9 +120,19 @@ class MlflowLogger(keras.callbacks.Callback):
             self._safely("mark the run failed", lambda: self._mlflow.end_run(status="FAILED"))
 
     def _start(self) -> None:
-        self._mlflow.set_experiment(experiment_name())
-        self._mlflow.start_run(run_name=self._run_id, tags={"seeds_tf.run_id": self._run_id})
+        experiment = self._mlflow.set_experiment(experiment_name())
+        self._end_dead_attempts(experiment.experiment_id)
+        self._mlflow.start_run(run_name=self._run_id, tags={RUN_ID_TAG: self._run_id})
         self._mlflow.log_params(self._options)
+
+    def _end_dead_attempts(self, experiment_id: str) -> None:
+        """Marks KILLED the MLflow runs of this seeds_tf run still RUNNING: those of an attempt
+        whose process was killed (a cancelled DEEPaaS training, a crash), which nothing else ends.
+        None is alive: a run is resumed only while no process trains it."""
+        client = self._mlflow.MlflowClient()
+        query = f"tags.`{RUN_ID_TAG}` = '{self._run_id}' and attributes.status = 'RUNNING'"
+        for dead in client.search_runs([experiment_id], query):
+            client.set_terminated(dead.info.run_id, status="KILLED")
 
     def _log_model(self, model: keras.Model, metrics: dict[str, float], folders: list[Path]) -> str:
         self._mlflow.log_metrics(metrics)
