@@ -1,7 +1,9 @@
 """Grad-CAM explanations: a heatmap of the top species over the photo, as PNG."""
 
 import io
+import types
 
+import keras
 import numpy as np
 import PIL.Image
 
@@ -18,6 +20,29 @@ def test_gradcam_is_a_normalised_map_over_the_backbone_grid(roots, tiny_run):
     assert cam.ndim == 2
     assert cam.shape == tuple(run.model.get_layer("avg_pool").input.shape[1:3])
     assert cam.min() >= 0.0 and cam.max() <= 1.0
+
+
+def test_gradcam_shows_where_a_sure_network_saw_its_class():
+    """A top probability that float32 rounds to 1 (a logit ahead by about 20) still has a heatmap:
+    the gradient of the probability vanished there and left an empty one."""
+    inputs = keras.Input((8, 8, 3))
+    maps = keras.layers.Conv2D(2, 1, use_bias=False, name="maps")(inputs)  # red and green channels
+    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(maps)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="predictions")(pooled))
+    model.get_layer("maps").set_weights([np.array([[[[1, 0], [0, 1], [0, 0]]]], dtype=np.float32)])
+    model.get_layer("predictions").set_weights(
+        [np.diag([0.2, 0.2]).astype(np.float32), np.zeros(2, np.float32)]
+    )
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    pixels[:, :4, 0] = 255  # red on the left: class 0
+    pixels[:, 4:, 1] = 40  # a little green on the right: class 1
+    assert model.predict(pixels[np.newaxis].astype(np.float32), verbose=0)[0, 0] == 1.0
+    run = inference.LoadedRun(
+        "r", "final", model, types.SimpleNamespace(image_size=8), ("A a", "B b"), None, None
+    )
+    cam = explain.gradcam(run, pixels, class_index=0)
+    np.testing.assert_allclose(cam[:, :4], 1.0)
+    np.testing.assert_allclose(cam[:, 4:], 0.0)
 
 
 def test_the_explained_picture_is_the_photo_with_labels(roots, tiny_run):

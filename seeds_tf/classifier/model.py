@@ -21,7 +21,9 @@ from seeds_tf.classifier.backbones import get_backbone
 from seeds_tf.core import files
 from seeds_tf.core.config import ModelConfig
 
-HEAD_LAYERS = ("head_dense", "predictions")
+OUTPUT_LAYER = "predictions"
+"""The softmax layer: a Dense whose kernel and bias give the logits (Grad-CAM differentiates them)."""
+HEAD_LAYERS = ("head_dense", OUTPUT_LAYER)
 FEATURES_LAYER = "avg_pool"
 """The layer whose output is the classifier's embedding: the pooled backbone features the head reads,
 which the reference specimens' index holds and searches with."""
@@ -115,7 +117,7 @@ def build_classifier(config: ModelConfig, num_classes: int, weights: str | None 
         activation="softmax",
         kernel_regularizer=regularizer,
         dtype="float32",
-        name="predictions",
+        name=OUTPUT_LAYER,
     )(x)
     return keras.Model(inputs, outputs, name=f"seeds_{config.modelname.lower()}")
 

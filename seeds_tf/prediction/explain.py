@@ -21,7 +21,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import tensorflow as tf
 
-from seeds_tf.classifier.model import FEATURES_LAYER
+from seeds_tf.classifier.model import FEATURES_LAYER, OUTPUT_LAYER
 from seeds_tf.core import runs
 from seeds_tf.core.config import PredictConfig
 from seeds_tf.core.errors import InputError
@@ -44,16 +44,25 @@ CAPTION_FONT_SIZE = 11
 
 
 def gradcam(run: LoadedRun, pixels: np.ndarray, class_index: int) -> np.ndarray:
-    """Heatmap in [0, 1] of shape (h, w), the backbone's output grid, for class `class_index`."""
+    """Heatmap in [0, 1] of shape (h, w), the backbone's output grid, for class `class_index`.
+
+    The gradient is of the class's logit, the score before the softmax, as in the paper: the
+    gradient of its probability vanishes where the network is sure (a top probability that
+    float32 rounds to 1 gave an empty heatmap, for the answers most worth explaining).
+    """
+    head = run.model.get_layer(OUTPUT_LAYER)
     features = run.model.get_layer(FEATURES_LAYER).input
-    explainer = keras.Model(run.model.inputs, [features, run.model.output])
+    explainer = keras.Model(run.model.inputs, [features, head.input])
     batch = pipeline.resize(pixels, run.config.image_size)[tf.newaxis]
     with tf.GradientTape() as tape:
-        maps, probabilities = explainer(batch, training=False)
-        score = probabilities[:, class_index]
-    gradients = tape.gradient(score, maps)
+        maps, penultimate = explainer(batch, training=False)
+        kernel = tf.cast(head.kernel[:, class_index], tf.float32)
+        score = tf.linalg.matvec(tf.cast(penultimate, tf.float32), kernel) + tf.cast(
+            head.bias[class_index], tf.float32
+        )
+    gradients = tf.cast(tape.gradient(score, maps), tf.float32)
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))[0].numpy()
+    cam = tf.nn.relu(tf.reduce_sum(weights * tf.cast(maps, tf.float32), axis=-1))[0].numpy()
     peak = cam.max()
     return cam / peak if peak > 0 else cam
 
