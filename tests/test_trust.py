@@ -182,19 +182,23 @@ def test_the_api_shows_decisions_and_neighbours_in_json_and_png(tmp_path, sessio
 def test_calibrate_and_index_commands_refit_a_served_run(roots, tiny_run, capsys):
     layout = runs.RunLayout(roots.models / tiny_run)
     cache = inference.RunCache()
-    request = _request(roots)
+    request, shown = _request(roots), _request(roots, neighbours=2)
     assert cache.get(layout).calibration.fitted_on == "val"
+    layout.index_dir.joinpath("references.json").unlink()
     assert cli.main(["--quiet", "calibrate", tiny_run, "--split", "test", "--target_precision", "0.9"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["fitted_on"], printed["thresholds"]["target_precision"]) == ("test", 0.9)
     # The cached run picks the new calibration up.
     assert cache.get(layout).calibration.fitted_on == "test"
     assert inference.predict(roots, cache, *request)["calibrated"] is True
+    with pytest.raises(InputError, match="seeds-tf index"):
+        inference.predict(roots, cache, *shown)
 
-    layout.index_dir.joinpath("references.json").unlink()
     assert cli.main(["--quiet", "index", tiny_run]) == 0
     assert json.loads(capsys.readouterr().out) == {"index": str(layout.index_dir)}
     assert neighbours.load_index(layout.index_dir) is not None
+    # The served run searches the new index, as the refusal said it would.
+    assert len(inference.predict(roots, cache, *shown)["results"][0]["neighbours"]) == 2
     assert cli.main(["--quiet", "calibrate", tiny_run, "--split", "nowhere.txt"]) == 2
     assert "split" in capsys.readouterr().err
 

@@ -212,16 +212,20 @@ class BrokenRunError(InputError):
 class RunCache:
     """The checkpoints loaded in this process, the least recently used dropped beyond `capacity`.
 
-    A checkpoint is keyed by run, name and the modification times of its file and of the run's
-    calibration, so a file replaced on disk is loaded again. A checkpoint that fails to load is
-    remembered as broken under the same key, and not read again until its file changes.
+    A checkpoint is keyed by run, name and the modification times of its file, of the run's
+    calibration and of its index (references.json, written last), so a file replaced on disk is
+    loaded again: an index made by `seeds-tf index` on a served run is searched at the next
+    request. A checkpoint that fails to load is remembered as broken under the same key, and not
+    read again until its file changes.
     Thread-safe: loading happens under a lock.
     """
 
     def __init__(self, capacity: int = 2):
         self._capacity = capacity
-        self._runs: collections.OrderedDict[tuple[str, str, int, int], LoadedRun] = collections.OrderedDict()
-        self._broken: dict[tuple[str, str, int, int], str] = {}
+        self._runs: collections.OrderedDict[tuple[str, str, int, int, int], LoadedRun] = (
+            collections.OrderedDict()
+        )
+        self._broken: dict[tuple[str, str, int, int, int], str] = {}
         self._lock = threading.Lock()
 
     def get(self, layout: runs.RunLayout, checkpoint: str = "final") -> LoadedRun:
@@ -233,9 +237,11 @@ class RunCache:
                 when the files do not load.
         """
         model_file = runs.resolve_checkpoint(layout, checkpoint)
-        # A calibration fitted later (`seeds-tf calibrate` on a served run) is picked up too.
-        calibrated = layout.calibration_file.stat().st_mtime_ns if layout.calibration_file.is_file() else 0
-        key = (layout.run_id, checkpoint, model_file.stat().st_mtime_ns, calibrated)
+        # A calibration or an index made later (`seeds-tf calibrate`, `seeds-tf index` on a served
+        # run) is picked up too.
+        later = (layout.calibration_file, layout.index_dir / runs.INDEX_REFERENCES)
+        made = tuple(path.stat().st_mtime_ns if path.is_file() else 0 for path in later)
+        key = (layout.run_id, checkpoint, model_file.stat().st_mtime_ns, *made)
         with self._lock:
             if key not in self._runs and key not in self._broken:
                 try:
