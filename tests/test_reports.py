@@ -7,7 +7,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from seeds_tf.learning import reports
+from seeds_tf.core import runs
+from seeds_tf.learning import evaluation, reports
 
 CLASSES = ["Avena sativa", "Hordeum vulgare", "Triticum aestivum"]
 
@@ -221,3 +222,20 @@ def test_a_failed_save_leaves_neither_the_picture_nor_a_temporary_file(tmp_path,
     with pytest.raises(OSError, match="disk full"):
         reports.plot_training_curves(_epochs(3), tmp_path / "training_curves.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluating_another_datasets_test_split_keeps_the_runs_own_test_report(tmp_path):
+    """`seeds-tf evaluate RUN elsewhere/test.txt` wrote reports/test_evaluation.json over the run's
+    own test report, which its run.json figures come from."""
+    layout = runs.RunLayout(tmp_path / "run")
+    layout.dataset_dir.mkdir(parents=True)
+    (layout.dataset_dir / "test.txt").write_text("a/1.jpg 0\nb/2.jpg 1\n")
+    other = tmp_path / "other" / "test.txt"
+    other.parent.mkdir()
+    other.write_text("c/3.jpg 0\n")
+    assert evaluation.report_name(layout, other) == "other_test"
+    # The run's own split, wherever it is read from, and any other split keep their names.
+    same = tmp_path / "test.txt"
+    same.write_bytes((layout.dataset_dir / "test.txt").read_bytes())
+    assert evaluation.report_name(layout, same) == "test"
+    assert evaluation.report_name(layout, other.with_name("my_split.txt")) == "my_split"

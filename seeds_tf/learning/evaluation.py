@@ -49,15 +49,27 @@ def test_metrics(evaluation: reports.Evaluation) -> dict[str, float]:
 
 def evaluate_run(roots: Roots, run_id: str, split_file: Path, batch_size: int = 32) -> reports.Evaluation:
     """Re-evaluates a complete run on any split file (paths relative to the run's images folder) and
-    writes `reports/<split name>_evaluation.json` and its confusion-matrix PNG into the run."""
+    writes `reports/<report_name>_evaluation.json` and its confusion-matrix PNG into the run."""
     layout = runs.resolve_run(roots.models, run_id)
     run = load_run(layout)
     images_dir = roots.data_path(layout.config().training.images_directory, "images_directory")
     if not split_file.is_file():
         raise InputError("split_file", f"{split_file} is not a file")
-    listed = read_split(split_file, split_file.stem, images_dir, len(run.classes), "split_file")
+    name = report_name(layout, split_file)
+    listed = read_split(split_file, name, images_dir, len(run.classes), "split_file")
     split = datasets.readable(listed)
     evaluation = evaluate_split(run.model, split, run.classes, run.config.image_size, batch_size)
-    written = reports.write_evaluation(evaluation, layout.reports_dir, prefix=split_file.stem)
+    written = reports.write_evaluation(evaluation, layout.reports_dir, prefix=name)
     _LOGGER.info("Run %s on %s: top-1 %.4f; wrote %s", run_id, split_file, evaluation.top1, written)
     return evaluation
+
+
+def report_name(layout: runs.RunLayout, split_file: Path) -> str:
+    """The name of the evaluation of `split_file` in the run's reports: the file's stem, prefixed
+    by its folder's name where the stem is that of one of the run's own splits and the file is not
+    that split (another dataset's test.txt), so that the run's own test report, which its run.json
+    figures come from, is never replaced by another split's."""
+    own = layout.dataset_dir / f"{split_file.stem}.txt"
+    if not own.is_file() or own.read_bytes() == split_file.read_bytes():
+        return split_file.stem
+    return f"{split_file.resolve().parent.name}_{split_file.stem}"
