@@ -80,6 +80,18 @@ def test_the_fitted_temperature_lowers_held_out_nll_and_keeps_the_ranking():
         np.testing.assert_array_equal(_top_k(scaled, k), _top_k(overconfident[held_out], k))
 
 
+def test_a_split_answered_all_right_leaves_the_temperature_at_one():
+    """With no mistake the NLL falls all the way to the bound (T = 0.05), which showed a 55% answer
+    as 98%: such a split cannot tell the temperature."""
+    top = np.linspace(0.5, 0.95, 20)
+    probabilities = np.stack([top, (1 - top) * 0.6, (1 - top) * 0.4], axis=1)
+    assert calibration.fit_temperature(probabilities, np.zeros(20, dtype=int)) == 1.0
+    one_wrong = np.zeros(20, dtype=int)
+    one_wrong[0] = 1
+    # One mistake, on the least sure image: these probabilities are underconfident, and sharpened.
+    assert 0.1 < calibration.fit_temperature(probabilities, one_wrong) < 1.0
+
+
 def test_fit_temperature_checks_its_arguments():
     probabilities = np.full((3, 4), 0.25)
     with pytest.raises(ValueError, match=r"one label per row of probabilities \(3\).*shape=\(2,\)"):

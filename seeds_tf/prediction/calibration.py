@@ -78,6 +78,10 @@ def fit_temperature(probabilities: np.ndarray, labels: Sequence[int]) -> float:
     the minimum to about 1e-4 relative. Scaling by one T never changes an image's ranking of the
     classes: top-1 and top-5 accuracy stay as they are.
 
+    Where every image's top-1 is right, the NLL falls as T does, down to the bound, which would
+    sharpen every answer to near-certainty (a 55% answer shown as 98%): the split says nothing of
+    how overconfident the network is, and T stays 1 (a warning says so).
+
     Args:
         probabilities: softmax outputs of held-out images, shape (n, num_classes), n >= 2.
         labels: their true label ids, shape (n,).
@@ -87,6 +91,13 @@ def fit_temperature(probabilities: np.ndarray, labels: Sequence[int]) -> float:
             probabilities that are not finite and non-negative.
     """
     p, y = _checked(probabilities, labels, minimum_images=2)
+    if (p.argmax(axis=1) == y).all():
+        _LOGGER.warning(
+            "All %d images are answered right: they cannot tell how overconfident the network is, and "
+            "the temperature stays 1; calibrate on a split with some mistakes (more images)",
+            len(y),
+        )
+        return 1.0
     # Imported here: serving only scales and decides, and SciPy's optimizer costs a few hundred ms.
     from scipy.optimize import minimize_scalar
 
@@ -102,7 +113,7 @@ def fit_temperature(probabilities: np.ndarray, labels: Sequence[int]) -> float:
     if min(abs(result.x - low), abs(result.x - high)) < 0.01:
         _LOGGER.warning(
             "The temperature %.3g is at the edge of %s: the network answers at chance, or the %d "
-            "images are all right or all wrong",
+            "images are (almost) all wrong",
             temperature,
             TEMPERATURE_BOUNDS,
             len(y),
