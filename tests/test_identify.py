@@ -181,6 +181,14 @@ def test_names_that_are_not_utf8_are_answered_kept_and_resumed(session_roots, ti
     with open(output, newline="", errors="surrogateescape") as stream:
         table = [(row["input"], row["error"]) for row in csv.DictReader(stream)]
     assert table == [(latin, ""), ("plain.jpg", "")]
+    # Another folder whose photos are named alike (cameras number them IMG_0001 in every folder):
+    # its answers are not the output's, which is refused rather than passed off as theirs.
+    (tmp_path / "other").mkdir()
+    shutil.copy(_images(collection)[1], tmp_path / "other" / "plain.jpg")
+    with pytest.raises(
+        InputError, match=r"output: .* answers 'plain.jpg' from .*photos/plain.jpg', not .*other/"
+    ):
+        batch.identify(session_roots, tmp_path / "other", output, options)
 
     listed = tmp_path / "photos.txt"
     listed.write_bytes(b"".join(os.fsencode(folder / name) + b"\n" for name in (latin, "plain.jpg")))

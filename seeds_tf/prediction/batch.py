@@ -225,7 +225,7 @@ def identify(
         else _JsonRows(min(options.top_k, len(run.classes)))
     )
     with _Job(output, writer) as job:
-        answered = job.answered(run.run_id, engine)
+        answered = job.answered(run.run_id, engine, {item.input: item.source for item in items})
         pending = [item for item in items if item.input not in answered]
         _LOGGER.info(
             "Identifying %d images with run %s (%s); %d answered before",
@@ -374,7 +374,7 @@ def answer(
     decoded: Sequence[tuple[np.ndarray, str]],
     options: IdentifyOptions,
 ) -> list[dict[str, Any]]:
-    """One row per item: its input, top_k species and genera with their probabilities, the decision
+    """One row per item: its input and source, top_k species and genera with their probabilities, the decision
     and OOD score (seeds_tf.prediction.inference's ranking and trust, with the reference specimens'
     evidence where the run has them, as the API answers), the run and engine; or its error.
     `decoded` holds (pixels, error) of each item, the pixels resized to the run's image size (so
@@ -387,7 +387,12 @@ def answer(
         answers = dict(zip(good, zip(*judged, strict=True), strict=True))
     rows = []
     for index, item in enumerate(items):
-        row: dict[str, Any] = {"input": item.input, "run_id": run.run_id, "engine": engine}
+        row: dict[str, Any] = {
+            "input": item.input,
+            "source": item.source,
+            "run_id": run.run_id,
+            "engine": engine,
+        }
         if index in answers:
             probabilities, trusted = answers[index]
             ranking = inference.ranked(run, probabilities, options.top_k)
@@ -439,7 +444,7 @@ class _JsonRows:
 
 class _CsvRows:
     """Rows as CSV: one column per species, genus and probability, up to top_k (blank beyond a
-    row's own), then the trust, run and engine columns; rows read back as text."""
+    row's own), then the trust, source, run and engine columns; rows read back as text."""
 
     suffix = ".csv"
 
@@ -450,6 +455,7 @@ class _CsvRows:
             *itertools.chain.from_iterable((f"species_{k}", f"species_{k}_probability") for k in ranks),
             *itertools.chain.from_iterable((f"genus_{k}", f"genus_{k}_probability") for k in ranks),
             *trust,
+            "source",
             "run_id",
             "engine",
             "error",
@@ -518,11 +524,14 @@ class _Job:
         with open(path, encoding="utf-8", errors=NAMES_ERRORS, newline="") as stream:
             yield from self._rows.read(stream)
 
-    def answered(self, run_id: str, engine: str) -> set[str]:
-        """The inputs answered without error so far.
+    def answered(self, run_id: str, engine: str, sources: dict[str, str]) -> set[str]:
+        """The inputs answered without error so far, of the job whose inputs are read from `sources`
+        (source by input).
 
         Raises:
-            InputError: naming `output`, when those rows come from another run or engine.
+            InputError: naming `output`, when those rows come from another run or engine, or answer
+                an input of this job from another source: an output of another folder or list,
+                whose photos are named alike (IMG_0001.jpg), would pass its answers off as theirs.
         """
         answered = set()
         for path in self._sources():
@@ -533,11 +542,23 @@ class _Job:
                         f"{str(self.output)!r} holds answers of run {record['run_id']} ({record['engine']}), "
                         f"not {run_id} ({engine}): name that run (--run, --engine) or another output",
                     )
+                self._check_source(record, sources)
                 if not record["error"]:
                     answered.add(record["input"])
         parts = sorted(self.parts.glob(_PART_GLOB))
         self._next = int(parts[-1].name.split("-")[1].split(".")[0]) + 1 if parts else 0
         return answered
+
+    def _check_source(self, record: dict[str, Any], sources: dict[str, str]) -> None:
+        """Refuses `record` when it answers an input of this job from another source (see answered);
+        a row without a source (JSON Lines of an earlier version) is taken as this job's."""
+        expected = sources.get(record["input"], record.get("source"))
+        if record.get("source", expected) != expected:
+            raise InputError(
+                "output",
+                f"{str(self.output)!r} answers {record['input']!r} from {record['source']!r}, not "
+                f"{expected!r}: it is the output of other photos; name another output",
+            )
 
     def commit(self, rows: Sequence[dict[str, Any]]) -> None:
         """Writes one chunk of rows as the next part file, atomically."""
