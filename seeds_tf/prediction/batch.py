@@ -55,6 +55,9 @@ NAMES_ERRORS = "surrogateescape"
 kept byte for byte, as Python's os functions keep them, so each is found, answered and resumed."""
 
 _LOG_EVERY_S = 30.0
+_BUDGET_BYTES = 64 * 2**20
+"""The most encoded bytes read ahead (see read_all), and crossing into tf.data at once (see _take),
+beyond a single image: large batches of small photos, a few scans of hundreds of megabytes at a time."""
 _PART_GLOB = "chunk-*"
 
 
@@ -294,7 +297,7 @@ def image_batches(items: Sequence[Item], image_size: int, options: IdentifyOptio
         """The reads in columns of up to a batch: from_generator costs a Python call per element
         it yields, more than decoding a small JPEG, so whole chunks cross into TensorFlow."""
         reads = read_all(items, options.fetch_policy, options.fetch_threads)
-        while chunk := list(itertools.islice(reads, options.batch_size)):
+        while chunk := _take(reads, options.batch_size, _BUDGET_BYTES):
             names, encoded, errors = zip(*chunk, strict=True)
             yield tuple(np.array(column, dtype=object) for column in (_bytes(names), encoded, _bytes(errors)))
 
@@ -312,20 +315,47 @@ def image_batches(items: Sequence[Item], image_size: int, options: IdentifyOptio
     return data.batch(options.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def _take(reads: Iterator[tuple[str, bytes, str]], count: int, budget: int) -> list[tuple[str, bytes, str]]:
+    """The next reads, up to `count` and no more encoded bytes than `budget` (at least one read):
+    a chunk of a batch of 100-MB TIFF scans would hold gigabytes, and TensorFlow copies it again."""
+    chunk, size = [], 0
+    for read in reads:
+        chunk.append(read)
+        size += len(read[1])
+        if len(chunk) >= count or size >= budget:
+            break
+    return chunk
+
+
 def read_all(
     items: Iterable[Item], policy: sources.FetchPolicy, threads: int
 ) -> Iterator[tuple[str, bytes, str]]:
     """(input, encoded bytes, error) of each item in order, read in a pool of `threads` with at
-    most twice as many reads in flight: a slow URL holds up no more than the window behind it, and
-    memory stays bounded whatever the number of items. The bytes are empty where the error says why."""
+    most twice as many reads in flight, and files of no more than _BUDGET_BYTES beyond the first:
+    a slow URL holds up no more than the window behind it, and memory stays bounded whatever the
+    number and size of the items (a URL's size is bounded by `policy`). The bytes are empty where
+    the error says why."""
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        window: collections.deque[concurrent.futures.Future] = collections.deque()
+        window: collections.deque[tuple[concurrent.futures.Future, int]] = collections.deque()
+        in_flight = 0
         for item in items:
-            window.append(pool.submit(_read, item, policy))
-            if len(window) >= 2 * threads:
-                yield window.popleft().result()
+            size = _file_size(item)
+            while window and (len(window) >= 2 * threads or in_flight + size > _BUDGET_BYTES):
+                future, done = window.popleft()
+                in_flight -= done
+                yield future.result()
+            window.append((pool.submit(_read, item, policy), size))
+            in_flight += size
         while window:
-            yield window.popleft().result()
+            yield window.popleft()[0].result()
+
+
+def _file_size(item: Item) -> int:
+    """The bytes `item` will read: 0 for a URL or a file that cannot be read (its read says why)."""
+    try:
+        return 0 if item.is_url else Path(item.source).stat().st_size
+    except OSError:
+        return 0
 
 
 def _read(item: Item, policy: sources.FetchPolicy) -> tuple[str, bytes, str]:
