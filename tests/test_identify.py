@@ -33,12 +33,17 @@ in the middle of."""
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, session_roots) -> Path:
-    """A folder of the tiny dataset's images (COPIES times, in sub-folders) and one broken file."""
+    """A folder of the tiny dataset's images (COPIES times, in sub-folders), one broken file, and
+    hidden files that are no inputs."""
     folder = tmp_path_factory.mktemp("collection")
     for copy in range(COPIES):
         shutil.copytree(session_roots.data / "tiny" / "images", folder / f"box{copy}")
     (folder / "box0" / "broken.jpg").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("not an image suffix: not an input\n")
+    # Hidden, not inputs: a Mac's metadata beside a photo, and a photo in a USB disk's bin.
+    (folder / "box1" / "._0000.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (folder / ".Trash-1000").mkdir()
+    shutil.copy(sorted((folder / "box2").rglob("*.jpg"))[0], folder / ".Trash-1000" / "0000.jpg")
     return folder
 
 
@@ -52,7 +57,8 @@ def answered(tmp_path_factory, session_roots, tiny_run, collection) -> tuple[bat
 
 
 def _images(collection: Path) -> list[Path]:
-    return sorted(path for path in collection.rglob("*.jpg"))
+    hidden = {collection / "box1" / "._0000.jpg", collection / ".Trash-1000" / "0000.jpg"}
+    return sorted(path for path in collection.rglob("*.jpg") if path not in hidden)
 
 
 def test_a_folder_is_answered_as_the_api_answers_each_image(session_roots, tiny_run, collection, answered):

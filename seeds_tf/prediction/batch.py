@@ -149,7 +149,8 @@ Answerer = Callable[[inference.LoadedRun, str, Sequence[Item], IdentifyOptions],
 def list_inputs(source: Path) -> list[Item]:
     """The images a job answers, in a stable order.
 
-    `source` is a folder (its image files, recursively, by IMAGE_SUFFIXES, sorted), a CSV manifest
+    `source` is a folder (its image files, recursively, by IMAGE_SUFFIXES, sorted, hidden ones
+    left out: see _is_photo), a CSV manifest
     (suffix .csv, a header with a `path` and/or `url` column) or a list file (one path or URL a
     line). Relative paths in a list or manifest are relative to the file's folder.
 
@@ -158,9 +159,7 @@ def list_inputs(source: Path) -> list[Item]:
             url column, or no image at all.
     """
     if source.is_dir():
-        found = sorted(
-            path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-        )
+        found = sorted(path for path in source.rglob("*") if _is_photo(path, source))
         items = [Item(path.relative_to(source).as_posix(), str(path.resolve())) for path in found]
     elif source.is_file():
         entries = (
@@ -174,6 +173,15 @@ def list_inputs(source: Path) -> list[Item]:
     if not items:
         raise InputError("input", f"no image in {str(source)!r}")
     return items
+
+
+def _is_photo(path: Path, folder: Path) -> bool:
+    """Whether `path`, found in `folder`, is one of its photos: an image file by its suffix, hidden
+    by no dot in its name or its folders' within `folder`. A disk that has been on a Mac holds a
+    `._IMG_0001.jpg` of metadata beside each photo, and a USB disk its deleted photos under
+    `.Trash-1000/`: answered, they would double the failures or add photos thrown away."""
+    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+    return path.suffix.lower() in IMAGE_SUFFIXES and not hidden and path.is_file()
 
 
 def _manifest_entries(path: Path) -> list[str]:
