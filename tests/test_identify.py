@@ -138,18 +138,17 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
 ):
     images = _images(collection)
     list_file = tmp_path / "images.txt"
-    list_file.write_text(
-        "".join(f"{path}\n" for path in [images[0], collection / "box0" / "broken.jpg", *images[1:5]])
-    )
+    listed = [images[0], collection / "box0" / "broken.jpg", *images[1:5], images[0]]  # one twice
+    list_file.write_text("".join(f"{path}\n" for path in listed))
     output = tmp_path / "answers.jsonl"
     options = batch.IdentifyOptions(timestamp=tiny_run, top_k=3, chunk_size=4)
     first = batch.identify(session_roots, list_file, output, options)
     list_file.write_text(list_file.read_text() + f"{images[5]}\n")
     second = batch.identify(session_roots, list_file, output, options)
-    assert (first.done, first.failed) == (5, 1)
+    assert (first.total, first.done, first.failed) == (6, 5, 1)  # a photo listed twice is one row
     assert (second.skipped, second.done, second.failed) == (5, 1, 1)  # the failure is retried
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert sorted(row["input"] for row in rows) == sorted(list_file.read_text().split())
+    assert sorted(row["input"] for row in rows) == sorted(set(list_file.read_text().split()))
 
     other = tmp_path / "other.jsonl"
     other.write_text(

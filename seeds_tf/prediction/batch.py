@@ -152,7 +152,7 @@ def list_inputs(source: Path) -> list[Item]:
     `source` is a folder (its image files, recursively, by IMAGE_SUFFIXES, sorted, hidden ones
     left out: see _is_photo), a CSV manifest
     (suffix .csv, a header with a `path` and/or `url` column) or a list file (one path or URL a
-    line). Relative paths in a list or manifest are relative to the file's folder.
+    line), each entry once. Relative paths in a list or manifest are relative to the file's folder.
 
     Raises:
         InputError: naming `input`, for a source that does not exist, a manifest without a path or
@@ -167,7 +167,9 @@ def list_inputs(source: Path) -> list[Item]:
             if source.suffix.lower() == ".csv"
             else files.read_lines(source, errors=NAMES_ERRORS)
         )
-        items = [_item(entry, source.parent) for entry in entries]
+        # An entry listed twice (a manifest's duplicate rows) is one image, answered once: its
+        # output has one row per input, and the summary counts what the output holds.
+        items = list(dict.fromkeys(_item(entry, source.parent) for entry in entries))
     else:
         raise InputError("input", f"{str(source)!r} is neither a folder nor a file")
     if not items:
