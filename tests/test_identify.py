@@ -161,6 +161,12 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="input: no image in"):
         batch.identify(session_roots, tmp_path / "empty", output, options)
+    # Outputs that cannot be written are refused before any image is answered, not after.
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(InputError, match=r"output: .*folder.csv' is a folder: name a file in it"):
+        batch.identify(session_roots, list_file, tmp_path / "folder.csv", options)
+    with pytest.raises(InputError, match=r"output: cannot write .*images.txt/answers.csv': Not a directory"):
+        batch.identify(session_roots, list_file, list_file / "answers.csv", options)
 
 
 def test_names_that_are_not_utf8_are_answered_kept_and_resumed(session_roots, tiny_run, collection, tmp_path):

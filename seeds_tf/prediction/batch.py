@@ -229,6 +229,8 @@ def identify(
         raise InputError(
             "output", f"expected a file ending in {' or '.join(OUTPUT_FORMATS)}. Received: {str(output)!r}"
         )
+    if output.is_dir():
+        raise InputError("output", f"{str(output)!r} is a folder: name a file in it, e.g. answers{suffix}")
     items = list_inputs(source)
     run = inference.choose_run(roots, inference.RunCache(), options.timestamp)
     engine = run.engine(options.engine).name
@@ -535,8 +537,17 @@ class _Job:
         self._next = 0
 
     def __enter__(self) -> _Job:
-        self.parts.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.parts / "lock", "w")  # held until __exit__
+        """Takes the job's lock.
+
+        Raises:
+            InputError: naming `output`, when another job holds it, or its folder cannot be
+                written (a file in the way, a read-only disk): before any image is answered.
+        """
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.parts / "lock", "w")  # held until __exit__
+        except OSError as error:
+            raise InputError("output", f"cannot write {str(self.output)!r}: {error.strerror}") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
