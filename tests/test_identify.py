@@ -33,8 +33,8 @@ in the middle of."""
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, session_roots) -> Path:
-    """A folder of the tiny dataset's images (COPIES times, in sub-folders), one broken file, and
-    hidden files that are no inputs."""
+    """A folder of the tiny dataset's images (COPIES times, in sub-folders), one broken file,
+    hidden files that are no inputs, and links to folders."""
     folder = tmp_path_factory.mktemp("collection")
     for copy in range(COPIES):
         shutil.copytree(session_roots.data / "tiny" / "images", folder / f"box{copy}")
@@ -44,6 +44,11 @@ def collection(tmp_path_factory, session_roots) -> Path:
     (folder / "box1" / "._0000.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
     (folder / ".Trash-1000").mkdir()
     shutil.copy(sorted((folder / "box2").rglob("*.jpg"))[0], folder / ".Trash-1000" / "0000.jpg")
+    # Linked folders are followed: one elsewhere (its photo an input), and one back up (no loop).
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copy(folder / ".Trash-1000" / "0000.jpg", elsewhere / "0000.jpg")
+    (folder / "box0" / "linked").symlink_to(elsewhere)
+    (folder / "box0" / "up").symlink_to(folder)
     return folder
 
 
@@ -58,7 +63,8 @@ def answered(tmp_path_factory, session_roots, tiny_run, collection) -> tuple[bat
 
 def _images(collection: Path) -> list[Path]:
     hidden = {collection / "box1" / "._0000.jpg", collection / ".Trash-1000" / "0000.jpg"}
-    return sorted(path for path in collection.rglob("*.jpg") if path not in hidden)
+    linked = collection / "box0" / "linked" / "0000.jpg"  # rglob follows no link
+    return sorted([linked, *(path for path in collection.rglob("*.jpg") if path not in hidden)])
 
 
 def test_a_folder_is_answered_as_the_api_answers_each_image(session_roots, tiny_run, collection, answered):

@@ -24,6 +24,7 @@ import fcntl
 import itertools
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -149,8 +150,7 @@ Answerer = Callable[[inference.LoadedRun, str, Sequence[Item], IdentifyOptions],
 def list_inputs(source: Path) -> list[Item]:
     """The images a job answers, in a stable order.
 
-    `source` is a folder (its image files, recursively, by IMAGE_SUFFIXES, sorted, hidden ones
-    left out: see _is_photo), a CSV manifest
+    `source` is a folder (its image files, recursively: see _folder_photos), a CSV manifest
     (suffix .csv, a header with a `path` and/or `url` column) or a list file (one path or URL a
     line), each entry once. Relative paths in a list or manifest are relative to the file's folder.
 
@@ -159,7 +159,7 @@ def list_inputs(source: Path) -> list[Item]:
             url column, or no image at all.
     """
     if source.is_dir():
-        found = sorted(path for path in source.rglob("*") if _is_photo(path, source))
+        found = _folder_photos(source)
         items = [Item(path.relative_to(source).as_posix(), str(path.resolve())) for path in found]
     elif source.is_file():
         entries = (
@@ -177,13 +177,23 @@ def list_inputs(source: Path) -> list[Item]:
     return items
 
 
-def _is_photo(path: Path, folder: Path) -> bool:
-    """Whether `path`, found in `folder`, is one of its photos: an image file by its suffix, hidden
-    by no dot in its name or its folders' within `folder`. A disk that has been on a Mac holds a
-    `._IMG_0001.jpg` of metadata beside each photo, and a USB disk its deleted photos under
+def _folder_photos(folder: Path) -> list[Path]:
+    """The image files (by IMAGE_SUFFIXES) under `folder`, sorted, through symbolic links to folders
+    (a collection gathered from several disks by links), each folder once (a link back to a folder
+    above is no endless loop); hidden files and folders left out: a disk that has been on a Mac
+    holds a `._IMG_0001.jpg` of metadata beside each photo, and a USB disk its deleted photos under
     `.Trash-1000/`: answered, they would double the failures or add photos thrown away."""
-    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-    return path.suffix.lower() in IMAGE_SUFFIXES and not hidden and path.is_file()
+    found, seen = [], set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        identity = os.stat(top)
+        if (identity.st_dev, identity.st_ino) in seen:
+            folders.clear()
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # first seen, first kept
+        paths = (Path(top) / name for name in names if not name.startswith("."))
+        found += [path for path in paths if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    return sorted(found)
 
 
 def _manifest_entries(path: Path) -> list[str]:
