@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import functools
 import http.server
+import io
 import json
 import os
 import shutil
@@ -17,12 +18,13 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from seeds_tf.core import config
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import MODELS_ENV
-from seeds_tf.data import sources
+from seeds_tf.data import images, sources
 from seeds_tf.prediction import batch, inference
 from tests.loopback import http_server
 
@@ -293,3 +295,15 @@ def test_large_scans_are_read_ahead_and_chunked_within_a_budget_of_bytes(tmp_pat
         tracemalloc.stop()
     assert [name for chunk in chunks for name in chunk] == [item.input for item in items]
     assert peak < 12 * megabyte, f"{peak / megabyte:.1f} MB held at once"
+
+
+def test_a_camera_photo_over_the_apis_limit_is_answered_reduced():
+    """50-megapixel camera photos (digitising a collection) are answered, their JPEG decoded at half
+    size: not a row of errors per photo. The API still refuses them."""
+    photo = io.BytesIO()
+    PIL.Image.new("RGB", (8000, 5200), (120, 90, 60)).save(photo, "JPEG")
+    pixels, error = batch.decode("camera.jpg", photo.getvalue(), "")
+    assert error == "" and pixels.shape == (2600, 4000, 3)
+    assert pixels[0, 0].tolist() == pytest.approx([120, 90, 60], abs=2)
+    with pytest.raises(InputError, match="8000x5200 pixels, more than the limit of 40000000"):
+        images.decode_image(photo.getvalue(), "image", "camera.jpg")

@@ -395,12 +395,13 @@ _BLANK = np.zeros((images.MIN_SIDE, images.MIN_SIDE, 3), np.uint8)
 
 
 def decode(name: str, encoded: bytes, error: str) -> tuple[np.ndarray, str]:
-    """The RGB pixels of an image read by `read_all` (as seeds_tf.data.images decodes uploads) and
-    "", or a blank image and why there are no pixels."""
+    """The RGB pixels of an image read by `read_all` (as seeds_tf.data.images decodes uploads, a
+    JPEG over the API's limit of pixels reduced to fit) and "", or a blank image and why there are
+    no pixels."""
     if error:
         return _BLANK, error
     try:
-        return images.decode_image(encoded, "input", name), ""
+        return images.decode_image(encoded, "input", name, reduce_jpeg=True), ""
     except InputError as failure:
         return _BLANK, failure.problem
 
