@@ -114,7 +114,7 @@ def test_a_manifest_of_paths_and_urls_gives_csv_rows_with_their_errors(
         manifest = tmp_path / "manifest.csv"
         with open(manifest, "w", newline="") as stream:
             writer = csv.writer(stream)
-            writer.writerow(["path", "url", "collector"])
+            writer.writerow(["Path", " URL", "collector"])  # a spreadsheet's headers
             writer.writerow([str(collection / chosen[0]), "", "A"])
             writer.writerow(["", f"{base}/{chosen[1]}", "B"])
             writer.writerow(["", f"{base}/missing.jpg", "C"])

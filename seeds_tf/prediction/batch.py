@@ -49,7 +49,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", "
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
 MANIFEST_COLUMNS = ("path", "url")
-"""Columns of a CSV manifest that name an image; a row takes its path, else its URL."""
+"""Columns of a CSV manifest that name an image (in any case, spaces around allowed); a row takes
+its path, else its URL."""
 
 NAMES_ERRORS = "surrogateescape"
 """How names that are not UTF-8 (file names from old archives and cameras) are read and written:
@@ -199,7 +200,9 @@ def _folder_photos(folder: Path) -> list[Path]:
 def _manifest_entries(path: Path) -> list[str]:
     with open(path, encoding="utf-8-sig", errors=NAMES_ERRORS, newline="") as stream:
         reader = csv.DictReader(stream)
-        columns = [name for name in MANIFEST_COLUMNS if name in (reader.fieldnames or ())]
+        # A spreadsheet's headers: "Path", "URL", " url" after a comma and a space.
+        named = {(name or "").strip().lower(): name for name in reader.fieldnames or ()}
+        columns = [named[name] for name in MANIFEST_COLUMNS if name in named]
         if not columns:
             raise InputError(
                 "input", f"{str(path)!r} has no {' or '.join(MANIFEST_COLUMNS)} column: {reader.fieldnames}"
