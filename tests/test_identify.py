@@ -133,7 +133,11 @@ def test_a_manifest_of_paths_and_urls_gives_csv_rows_with_their_errors(
         "input", "species_1", "species_1_probability", "species_2", "species_2_probability",
         "species_3", "species_3_probability",
     ]  # fmt: skip
-    assert "404" in table[2]["error"] and "cannot read 'missing.jpg'" in table[3]["error"]
+    assert "404" in table[2]["error"]
+    assert (
+        table[3]["error"]
+        == f"cannot read 'missing.jpg' ({tmp_path / 'missing.jpg'}): No such file or directory"
+    )
     for line, name in zip(table[:2], chosen[:2], strict=True):
         reference = by_input[name]
         assert line["species_1"] == reference["species"][0]["label"]

@@ -391,7 +391,10 @@ def _read(item: Item, policy: sources.FetchPolicy) -> tuple[str, bytes, str]:
     except InputError as error:
         return item.input, b"", error.problem
     except OSError as error:
-        return item.input, b"", f"cannot read {item.input!r}: {error.strerror or error}"
+        # Where it was looked for: a list's relative paths are relative to the list's folder, not
+        # to where the command runs.
+        where = f" ({item.source})" if item.source != item.input else ""
+        return item.input, b"", f"cannot read {item.input!r}{where}: {error.strerror or error}"
 
 
 _BLANK = np.zeros((images.MIN_SIDE, images.MIN_SIDE, 3), np.uint8)
