@@ -235,7 +235,7 @@ def identify(
 
     Raises:
         InputError: for a bad source or output, an unknown run or engine, or an output written by
-            another run, engine or top_k.
+            another run, engine or top_k, or from other photos named alike.
     """
     suffix = output.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
@@ -433,9 +433,9 @@ def answer(
     decoded: Sequence[tuple[np.ndarray, str]],
     options: IdentifyOptions,
 ) -> list[dict[str, Any]]:
-    """One row per item: its input and source, top_k species and genera with their probabilities, the decision
-    and OOD score (seeds_tf.prediction.inference's ranking and trust, with the reference specimens'
-    evidence where the run has them, as the API answers), the run and engine; or its error.
+    """One row per item: its input and source, top_k species and genera with their probabilities,
+    the decision and OOD score (seeds_tf.prediction.inference's ranking and trust, with the reference
+    specimens' evidence where the run has them, as the API answers), the run and engine; or its error.
     `decoded` holds (pixels, error) of each item, the pixels resized to the run's image size (so
     inference.observe sends them to the engine as they are) and ignored where there is an error."""
     good = [index for index, (_, error) in enumerate(decoded) if not error]
