@@ -69,9 +69,14 @@ def _images(collection: Path) -> list[Path]:
     return sorted([linked, *(path for path in collection.rglob("*.jpg") if path not in hidden)])
 
 
-def test_a_folder_is_answered_as_the_api_answers_each_image(session_roots, tiny_run, collection, answered):
+def test_a_folder_is_answered_as_the_api_answers_each_image(
+    session_roots, tiny_run, collection, answered, caplog
+):
     summary, rows = answered
     images = _images(collection)
+    with caplog.at_level("WARNING", logger="seeds_tf.prediction.batch"):
+        assert len(batch.list_inputs(collection)) == len(images)
+    assert "Left out 1 files of" in caplog.text and "no images by their suffix (.txt: 1)" in caplog.text
     assert (summary.total, summary.done, summary.failed, summary.skipped) == (
         len(images),
         len(images) - 1,

@@ -184,7 +184,7 @@ def _folder_photos(folder: Path) -> list[Path]:
     above is no endless loop); hidden files and folders left out: a disk that has been on a Mac
     holds a `._IMG_0001.jpg` of metadata beside each photo, and a USB disk its deleted photos under
     `.Trash-1000/`: answered, they would double the failures or add photos thrown away."""
-    found, seen = [], set()
+    found, seen, others = [], set(), collections.Counter()
     for top, folders, names in os.walk(folder, followlinks=True):
         identity = os.stat(top)
         if (identity.st_dev, identity.st_ino) in seen:
@@ -192,8 +192,20 @@ def _folder_photos(folder: Path) -> list[Path]:
             continue
         seen.add((identity.st_dev, identity.st_ino))
         folders[:] = sorted(name for name in folders if not name.startswith("."))  # first seen, first kept
-        paths = (Path(top) / name for name in names if not name.startswith("."))
+        paths = [Path(top) / name for name in names if not name.startswith(".")]
         found += [path for path in paths if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+        others.update(
+            path.suffix.lower() or "no suffix" for path in paths if path.suffix.lower() not in IMAGE_SUFFIXES
+        )
+    if others:
+        # iPhone photos (.heic) and raw files (.cr2, .nef, .dng) are photos the user may count on.
+        _LOGGER.warning(
+            "Left out %d files of %s that are no images by their suffix (%s): the images are %s",
+            sum(others.values()),
+            folder,
+            ", ".join(f"{suffix}: {count}" for suffix, count in others.most_common()),
+            ", ".join(sorted(IMAGE_SUFFIXES)),
+        )
     return sorted(found)
 
 
