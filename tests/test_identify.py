@@ -157,9 +157,15 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
     list_file = tmp_path / "images.txt"
     listed = [images[0], collection / "box0" / "broken.jpg", *images[1:5], images[0]]  # one twice
     list_file.write_text("".join(f"{path}\n" for path in listed))
-    output = tmp_path / "answers.jsonl"
+    # A name with a glob's brackets: the temporaries a kill left of this output are removed, and
+    # those of answers1.jsonl, which the unescaped name matched, are another job's to keep.
+    output = tmp_path / "answers[1].jsonl"
+    stale, others = tmp_path / ".answers[1].jsonl.tmp", tmp_path / ".answers1.jsonl.tmp"
+    stale.touch()
+    others.touch()
     options = batch.IdentifyOptions(timestamp=tiny_run, top_k=3, chunk_size=4)
     first = batch.identify(session_roots, list_file, output, options)
+    assert not stale.exists() and others.exists()
     list_file.write_text(list_file.read_text() + f"{images[5]}\n")
     second = batch.identify(session_roots, list_file, output, options)
     assert (first.total, first.done, first.failed) == (6, 5, 1)  # a photo listed twice is one row

@@ -21,6 +21,7 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import glob
 import itertools
 import json
 import logging
@@ -91,7 +92,8 @@ class IdentifyOptions:
         top_k: species and genera per row. Defaults to 5.
         batch_size: images per call of the engine. Defaults to 64: large batches keep the engine
             busy, and 64 299-px images are 69 MB of float32.
-        chunk_size: rows per part file, the most a kill can lose. Defaults to 1024: a few seconds
+        chunk_size: rows per part file, the most a kill can lose (rows are made a batch at a time,
+            so it loses a batch where batch_size is the larger). Defaults to 1024: a few seconds
             to a minute of work, and a million images make about a thousand part files.
         fetch_threads: URLs downloaded at once. Defaults to 16: downloads wait on the network, not
             on the CPU, and each stays within the limits of `fetch_policy`.
@@ -585,7 +587,7 @@ class _Job:
         # A kill during an atomic write leaves its hidden temporary behind, and a kill after a merge
         # the parts it retired (see merge): never a part, and no use.
         for stale in itertools.chain(
-            self.parts.glob(".*"), self.output.parent.glob(f".{self.output.name}.*")
+            self.parts.glob(".*"), self.output.parent.glob(f".{glob.escape(self.output.name)}.*")
         ):
             if stale.is_dir():
                 shutil.rmtree(stale)
@@ -637,7 +639,8 @@ class _Job:
             raise InputError(
                 "output",
                 f"{str(self.output)!r} answers {record['input']!r} from {record['source']!r}, not "
-                f"{expected!r}: it is the output of other photos; name another output",
+                f"{expected!r}: it is the output of other photos, or of these photos in their former place "
+                "(mount them there again to resume); name another output",
             )
 
     def commit(self, rows: Sequence[dict[str, Any]]) -> None:
