@@ -149,6 +149,8 @@ def test_a_zero_fraction_writes_no_split_file_and_removes_a_stale_one(tmp_path):
         ({"Genus a": 3}, {}, "images_directory", "1 sub-folder(s) with images"),
         ({}, {}, "images_directory", "0 sub-folder(s)"),
         ({"Genus a": 3, " Genus b": 3}, {}, "images_directory", "cannot be written to a split file"),
+        # A Latin-1 folder name from an old archive: not UTF-8, so no split file can hold it.
+        ({"Genus a": 3, "Caf\udce9 b": 3}, {}, "images_directory", "characters that are not UTF-8"),
         ({"Genus a": 3, "Genus b": 3}, {"val_fraction": 0.6}, "val_fraction", "expected <= 0.5"),
         ({"Genus a": 3, "Genus b": 3}, {"test_fraction": -0.1}, "test_fraction", "expected >= 0.0"),
         ({"Genus a": 3, "Genus b": 3}, {"test_fraction": float("nan")}, "test_fraction", "expected >= 0.0"),

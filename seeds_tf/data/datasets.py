@@ -396,7 +396,10 @@ def _folder_problems(images_dir: Path, classes: dict[str, list[str]]) -> list[st
         problems.append(f"{images_dir} has {len(classes)} sub-folder(s) with images; at least 2 are needed")
     for name, paths in classes.items():
         problems += [
-            f"{text!r} cannot be written to a split file" for text in (name, *paths) if not listable(text)
+            f"{text!r} cannot be written to a split file: rename it without leading or trailing spaces, "
+            "tabs, line breaks or characters that are not UTF-8"
+            for text in (name, *paths)
+            if not listable(text)
         ]
     return problems
 

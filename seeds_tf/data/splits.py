@@ -253,7 +253,13 @@ def stratified_hold_out(
 
 
 def listable(text: str) -> bool:
-    """Whether text reads back unchanged from a split file, which strips lines and treats tabs as spaces."""
+    """Whether text reads back unchanged from a split file, which strips lines, treats tabs as spaces
+    and is UTF-8: a file name in another encoding (a Latin-1 'caf\\xe9.jpg' from an old archive),
+    which Python holds with surrogates, cannot be written to one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
     return text == text.strip() and len(text.splitlines()) == 1 and "\t" not in text
 
 
