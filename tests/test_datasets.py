@@ -421,3 +421,18 @@ def test_a_folder_with_one_class_is_reported(tmp_path):
         f"{tmp_path / 'images'} has 1 sub-folder(s) with images; at least 2 are needed"
     ]
     assert not report.ok
+
+
+def test_images_linked_from_outside_are_refused_by_the_check_and_the_split_alike(tmp_path):
+    """Reading a split refuses images that links lead out of the images folder; the folder check
+    said OK and the split wrote them, so the training stopped at 'points outside the images folder'."""
+    images = _folder_dataset(tmp_path, {"Genus a": 3})
+    (images / "Genus b").symlink_to(_folder_dataset(tmp_path / "elsewhere", {"Genus b": 3}) / "Genus b")
+    (images / "Genus c").symlink_to(images / "Genus a")  # a link that stays inside is fine
+
+    report = check_dataset(None, images)
+    assert report.images_per_class == {"all": {"Genus a": 3, "Genus b": 0, "Genus c": 3}}
+    assert "'Genus b/000.jpg' leads outside the images folder" in report.file_problems[0]
+    assert not report.ok
+    with pytest.raises(InputError, match="leads outside the images folder"):
+        split_folder_dataset(images, tmp_path / "splits")

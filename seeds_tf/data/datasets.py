@@ -231,7 +231,7 @@ def check_dataset(splits_dir: Path | None, images_dir: Path) -> DatasetReport:
         folders = _folder_classes(images_dir)
         scan = _Scan(tuple(folders), _folder_problems(images_dir, folders))
         for label, paths in enumerate(folders.values()):
-            scan.entries[ALL] += [(root / path, label) for path in paths]
+            scan.entries[ALL] += [(root / path, label) for path in paths if not _leads_out(root, path)]
         split_names: tuple[str, ...] = (ALL,)
     else:
         scan = _scan_split_files(splits_dir, root)
@@ -401,7 +401,25 @@ def _folder_problems(images_dir: Path, classes: dict[str, list[str]]) -> list[st
             for text in (name, *paths)
             if not listable(text)
         ]
-    return problems
+    return problems + _links_out(images_dir, classes)
+
+
+def _links_out(images_dir: Path, classes: dict[str, list[str]]) -> list[str]:
+    """The images that symbolic links lead out of images_dir: reading a split refuses them (the
+    data folder's guard, splits.entry_problems), so the folder check and split must refuse them too,
+    before any training, rather than write split files the training then stops at."""
+    root = images_dir.resolve()
+    return [
+        f"{path!r} leads outside the images folder {images_dir} (a symbolic link): copy the photos into it"
+        for paths in classes.values()
+        for path in paths
+        if _leads_out(root, path)
+    ]
+
+
+def _leads_out(root: Path, path: str) -> bool:
+    """Whether the image at `path` under the resolved images folder `root` lies outside it."""
+    return not (root / path).resolve().is_relative_to(root)
 
 
 def _check_split_options(fractions: dict[str, float], seed: int) -> None:
