@@ -436,3 +436,28 @@ def test_images_linked_from_outside_are_refused_by_the_check_and_the_split_alike
     assert not report.ok
     with pytest.raises(InputError, match="leads outside the images folder"):
         split_folder_dataset(images, tmp_path / "splits")
+
+
+def test_an_image_listed_twice_in_a_split_is_reported_and_fatal_with_two_labels(tmp_path):
+    """Merged lists repeat images; one listed as two species was trained as both while the check said OK."""
+    splits, images = _split_dataset(
+        tmp_path,
+        {
+            "classes.txt": "Genus a\nGenus b\n",
+            "train.txt": "a.jpg 0\nb.jpg 1\nc.jpg 1\n./a.jpg 0\nc.jpg 0\n",
+            "val.txt": "d.jpg 0\nd.jpg 0\n",
+        },
+        {name: _photo(seed) for seed, name in enumerate(("a.jpg", "b.jpg", "c.jpg", "d.jpg"))},
+    )
+    report = check_dataset(splits, images)
+    assert report.repeated == [
+        {"split": "train", "path": "a.jpg", "labels": [0, 0]},
+        {"split": "train", "path": "c.jpg", "labels": [1, 0]},
+        {"split": "val", "path": "d.jpg", "labels": [0, 0]},
+    ]
+    assert report.conflicting_labels == [report.repeated[1]]
+    assert not report.ok
+    assert "train.txt: c.jpg with labels 1, 0" in report.summary()
+
+    (splits / "train.txt").write_text("a.jpg 0\nb.jpg 1\nc.jpg 1\na.jpg 0\n")
+    assert check_dataset(splits, images).ok  # the same label twice only weighs an image double

@@ -144,6 +144,15 @@ class DatasetReport:
     classes, a repeated class name, an info.txt of the wrong length, a name a split file cannot hold."""
     unlabelled: dict[str, int] = dataclasses.field(default_factory=dict)
     """Split name -> usable images listed without labels, for a test.txt that omits them all."""
+    repeated: list[dict] = dataclasses.field(default_factory=list)
+    """{"split", "path", "labels"}: images listed more than once in one split (merged lists do it),
+    with the label of each listing. Different labels train one photo as several species (fatal); the
+    same label only weighs it double (not fatal)."""
+
+    @property
+    def conflicting_labels(self) -> list[dict]:
+        """The entries of `repeated` whose labels differ."""
+        return [entry for entry in self.repeated if len(set(entry["labels"])) > 1]
 
     @property
     def ok(self) -> bool:
@@ -156,6 +165,7 @@ class DatasetReport:
             or self.in_several_splits
             or self.empty_classes
             or self.file_problems
+            or self.conflicting_labels
         )
 
     def to_dict(self) -> dict:
@@ -199,6 +209,13 @@ class DatasetReport:
                 [f"{e['path']}: {', '.join(e['splits'])}" for e in self.in_several_splits],
             ),
             ("Classes without training images", self.empty_classes),
+            (
+                "Images listed more than once in a split (fatal where the labels differ)",
+                [
+                    f"{e['split']}.txt: {e['path']} with labels {', '.join(map(str, e['labels']))}"
+                    for e in self.repeated
+                ],
+            ),
             ("Identical images (not fatal)", [" = ".join(group) for group in self.duplicates]),
         ]
         for title, items in sections:
@@ -337,7 +354,21 @@ def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str
         outside=scan.outside,
         file_problems=scan.file_problems,
         unlabelled=dict(unlabelled),
+        repeated=[
+            {"split": split, "path": relative(image), "labels": labels}
+            for split in split_names
+            for image, labels in _labels_of(scan.entries[split]).items()
+            if len(labels) > 1
+        ],
     )
+
+
+def _labels_of(entries: list[tuple[Path, int | None]]) -> dict[Path, list[int | None]]:
+    """Each image of a split, with the label of each of its entries, in file order."""
+    labels: dict[Path, list[int | None]] = collections.defaultdict(list)
+    for image, label in entries:
+        labels[image].append(label)
+    return labels
 
 
 def _identical_groups(files: list[Path], threads: int = 8) -> list[list[Path]]:
