@@ -112,7 +112,7 @@ def test_tiny_classes_go_to_train_only_with_a_warning(tmp_path, caplog):
     assert "'Single one' has only 1 image(s)" in caplog.text
 
 
-def test_hidden_files_and_other_extensions_are_ignored(tmp_path):
+def test_hidden_files_and_other_extensions_are_ignored(tmp_path, caplog):
     images = tmp_path / "images"
     for name in ("a.jpg", "b.JPEG", "c.png", "d.webp", "e.tif", "f.TIFF", "g.bmp", "h.gif", "deep/i.jpg"):
         _write(images / "Genus a" / name, b"x")
@@ -124,8 +124,16 @@ def test_hidden_files_and_other_extensions_are_ignored(tmp_path):
     (images / "Empty folder").mkdir()
     _write(images / "Only notes" / "notes.txt", b"x")
 
-    destination = split_folder_dataset(images, tmp_path / "splits", val_fraction=0, test_fraction=0)
+    with caplog.at_level(logging.WARNING, logger="seeds_tf.data.datasets"):
+        destination = split_folder_dataset(images, tmp_path / "splits", val_fraction=0, test_fraction=0)
 
+    # iPhone (.heic) or raw photos, a species' folder of them: a botanist must hear what is left out.
+    report = check_dataset(None, images)
+    assert report.not_images == {".txt": 2, ".bak": 1, ".db": 1, ".raw": 1}
+    assert report.folders_without_images == ["Empty folder", "Only notes"]
+    assert "class folder without images: Only notes" in report.summary()
+    assert "left out class folder without images: Empty folder" in caplog.text
+    assert "(.txt: 2, .bak: 1, .db: 1, .raw: 1)" in caplog.text
     assert (destination / "classes.txt").read_text() == "Genus a\nGenus b\n"
     assert sorted(p.name for p in destination.iterdir()) == ["classes.txt", "train.txt"]
     train = (destination / "train.txt").read_text().splitlines()

@@ -98,6 +98,8 @@ def split_folder_dataset(
     problems = _folder_problems(images_dir, classes)
     if problems:
         raise InputError("images_directory", problems[0])
+    for line in _left_out_lines(*_left_out(images_dir)):
+        _LOGGER.warning("%s: left out %s", images_dir, line)
 
     entries: dict[str, list[tuple[str, int]]] = {name: [] for name in SPLIT_NAMES}
     for label, (name, paths) in enumerate(classes.items()):
@@ -144,6 +146,10 @@ class DatasetReport:
     classes, a repeated class name, an info.txt of the wrong length, a name a split file cannot hold."""
     unlabelled: dict[str, int] = dataclasses.field(default_factory=dict)
     """Split name -> usable images listed without labels, for a test.txt that omits them all."""
+    not_images: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Suffix -> files of the class folders left out as no images (a folder-per-class dataset): not fatal."""
+    folders_without_images: list[str] = dataclasses.field(default_factory=list)
+    """Class folders left out for holding no image (a folder-per-class dataset): not fatal."""
     repeated: list[dict] = dataclasses.field(default_factory=list)
     """{"split", "path", "labels"}: images listed more than once in one split (merged lists do it),
     with the label of each listing. Different labels train one photo as several species (fatal); the
@@ -217,6 +223,7 @@ class DatasetReport:
                 ],
             ),
             ("Identical images (not fatal)", [" = ".join(group) for group in self.duplicates]),
+            ("Left out (not fatal)", _left_out_lines(self.not_images, self.folders_without_images)),
         ]
         for title, items in sections:
             if items:
@@ -253,7 +260,11 @@ def check_dataset(splits_dir: Path | None, images_dir: Path) -> DatasetReport:
     else:
         scan = _scan_split_files(splits_dir, root)
         split_names = tuple(name for name in SPLIT_NAMES if name in scan.entries)
-    return _report(scan, root, split_names, empty_in=ALL if splits_dir is None else "train")
+    report = _report(scan, root, split_names, empty_in=ALL if splits_dir is None else "train")
+    if splits_dir is None:
+        not_images, without_images = _left_out(images_dir)
+        report = dataclasses.replace(report, not_images=not_images, folders_without_images=without_images)
+    return report
 
 
 @dataclasses.dataclass
@@ -401,13 +412,42 @@ def _class_folders(images_dir: Path) -> list[Path]:
     )
 
 
-def _images_in(folder: Path) -> Iterator[Path]:
-    """Image files under folder, at any depth, skipping hidden files and folders."""
+def _files_in(folder: Path) -> Iterator[Path]:
+    """Files under folder, at any depth, skipping hidden files and folders."""
     for parent, folders, names in os.walk(folder):
         folders[:] = [name for name in folders if not name.startswith(".")]
-        for name in names:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield Path(parent, name)
+        yield from (Path(parent, name) for name in names if not name.startswith("."))
+
+
+def _images_in(folder: Path) -> Iterator[Path]:
+    """Image files under folder, at any depth, skipping hidden files and folders."""
+    return (path for path in _files_in(folder) if path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _left_out(images_dir: Path) -> tuple[dict[str, int], list[str]]:
+    """What the folder layout leaves out that a botanist may count on: the files of the class folders
+    that are no images by their suffix (iPhone .heic, raw .cr2 photos), counted by suffix, and the
+    class folders without any image, whose species drops out of the classes."""
+    suffixes: collections.Counter[str] = collections.Counter()
+    without_images = []
+    for folder in _class_folders(images_dir):
+        found = [path.suffix.lower() for path in _files_in(folder)]
+        suffixes.update(suffix or "no suffix" for suffix in found if suffix not in IMAGE_EXTENSIONS)
+        if not IMAGE_EXTENSIONS.intersection(found):
+            without_images.append(folder.name)
+    return dict(sorted(suffixes.items(), key=lambda item: (-item[1], item[0]))), without_images
+
+
+def _left_out_lines(not_images: dict[str, int], folders_without_images: list[str]) -> list[str]:
+    """The report's and the folder split's account of what `_left_out` found."""
+    lines = [f"class folder without images: {name}" for name in folders_without_images]
+    if not_images:
+        counts = ", ".join(f"{suffix}: {count}" for suffix, count in not_images.items())
+        lines.append(
+            f"files that are no images by their suffix ({counts}); images are "
+            + ", ".join(sorted(IMAGE_EXTENSIONS))
+        )
+    return lines
 
 
 def _folder_classes(images_dir: Path) -> dict[str, list[str]]:
