@@ -189,7 +189,9 @@ def test_a_missing_images_folder_is_refused(tmp_path):
 
 def test_the_folder_layout_is_recognised(tmp_path):
     assert is_folder_dataset(_folder_dataset(tmp_path / "two", {"Genus a": 1, "Genus b": 1}))
-    assert not is_folder_dataset(_folder_dataset(tmp_path / "one", {"Genus a": 3}))
+    # One class folder, or the class folders nested in one: split_folder_dataset says what is wrong.
+    assert is_folder_dataset(_folder_dataset(tmp_path / "one", {"Genus a": 3}))
+    assert is_folder_dataset(_folder_dataset(tmp_path / "nested", {"Seeds/Genus a": 1, "Seeds/Genus b": 1}))
     flat = _write(tmp_path / "flat" / "a.jpg", b"x").parent
     _write(flat / "notes" / "a.txt", b"x")
     _write(flat / "more notes" / "b.txt", b"x")
@@ -426,7 +428,8 @@ def test_a_folder_with_one_class_is_reported(tmp_path):
     report = check_dataset(None, _folder_dataset(tmp_path, {"Genus a": 3}))
     assert isinstance(report, DatasetReport)
     assert report.file_problems == [
-        f"{tmp_path / 'images'} has 1 sub-folder(s) with images; at least 2 are needed"
+        f"{tmp_path / 'images'} has 1 sub-folder(s) with images ['Genus a']; at least 2 are needed, "
+        "one per class, right under it"
     ]
     assert not report.ok
 

@@ -62,11 +62,12 @@ def readable(split: Split) -> Split:
 
 
 def is_folder_dataset(images_dir: Path) -> bool:
-    """True when images_dir has at least two sub-folders containing images (the folder-per-class layout)."""
+    """True when images_dir has a sub-folder containing images: the folder-per-class layout, which
+    split_folder_dataset splits or refuses saying why (a single class folder, or the class folders
+    one level too deep in one), rather than a complaint about split files the user never meant to have."""
     if not images_dir.is_dir():
         return False
-    with_images = (folder for folder in _class_folders(images_dir) if next(_images_in(folder), None))
-    return next(with_images, None) is not None and next(with_images, None) is not None
+    return any(next(_images_in(folder), None) for folder in _class_folders(images_dir))
 
 
 def split_folder_dataset(
@@ -464,7 +465,10 @@ def _folder_problems(images_dir: Path, classes: dict[str, list[str]]) -> list[st
     """What keeps a folder-per-class dataset from being written as split files."""
     problems = []
     if len(classes) < 2:
-        problems.append(f"{images_dir} has {len(classes)} sub-folder(s) with images; at least 2 are needed")
+        problems.append(
+            f"{images_dir} has {len(classes)} sub-folder(s) with images {sorted(classes)}; at least 2 "
+            "are needed, one per class, right under it"
+        )
     for name, paths in classes.items():
         problems += [
             f"{text!r} cannot be written to a split file: rename it without leading or trailing spaces, "
