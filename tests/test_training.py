@@ -1,6 +1,7 @@
 """Training end to end on real images with the real Xception, at a tiny size."""
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -87,6 +88,33 @@ def test_a_split_naming_a_missing_image_fails_before_training(data_roots):
     train_txt.write_text(train_txt.read_text() + "Lens_culinaris/gone.jpg 4\n")
     with pytest.raises(InputError, match=r"missing image 'Lens_culinaris/gone\.jpg'"):
         training.train(config.RunConfig.from_options(**TINY_OPTIONS), data_roots)
+
+
+@pytest.mark.parametrize(
+    ("split", "relabel", "problem"),
+    [
+        ("test", False, r"'{image}' is listed in train and test"),
+        ("train", True, r"train.txt lists '{image}' with labels {label}, {other}"),
+    ],
+)
+def test_a_dataset_whose_figures_could_not_be_trusted_fails_before_training(
+    data_roots, split, relabel, problem
+):
+    """A training image also in test.txt inflated the run's test figures, and one listed twice with
+    two labels trained as two species: check-dataset called them fatal, the training went ahead."""
+    splits = data_roots.data / "tiny" / "dataset_files"
+    first = (splits / "train.txt").read_text().splitlines()[0]
+    image, label = first.rsplit(" ", 1)
+    other = (int(label) + 1) % 16 if relabel else int(label)
+    with open(splits / f"{split}.txt", "a") as listing:
+        listing.write(f"{image} {other}\n")
+    before = sorted(os.listdir(data_roots.models))
+    with pytest.raises(InputError) as raised:
+        training.train(config.RunConfig.from_options(**TINY_OPTIONS), data_roots)
+    assert raised.value.field == "splits_directory"
+    assert re.search(problem.format(image=re.escape(image), label=label, other=other), raised.value.problem)
+    assert "seeds-tf check-dataset lists every problem" in raised.value.problem
+    assert sorted(set(os.listdir(data_roots.models)) - {admission.LOCK_FILE}) == before
 
 
 def test_unreadable_images_are_skipped_and_counted(data_roots):

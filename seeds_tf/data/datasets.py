@@ -27,6 +27,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.data import images
 from seeds_tf.data.splits import (
     SPLIT_NAMES,
+    Dataset,
     Problem,
     Split,
     entry_problems,
@@ -328,11 +329,8 @@ def _entry(problem: Problem, **extra: object) -> dict:
 
 
 def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str) -> DatasetReport:
-    splits_of: dict[Path, list[str]] = collections.defaultdict(list)
-    for split in split_names:
-        for image, _ in scan.entries[split]:
-            if split not in splits_of[image]:
-                splits_of[image].append(split)
+    listed = {split: scan.entries[split] for split in split_names}
+    splits_of = _splits_of(listed)
     files = list(splits_of)
     unreadable = images.find_unreadable(files)
 
@@ -368,19 +366,54 @@ def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str
         unlabelled=dict(unlabelled),
         repeated=[
             {"split": split, "path": relative(image), "labels": labels}
-            for split in split_names
-            for image, labels in _labels_of(scan.entries[split]).items()
-            if len(labels) > 1
+            for split, image, labels in _repeated(listed)
         ],
     )
 
 
-def _labels_of(entries: list[tuple[Path, int | None]]) -> dict[Path, list[int | None]]:
-    """Each image of a split, with the label of each of its entries, in file order."""
-    labels: dict[Path, list[int | None]] = collections.defaultdict(list)
-    for image, label in entries:
-        labels[image].append(label)
-    return labels
+def mixing_problems(dataset: Dataset) -> list[str]:
+    """What check-dataset reports as fatal though every image reads: an image in several splits
+    (a test image the network trained on inflates the run's test figures, a validation one its
+    early stopping), and an image listed twice in one split with different labels (trained as two
+    species). The training refuses a dataset with any, before it starts.
+    """
+    listed = {
+        name: list(zip(split.paths, split.labels or [None] * len(split.paths), strict=True))
+        for name, split in dataset.splits.items()
+    }
+    root = dataset.images_dir.resolve()
+    return [
+        *(
+            f"{image.relative_to(root).as_posix()!r} is listed in {' and '.join(splits)}"
+            for image, splits in _splits_of(listed).items()
+            if len(splits) > 1
+        ),
+        *(
+            f"{split}.txt lists {image.relative_to(root).as_posix()!r} with labels "
+            f"{', '.join(map(str, labels))}"
+            for split, image, labels in _repeated(listed)
+            if len(set(labels)) > 1
+        ),
+    ]
+
+
+def _splits_of(listed: dict[str, list[tuple[Path, int | None]]]) -> dict[Path, list[str]]:
+    """Each image listed, with the splits that list it, in order."""
+    splits_of: dict[Path, list[str]] = collections.defaultdict(list)
+    for split, entries in listed.items():
+        for image, _ in entries:
+            if split not in splits_of[image]:
+                splits_of[image].append(split)
+    return splits_of
+
+
+def _repeated(listed: dict[str, list[tuple[Path, int | None]]]) -> Iterator[tuple[str, Path, list]]:
+    """(split, image, the label of each of its entries) of the images listed more than once in a split."""
+    for split, entries in listed.items():
+        labels: dict[Path, list[int | None]] = collections.defaultdict(list)
+        for image, label in entries:
+            labels[image].append(label)
+        yield from ((split, image, found) for image, found in labels.items() if len(found) > 1)
 
 
 def _identical_groups(files: list[Path], threads: int = 8) -> list[list[Path]]:

@@ -185,7 +185,16 @@ def _check_inputs(config: RunConfig, roots: Roots, staging: Path) -> tuple[Datas
             test_fraction=training.test_fraction,
             seed=training.seed,
         )
-    return read_dataset(splits_dir, images_dir), weights
+    dataset = read_dataset(splits_dir, images_dir)
+    problems = datasets.mixing_problems(dataset)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(
+            "splits_directory",
+            f"{splits_dir}: {problems[0]}{more}: the run's figures could not be trusted; "
+            "seeds-tf check-dataset lists every problem",
+        )
+    return dataset, weights
 
 
 def _hold_out_calibration(dataset: Dataset, training: TrainConfig, folder: Path) -> Dataset:
