@@ -74,6 +74,19 @@ def test_a_command_line_training_is_refused_while_a_server_has_admitted_one(data
     assert sorted(data_roots.data.iterdir()) == data_before  # no demo dataset generated
 
 
+@pytest.mark.parametrize("command", [["train", *train_flags(SMALL_OPTIONS)], ["demo", "--force"]])
+def test_a_models_folder_that_is_a_file_is_named_not_a_traceback(tmp_path, capsys, command):
+    """An operator's mistake (--models-dir naming a file) ended in a NotADirectoryError traceback."""
+    a_file = tmp_path / "models"
+    a_file.write_text("not a folder")
+    assert cli.main(["--quiet", "--models-dir", str(a_file), *command]) == 2
+    assert (
+        f"seeds-tf: error: models_dir: cannot write into the models folder {a_file} while writing "
+        f"{a_file / admission.LOCK_FILE}: Not a directory (ENOTDIR)"
+    ) in capsys.readouterr().err
+    assert a_file.read_text() == "not a folder"
+
+
 def test_a_run_that_would_not_fit_on_disk_is_refused_before_it_starts(data_roots, monkeypatch):
     before = sorted(path.name for path in data_roots.models.iterdir())
     free = shutil.disk_usage(data_roots.models)._replace(free=32 * 2**20)

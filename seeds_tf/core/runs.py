@@ -30,9 +30,11 @@ from seeds_tf.core.errors import InputError
 RUN_ID_FORMAT = "%Y-%m-%d_%H%M%S"
 _RUN_ID_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}_\d{6}")
 
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
 """OS errors that mean the models folder cannot take what is written: full disk, exhausted quota,
-file size limit, read-only file system, no permission."""
+file size limit, read-only file system, no permission, a file where the folder should be."""
 
 
 PROMOTED_FILE = "promoted.json"

@@ -81,9 +81,14 @@ def check_no_training(models_dir: Path) -> None:
     """Refuses, in the server process, a training request while a training runs.
 
     Raises:
-        InputError: naming `training`, as training_slot would.
+        InputError: naming `training`, as training_slot would; naming `models_dir`, when the models
+            folder is a file.
     """
-    with contextlib.suppress(FileNotFoundError), open(models_dir / LOCK_FILE) as lock:
+    with (
+        runs.storage_errors(models_dir),
+        contextlib.suppress(FileNotFoundError),
+        open(models_dir / LOCK_FILE) as lock,
+    ):
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as error:
