@@ -188,6 +188,20 @@ def test_a_run_without_a_test_split_is_exported_but_not_served_by_it(small, tmp_
     assert engine_choice.candidates(untested.exports_dir, engines.cpu_flags()) == ("keras",)
 
 
+def test_serve_refuses_an_export_seeds_tf_does_not_run_before_exporting(small, tmp_path):
+    """`--serve` on the SavedModel for TensorFlow Serving printed the export alone, as if it had
+    been checked and measured: it is refused, naming why, and nothing is written."""
+    roots, layout = small
+    spec = engines.export_spec("savedmodel", "fp32")
+    copy = Roots(data=roots.data, models=tmp_path / "models")
+    shutil.copytree(layout.root, copy.models / layout.run_id, ignore=shutil.ignore_patterns("exports"))
+    with pytest.raises(InputError) as refused:
+        export.export_run(copy, layout.run_id, spec, serve=True)
+    assert refused.value.field == "serve"
+    assert "savedmodel_fp32 is exported for TensorFlow Serving" in refused.value.problem
+    assert not (copy.models / layout.run_id / "exports").exists()
+
+
 def test_a_folder_export_replaces_one_an_earlier_export_left_half_replaced(tmp_path):
     """An export killed between its two renames leaves the old copy behind: the next one still
     lands (a rename onto a folder that is not empty would fail)."""

@@ -72,9 +72,17 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
         timings of the run's engines it was chosen by (`measured_ms`).
 
     Raises:
-        InputError: naming `serve`, with `serve`, for an export that agrees too little or a run
-            without a labelled test split to compare on (see `record_export`).
+        InputError: naming `serve`, with `serve`, for an export seeds_tf does not run (before
+            exporting anything), an export that agrees too little or a run without a labelled test
+            split to compare on (see `record_export`).
     """
+    if serve and not spec.serves:
+        # Nothing to check nor measure: refused before the export, not silently ignored after it.
+        raise InputError(
+            "serve",
+            f"{spec.name} is exported for TensorFlow Serving, not run by seeds_tf: engine=auto never "
+            "runs it, so there is nothing to check or measure; export it without --serve",
+        )
     layout = runs.resolve_run(roots.models, run_id, field="run")
     training = layout.config().training
     images_dir = roots.data_path(training.images_directory, "images_directory")
