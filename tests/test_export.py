@@ -4,6 +4,7 @@ fast to convert)."""
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,24 @@ def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported, tmp_path
     assert inference.load_run(plain, "best").engine("auto").name == "keras"  # exports are of final
     recorded = files.read_json(layout.exports_dir / runs.EXPORTS_INDEX)
     assert set(recorded["exports"]) == {"tflite_int8", "tflite_fp32"}
+
+
+def test_exports_made_side_by_side_record_the_figures_of_each(tmp_path):
+    """Two `seeds-tf export` of one run at once each read exports.json, added their figures and
+    wrote it: one export's figures were lost, and engine=auto silently never ran it."""
+    layout = runs.RunLayout(tmp_path / "run")
+    layout.exports_dir.mkdir(parents=True)
+
+    def record(tag: str) -> None:
+        for number in range(40):
+            export.record_export(layout, f"{tag}_{number}", {"agreement_top1": 1.0})
+
+    workers = [threading.Thread(target=record, args=(tag,)) for tag in "abcd"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(files.read_json(layout.exports_dir / runs.EXPORTS_INDEX)["exports"]) == 160
 
 
 def test_a_run_without_a_test_split_is_exported_but_not_served_by_it(small, tmp_path):

@@ -195,7 +195,7 @@ def choose_engine(
 
     if known := settled():
         return known
-    with _exclusive(exports_dir / f".{CHOICE_FILE}.lock"):
+    with exclusive(exports_dir / f".{CHOICE_FILE}.lock"):
         # A second worker starting beside the first waits here, then finds its choice.
         if known := settled():
             return known
@@ -280,9 +280,11 @@ def _record(exports_dir: Path, choice: EngineChoice) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
+def exclusive(lock: Path) -> Iterator[None]:
     """Holds an exclusive lock on the file `lock` for the block: the workers of one server (and the
-    servers sharing a run folder) measure one at a time. Without a writable folder, no lock."""
+    servers sharing a run folder) measure one at a time, and exports made side by side record their
+    figures one at a time (seeds_tf.prediction.export.record_export). Without a writable folder, no
+    lock."""
     try:
         handle = open(lock, "a")  # noqa: SIM115 - closed below, after the lock is released
     except OSError:

@@ -247,9 +247,11 @@ def record_export(
             `embeds`, the decision, or was compared on no images (its figures are recorded).
     """
     index = layout.exports_dir / runs.EXPORTS_INDEX
-    recorded = files.read_json(index) if index.is_file() else {}
-    recorded = {"exports": {**recorded.get("exports", {}), engine: figures}}
-    files.write_json(index, recorded)
+    # Read, add and write under a lock: two exports of the run made side by side kept one's figures.
+    with engine_choice.exclusive(index.with_name(f".{index.name}.lock")):
+        recorded = files.read_json(index) if index.is_file() else {}
+        recorded = {"exports": {**recorded.get("exports", {}), engine: figures}}
+        files.write_json(index, recorded)
     if serve and not figures:
         raise InputError(
             "serve",
