@@ -11,6 +11,7 @@ import pytest
 
 from seeds_tf.classifier.model import load_classifier
 from seeds_tf.core import files, runs
+from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from seeds_tf.learning import distribute, training
 from seeds_tf.learning.training import weights_digest
@@ -116,3 +117,25 @@ def test_roles_from_tf_config(monkeypatch, tf_config, multi_worker, chief):
         monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
     assert distribute.is_multi_worker() is multi_worker
     assert distribute.is_chief() is chief
+
+
+@pytest.mark.parametrize(
+    ("tf_config", "expected"),
+    [
+        ('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}', "is not JSON"),
+        ('["a:1", "b:1"]', "expected an object with a 'cluster' object"),
+        (json.dumps({"cluster": PAIR}), "worker 0..1"),
+        (json.dumps({"cluster": PAIR, "task": {"type": "worker", "index": 2}}), "worker 0..1"),
+        (json.dumps({"cluster": PAIR, "task": {"type": "chief", "index": 0}}), "worker 0..1"),
+        (json.dumps({"cluster": CHIEF_AND_WORKER, "task": {"type": "chief", "index": 1}}), "chief 0..0"),
+    ],
+)
+def test_a_mistaken_tf_config_is_refused_at_start_naming_it(monkeypatch, tf_config, expected):
+    """A TF_CONFIG with a typo, or whose task is not one of its cluster's, failed with a traceback
+    from json or TensorFlow's cluster resolver (and a worker took itself for no chief first)."""
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(InputError) as refused:
+        distribute.is_chief()
+    assert refused.value.field == "TF_CONFIG"
+    assert expected in refused.value.problem
+    assert tf_config in refused.value.problem

@@ -15,10 +15,45 @@ import tensorflow as tf
 from keras.src import tree
 from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 
+from seeds_tf.core.errors import InputError
+
+ROLES = ("chief", "worker")
+"""The task types of a MultiWorkerMirroredStrategy cluster."""
+
 
 def cluster_spec() -> dict:
-    """The `TF_CONFIG` of this process ({} when unset)."""
-    return json.loads(os.environ.get("TF_CONFIG") or "{}")
+    """The `TF_CONFIG` of this process ({} when unset).
+
+    Raises:
+        InputError: naming TF_CONFIG, for text that is not a JSON object, or a cluster of several
+            tasks whose `task` is not one of them: a clear refusal at start-up instead of a
+            traceback from json or from TensorFlow's cluster resolver.
+    """
+    text = os.environ.get("TF_CONFIG") or "{}"
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError("TF_CONFIG", f"is not JSON ({error}). Received: {text!r}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("cluster", {}), dict):
+        raise InputError("TF_CONFIG", f"expected an object with a 'cluster' object. Received: {text!r}")
+    cluster = spec.get("cluster", {})
+    if sum(len(cluster.get(role, [])) for role in ROLES) > 1:
+        _check_task(spec.get("task"), cluster, text)
+    return spec
+
+
+def _check_task(task: object, cluster: dict, text: str) -> None:
+    """Refuses a `task` that names no task of `cluster` (type chief or worker, an index in range)."""
+    roles = {role: len(cluster[role]) for role in ROLES if cluster.get(role)}
+    kind = task.get("type") if isinstance(task, dict) else None
+    index = str(task.get("index", 0)) if isinstance(task, dict) else ""
+    if kind not in roles or not index.isdigit() or int(index) >= roles[kind]:
+        tasks = ", ".join(f"{role} 0..{count - 1}" for role, count in roles.items())
+        raise InputError(
+            "TF_CONFIG",
+            f"expected a 'task' naming one of this cluster's tasks ({tasks}), e.g. "
+            f'{{"type": "{next(iter(roles))}", "index": 0}}. Received: {text!r}',
+        )
 
 
 def is_multi_worker() -> bool:
