@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import MODELS_ENV
 from seeds_tf.data.sources import ALLOW_ENV
-from seeds_tf.prediction import batch
+from seeds_tf.prediction import batch, batch_ray
 from tests.loopback import http_server
 
 _CLUSTER = """
@@ -137,3 +138,19 @@ def test_a_job_on_two_ray_nodes_writes_the_rows_one_machine_writes(
                 assert float(ray_row[column]) == pytest.approx(float(value), abs=1e-5), column
             else:
                 assert ray_row[column] == value, column
+
+
+@pytest.mark.parametrize(
+    ("node_cpus", "cpus_per_worker", "workers"),
+    [([1.0, 1.0], 1.0, 2), ([3.0, 3.0], 2.0, 2), ([4.0, 1.0], 0.5, 10), ([1.0, 1.0], 2.0, 0), ([], 1.0, 0)],
+)
+def test_workers_fit_on_one_node_each(node_cpus, cpus_per_worker, workers):
+    """--ray-cpus-per-worker 2 on a cluster of 1-CPU nodes waited forever ('pending: 2 CPU'), as
+    did the workers counted on the cluster's total beyond what its nodes hold: refused, naming it."""
+    if workers:
+        assert batch_ray.worker_count(node_cpus, cpus_per_worker, "head:6379") == workers
+        return
+    with pytest.raises(InputError) as refused:
+        batch_ray.worker_count(node_cpus, cpus_per_worker, "head:6379")
+    assert refused.value.field == "ray_cpus_per_worker"
+    assert f"no node of the Ray cluster at head:6379 has {cpus_per_worker:g} CPUs" in refused.value.problem

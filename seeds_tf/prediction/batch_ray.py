@@ -84,7 +84,8 @@ def _answer_on_ray(
         # Rows come back in the order of the inputs, as on one machine: the part files and the
         # output are then the same, and a resumed job skips a prefix of what it submits.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cluster.cpus_per_worker))
+        nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+        workers = worker_count(nodes, cluster.cpus_per_worker, cluster.address)
         threads = max(1, int(cluster.cpus_per_worker))
         batches = [
             items[start : start + options.batch_size] for start in range(0, len(items), options.batch_size)
@@ -128,6 +129,25 @@ def _answer_on_ray(
     finally:
         if connected_here:
             ray.shutdown()
+
+
+def worker_count(node_cpus: Sequence[float], cpus_per_worker: float, address: str) -> int:
+    """The workers of `cpus_per_worker` CPUs that the nodes (`node_cpus`, the CPUs of each) hold: a
+    worker runs on one node, so two nodes of 1 CPU hold no worker of 2. Counted on the whole
+    cluster's CPUs, such a job waited forever for a worker no node could start.
+
+    Raises:
+        InputError: naming `ray_cpus_per_worker`, when no node has that many CPUs.
+    """
+    count = sum(int(cpus // cpus_per_worker) for cpus in node_cpus)
+    if count == 0:
+        raise InputError(
+            "ray_cpus_per_worker",
+            f"no node of the Ray cluster at {address} has {cpus_per_worker:g} CPUs (its nodes have "
+            f"{', '.join(f'{cpus:g}' for cpus in node_cpus) or 'none'}): no worker could start. "
+            f"Received: {cpus_per_worker!r}",
+        )
+    return count
 
 
 class _Identifier:
