@@ -75,6 +75,25 @@ def test_the_measurement_decides(tmp_path, keras_engine, delay, expected):
         assert choice.ms["tflite_fp32"]["batch_1"] >= 1000 * delay
 
 
+def test_an_export_that_does_not_load_is_left_out(tmp_path, keras_engine, caplog):
+    """A truncated export (here an empty file, loaded by the real TFLite loader) made every request
+    for engine=auto fail ('The model is not a valid Flatbuffer buffer'): keras serves instead."""
+    layout = _exports(tmp_path, {"tflite_fp32": 1.0})
+
+    def load(name: str) -> engines.Engine:
+        return keras_engine if name == "keras" else engines.load_engine(name, None, layout.exports_dir)
+
+    choice = engine_choice.choose_engine(
+        layout.exports_dir, load, SIZE, flags=AVX2_CPU, signature="a", rounds=1
+    )
+    assert (choice.engine, choice.candidates, set(choice.ms)) == (
+        "keras",
+        ("keras", "tflite_fp32"),
+        {"keras"},
+    )
+    assert "engine=auto leaves out tflite_fp32" in caplog.text
+
+
 def test_the_choice_is_cached_per_cpu_signature(tmp_path, keras_engine):
     layout = _exports(tmp_path, {"tflite_fp32": 1.0})
     load = _Loader(keras_engine, {"tflite_fp32": 0.0})
