@@ -13,6 +13,7 @@ from seeds_tf import cli
 from seeds_tf.classifier import engines
 from seeds_tf.core import config
 from seeds_tf.core.errors import InputError
+from seeds_tf.prediction import inference
 
 
 def _export_flags() -> dict[str, tuple[str, ...]]:
@@ -93,3 +94,18 @@ def test_bf16_support_is_read_from_the_cpu_flags(flags, expected):
     cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
     assert engines.cpu_flags(cpuinfo) == frozenset(flags.split())
     assert engines.engine_spec("savedmodel_bf16").runs_natively(engines.cpu_flags(cpuinfo)) is expected
+
+
+def test_a_named_export_that_does_not_load_is_refused_naming_it(tmp_path):
+    """engine=tflite_fp32 on a run whose export is truncated (here empty) answered 500 with the
+    runtime's 'The model is not a valid Flatbuffer buffer'; it is refused, naming the export and
+    how to make it again. The export fails before the model is needed: the run has none here."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    engines.engine_spec("tflite_fp32").path(exports).touch()
+    run = inference.LoadedRun("2026-11-30_000000", "final", None, None, ("a", "b"), None, exports)
+    with pytest.raises(InputError) as refused:
+        run.engine("tflite_fp32")
+    assert refused.value.field == "engine"
+    assert "run 2026-11-30_000000's tflite_fp32 export does not load here" in refused.value.problem
+    assert "seeds-tf export 2026-11-30_000000 --format tflite --precision fp32" in refused.value.problem

@@ -125,14 +125,29 @@ class LoadedRun:
                     made = [
                         spec.name for spec in EXPORTS if spec.serves and spec.path(self.exports_dir).exists()
                     ]
-                    spec = engine_spec(name)
                     raise InputError(
                         "engine",
                         f"run {self.run_id} has no {name} export (made: {made or 'none'}); "
-                        f"make it with: seeds-tf export {self.run_id} --format {spec.format} "
-                        f"--precision {spec.precision}",
+                        f"make it with: {self._export_command(name)}",
+                    ) from None
+                except InputError:
+                    raise
+                except Exception as error:
+                    if name == "keras":
+                        raise
+                    # A truncated or foreign export failed the request with a 500: the caller named
+                    # it, and may name another, as for a broken run.
+                    raise InputError(
+                        "engine",
+                        f"run {self.run_id}'s {name} export does not load here ({error}); "
+                        f"make it again with: {self._export_command(name)}",
                     ) from None
             return self._engines[name]
+
+    def _export_command(self, name: str) -> str:
+        """The command that makes the export called `name` of this run."""
+        spec = engine_spec(name)
+        return f"seeds-tf export {self.run_id} --format {spec.format} --precision {spec.precision}"
 
 
 def default_engine(
