@@ -26,6 +26,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import MODELS_ENV
 from seeds_tf.data.sources import ALLOW_ENV
 from seeds_tf.prediction import batch, batch_ray
+from tests.deepaas_harness import free_port
 from tests.loopback import http_server
 
 _CLUSTER = """
@@ -154,3 +155,14 @@ def test_workers_fit_on_one_node_each(node_cpus, cpus_per_worker, workers):
         batch_ray.worker_count(node_cpus, cpus_per_worker, "head:6379")
     assert refused.value.field == "ray_cpus_per_worker"
     assert f"no node of the Ray cluster at head:6379 has {cpus_per_worker:g} CPUs" in refused.value.problem
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:{closed}", "ray://127.0.0.1:{closed}", "127.0.0.1", "head:port"]
+)
+def test_an_address_where_no_head_answers_is_refused_at_once(tmp_path, address):
+    """--ray 127.0.0.1:1 (no cluster there) loaded the run, listed the inputs, then ray.init retried
+    'Failed to connect to GCS' for minutes without an error: refused before the job starts."""
+    with pytest.raises(InputError) as refused:
+        batch_ray.ray_answerer(address.format(closed=free_port()), tmp_path)
+    assert refused.value.field == "ray"

@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import json
 import logging
+import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,29 @@ def ray_answerer(address: str, models_dir: Path, cpus_per_worker: float = 1.0) -
     that read runs from `models_dir`.
 
     Raises:
-        InputError: naming `ray_cpus_per_worker`, when it is not positive.
+        InputError: naming `ray_cpus_per_worker`, when it is not positive; naming `ray`, for an
+            address that is not host:port or auto, or whose head does not answer.
     """
     if not cpus_per_worker > 0:
         raise InputError("ray_cpus_per_worker", f"expected a positive number. Received: {cpus_per_worker!r}")
+    _check_head(address)
     return _OnRay(address, Path(models_dir).resolve(), cpus_per_worker)
+
+
+def _check_head(address: str, timeout_s: float = 10.0) -> None:
+    """Refuses, before the job lists its inputs and loads the run, an `address` whose head does not
+    accept a connection: ray.init retried such an address for minutes, without an error."""
+    if address == "auto":
+        return
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise InputError("ray", f"expected host:port of the cluster's head, or auto. Received: {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise InputError(
+            "ray", f"no Ray head answers at {address} ({error.strerror or error}): is the cluster started?"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
