@@ -263,6 +263,9 @@ def _train_cases() -> list[tuple[str, str, str]]:
         cases.append((name, "/etc/passwd", name))
     cases.append(("epochs", "-1", "epochs"))
     cases.append(("images_directory", "nowhere", "images_directory"))
+    # A weights file that is missing (or a folder) was accepted with a 200, and the training failed.
+    cases.append(("weights", "missing.weights.h5", "weights"))
+    cases.append(("weights", "", "weights"))
     cases.append(("resume", "..", "resume"))
     cases.append(("resume", "2000-01-01_000000", "resume"))  # the symbolic link out of models/
     return cases

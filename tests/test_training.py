@@ -70,7 +70,7 @@ def test_a_loaded_run_predicts_as_the_trained_model_evaluated(roots, tiny_run):
         ),
         ({"image_size": 64}, "image_size", "needs at least 71"),
         ({"mode": "fast"}, "mode", "pretrained weights"),
-        ({"weights": "missing.h5"}, "weights", "is none"),
+        ({"weights": "missing.h5"}, "weights", "'missing.h5' is not a file"),
     ],
 )
 def test_bad_training_inputs_fail_before_any_run_is_created(data_roots, overrides, field, problem):

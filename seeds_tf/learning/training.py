@@ -239,7 +239,8 @@ def _initial_weights(weights: str, roots: Roots) -> str | None:
         return weights
     path = roots.data_path(weights, "weights")
     if not path.is_file():
-        raise InputError("weights", f"expected 'imagenet', 'none' or a weights file; {path} is none")
+        problem = f"{weights!r} is not a file inside the data folder"
+        raise InputError("weights", f"expected 'imagenet', 'none' or a weights file; {problem}")
     return str(path)
 
 

@@ -289,13 +289,14 @@ def _interrupted_run(run_id: str) -> None:
             raise marshmallow.ValidationError(error.problem) from None
 
 
-def _data_path(field: str, must_be_folder: bool) -> Callable[[str], None]:
-    """Validates a path argument in the server process: inside the data folder (and a folder)."""
+def _data_path(field: str, must_be: str = "") -> Callable[[str], None]:
+    """Validates a path argument in the server process: inside the data folder, and a `must_be`
+    ("folder" or "file") when given."""
 
     def check(value: str) -> None:
         try:
             path = Roots.from_env().data_path(value, field)
-            is_folder = path.is_dir() if must_be_folder else True
+            found = {"folder": path.is_dir, "file": path.is_file}[must_be]() if must_be else True
         except InputError as error:
             raise marshmallow.ValidationError(error.problem) from None
         except (ValueError, OSError) as error:
@@ -303,15 +304,21 @@ def _data_path(field: str, must_be_folder: bool) -> Callable[[str], None]:
             # bytes (ENAMETOOLONG from is_dir). Uncaught here, webargs would answer 500.
             reason = getattr(error, "strerror", None) or str(error)
             raise marshmallow.ValidationError(f"{value!r} is not a valid path ({reason})") from None
-        if not is_folder:
-            raise marshmallow.ValidationError(f"{value!r} is not a folder inside the data folder")
+        if not found:
+            raise marshmallow.ValidationError(f"{value!r} is not a {must_be} inside the data folder")
 
     return check
 
 
 def _weights(value: str) -> None:
+    """Validates `weights` in the server process: the worker takes only these words or a file, and
+    a missing file was found there, once the request had been answered 200."""
     if value not in ("imagenet", "none"):
-        _data_path("weights", must_be_folder=False)(value)
+        try:
+            _data_path("weights", must_be="file")(value)
+        except marshmallow.ValidationError as error:
+            problem = f"expected 'imagenet', 'none' or a weights file; {error.messages[0]}"
+            raise marshmallow.ValidationError(problem) from None
 
 
 def _upload_destination(destination: str) -> None:
@@ -326,9 +333,9 @@ def _upload_destination(destination: str) -> None:
 
 _SERVER_CHECKS: dict[str, Callable[[str], None]] = {
     "timestamp": _existing_run,
-    "images_directory": _data_path("images_directory", must_be_folder=True),
+    "images_directory": _data_path("images_directory", must_be="folder"),
     # splits_directory may be absent: a folder-per-class dataset is split by the training itself.
-    "splits_directory": _data_path("splits_directory", must_be_folder=False),
+    "splits_directory": _data_path("splits_directory"),
     "weights": _weights,
     "resume": _interrupted_run,
     "upload_to": _upload_destination,
