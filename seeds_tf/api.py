@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from deepaas import config as deepaas_config
+from oslo_config import cfg
 
 from seeds_tf import __version__
 from seeds_tf.classifier import engine_choice
@@ -92,7 +94,7 @@ def get_metadata() -> dict[str, Any]:
         "url": "https://github.com/seeds-tf/seeds_tf",
         # DEEPaaS' own self link is replaced by these, so it is repeated; its schema wants a type.
         "links": [
-            {"rel": "self", "href": f"/v2/models/{MODEL_NAME}", "type": "application/json"},
+            {"rel": "self", "href": _self_href(), "type": "application/json"},
             {"rel": "source", "href": "https://github.com/seeds-tf/seeds_tf", "type": "text/html"},
             {
                 "rel": "predecessor",
@@ -108,6 +110,16 @@ def get_metadata() -> dict[str, Any]:
         "trainings_in_progress": runs.trainings_in_progress(models),
         "interrupted": runs.interrupted_runs(models),
     }
+
+
+def _self_href() -> str:
+    """This model's route, under deepaas-run's `--base-path`: a fixed `/v2/models/seeds_tf` was a
+    404 on a server started with one. deepaas-cli registers no such option (no route either)."""
+    try:
+        base = deepaas_config.CONF.base_path or ""
+    except cfg.NoSuchOptError:
+        base = ""
+    return f"{base.rstrip('/')}/v2/models/{MODEL_NAME}"
 
 
 def _auto_engine(models: Path, run_id: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The HTTP surface, through the real DEEPaaS app serving seeds_tf (aiohttp test client)."""
 
 import base64
+import contextlib
 import http.server
 import io
 import json
@@ -10,6 +11,8 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
+from deepaas import config as deepaas_config
+from oslo_config import cfg
 
 from seeds_tf import api
 from seeds_tf.core import files, runs
@@ -55,6 +58,19 @@ def test_the_model_is_listed_with_its_metadata(app, tiny_run):
     assert model["model"]["num_classes"] == 16
     assert "test_accuracy" in model["model"]["metrics"]
     assert app.request("GET", f"{MODEL_URL}/").json()["runs"] == [tiny_run]
+
+
+def test_the_self_link_is_under_the_base_path_deepaas_run_serves_at(empty_roots):
+    """It was `/v2/models/seeds_tf` whatever `deepaas-run --base-path /seeds` was given: a 404."""
+    conf = deepaas_config.CONF
+    with contextlib.suppress(cfg.DuplicateOptError):
+        conf.register_opt(cfg.StrOpt("base-path", default=""))  # as deepaas-run registers it
+    conf.set_override("base_path", "/seeds")
+    try:
+        links = {link["rel"]: link["href"] for link in api.get_metadata()["links"]}
+    finally:
+        conf.clear_override("base_path")
+    assert links["self"] == f"/seeds{MODEL_URL}"
 
 
 def test_swagger_documents_the_arguments(app):
