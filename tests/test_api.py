@@ -213,7 +213,13 @@ def test_resume_finishes_an_interrupted_run_with_its_own_config(app, interrupted
     conf = layout.conf_file.read_bytes()
     backed_up = files.read_json(layout.backup_state)["epoch"]
     done_before = files.read_json(layout.stats_file)["epochs"][:backed_up]
-    resumed = app.train(resume=layout.run_id)
+    # An option it would ignore is refused (it trained 2 epochs, and the status echoed `epochs: 5`);
+    # one at its default (the Swagger UI sends them all) or at the run's own value is not.
+    ignored = app.train(resume=layout.run_id, epochs=5)
+    assert ignored.status == 422, ignored.body
+    assert ignored.json()["field"] == "epochs"
+    assert "its own epochs, 2: 5 would be ignored" in ignored.json()["message"]
+    resumed = app.train(resume=layout.run_id, epochs=2, modelname="Xception")
     assert resumed.status == 200, resumed.body
     status = app.wait_for_training(resumed.json()["uuid"])
     assert status["status"] == "done", status

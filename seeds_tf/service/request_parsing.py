@@ -65,13 +65,14 @@ def error_text(field: str, problem: str) -> str:
     return json.dumps({"message": f"{field}: {problem}", "field": field})
 
 
-def install(admit_training: Callable[[], Callable[[], None]] | None = None) -> None:
+def install(admit_training: Callable[[dict], Callable[[], None]] | None = None) -> None:
     """Wraps webargs' aiohttp parser and DEEPaaS' v2 app and training handler, once per process.
 
     Args:
-        admit_training: called for a POST train whose arguments are valid, just before DEEPaaS queues
-            it; it returns the release, called once the training has ended (done, failed or
-            cancelled). An InputError it raises answers the request with a 409 naming its field.
+        admit_training: called with the arguments of a POST train whose arguments are each valid,
+            just before DEEPaaS queues it; it returns the release, called once the training has
+            ended (done, failed or cancelled). An InputError it raises answers the request naming
+            its field: a 409 for `training`, a 507 for `models_dir`, a 422 for an argument.
             Defaults to None (every training is queued).
     """
     parser_class = aiohttpparser.AIOHTTPParser
@@ -299,7 +300,11 @@ def _with_status_first(get_handler: Callable) -> Callable:
     return get_handler_with_status_first
 
 
-def _with_admission(get_handler: Callable, admit: Callable[[], Callable[[], None]]) -> Callable:
+_REFUSALS = {"training": web.HTTPConflict, "models_dir": web.HTTPInsufficientStorage}
+"""The status of a training the admission refuses, by the field it names (422 for an argument)."""
+
+
+def _with_admission(get_handler: Callable, admit: Callable[[dict], Callable[[], None]]) -> Callable:
     """DEEPaaS' training handler factory, its handler admitting each training with `admit`."""
 
     def get_admitting_handler(model_name, model_obj):
@@ -308,10 +313,9 @@ def _with_admission(get_handler: Callable, admit: Callable[[], Callable[[], None
         def admitted_train(**args) -> asyncio.Task:
             # Synchronous from the admission to the queued task: no other request runs in between.
             try:
-                release = admit()
+                release = admit(args)
             except InputError as error:
-                # Another training (409), or a models folder the server cannot write (507).
-                refusal = web.HTTPConflict if error.field == "training" else web.HTTPInsufficientStorage
+                refusal = _REFUSALS.get(error.field, web.HTTPUnprocessableEntity)
                 raise _error(refusal, error.field, error.problem) from None
             try:
                 task = model_obj.train(**args)
