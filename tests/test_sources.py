@@ -612,6 +612,17 @@ def test_data_uri_refusals(uri, expected):
     assert expected in caught.value.problem
 
 
+def test_a_data_uri_wrapped_over_lines_or_with_spaces_for_its_plus_signs_is_one_image():
+    """`curl -d data=...` sends each `+` as a space, the `base64` command wraps its output: both were
+    split into pieces and refused as 'more than 8 images in one request'."""
+    data = bytes(range(256)) * 40  # its base64 has `+` and `/`, and wraps over 183 lines
+    plain = _data_uri(data)
+    sent_as_form = plain.replace("+", " ")
+    wrapped = "data:image/png;base64," + base64.encodebytes(data).decode()
+    images = sources.gather_images([], "", f"{sent_as_form}\n{wrapped}  {plain} ", LOOPBACK)
+    assert [(image.name, image.data) for image in images] == [(f"data URI {i}", data) for i in (1, 2, 3)]
+
+
 def test_data_uri_size_limit():
     assert decode_data_uri(_data_uri(bytes(11)), max_bytes=11) == bytes(11)
     with pytest.raises(InputError, match="is too large: more than 11 bytes"):
@@ -641,7 +652,7 @@ def test_images_are_counted_before_a_huge_field_is_split(field):
     of items (which would cost hundreds of MiB): the call allocates almost nothing."""
     import tracemalloc
 
-    huge = "x " * (5 * 1024 * 1024)
+    huge = "x " * (5 * 1024 * 1024) if field == "urls" else "data:x " * (1536 * 1024)
     tracemalloc.start()
     try:
         with pytest.raises(InputError, match="more than 8 images in one request"):

@@ -176,7 +176,7 @@ def gather_images(
     Args:
         uploads: the uploaded files, already read.
         urls: http(s) URLs separated by whitespace or commas.
-        data_uris: base64 data URIs separated by whitespace.
+        data_uris: base64 data URIs separated by whitespace (split only before `data:`).
         policy: the limits of URL fetching.
         max_images: refuse requests with more images than this, before fetching anything.
 
@@ -184,7 +184,7 @@ def gather_images(
         InputError: for no image at all, too many, or any URL or data URI that fails.
     """
     limit = max_images + 1  # counting stops one past the limit: enough to refuse
-    count = len(uploads) + _count(_URL_SEPARATED, urls, limit) + _count(_SPACE_SEPARATED, data_uris, limit)
+    count = len(uploads) + _count(_URL_SEPARATED, urls, limit) + _count_data_uris(data_uris, limit)
     if count == 0:
         raise InputError("image", "no image: upload one (image), or give urls or data")
     if count > max_images:
@@ -198,7 +198,7 @@ def gather_images(
         with concurrent.futures.ThreadPoolExecutor(len(url_list)) as pool:
             bodies = pool.map(lambda url: fetch_image_bytes(url, policy, "urls"), url_list)
             fetched = [Upload(url, body, "urls") for url, body in zip(url_list, bodies, strict=True)]
-    uri_list = _SPACE_SEPARATED.findall(data_uris)
+    uri_list = _DATA_URI_SEPARATOR.split(data_uris.strip()) if data_uris.strip() else []
     decoded = [
         Upload(f"data URI {i + 1}", decode_data_uri(uri, "data"), "data") for i, uri in enumerate(uri_list)
     ]
@@ -209,12 +209,23 @@ MAX_URL_LENGTH = 2048
 """Longest URL accepted (browsers and servers refuse longer ones anyway)."""
 
 _URL_SEPARATED = re.compile(r"[^\s,]+")
-_SPACE_SEPARATED = re.compile(r"\S+")
+_DATA_URI_SEPARATOR = re.compile(r"(?<=\S)\s++(?=data:)", re.IGNORECASE)
+"""Whitespace between two data URIs: only before `data:`, so that a payload wrapped over lines (the
+`base64` command's output) or holding spaces (each `+` of a form body sent unencoded, `curl -d`)
+stays one URI; it was split into pieces, refused as 'more than 8 images'. The lookbehind and the
+possessive quantifier keep the search linear over any run of whitespace."""
 
 
 def _count(pattern: re.Pattern, text: str, limit: int) -> int:
     """How many items `pattern` finds in `text`, counting no further than `limit`."""
     return sum(1 for _ in itertools.islice(pattern.finditer(text), limit))
+
+
+def _count_data_uris(text: str, limit: int) -> int:
+    """How many data URIs the `data` field holds (_DATA_URI_SEPARATOR), counting no further than `limit`."""
+    if not text or text.isspace():
+        return 0
+    return 1 + _count(_DATA_URI_SEPARATOR, text, limit - 1)
 
 
 def decode_data_uri(uri: str, field: str = "image", max_bytes: int = MAX_BYTES) -> bytes:
@@ -233,7 +244,8 @@ def decode_data_uri(uri: str, field: str = "image", max_bytes: int = MAX_BYTES) 
         raise InputError(field, f"{shown} is not base64-encoded (';base64' is missing)")
     if not media_type.strip().lower().startswith("image/"):
         raise InputError(field, f"{shown} has media type {media_type!r}, not an image type")
-    compact = "".join(payload.split())
+    # Spaces in base64 are the `+` of a form body sent unencoded; other whitespace wraps lines.
+    compact = "".join(payload.strip().replace(" ", "+").split())
     # 4 characters encode 3 bytes: refuse oversized payloads before spending memory on decoding them.
     if len(compact) > 4 * math.ceil(max_bytes / 3):
         raise InputError(field, f"{shown} is too large: more than {max_bytes} bytes")
