@@ -185,6 +185,12 @@ def test_a_cancelled_training_is_never_offered(app, service, photo):
     cancelled = app.request("DELETE", f"{MODEL_URL}/train/{uuid}")
     assert cancelled.status == 200, cancelled.body
     assert (cancelled.json()["status"], cancelled.json()["uuid"]) == ("cancelled", uuid)
+    # Its status and the list of trainings still say so (DEEPaaS forgot it: a 404 and no entry).
+    assert app.request("GET", f"{MODEL_URL}/train/{uuid}").json()["status"] == "cancelled"
+    listed = {
+        training["uuid"]: training["status"] for training in app.request("GET", f"{MODEL_URL}/train/").json()
+    }
+    assert listed[uuid] == "cancelled"
     assert set(runs.complete_runs(roots.models)) == before
     assert started in runs.incomplete_runs(roots.models)
     listing = app.request("GET", f"{MODEL_URL}/").json()

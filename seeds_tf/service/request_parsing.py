@@ -29,7 +29,8 @@ can be fixed in predict or train:
 - a training's status lists `status` (and its `result` or `message`) first, not after the echo of
   every argument;
 - a cancelled training's status is "cancelled": DEEPaaS ends it by killing its worker, which leaves
-  the task with no result, and its status builder then failed (a 500 answered the DELETE).
+  the task with no result, and its status builder then failed (a 500 answered the DELETE); and it
+  stays listed, and answers its GET, after the DELETE (DEEPaaS forgot it: a 404).
 `install()` wraps webargs' parser and two functions of DEEPaaS 2.6 (setup.cfg keeps it below 2.7)
 once per process; valid requests are untouched.
 """
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import types
 from collections.abc import Callable, Sequence
@@ -295,6 +297,7 @@ def _with_status_first(get_handler: Callable) -> Callable:
             return {**{key: answer[key] for key in _LEADING if key in answer}, **answer}
 
         handler.build_train_response = build_train_response  # its methods call it through self
+        handler.delete = _keeping_the_cancelled(handler)
         return handler
 
     return get_handler_with_status_first
@@ -302,6 +305,25 @@ def _with_status_first(get_handler: Callable) -> Callable:
 
 _REFUSALS = {"training": web.HTTPConflict, "models_dir": web.HTTPInsufficientStorage}
 """The status of a training the admission refuses, by the field it names (422 for an argument)."""
+
+
+def _keeping_the_cancelled(handler) -> Callable:
+    """DEEPaaS' DELETE of a training, which then stays listed with its final status: DEEPaaS 2.6
+    dropped it, so its GET answered 404 right after a DELETE had answered "cancelled", and the
+    list of trainings forgot it."""
+    delete = handler.delete
+
+    @functools.wraps(delete)  # with the OpenAPI description aiohttp-apispec attached to it
+    async def delete_and_keep(request: web.Request) -> web.StreamResponse:
+        uuid = request.match_info["uuid"]
+        training = handler._trainings.get(uuid)
+        try:
+            return await delete(request)
+        finally:
+            if training is not None:
+                handler._trainings[uuid] = training
+
+    return delete_and_keep
 
 
 def _with_admission(get_handler: Callable, admit: Callable[[dict], Callable[[], None]]) -> Callable:
