@@ -22,7 +22,8 @@ can be fixed in predict or train:
   (`top-k=3`, `epoch=5`) would be ignored: the client gets a 422 naming it instead; and it reads one
   value of an argument sent twice (two files under `image`, `top_k` in the query and the form),
   silently dropping the other: the client gets a 422 naming it instead; and it ignores a header
-  argument (`accept`) sent in the query string or body: a 422 naming it too;
+  argument (`accept`) sent in the query string or body: a 422 naming it too; and it reads nothing
+  from a JSON body that is not an object (`[{"epochs": 1}]` started a default training): a 400;
 - DEEPaaS queues every training for a worker, which checks nothing before it starts: each POST train
   is admitted (or refused with a 409) in the request, by a reservation taken just before DEEPaaS
   queues the training, with no await in between, and released when the training ends;
@@ -218,7 +219,11 @@ def _specificity(range_kind: str, range_subtype: str, kind: str, subtype: str) -
 
 async def _sent_names(request: web.Request) -> collections.Counter[str]:
     """The argument names a request sends in its query string and form or JSON body, each with the
-    number of times it is sent (a multidict's items, not its keys, repeat a name sent twice)."""
+    number of times it is sent (a multidict's items, not its keys, repeat a name sent twice).
+
+    Raises:
+        HTTPBadRequest: naming `body`, for a JSON body that is not an object.
+    """
     names = collections.Counter(name for name, _ in request.query.items())
     if request.content_type in _FORMS and request.body_exists:
         form = await request.post()  # aiohttp parses the body once and keeps it
@@ -227,10 +232,21 @@ async def _sent_names(request: web.Request) -> collections.Counter[str]:
         try:
             body = await request.json()
         except ValueError:
-            body = None
-        if isinstance(body, dict):
-            names.update(body.keys())
+            return names  # webargs has answered 400 already
+        if not isinstance(body, dict):
+            # webargs reads no argument from it: `[{"epochs": 1}]` started a default training.
+            problem = f"expected a JSON object of arguments, not {_shown(body)}"
+            raise _error(web.HTTPBadRequest, "body", problem)
+        names.update(body.keys())
     return names
+
+
+def _shown(value) -> str:
+    """The start of a JSON value, for a message: `an array [1, 2]`."""
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    kind = kinds.get(type(value), "a number")
+    text = json.dumps(value)
+    return kind if value is None else f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def _invalid_arguments(error, request, schema, error_status_code=None, error_headers=None):
