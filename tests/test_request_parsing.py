@@ -246,6 +246,15 @@ def test_a_json_body_that_is_not_an_object_of_arguments_is_a_400_naming_the_body
     assert_client_error(answer, 400, "body", problem)
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", None])
+def test_a_body_neither_a_form_nor_json_is_a_415_naming_the_body(app, content_type):
+    """webargs read nothing from it: JSON sent as text/plain, or with no type (as
+    `requests.post(url, data=json.dumps(...))` sends it), started a default training."""
+    headers = {"Content-Type": content_type or ""}
+    answer = app.request("POST", TRAIN, headers=headers, data=b'{"epochs": 1, "weights": "none"}')
+    assert_client_error(answer, 415, "body", "is not read", "application/json")
+
+
 def test_a_body_over_the_size_limit_is_a_413_naming_the_body(app):
     form = aiohttp.FormData()
     form.add_field("image", io.BytesIO(b"x" * (CLIENT_MAX_SIZE + 1)), filename="big.jpg")

@@ -23,7 +23,8 @@ can be fixed in predict or train:
   value of an argument sent twice (two files under `image`, `top_k` in the query and the form),
   silently dropping the other: the client gets a 422 naming it instead; and it ignores a header
   argument (`accept`) sent in the query string or body: a 422 naming it too; and it reads nothing
-  from a JSON body that is not an object (`[{"epochs": 1}]` started a default training): a 400;
+  from a JSON body that is not an object (`[{"epochs": 1}]` started a default training): a 400, nor
+  from a body neither a form nor JSON (JSON sent as text/plain): a 415;
 - DEEPaaS queues every training for a worker, which checks nothing before it starts: each POST train
   is admitted (or refused with a 409) in the request, by a reservation taken just before DEEPaaS
   queues the training, with no await in between, and released when the training ends;
@@ -223,6 +224,7 @@ async def _sent_names(request: web.Request) -> collections.Counter[str]:
 
     Raises:
         HTTPBadRequest: naming `body`, for a JSON body that is not an object.
+        HTTPUnsupportedMediaType: naming `body`, for a body neither a form nor JSON.
     """
     names = collections.Counter(name for name, _ in request.query.items())
     if request.content_type in _FORMS and request.body_exists:
@@ -238,6 +240,14 @@ async def _sent_names(request: web.Request) -> collections.Counter[str]:
             problem = f"expected a JSON object of arguments, not {_shown(body)}"
             raise _error(web.HTTPBadRequest, "body", problem)
         names.update(body.keys())
+    elif request.body_exists:
+        # webargs reads no argument from it: a JSON body sent as text/plain, or with no type
+        # (`requests.post(url, data=json.dumps(...))`), started a default training.
+        problem = (
+            f"a body of type {request.content_type!r} is not read: send the arguments as a form, "
+            "as a JSON object with 'Content-Type: application/json', or in the query string"
+        )
+        raise _error(web.HTTPUnsupportedMediaType, "body", problem)
     return names
 
 
