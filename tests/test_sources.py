@@ -665,6 +665,14 @@ def test_images_are_counted_before_a_huge_field_is_split(field):
     assert peak < 1024 * 1024
 
 
+def test_a_comma_inside_a_url_is_kept_and_one_between_urls_separates(server):
+    """Image CDNs put commas in their URLs (`/upload/w_300,h_200/seed.jpg`): the URL was cut there."""
+    first, second = server.url("/seed.png?w_300,h_200"), server.url("/seed.jpg")
+    images = sources.gather_images([], f"{first},{second}, ", "", LOOPBACK)
+    assert [image.name for image in images] == [first, second]
+    assert sorted(path for path, _ in server.seen) == ["/seed.jpg", "/seed.png?w_300,h_200"]
+
+
 def test_an_overlong_url_is_refused_before_fetching(server):
     url = server.url("/seed.png?" + "a" * sources.MAX_URL_LENGTH)
     with pytest.raises(InputError, match="the limit is 2048") as caught:

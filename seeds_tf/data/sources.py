@@ -175,7 +175,7 @@ def gather_images(
 
     Args:
         uploads: the uploaded files, already read.
-        urls: http(s) URLs separated by whitespace or commas.
+        urls: http(s) URLs separated by whitespace or commas (_URL_SEPARATED).
         data_uris: base64 data URIs separated by whitespace (split only before `data:`).
         policy: the limits of URL fetching.
         max_images: refuse requests with more images than this, before fetching anything.
@@ -208,7 +208,10 @@ def gather_images(
 MAX_URL_LENGTH = 2048
 """Longest URL accepted (browsers and servers refuse longer ones anyway)."""
 
-_URL_SEPARATED = re.compile(r"[^\s,]+")
+_URL_SEPARATED = re.compile(r"(?:[^\s,]|,(?![\s,]|\Z|[A-Za-z][A-Za-z0-9+.-]*://))+")
+"""A URL of the `urls` field: a comma separates two only before whitespace, another comma, the end
+or a scheme (`a.jpg,https://b.jpg`); one inside a URL, as image CDNs put in their paths
+(`/upload/w_300,h_200/seed.jpg`), is kept: the URL was cut there, and its first part fetched."""
 _DATA_URI_SEPARATOR = re.compile(r"(?<=\S)\s++(?=data:)", re.IGNORECASE)
 """Whitespace between two data URIs: only before `data:`, so that a payload wrapped over lines (the
 `base64` command's output) or holding spaces (each `+` of a form body sent unencoded, `curl -d`)
