@@ -16,7 +16,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +38,6 @@ from seeds_tf.data.splits import (
 )
 
 _LOGGER = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
-"""File name endings (any case) taken for images in a folder-per-class dataset."""
 
 ALL = "all"
 """The pseudo-split of a folder-per-class dataset in a `DatasetReport`."""
@@ -446,41 +442,25 @@ def _class_folders(images_dir: Path) -> list[Path]:
     )
 
 
-def _files_in(folder: Path) -> Iterator[Path]:
-    """Files under folder, at any depth, skipping hidden files and folders."""
-    for parent, folders, names in os.walk(folder):
-        folders[:] = [name for name in folders if not name.startswith(".")]
-        yield from (Path(parent, name) for name in names if not name.startswith("."))
-
-
 def _images_in(folder: Path) -> Iterator[Path]:
-    """Image files under folder, at any depth, skipping hidden files and folders."""
-    return (path for path in _files_in(folder) if path.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files under folder, at any depth (images.files_under: no hidden ones, no links followed)."""
+    return (path for path in images.files_under(folder) if images.is_image_name(path))
 
 
 def _left_out(images_dir: Path) -> tuple[dict[str, int], list[str]]:
     """What the folder layout leaves out that a botanist may count on: the files of the class folders
-    that are no images by their suffix (iPhone .heic, raw .cr2 photos), counted by suffix, and the
-    class folders without any image, whose species drops out of the classes."""
-    suffixes: collections.Counter[str] = collections.Counter()
-    without_images = []
-    for folder in _class_folders(images_dir):
-        found = [path.suffix.lower() for path in _files_in(folder)]
-        suffixes.update(suffix or "no suffix" for suffix in found if suffix not in IMAGE_EXTENSIONS)
-        if not IMAGE_EXTENSIONS.intersection(found):
-            without_images.append(folder.name)
-    return dict(sorted(suffixes.items(), key=lambda item: (-item[1], item[0]))), without_images
+    that are no images by their suffix (images.not_images), and the class folders without any
+    image, whose species drops out of the classes."""
+    files = {folder.name: list(images.files_under(folder)) for folder in _class_folders(images_dir)}
+    without_images = [name for name, found in files.items() if not any(map(images.is_image_name, found))]
+    return images.not_images(path for found in files.values() for path in found), without_images
 
 
 def _left_out_lines(not_images: dict[str, int], folders_without_images: list[str]) -> list[str]:
     """The report's and the folder split's account of what `_left_out` found."""
     lines = [f"class folder without images: {name}" for name in folders_without_images]
     if not_images:
-        counts = ", ".join(f"{suffix}: {count}" for suffix, count in not_images.items())
-        lines.append(
-            f"files that are no images by their suffix ({counts}); images are "
-            + ", ".join(sorted(IMAGE_EXTENSIONS))
-        )
+        lines.append(f"files that are {images.not_images_text(not_images)}")
     return lines
 
 

@@ -6,12 +6,14 @@ the pixels a trained model sees at prediction time are computed exactly as durin
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import io
+import os
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +40,10 @@ FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 """The only formats handed to a decoder. Pillow knows dozens more; some decode in slow pure Python
 (a small upload can hold a worker for many seconds) and PostScript goes to Ghostscript, so nothing
 else is even identified."""
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+"""File name endings (any case) taken for images where a folder is read (a dataset's class folders,
+an identify job's collection): those of FORMATS. Other files are left out, and counted (not_images)."""
 
 
 def decode_image(
@@ -194,6 +200,43 @@ def _decoding_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
         groups[-1].append(index)
         total += size
     return groups
+
+
+def files_under(folder: Path, *, follow_links: bool = False) -> Iterator[Path]:
+    """The files under `folder`, at any depth, folders in name order, hidden files and folders left
+    out: a disk that has been on a Mac holds a `._IMG_0001.jpg` of metadata beside each photo, and a
+    USB disk its deleted photos under `.Trash-1000/`. With `follow_links`, symbolic links to folders
+    are followed (a collection gathered from several disks), each folder once: a link back up is no
+    endless loop."""
+    seen = set()
+    for top, folders, names in os.walk(folder, followlinks=follow_links):
+        identity = os.stat(top)
+        if (identity.st_dev, identity.st_ino) in seen:
+            folders.clear()
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # first seen, first kept
+        yield from (Path(top, name) for name in names if not name.startswith("."))
+
+
+def is_image_name(path: Path) -> bool:
+    """Whether the file name ends in one of IMAGE_SUFFIXES."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def not_images(paths: Iterable[Path]) -> dict[str, int]:
+    """The files of `paths` that are no images by their suffix, by suffix ("no suffix"), most first."""
+    counts = collections.Counter(
+        path.suffix.lower() or "no suffix" for path in paths if not is_image_name(path)
+    )
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def not_images_text(counts: Mapping[str, int]) -> str:
+    """`counts` of not_images for a message: iPhone .heic and raw .cr2 photos, left out by their
+    suffix, are photos a user may count on."""
+    listed = ", ".join(f"{suffix}: {count}" for suffix, count in counts.items())
+    return f"no images by their suffix ({listed}); images are {', '.join(sorted(IMAGE_SUFFIXES))}"
 
 
 def read_image(path: Path) -> np.ndarray:

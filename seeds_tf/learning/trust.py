@@ -17,8 +17,7 @@ import numpy as np
 from seeds_tf.core import files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
-from seeds_tf.data import datasets
-from seeds_tf.data.datasets import IMAGE_EXTENSIONS
+from seeds_tf.data import datasets, images
 from seeds_tf.data.splits import Split, read_split
 from seeds_tf.learning.calibrate import evidence_of
 from seeds_tf.learning.evaluation import predict_split
@@ -92,7 +91,7 @@ def evaluate_trust(
 
 def _unseen_split(name: str, folder: Path) -> Split:
     paths = sorted(
-        path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+        path for path in images.files_under(Path(folder)) if images.is_image_name(path) and path.is_file()
     )
     if not paths:
         raise InputError("unseen", f"{name}: no images in {folder}")

@@ -25,7 +25,6 @@ import glob
 import itertools
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -43,9 +42,6 @@ from seeds_tf.data import images, pipeline, sources
 from seeds_tf.prediction import inference
 
 _LOGGER = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
-"""File suffixes (any case) a folder's images are found by: the formats seeds_tf.data.images reads."""
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -181,34 +177,19 @@ def list_inputs(source: Path) -> list[Item]:
 
 
 def _folder_photos(folder: Path) -> list[Path]:
-    """The image files (by IMAGE_SUFFIXES) under `folder`, sorted, through symbolic links to folders
-    (a collection gathered from several disks by links), each folder once (a link back to a folder
-    above is no endless loop); hidden files and folders left out: a disk that has been on a Mac
-    holds a `._IMG_0001.jpg` of metadata beside each photo, and a USB disk its deleted photos under
-    `.Trash-1000/`: answered, they would double the failures or add photos thrown away."""
-    found, seen, others = [], set(), collections.Counter()
-    for top, folders, names in os.walk(folder, followlinks=True):
-        identity = os.stat(top)
-        if (identity.st_dev, identity.st_ino) in seen:
-            folders.clear()
-            continue
-        seen.add((identity.st_dev, identity.st_ino))
-        folders[:] = sorted(name for name in folders if not name.startswith("."))  # first seen, first kept
-        paths = [Path(top) / name for name in names if not name.startswith(".")]
-        found += [path for path in paths if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
-        others.update(
-            path.suffix.lower() or "no suffix" for path in paths if path.suffix.lower() not in IMAGE_SUFFIXES
-        )
+    """The image files under `folder`, sorted: images.files_under, through symbolic links to folders
+    (a collection gathered from several disks by links); hidden files left out, answered they would
+    double the failures (a Mac's `._IMG_0001.jpg`) or add photos thrown away (`.Trash-1000/`)."""
+    paths = list(images.files_under(folder, follow_links=True))
+    others = images.not_images(paths)
     if others:
-        # iPhone photos (.heic) and raw files (.cr2, .nef, .dng) are photos the user may count on.
         _LOGGER.warning(
-            "Left out %d files of %s that are no images by their suffix (%s): the images are %s",
+            "Left out %d files of %s that are %s",
             sum(others.values()),
             folder,
-            ", ".join(f"{suffix}: {count}" for suffix, count in others.most_common()),
-            ", ".join(sorted(IMAGE_SUFFIXES)),
+            images.not_images_text(others),
         )
-    return sorted(found)
+    return sorted(path for path in paths if images.is_image_name(path) and path.is_file())
 
 
 def _manifest_entries(path: Path) -> list[str]:
