@@ -34,6 +34,7 @@ from seeds_tf.data.splits import (
     listable,
     parse_split_file,
     read_labels,
+    within,
     write_split_files,
 )
 
@@ -253,7 +254,7 @@ def check_dataset(splits_dir: Path | None, images_dir: Path) -> DatasetReport:
         folders = _folder_classes(images_dir)
         scan = _Scan(tuple(folders), _folder_problems(images_dir, folders))
         for label, paths in enumerate(folders.values()):
-            scan.entries[ALL] += [(root / path, label) for path in paths if not _leads_out(root, path)]
+            scan.entries[ALL] += [(root / path, label) for path in paths if within(root, path) is not None]
         split_names: tuple[str, ...] = (ALL,)
     else:
         scan = _scan_split_files(splits_dir, root)
@@ -501,13 +502,8 @@ def _links_out(images_dir: Path, classes: dict[str, list[str]]) -> list[str]:
         f"{path!r} leads outside the images folder {images_dir} (a symbolic link): copy the photos into it"
         for paths in classes.values()
         for path in paths
-        if _leads_out(root, path)
+        if within(root, path) is None
     ]
-
-
-def _leads_out(root: Path, path: str) -> bool:
-    """Whether the image at `path` under the resolved images folder `root` lies outside it."""
-    return not (root / path).resolve().is_relative_to(root)
 
 
 def _check_split_options(fractions: dict[str, float], seed: int) -> None:

@@ -151,11 +151,19 @@ def entry_problems(
         elif label is not None and not 0 <= label < num_classes:
             message = f"{split}.txt entry {line} has label {label}, outside 0..{num_classes - 1}"
             yield Problem("label", message, label=label, **entry)
-        image = (root / relative).resolve()
-        if not image.is_relative_to(root):
+        image = within(root, relative)
+        if image is None:
             yield Problem("outside", f"{split}.txt entry {line} points outside the images folder", **entry)
         elif not image.is_file():
             yield Problem("missing", f"{split}.txt entry {line} names a missing image {relative!r}", **entry)
+
+
+def within(root: Path, relative: str) -> Path | None:
+    """The image at `relative` under the resolved images folder `root`, resolved; None when it lies
+    outside (`..`, or a symbolic link leading out): the data folder's guard, for split files and
+    class folders alike."""
+    image = (root / relative).resolve()
+    return image if image.is_relative_to(root) else None
 
 
 def read_split(path: Path, name: str, images_dir: Path, num_classes: int, field: str) -> Split:
