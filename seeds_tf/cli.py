@@ -15,7 +15,8 @@
     seeds-tf healthcheck                             # exit 1 when the service cannot predict in time
     seeds-tf promote 2026-11-21_215742               # the run served when a request names none
 
-Mistakes in the input end with a message naming the argument and exit status 2.
+Mistakes in the input end with a message naming the argument and exit status 2; a failure found
+later (an unhealthy service, an identify job of which every image failed) with exit status 1.
 """
 
 from __future__ import annotations
@@ -128,7 +129,16 @@ def _identify(args: argparse.Namespace, roots: Roots):
         from seeds_tf.prediction import batch_ray
 
         answerer = batch_ray.ray_answerer(args.ray, roots.models, args.ray_cpus_per_worker)
-    return batch.identify(roots, args.input, args.output, options, answerer).to_dict()
+    summary = batch.identify(roots, args.input, args.output, options, answerer)
+    if summary.answered_none:  # a script must not take a job that answered nothing for done
+        print(json.dumps(summary.to_dict(), indent=2))
+        print(
+            f"seeds-tf: error: every one of the {summary.failed} images failed: "
+            f"see the error column of {str(args.output)!r}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    return summary.to_dict()
 
 
 def _demo(args: argparse.Namespace, roots: Roots):

@@ -21,6 +21,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
+from seeds_tf import cli
 from seeds_tf.core import config
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import MODELS_ENV
@@ -156,7 +157,9 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
     images = _images(collection)
     list_file = tmp_path / "images.txt"
     listed = [images[0], collection / "box0" / "broken.jpg", *images[1:5], images[0]]  # one twice
-    list_file.write_text("".join(f"{path}\n" for path in listed))
+    # A comment and a blank line are no entries; a photo named #1.jpg is listed as ./#1.jpg.
+    shutil.copy(images[5], tmp_path / "#1.jpg")
+    list_file.write_text("# seeds of 2024\n\n" + "".join(f"{path}\n" for path in listed))
     # A name with a glob's brackets: the temporaries a kill left of this output are removed, and
     # those of answers1.jsonl, which the unescaped name matched, are another job's to keep.
     output = tmp_path / "answers[1].jsonl"
@@ -166,12 +169,12 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
     options = batch.IdentifyOptions(timestamp=tiny_run, top_k=3, chunk_size=4)
     first = batch.identify(session_roots, list_file, output, options)
     assert not stale.exists() and others.exists()
-    list_file.write_text(list_file.read_text() + f"{images[5]}\n")
+    list_file.write_text(list_file.read_text() + "./#1.jpg\n")
     second = batch.identify(session_roots, list_file, output, options)
     assert (first.total, first.done, first.failed) == (6, 5, 1)  # a photo listed twice is one row
     assert (second.skipped, second.done, second.failed) == (5, 1, 1)  # the failure is retried
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert sorted(row["input"] for row in rows) == sorted(set(list_file.read_text().split()))
+    assert sorted(row["input"] for row in rows) == sorted({*map(str, listed), "./#1.jpg"})
 
     other = tmp_path / "other.jsonl"
     other.write_text(
@@ -190,6 +193,29 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
         batch.identify(session_roots, list_file, tmp_path / "folder.csv", options)
     with pytest.raises(InputError, match=r"output: cannot write .*images.txt/answers.csv': Not a directory"):
         batch.identify(session_roots, list_file, list_file / "answers.csv", options)
+
+
+def test_a_job_of_which_every_image_failed_exits_1_after_its_summary(
+    session_roots, tiny_run, collection, tmp_path, capsys
+):
+    """Paths relative to the wrong folder fail every row: a script must not take that for done."""
+    list_file = tmp_path / "images.txt"
+    list_file.write_text("box0/broken.jpg\nbox1/0000.jpg\n")  # relative to the collection, not here
+    output = tmp_path / "answers.csv"
+    argv = ["--models-dir", str(session_roots.models), "identify", str(list_file), "--output", str(output)]
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*argv, "--run", tiny_run])
+    assert exited.value.code == 1
+    printed, errors = capsys.readouterr()
+    assert (json.loads(printed)["done"], json.loads(printed)["failed"]) == (0, 2)
+    assert f"every one of the 2 images failed: see the error column of {str(output)!r}" in errors
+    with open(output, newline="") as stream:
+        assert all("No such file or directory" in row["error"] for row in csv.DictReader(stream))
+
+    list_file.write_text(f"box0/broken.jpg\n{_images(collection)[0]}\n")
+    assert cli.main([*argv, "--run", tiny_run]) == 0  # answers in the output: a job done, failures as rows
+    summary = json.loads(capsys.readouterr()[0])
+    assert (summary["done"], summary["failed"]) == (1, 1)
 
 
 def test_names_that_are_not_utf8_are_answered_kept_and_resumed(session_roots, tiny_run, collection, tmp_path):

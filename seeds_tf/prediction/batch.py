@@ -135,6 +135,11 @@ class Summary:
     seconds: float
 
     @property
+    def answered_none(self) -> bool:
+        """Every image failed and none was answered before: the output holds no answer."""
+        return self.failed > 0 and not (self.done or self.skipped)
+
+    @property
     def images_per_s(self) -> float:
         return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
@@ -151,7 +156,8 @@ def list_inputs(source: Path) -> list[Item]:
 
     `source` is a folder (its image files, recursively: see _folder_photos), a CSV manifest
     (suffix .csv, a header with a `path` and/or `url` column) or a list file (one path or URL a
-    line), each entry once. Relative paths in a list or manifest are relative to the file's folder.
+    line; blank lines and lines starting with # are skipped, as rsync's --files-from skips them),
+    each entry once. Relative paths in a list or manifest are relative to the file's folder.
 
     Raises:
         InputError: naming `input`, for a source that does not exist, a manifest without a path or
@@ -161,11 +167,7 @@ def list_inputs(source: Path) -> list[Item]:
         found = _folder_photos(source)
         items = [Item(path.relative_to(source).as_posix(), str(path.resolve())) for path in found]
     elif source.is_file():
-        entries = (
-            _manifest_entries(source)
-            if source.suffix.lower() == ".csv"
-            else files.read_lines(source, errors=NAMES_ERRORS)
-        )
+        entries = _manifest_entries(source) if source.suffix.lower() == ".csv" else _list_entries(source)
         # An entry listed twice (a manifest's duplicate rows) is one image, answered once: its
         # output has one row per input, and the summary counts what the output holds.
         items = list(dict.fromkeys(_item(entry, source.parent) for entry in entries))
@@ -190,6 +192,12 @@ def _folder_photos(folder: Path) -> list[Path]:
             images.not_images_text(others),
         )
     return sorted(path for path in paths if images.is_image_name(path) and path.is_file())
+
+
+def _list_entries(path: Path) -> list[str]:
+    # A comment (`# photos of 2024`) answered would be a failed row; a photo whose name starts
+    # with # is listed as ./#name.
+    return [line for line in files.read_lines(path, errors=NAMES_ERRORS) if not line.startswith("#")]
 
 
 def _manifest_entries(path: Path) -> list[str]:
