@@ -35,6 +35,12 @@ def test_grayscale_and_16_bit_are_scaled_to_8_bit_rgb():
     deep.save(buffer, format="PNG")
     decoded = images.decode_image(buffer.getvalue(), "image", "deep.png")
     assert np.abs(decoded[..., 0].astype(int) - PHOTO[..., 0]).max() <= 1
+    # A 32-bit scan (TIFF mode I) was clipped as if 16-bit: all but its darkest pixels white.
+    deeper = PIL.Image.fromarray(PHOTO[..., 0].astype(np.int32) * 8_000_000)
+    assert deeper.mode == "I"
+    decoded = images.decode_image(encode(np.asarray(deeper), "TIFF"), "image", "scan.tif")
+    expected = PHOTO[..., 0] * (255 / PHOTO[..., 0].max())
+    assert np.abs(decoded[..., 0] - expected).max() <= 1
 
 
 def test_transparent_pixels_are_laid_on_white():

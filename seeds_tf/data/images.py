@@ -282,12 +282,14 @@ def _problem_of(path: Path) -> str | None:
 
 
 def _to_rgb(image: PIL.Image.Image) -> np.ndarray:
-    """Converts any Pillow mode to 8-bit RGB: 16-bit and float images are scaled, not clipped, and
-    transparent pixels are laid on white (the usual background of seed photos)."""
+    """Converts any Pillow mode to 8-bit RGB: 16-bit, 32-bit and float images are scaled, not
+    clipped, and transparent pixels are laid on white (the usual background of seed photos)."""
     if image.mode.startswith("I") or image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float32)
-        # Integer modes hold 16-bit samples; float images have no fixed range, so use their peak.
-        peak = max(pixels.max(), 1e-12) if image.mode == "F" else 65535.0
+        pixels = np.asarray(image, dtype=np.float64)
+        # 16-bit samples (modes I;16*, and mode I where a format stores them so) span 0-65535; a
+        # 32-bit scan or a float image has no fixed range, so it is scaled by its peak.
+        fits_16_bit = image.mode != "F" and pixels.max() <= 65535.0
+        peak = 65535.0 if fits_16_bit else max(pixels.max(), 1e-12)
         gray = np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
