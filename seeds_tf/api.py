@@ -44,29 +44,9 @@ def _admit_a_training(args: dict[str, Any]) -> Callable[[], None]:
     the release of the admission."""
     models = Roots.from_env().models
     if args.get("resume"):
-        _refuse_options_a_resume_ignores(models, args)
+        resumed = runs.resolve_interrupted_run(models, args["resume"])
+        config.RunConfig.from_options(**args).check_resume_of(resumed.config())
     return admission.reserve_training(models)
-
-
-def _refuse_options_a_resume_ignores(models: Path, args: dict[str, Any]) -> None:
-    """A resumed run trains with its own configuration: `resume=X&epochs=50` trained X's epochs,
-    and the training's status echoed `epochs: 50`. An option left at its default (the Swagger UI
-    sends them all) or given the run's own value is no mistake.
-
-    Raises:
-        InputError: naming the first option (in config.yaml's order) with another value.
-    """
-    run_id = args["resume"]
-    own = runs.resolve_interrupted_run(models, run_id).config().to_dict()
-    for section in config.RUN_SECTIONS:
-        for name, spec in config.option_specs(section).items():
-            value, kept = args.get(name, spec.default), own[section][name]
-            if name != "resume" and value not in (spec.default, kept):
-                problem = (
-                    f"resume={run_id} continues that run with its own {name}, {kept!r}: "
-                    f"{value!r} would be ignored; leave {name} out, or start a new run"
-                )
-                raise InputError(name, problem)
 
 
 dependency_warnings.silence_deprecations()

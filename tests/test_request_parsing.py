@@ -75,6 +75,17 @@ def test_an_empty_form_body_leaves_the_arguments_to_the_query_string(app):
     assert_client_error(answer, 422, "data", "image")
 
 
+def test_an_empty_value_is_the_argument_left_out(app, photo):
+    """The Swagger UI's "Send empty value" sends `top_k=`: it got a 422 "Not a valid integer"."""
+    in_the_form = app.predict({"image": ("seed.jpg", photo)}, top_k="", tta="", engine="", timestamp="")
+    in_the_query = app.request(
+        "POST", PREDICT, params={"top_k": "", "tta": ""}, data={"data": "", "urls": ""}
+    )
+    assert in_the_form.status == 200, in_the_form.body
+    assert (len(in_the_form.json()["results"][0]["species"]), in_the_form.json()["tta"]) == (5, "none")
+    assert_client_error(in_the_query, 422, "image", "no image: upload one (image), or give urls or data")
+
+
 def test_urls_and_data_uris_are_still_read_from_a_json_body_or_the_query_string(app, photo):
     """They are documented in the form body; clients that send them elsewhere, as before, still can."""
     uri = "data:image/jpeg;base64," + base64.b64encode(photo).decode()

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from seeds_tf import cli
 from seeds_tf.classifier.model import build_classifier
 from seeds_tf.core import config, files, runs
 from seeds_tf.learning import training
@@ -117,22 +118,25 @@ def _seeds_tf(*arguments: str, env: dict | None = None, **kwargs) -> subprocess.
     )
 
 
-def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
+def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours, capsys):
     run_id = interrupted_run(colours.models, {**COLOURS, "epochs": 3})
     assert run_id not in runs.complete_runs(colours.models)
     assert run_id in runs.incomplete_runs(colours.models)
     layout = runs.RunLayout(colours.models / run_id)
     conf = layout.conf_file.read_bytes()
 
+    # The run trains with its own options: one it would ignore is refused (it was dropped silently).
+    assert cli.main(["--quiet", "train", "--resume", run_id, "--epochs", "50"]) == 2
+    ignored = f"epochs: resume={run_id} continues that run with its own epochs, 3: 50 would be ignored"
+    assert ignored in capsys.readouterr().err
     # Resumed, and killed again once its last epoch is done, before the run is complete (while its
     # final model is saved, evaluated, indexed and calibrated).
-    resumed_then_killed = {"resume": run_id, "epochs": 50}  # the run's own epochs win
-    assert interrupted_run(colours.models, resumed_then_killed, marker="ckpts/final.keras") == run_id
+    assert interrupted_run(colours.models, {"resume": run_id}, marker="ckpts/final.keras") == run_id
     trained = files.read_json(layout.stats_file)["epochs"]
     assert [e["epoch"] for e in trained] == [1, 2, 3]
     assert not layout.is_complete()
 
-    resumed = _seeds_tf("train", "--resume", run_id, "--epochs", "50")
+    resumed = _seeds_tf("train", "--resume", run_id, "--epochs", "3")  # its own value: no mistake
     output, errors = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, errors
     assert json.loads(output)["run_id"] == run_id
@@ -144,10 +148,8 @@ def test_a_killed_training_resumes_and_finishes_with_its_own_config(colours):
     assert layout.config().training.epochs == 3
     assert layout.is_complete()
 
-    again = _seeds_tf("train", "--resume", run_id)
-    _, errors = again.communicate(timeout=120)
-    assert again.returncode == 2
-    assert "is complete" in errors
+    assert cli.main(["--quiet", "train", "--resume", run_id]) == 2
+    assert "is complete" in capsys.readouterr().err
 
 
 def test_a_resumed_run_replaces_best_only_with_an_epoch_better_than_all_before(tmp_path):

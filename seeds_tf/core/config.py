@@ -184,6 +184,27 @@ class RunConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {section: dataclasses.asdict(getattr(self, section)) for section in RUN_SECTIONS}
 
+    def check_resume_of(self, own: RunConfig) -> None:
+        """Refuses options of a resume (`self`) that the resumed run, which trains with its own
+        configuration (`own`), would ignore: `resume=X&epochs=50` trained X's epochs, and the
+        answer echoed `epochs: 50`. An option at its default (the Swagger UI sends them all) or at
+        the run's own value is no mistake.
+
+        Raises:
+            InputError: naming the first option (in config.yaml's order) with another value.
+        """
+        asked, kept = self.to_dict(), own.to_dict()
+        run_id = self.training.resume
+        for section in RUN_SECTIONS:
+            for name, spec in option_specs(section).items():
+                value = asked[section][name]
+                if name != "resume" and value not in (spec.default, kept[section][name]):
+                    problem = (
+                        f"resume={run_id} continues that run with its own {name}, {kept[section][name]!r}: "
+                        f"{value!r} would be ignored; leave {name} out, or start a new run"
+                    )
+                    raise InputError(name, problem)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Mapping[str, Any]]) -> RunConfig:
         """Reads a saved run config; options added since it was saved take their defaults.

@@ -112,7 +112,7 @@ def _train_or_resume(
 ) -> TrainResult:
     if config.training.resume:
         with runs.storage_errors(roots.models):
-            return _resume(config.training.resume, roots, strategy, candidate)
+            return _resume(config, roots, strategy, candidate)
     with tempfile.TemporaryDirectory(prefix="seeds_tf_splits_") as staging:
         dataset, weights = _check_inputs(config, roots, Path(staging))
         dataset = _hold_out_calibration(dataset, config.training, Path(staging) / CALIBRATION_SPLIT)
@@ -294,8 +294,13 @@ def _parameter_count(model: ModelConfig, num_classes: int) -> int:
     return build_classifier(small, num_classes).count_params()
 
 
-def _resume(run_id: str, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool) -> TrainResult:
-    """Continues an interrupted run with its own configuration and split files."""
+def _resume(
+    requested: RunConfig, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool
+) -> TrainResult:
+    """Continues an interrupted run with its own configuration and split files; `requested`, the
+    options of the resume, may ask for nothing else (RunConfig.check_resume_of)."""
+    run_id = requested.training.resume
+    requested.check_resume_of(runs.resolve_interrupted_run(roots.models, run_id).config())
     with _run_folder(roots, resume=run_id) as layout:
         config = layout.config()
         images_dir = roots.data_path(config.training.images_directory, "images_directory")

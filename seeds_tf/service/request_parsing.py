@@ -16,6 +16,10 @@ can be fixed in predict or train:
   fraction is refused for an integer argument, with the 422 "1.5" gets in a form;
 - an empty body is an empty form: the Swagger UI's predict with no file chosen sends multipart with no
   boundary, and gets the model's "no image" answer instead of a 400 about the boundary;
+- an empty value in the query string or a form, for an argument it cannot be a value of (a number,
+  a boolean, one of a list of choices), is the argument left out, so it takes its default: the
+  Swagger UI's "Send empty value" sends `top_k=`, which got a 422 "Not a valid integer" (an empty
+  free text, such as `weights=`, stays a value, checked as any other);
 - a malformed multipart body (no boundary, a truncated part, a control character in a name) makes
   aiohttp raise inside webargs' form parsing, and the client got a 500: it gets a 400 instead;
 - webargs 5 reads only the declared arguments and silently drops the others, so a misspelt option
@@ -49,7 +53,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import http_exceptions, web
 from deepaas.api import v2
 from deepaas.api.v2 import train as v2_train
-from marshmallow import fields
+from marshmallow import fields, validate
 from webargs import aiohttpparser, core
 
 from seeds_tf.core.errors import InputError
@@ -101,7 +105,7 @@ def install(admit_training: Callable[[dict], Callable[[], None]] | None = None) 
                 value = await parse_form(parser, request, name, field)
             except (ValueError, LookupError, http_exceptions.HttpProcessingError) as error:
                 raise _error(web.HTTPBadRequest, "body", f"malformed form body: {error}") from None
-            if value is not core.missing:
+            if value is not core.missing and not _left_out(value, field):
                 return value
         value = parser.parse_querystring(request, name, field)
         return await parser.parse_json(request, name, field) if value is core.missing else value
@@ -133,6 +137,7 @@ def install(admit_training: Callable[[dict], Callable[[], None]] | None = None) 
     strict_parse.seeds_tf_strict = True
     parser_class.parse = strict_parse
     parser_class.parse_form = checked_parse_form
+    parser_class.parse_querystring = _without_empty_values(parser_class.parse_querystring)
     parser_class.parse_headers = negotiated_parse_headers
     parser_class.parse_json = whole_parse_json
     parser_class.handle_invalid_json_error = _invalid_json
@@ -141,6 +146,22 @@ def install(admit_training: Callable[[dict], Callable[[], None]] | None = None) 
     v2_train._get_handler = _with_status_first(v2_train._get_handler)
     if admit_training is not None:
         v2_train._get_handler = _with_admission(v2_train._get_handler, admit_training)
+
+
+def _without_empty_values(parse_querystring: Callable) -> Callable:
+    def present_parse_querystring(parser, request, name, field):
+        value = parse_querystring(parser, request, name, field)
+        return core.missing if _left_out(value, field) else value
+
+    return present_parse_querystring
+
+
+def _left_out(value, field: fields.Field) -> bool:
+    """An empty value where it cannot be one: a number, a boolean, one of a list of choices."""
+    if value != "":
+        return False
+    choices = [v.choices for v in field.validators if isinstance(v, validate.OneOf)]
+    return isinstance(field, fields.Number | fields.Boolean) or any("" not in c for c in choices)
 
 
 def _negotiated(accept: str, field) -> str:
