@@ -55,6 +55,10 @@ LOOPBACK = FetchPolicy(
     allowed=(ip_network("127.0.0.1/32"),),
 )
 """Short limits, so the slow cases end quickly, and loopback exempt from the guard."""
+LATE_S = 1.5
+"""How late a timer may end a fetch here: a busy 2-core host delays the threads (a TLS handshake
+took 0.8 s more under load); the servers that never end, or stall for 5 s, tell a timer that did
+not fire apart all the same."""
 
 
 _FIXED: dict[str, tuple[int, bytes, str | None, dict[str, str]]] = {
@@ -286,29 +290,29 @@ def test_a_stalled_answer_times_out_after_the_read_timeout(server):
     started = time.monotonic()
     assert "timed out: nothing received for 0.5 s" in _refusal(server.url("/stalled"))
     elapsed = time.monotonic() - started
-    assert LOOPBACK.read_timeout_s <= elapsed < LOOPBACK.read_timeout_s + 0.5
+    assert LOOPBACK.read_timeout_s <= elapsed < LOOPBACK.read_timeout_s + LATE_S
 
 
 def test_a_slow_drip_ends_at_the_overall_deadline(server):
     started = time.monotonic()
     assert "timed out: the download took over 1.5 s" in _refusal(server.url("/drip"))
     elapsed = time.monotonic() - started
-    assert LOOPBACK.total_timeout_s <= elapsed < LOOPBACK.total_timeout_s + 0.5
+    assert LOOPBACK.total_timeout_s <= elapsed < LOOPBACK.total_timeout_s + LATE_S
 
 
 def test_headers_that_never_end_end_at_the_overall_deadline(server):
     started = time.monotonic()
     assert "timed out: the download took over 1.5 s" in _refusal(server.url("/dripping-headers"))
     elapsed = time.monotonic() - started
-    assert LOOPBACK.total_timeout_s <= elapsed < LOOPBACK.total_timeout_s + 0.5
+    assert LOOPBACK.total_timeout_s <= elapsed < LOOPBACK.total_timeout_s + LATE_S
 
 
 def test_the_deadline_also_cuts_a_wait_for_the_server(server):
-    """Bytes for 0.6 s, then silence: the read timeout alone would end it at 0.6 + 1 s."""
-    policy = FetchPolicy(read_timeout_s=1.0, total_timeout_s=1.0, allowed=LOOPBACK.allowed)
+    """Bytes for 0.6 s, then silence: the read timeout alone would end it at 0.6 + 3 s."""
+    policy = FetchPolicy(read_timeout_s=3.0, total_timeout_s=1.0, allowed=LOOPBACK.allowed)
     started = time.monotonic()
     assert "timed out: the download took over 1 s" in _refusal(server.url("/drip-then-stall"), policy)
-    assert 1.0 <= time.monotonic() - started < 1.3
+    assert 1.0 <= time.monotonic() - started < 1.0 + LATE_S
 
 
 def test_a_closed_port_is_a_connection_failure():
@@ -452,7 +456,7 @@ def test_the_overall_deadline_also_ends_https_downloads(https_server):
     assert "timed out: the download took over 1.5 s" in _refusal(
         running.url("/drip", scheme="https", host="images.test")
     )
-    assert time.monotonic() - started < LOOPBACK.total_timeout_s + 0.5
+    assert time.monotonic() - started < LOOPBACK.total_timeout_s + LATE_S
 
 
 # The address guard -------------------------------------------------------------------------------
