@@ -69,6 +69,21 @@ def test_classes_are_sorted_and_each_class_is_cut_by_the_fractions(tmp_path):
     assert len(set(every_path)) == 30
 
 
+def test_copies_of_a_photo_end_in_one_split(tmp_path):
+    """A copy in test of a photo trained on (the same file under two names, as collections gather
+    them) inflated the run's figures: the copies follow the first one's split."""
+    images = _folder_dataset(tmp_path, {"Genus a": 20, "Genus b": 20})
+    first = (images / "Genus a" / "000.jpg").read_bytes()
+    for index in range(1, 20):  # copied 19 times: every split would draw some
+        (images / "Genus a" / f"copy{index:02d}.jpg").write_bytes(first)
+    dataset = read_dataset(split_folder_dataset(images, tmp_path / "splits"), images)
+    copies = {images / "Genus a" / "000.jpg", *(images / "Genus a").glob("copy*.jpg")}
+    holding = [name for name, split in dataset.splits.items() if copies & set(split.paths)]
+    assert len(holding) == 1
+    assert sum(len(split.paths) for split in dataset.splits.values()) == 59
+    assert check_dataset(tmp_path / "splits", images).copies_in_several_splits == []
+
+
 def test_the_split_is_reproducible_and_depends_on_the_seed(tmp_path):
     images = _folder_dataset(tmp_path, {"Genus a": 20, "Genus b": 20})
     first = split_folder_dataset(images, tmp_path / "one")
@@ -236,7 +251,7 @@ def test_every_problem_of_a_broken_dataset_is_reported(tmp_path):
                 ]
             ),
             "val.txt": "c/only val.jpg 2\n",
-            "test.txt": "a/leak.jpg 0\nb/test.jpg 1\n",
+            "test.txt": "a/leak.jpg 0\nb/test.jpg 1\na/twin three.jpg 0\n",
         },
         {
             "a/good.jpg": _photo(1),
@@ -248,6 +263,7 @@ def test_every_problem_of_a_broken_dataset_is_reported(tmp_path):
             "a/leak.jpg": _photo(6),
             "a/twin one.jpg": twin,
             "b/twin two.jpg": twin,
+            "a/twin three.jpg": twin,
             "c/only val.jpg": _photo(7),
             "b/test.jpg": _photo(8),
         },
@@ -260,7 +276,7 @@ def test_every_problem_of_a_broken_dataset_is_reported(tmp_path):
     assert report.images_per_class == {
         "train": {"Genus a": 3, "Genus b": 2, "Genus c": 0},
         "val": {"Genus a": 0, "Genus b": 0, "Genus c": 1},
-        "test": {"Genus a": 1, "Genus b": 1, "Genus c": 0},
+        "test": {"Genus a": 2, "Genus b": 1, "Genus c": 0},
     }
     assert sorted(entry["path"] for entry in report.unreadable) == ["a/truncated.jpg", "b/text.jpg"]
     assert report.missing == [{"split": "train", "line": 5, "path": "a/missing.jpg"}]
@@ -269,8 +285,11 @@ def test_every_problem_of_a_broken_dataset_is_reported(tmp_path):
         {"split": "train", "line": 7, "path": "b/no label.jpg", "label": None},
     ]
     assert report.empty_classes == ["Genus c"]
-    assert report.duplicates == [["a/twin one.jpg", "b/twin two.jpg"]]
+    twins = ["a/twin one.jpg", "a/twin three.jpg", "b/twin two.jpg"]
+    assert report.duplicates == [twins]
     assert report.in_several_splits == [{"path": "a/leak.jpg", "splits": ["train", "test"]}]
+    # A copy under another name leaks the photo as well: fatal, where copies within a split are not.
+    assert report.copies_in_several_splits == [{"paths": twins, "splits": ["train", "test"]}]
     assert report.outside == [{"split": "train", "line": 11, "path": "../outside.jpg"}]
     assert report.file_problems == []
     assert not report.ok
@@ -283,7 +302,8 @@ def test_every_problem_of_a_broken_dataset_is_reported(tmp_path):
         "b/label out.jpg has label 3",
         "b/no label.jpg has no label",
         "a/leak.jpg: train, test",
-        "a/twin one.jpg = b/twin two.jpg",
+        "a/twin one.jpg = a/twin three.jpg = b/twin two.jpg",
+        "Identical images in several splits (1):",
         "Genus c",
         "../outside.jpg",
         "NOT OK",

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 
 import keras
 import numpy as np
@@ -95,19 +96,25 @@ def test_a_split_naming_a_missing_image_fails_before_training(data_roots):
     [
         ("test", False, r"'{image}' is listed in train and test"),
         ("train", True, r"train.txt lists '{image}' with labels {label}, {other}"),
+        ("val", False, r"'{image}' and '{image}.copy.jpg' are identical files in train and val"),
     ],
 )
 def test_a_dataset_whose_figures_could_not_be_trusted_fails_before_training(
     data_roots, split, relabel, problem
 ):
     """A training image also in test.txt inflated the run's test figures, and one listed twice with
-    two labels trained as two species: check-dataset called them fatal, the training went ahead."""
+    two labels trained as two species: check-dataset called them fatal, the training went ahead. A
+    copy of a training image under another name in val.txt leaked as well, and was not even found."""
     splits = data_roots.data / "tiny" / "dataset_files"
     first = (splits / "train.txt").read_text().splitlines()[0]
     image, label = first.rsplit(" ", 1)
     other = (int(label) + 1) % 16 if relabel else int(label)
+    listed = image
+    if split == "val":
+        listed = f"{image}.copy.jpg"
+        shutil.copy(data_roots.data / "tiny" / "images" / image, data_roots.data / "tiny" / "images" / listed)
     with open(splits / f"{split}.txt", "a") as listing:
-        listing.write(f"{image} {other}\n")
+        listing.write(f"{listed} {other}\n")
     before = sorted(os.listdir(data_roots.models))
     with pytest.raises(InputError) as raised:
         training.train(config.RunConfig.from_options(**TINY_OPTIONS), data_roots)

@@ -83,8 +83,10 @@ def split_folder_dataset(
     images_dir with '/' separators. Each class is shuffled by a generator seeded with (seed, class index)
     and cut by the fractions, so the split is stratified and byte-for-byte reproducible. Rounding leaves
     every class of 3 or more images at least one image in each split, train getting the rest; smaller
-    classes go to train only, with a warning. A split whose fraction is 0, or that ends up empty, is not
-    written (and a stale one in destination is removed), since `splits.read_dataset` refuses empty splits.
+    classes go to train only, with a warning. Copies of one photo (identical files) end in one split,
+    the first copy's: a copy in test of a photo trained on would inflate the run's figures. A split
+    whose fraction is 0, or that ends up empty, is not written (and a stale one in destination is
+    removed), since `splits.read_dataset` refuses empty splits.
 
     Raises:
         InputError: naming `images_directory`, `val_fraction`, `test_fraction` or `seed`.
@@ -103,8 +105,9 @@ def split_folder_dataset(
     entries: dict[str, list[tuple[str, int]]] = {name: [] for name in SPLIT_NAMES}
     for label, (name, paths) in enumerate(classes.items()):
         rng = np.random.default_rng([seed, label])
-        for split, chosen in _split_class(name, paths, fractions, rng).items():
-            entries[split] += [(path, label) for path in chosen]
+        chosen = _together(_split_class(name, paths, fractions, rng), images_dir)
+        for split in SPLIT_NAMES:
+            entries[split] += [(path, label) for path in chosen.get(split, [])]
 
     destination.mkdir(parents=True, exist_ok=True)
     for split, split_entries in entries.items():
@@ -135,7 +138,7 @@ class DatasetReport:
     empty_classes: list[str]
     """Classes without a usable image in train (in "all" for a folder-per-class dataset)."""
     duplicates: list[list[str]]
-    """Groups of two or more files with identical content: reported, not fatal."""
+    """Groups of two or more files with identical content: reported, not fatal within a split."""
     in_several_splits: list[dict]
     """{"path", "splits"}: images listed in two or more splits, which leaks them into evaluation."""
     outside: list[dict]
@@ -153,6 +156,9 @@ class DatasetReport:
     """{"split", "path", "labels"}: images listed more than once in one split (merged lists do it),
     with the label of each listing. Different labels train one photo as several species (fatal); the
     same label only weighs it double (not fatal)."""
+    copies_in_several_splits: list[dict] = dataclasses.field(default_factory=list)
+    """{"paths", "splits"}: identical files under different names in more than one split, which
+    leaks the photo into evaluation as `in_several_splits` does (fatal)."""
 
     @property
     def conflicting_labels(self) -> list[dict]:
@@ -168,6 +174,7 @@ class DatasetReport:
             or self.outside
             or self.unreadable
             or self.in_several_splits
+            or self.copies_in_several_splits
             or self.empty_classes
             or self.file_problems
             or self.conflicting_labels
@@ -213,6 +220,13 @@ class DatasetReport:
                 "Images in several splits",
                 [f"{e['path']}: {', '.join(e['splits'])}" for e in self.in_several_splits],
             ),
+            (
+                "Identical images in several splits",
+                [
+                    f"{' = '.join(e['paths'])}: {', '.join(e['splits'])}"
+                    for e in self.copies_in_several_splits
+                ],
+            ),
             ("Classes without training images", self.empty_classes),
             (
                 "Images listed more than once in a split (fatal where the labels differ)",
@@ -221,7 +235,7 @@ class DatasetReport:
                     for e in self.repeated
                 ],
             ),
-            ("Identical images (not fatal)", [" = ".join(group) for group in self.duplicates]),
+            ("Identical images (not fatal within a split)", [" = ".join(group) for group in self.duplicates]),
             ("Left out (not fatal)", _left_out_lines(self.not_images, self.folders_without_images)),
         ]
         for title, items in sections:
@@ -353,6 +367,7 @@ def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str
         bad_labels=scan.bad_labels,
         empty_classes=[name for name in scan.classes if not counts.get(empty_in, {}).get(name)],
         duplicates=[sorted(relative(image) for image in group) for group in _identical_groups(files)],
+        copies_in_several_splits=_copies_in_several_splits(splits_of, root),
         in_several_splits=[
             {"path": relative(image), "splits": splits}
             for image, splits in splits_of.items()
@@ -369,21 +384,27 @@ def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str
 
 
 def mixing_problems(dataset: Dataset) -> list[str]:
-    """What check-dataset reports as fatal though every image reads: an image in several splits
-    (a test image the network trained on inflates the run's test figures, a validation one its
-    early stopping), and an image listed twice in one split with different labels (trained as two
-    species). The training refuses a dataset with any, before it starts.
+    """What check-dataset reports as fatal though every image reads: an image in several splits,
+    by its name or as identical files under other names (a test image the network trained on
+    inflates the run's test figures, a validation one its early stopping), and an image listed
+    twice in one split with different labels (trained as two species). The training refuses a
+    dataset with any, before it starts.
     """
     listed = {
         name: list(zip(split.paths, split.labels or [None] * len(split.paths), strict=True))
         for name, split in dataset.splits.items()
     }
     root = dataset.images_dir.resolve()
+    splits_of = _splits_of(listed)
     return [
         *(
             f"{image.relative_to(root).as_posix()!r} is listed in {' and '.join(splits)}"
-            for image, splits in _splits_of(listed).items()
+            for image, splits in splits_of.items()
             if len(splits) > 1
+        ),
+        *(
+            f"{' and '.join(map(repr, copy['paths']))} are identical files in {' and '.join(copy['splits'])}"
+            for copy in _copies_in_several_splits(splits_of, root)
         ),
         *(
             f"{split}.txt lists {image.relative_to(root).as_posix()!r} with labels "
@@ -411,6 +432,18 @@ def _repeated(listed: dict[str, list[tuple[Path, int | None]]]) -> Iterator[tupl
         for image, label in entries:
             labels[image].append(label)
         yield from ((split, image, found) for image, found in labels.items() if len(found) > 1)
+
+
+def _copies_in_several_splits(splits_of: dict[Path, list[str]], root: Path) -> list[dict]:
+    """{"paths", "splits"}: each group of identical files under different names that the splits
+    list in more than one of them (one name in several splits is `splits_of`'s own case)."""
+    copies = []
+    for group in _identical_groups(list(splits_of)):
+        splits = [split for split in (*SPLIT_NAMES, ALL) if any(split in splits_of[path] for path in group)]
+        if len(splits) > 1:
+            paths = sorted(path.relative_to(root).as_posix() for path in group)
+            copies.append({"paths": paths, "splits": splits})
+    return copies
 
 
 def _identical_groups(files: list[Path], threads: int = 8) -> list[list[Path]]:
@@ -532,6 +565,20 @@ def _split_class(
         split: [paths[i] for i in sorted(part)]
         for split, part in zip(("val", "test", "train"), parts, strict=True)
     }
+
+
+def _together(parts: dict[str, list[str]], images_dir: Path) -> dict[str, list[str]]:
+    """`parts` (one class's images by split) with the copies of each photo moved to the split of
+    its first copy in path order, each part kept in path order."""
+    split_of = {path: split for split, paths in parts.items() for path in paths}
+    for group in _identical_groups([images_dir / path for path in split_of]):
+        copies = sorted(path.relative_to(images_dir).as_posix() for path in group)
+        for path in copies[1:]:
+            split_of[path] = split_of[copies[0]]
+    together: dict[str, list[str]] = collections.defaultdict(list)
+    for path in sorted(split_of):
+        together[split_of[path]].append(path)
+    return together
 
 
 def _split_counts(count: int, fractions: dict[str, float]) -> dict[str, int]:
