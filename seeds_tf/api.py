@@ -164,7 +164,7 @@ def get_predict_args() -> dict:
 
 def predict(**args) -> dict[str, Any] | bytes:
     """The species in the uploaded, linked or inlined images as JSON, or with `accept: image/png`
-    the first image with a Grad-CAM heatmap of its top species."""
+    each image with a Grad-CAM heatmap of its top species (explain.explain_request)."""
     from seeds_tf.data import sources
     from seeds_tf.prediction import explain, inference
 

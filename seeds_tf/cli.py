@@ -249,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files, http(s) URLs or data URIs")
     predict.add_argument(
         "--heatmap",
-        help="also write the first image with its Grad-CAM heatmap to this PNG (its folder is made)",
+        help="also write the images with their Grad-CAM heatmaps to this PNG (its folder is made)",
     )
     for spec in config.option_specs("prediction").values():
         _add_option(predict, spec, use_default=True)

@@ -55,3 +55,28 @@ def test_the_explained_picture_is_the_photo_with_labels(roots, tiny_run):
         # Small photos are enlarged (to 384 px) so the labels fit; the aspect ratio stays.
         assert picture.width / picture.height == original.width / original.height
         assert max(picture.size) == 384
+
+
+def test_several_images_are_explained_one_under_another_and_merged_as_the_json_answer(roots, tiny_run):
+    """Only the first image was drawn, labelled with its own species even where the JSON answer
+    merged the photos into one specimen."""
+    photos = [seed_photo(roots, index) for index in (0, 1)]
+    uploads = [(photo.name, photo.read_bytes()) for photo in photos]
+    cache = inference.RunCache()
+    run = cache.get(runs.RunLayout(roots.models / tiny_run))
+    pixels = [np.asarray(PIL.Image.open(photo).convert("RGB")) for photo in photos]
+    for merge in (False, True):
+        options = config.load(config.PredictConfig, top_k=3, merge=merge)
+        answer = inference.predict(roots, cache, options, uploads)["results"]
+        png = explain.explain_request(roots, cache, options, uploads)
+        picture = np.asarray(PIL.Image.open(io.BytesIO(png)))
+        top = 0
+        for position, photo in enumerate(pixels):
+            species = answer[0 if merge else position]["species"][:3]
+            labels = [(s["label"], s["probability"]) for s in species]
+            cam = explain.gradcam(run, photo, species[0]["label_id"])
+            expected = np.asarray(explain.heatmap_picture(photo, cam, labels))
+            height, width = expected.shape[:2]
+            np.testing.assert_array_equal(picture[top : top + height, :width], expected)
+            top += height + explain.GAP
+        assert picture.shape[0] == top - explain.GAP

@@ -1,6 +1,5 @@
 """The reference specimens behind an answer: embeddings, cosine search, the index files, the contact sheet."""
 
-import io
 import json
 from pathlib import Path
 
@@ -200,8 +199,8 @@ def test_the_explained_picture_can_carry_the_contact_sheet_beside_it(tmp_path):
     pixels = np.random.default_rng(3).integers(0, 256, (100, 150, 3), dtype=np.uint8)
     cam = np.random.default_rng(4).uniform(0, 1, (3, 3))
     sheet = explain.contact_sheet([{"label": "Genus a", "similarity": 0.5, "path": "x.png"}] * 9, tmp_path)
-    alone = PIL.Image.open(io.BytesIO(explain.heatmap_png(pixels, cam, [("Genus a", 0.9)])))
-    both = PIL.Image.open(io.BytesIO(explain.heatmap_png(pixels, cam, [("Genus a", 0.9)], beside=sheet)))
+    alone = explain.heatmap_picture(pixels, cam, [("Genus a", 0.9)])
+    both = explain.heatmap_picture(pixels, cam, [("Genus a", 0.9)], beside=sheet)
     assert alone.size == (384, 256)
     assert both.size == (384 + explain.GAP + sheet.width, max(256, sheet.height))
     np.testing.assert_array_equal(np.asarray(both)[:256, :384], np.asarray(alone.convert("RGB")))

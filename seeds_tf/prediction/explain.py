@@ -67,13 +67,13 @@ def gradcam(run: LoadedRun, pixels: np.ndarray, class_index: int) -> np.ndarray:
     return cam / peak if peak > 0 else cam
 
 
-def heatmap_png(
+def heatmap_picture(
     pixels: np.ndarray,
     cam: np.ndarray,
     labels: Sequence[tuple[str, float]],
     beside: PIL.Image.Image | None = None,
-) -> bytes:
-    """The photo with the heatmap laid over it and the labels with their probabilities, as PNG.
+) -> PIL.Image.Image:
+    """The photo with the heatmap laid over it and the labels with their probabilities.
 
     Args:
         pixels: the photo, RGB uint8 (height, width, 3).
@@ -83,11 +83,7 @@ def heatmap_png(
             `contact_sheet`); None (the default) for the explained photo alone.
     """
     picture = _heatmap_picture(pixels, cam, labels)
-    if beside is not None:
-        picture = _side_by_side(picture, beside)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return picture if beside is None else _side_by_side(picture, beside)
 
 
 def contact_sheet(neighbours: Sequence[dict[str, Any]], images_dir: Path, thumb: int = 96) -> PIL.Image.Image:
@@ -185,29 +181,58 @@ def _fitted(draw: PIL.ImageDraw.ImageDraw, text: str, font: PIL.ImageFont.ImageF
     return text + "…"
 
 
-def explain_png(
-    run: LoadedRun,
-    pixels: np.ndarray,
-    ranked_species: Sequence[dict],
-    beside: PIL.Image.Image | None = None,
-) -> bytes:
-    """The Grad-CAM picture of the top species, labelled with the top three; with `beside` (a
-    `contact_sheet` of the reference specimens) to its right when given, alone by default."""
-    cam = gradcam(run, pixels, ranked_species[0]["label_id"])
-    labels = [(s["label"], s["probability"]) for s in ranked_species[:3]]
-    return heatmap_png(pixels, cam, labels, beside=beside)
-
-
 def explain_request(
     roots: Roots, cache: RunCache, config: PredictConfig, uploads: Sequence[images.Upload | tuple[str, bytes]]
 ) -> bytes:
-    """The answer to a prediction request that accepts image/png: the first image, explained, with
-    its `config.neighbours` reference specimens beside it as a contact sheet."""
-    run, pixels, probabilities = inference.analyse(roots, cache, config, uploads[:1])
-    species = inference.ranked(run, probabilities[0], max(3, config.top_k))["species"]
-    beside = None
+    """The answer to a prediction request that accepts image/png: each image explained (the
+    Grad-CAM picture of its top species, labelled with the top three), one under another in the
+    request's order, each with its `config.neighbours` reference specimens beside it as a contact
+    sheet. With `config.merge` (one specimen in several photos) each photo is explained by the one
+    answer the JSON response gives, from the mean of their probabilities, and the reference
+    specimens of their mean embedding stand beside the first."""
+    run, pixels, probabilities = inference.analyse(roots, cache, config, uploads)
+    if config.merge:
+        probabilities = np.repeat(probabilities.mean(axis=0, keepdims=True), len(pixels), axis=0)
+    sheets: list[PIL.Image.Image] = []
     if config.neighbours:
-        found = inference.nearest_references(run, pixels, config.neighbours, merge=False)[0]
         training = runs.RunLayout(roots.models / run.run_id).config().training
-        beside = contact_sheet(found, roots.data_path(training.images_directory, "images_directory"))
-    return explain_png(run, pixels[0], species, beside=beside)
+        images_dir = roots.data_path(training.images_directory, "images_directory")
+        found = inference.nearest_references(run, pixels, config.neighbours, merge=config.merge)
+        sheets = [contact_sheet(shown, images_dir) for shown in found]
+    pictures = [
+        _explained(
+            run,
+            photo,
+            inference.ranked(run, row, max(3, config.top_k))["species"],
+            sheets[position] if position < len(sheets) else None,
+        )
+        for position, (photo, row) in enumerate(zip(pixels, probabilities, strict=True))
+    ]
+    return _png(_one_under_another(pictures))
+
+
+def _explained(
+    run: LoadedRun, pixels: np.ndarray, ranked_species: Sequence[dict], beside: PIL.Image.Image | None
+) -> PIL.Image.Image:
+    cam = gradcam(run, pixels, ranked_species[0]["label_id"])
+    return heatmap_picture(pixels, cam, [(s["label"], s["probability"]) for s in ranked_species[:3]], beside)
+
+
+def _one_under_another(pictures: Sequence[PIL.Image.Image]) -> PIL.Image.Image:
+    """`pictures` on one canvas, left-aligned, GAP pixels apart: one picture is itself."""
+    if len(pictures) == 1:
+        return pictures[0]
+    width = max(picture.width for picture in pictures)
+    height = sum(picture.height for picture in pictures) + GAP * (len(pictures) - 1)
+    canvas = PIL.Image.new("RGB", (width, height), BACKGROUND)
+    top = 0
+    for picture in pictures:
+        canvas.paste(picture.convert("RGB"), (0, top))
+        top += picture.height + GAP
+    return canvas
+
+
+def _png(picture: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()

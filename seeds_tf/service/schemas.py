@@ -141,8 +141,9 @@ def _accept_field() -> fields.Field:
             "location": "headers",
             "enum": list(_ANSWER_TYPES),
             "description": "The answer's format: `application/json`, the species and genera; "
-            "`image/png`, the photo with a Grad-CAM heatmap of the top species and the top three "
-            "labels. The HTTP `Accept` header, negotiated (media ranges, q-values): `*/*` (curl's "
+            "`image/png`, each photo with a Grad-CAM heatmap of its top species (the merged answer's, "
+            "with merge) and the top three labels, one under another. The HTTP `Accept` header, "
+            "negotiated (media ranges, q-values): `*/*` (curl's "
             "default), a browser's `application/json, text/plain, */*` and no value answer JSON, "
             "`image/*` the PNG; one that allows neither gets a 406. In the Swagger UI, a value "
             'chosen here wins over the "Response content type" selector; left empty, the selector '
