@@ -14,6 +14,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.hosting import admission
 from seeds_tf.learning import calibrate, evaluation, indexing, training
 from seeds_tf.prediction.inference import load_run
+from tests.deepaas_harness import free_port
 from tests.helpers import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
 
 
@@ -82,6 +83,27 @@ def test_bad_training_inputs_fail_before_any_run_is_created(data_roots, override
     assert problem in raised.value.problem
     # The training lock stays in a models folder once a training has asked for it; nothing else may appear.
     assert sorted(set(os.listdir(data_roots.models)) - {admission.LOCK_FILE}) == before
+
+
+def test_imagenet_weights_that_cannot_be_fetched_fail_before_any_run_is_created(
+    data_roots, tmp_path, monkeypatch
+):
+    """Offline, the download failed inside the run's folder: the run was listed as interrupted and
+    its resume failed the same way. Here the download goes through a proxy on a closed loopback
+    port, so nothing leaves the machine, into an empty Keras cache."""
+    monkeypatch.setattr(keras.src.backend.config, "_KERAS_DIR", str(tmp_path / "keras"))  # read at import
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    before = sorted(os.listdir(data_roots.models))
+    with pytest.raises(InputError) as raised:
+        training.train(config.RunConfig.from_options(**{**TINY_OPTIONS, "weights": "imagenet"}), data_roots)
+    assert raised.value.field == "weights"
+    assert "the ImageNet weights of Xception could not be fetched (URL fetch failure" in raised.value.problem
+    assert "Connection refused" in raised.value.problem
+    assert sorted(set(os.listdir(data_roots.models)) - {admission.LOCK_FILE}) == before
+    assert runs.interrupted_runs(data_roots.models) == []
 
 
 def test_a_split_naming_a_missing_image_fails_before_training(data_roots):

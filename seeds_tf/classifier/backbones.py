@@ -11,6 +11,10 @@ import importlib
 
 import keras
 
+IMAGENET_SIZE = 224
+"""An input side at which every registered backbone loads its ImageNet weights without a warning
+(MobileNet's weights ask for 128 to 224; the others load at any side)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
@@ -31,6 +35,15 @@ class Backbone:
         carry it inside, like EfficientNetV2 and MobileNetV3)."""
         module = importlib.import_module(f"keras.applications.{self.module}")
         return module.preprocess_input(images)
+
+    def fetch_imagenet_weights(self) -> None:
+        """Puts the ImageNet weights into Keras' cache (~/.keras/models), where `build` finds
+        them, downloading them the first time (the backbone is built once at IMAGENET_SIZE).
+
+        Raises:
+            Exception: the bare one Keras' download raises when the file cannot be fetched.
+        """
+        self.build(keras.Input((IMAGENET_SIZE, IMAGENET_SIZE, 3)), "imagenet")
 
     def build(self, input_tensor, weights: str | None) -> keras.Model:
         """The architecture without its top, built on `input_tensor` so its layers join the caller's

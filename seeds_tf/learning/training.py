@@ -165,7 +165,7 @@ def _check_inputs(config: RunConfig, roots: Roots, staging: Path) -> tuple[Datas
             "image_size",
             f"{model.modelname} needs at least {backbone.min_size}. Received: {model.image_size}",
         )
-    weights = _initial_weights(model.weights, roots)
+    weights = _initial_weights(model, roots)
     if training.upload_to:
         remote.check_destination(training.upload_to)
     if training.mode == "fast" and weights is None:
@@ -232,10 +232,22 @@ def _calibration_split(dataset: Dataset) -> Split | None:
     return None
 
 
-def _initial_weights(weights: str, roots: Roots) -> str | None:
+def _initial_weights(model: ModelConfig, roots: Roots) -> str | None:
+    """The backbone's initial weights as `build_classifier` takes them, checked before any run
+    folder is made: a weights file in the data folder, or ImageNet's, fetched now. A download that
+    failed inside the run left it listed as interrupted, and its resume failed the same way."""
+    weights = model.weights
     if weights == "none":
         return None
     if weights == "imagenet":
+        try:
+            get_backbone(model.modelname).fetch_imagenet_weights()
+        except Exception as error:  # Keras' download raises a bare Exception
+            problem = (
+                f"the ImageNet weights of {model.modelname} could not be fetched ({error}); give "
+                "weights=none, or a weights file inside the data folder"
+            )
+            raise InputError("weights", problem) from None
         return weights
     path = roots.data_path(weights, "weights")
     if not path.is_file():
@@ -307,7 +319,7 @@ def _resume(
         dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))
         _check_disk(config, len(dataset.classes), roots)
         _LOGGER.info("Resuming run %s", run_id)
-        weights = _initial_weights(config.model.weights, roots)
+        weights = _initial_weights(config.model, roots)
         return _train_run(
             config, dataset, layout, strategy, weights=weights, skipped=skipped, candidate=candidate
         )
