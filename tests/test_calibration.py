@@ -252,21 +252,34 @@ def test_a_calibration_round_trips_through_calibration_json(tmp_path):
         calibration.load_calibration(layout)
 
 
-def test_calibrate_run_writes_the_calibration_the_report_and_the_diagram(roots, tiny_run):
+def test_calibrate_run_writes_the_calibration_the_report_and_the_diagram(roots, tiny_run, caplog):
     fitted = calibrate_run(roots, tiny_run, target_precision=0.9)
     layout = runs.RunLayout(roots.models / tiny_run)
     assert calibration.load_calibration(layout) == fitted
     assert fitted.fitted_on == "val" and fitted.images == 16
+    assert fitted.specimens is not None  # the run's reference specimens set their threshold
     report = json.loads((layout.reports_dir / REPORT_FILE).read_text())
     assert report["temperature"] == fitted.temperature and len(report["reliability_after"]) == 15
+    assert report["training_images"] == 0
     assert report["held_out"]["split"] == "test" and report["held_out"]["images"] == 16
     with PIL.Image.open(layout.reports_dir / DIAGRAM_FILE) as diagram:
         diagram.verify()
         assert diagram.format == "PNG"
 
+    # A split file with training images: each is its own reference at distance 0, which set the
+    # specimen threshold far too tight; they are counted and the references left out, as for "train".
+    (roots.data / "elsewhere").mkdir()
+    mixed = roots.data / "elsewhere" / "mixed.txt"
+    trained = (layout.dataset_dir / "train.txt").read_text().splitlines()[:3]
+    mixed.write_text("\n".join([*trained, *(layout.dataset_dir / "val.txt").read_text().splitlines()]))
+    with caplog.at_level("WARNING", logger="seeds_tf.learning.calibrate"):
+        fitted = calibrate_run(roots, tiny_run, split=str(mixed))
+    assert fitted.specimens is None and fitted.images == 19
+    assert "on 3 of its training images (of 19)" in caplog.text
+    assert json.loads((layout.reports_dir / REPORT_FILE).read_text())["training_images"] == 3
+
     # Only a test split may omit its labels (seeds_tf.data.splits).
     unlabelled = roots.data / "elsewhere" / "test.txt"
-    unlabelled.parent.mkdir()
     lines = (layout.dataset_dir / "val.txt").read_text().splitlines()
     unlabelled.write_text("".join(line.rsplit(" ", 1)[0] + "\n" for line in lines))
     with pytest.raises(InputError, match=r"'test' split .* without labels") as error:

@@ -22,7 +22,7 @@ from seeds_tf.core.config import option_specs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import datasets
-from seeds_tf.data.splits import CALIBRATION_SPLIT, SPLIT_NAMES, Split, read_split
+from seeds_tf.data.splits import CALIBRATION_SPLIT, SPLIT_NAMES, Split, parse_split_file, read_split
 from seeds_tf.learning import reports
 from seeds_tf.learning.evaluation import predict_split
 from seeds_tf.prediction import calibration, neighbours
@@ -73,8 +73,23 @@ def calibrate_layout(
     fitting = _labelled_split(layout, split, images_dir, len(layout.classes()))
     held_out = _held_out_split(layout, images_dir, len(layout.classes()), fitting.name)
     return calibrate_splits(
-        layout, load_run(layout), fitting, held_out, target_precision=target_precision, batch_size=batch_size
+        layout,
+        load_run(layout),
+        fitting,
+        held_out,
+        target_precision=target_precision,
+        batch_size=batch_size,
+        trained_on=_training_images(layout, fitting, images_dir),
     )
+
+
+def _training_images(layout: runs.RunLayout, split: Split, images_dir: Path) -> int:
+    """How many images of `split` the run trained on (its train.txt lists them)."""
+    train = layout.dataset_dir / "train.txt"
+    if not train.is_file():
+        return 0
+    trained = {(images_dir / relative).resolve() for relative, _ in parse_split_file(train)}
+    return sum(path in trained for path in split.paths)
 
 
 def calibrate_splits(
@@ -85,17 +100,22 @@ def calibrate_splits(
     *,
     target_precision: float,
     batch_size: int = 32,
+    trained_on: int = 0,
 ) -> calibration.Calibration:
     """Fits the calibration of `run`, the final model of a run folder, complete or not (the
     training calibrates its run before marking it complete, so no request sees it uncalibrated),
     on `fitting`; reports it, and on `held_out` (labelled, or None) the honest figures. The run's
-    index, where it has one (the training indexes its run first), adds the reference specimens."""
+    index, where it has one (the training indexes its run first), adds the reference specimens,
+    unless `fitting` holds `trained_on` > 0 of the run's training images (default 0): those are
+    references of themselves, at distance 0, and would set the specimen threshold far too tight."""
     index = neighbours.load_index(layout.index_dir)
-    if fitting.name == "train":
+    if trained_on:
         _LOGGER.warning(
-            "Calibrating run %s on its training images: the temperature will be too low, and the "
-            "reference specimens (the same images) are left out",
+            "Calibrating run %s on %d of its training images (of %d): the temperature will be too "
+            "low, and the reference specimens (the training images) are left out",
             layout.run_id,
+            trained_on,
+            len(fitting.paths),
         )
         index = None
     probabilities, evidence = _observed(run, fitting, index, batch_size)
@@ -104,7 +124,7 @@ def calibrate_splits(
     )
     fitted.save(layout)
 
-    report = _report(fitted, probabilities, fitting, run)
+    report = {**_report(fitted, probabilities, fitting, run), "training_images": trained_on}
     if held_out is not None and held_out.labels is not None and held_out.paths:
         held_out_probabilities, held_out_evidence = _observed(run, held_out, index, batch_size)
         report["held_out"] = calibration.evaluate_calibration(
