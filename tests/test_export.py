@@ -207,6 +207,28 @@ def test_a_run_without_a_test_split_is_exported_but_not_served_by_it(small, tmp_
     assert engine_choice.candidates(untested.exports_dir, engines.cpu_flags()) == ("keras",)
 
 
+def test_a_re_export_is_never_chosen_on_the_figures_of_the_export_it_replaces(small, exported, tmp_path):
+    """A re-export replaced the file, then failed before its comparison (an image of the test split
+    gone): the figures of the export it replaced stayed beside a file nothing had checked, and
+    `auto` ran it."""
+    roots, layout = small
+    copy = Roots(data=roots.data, models=tmp_path / "models")
+    again = runs.RunLayout(copy.models / layout.run_id)
+    shutil.copytree(layout.root, again.root, ignore=shutil.ignore_patterns("exports"))
+    spec = engines.engine_spec("tflite_fp32")
+    again.exports_dir.mkdir()
+    shutil.copy(exported["tflite_fp32"], spec.path(again.exports_dir))
+    export.record_export(again, "tflite_fp32", {"agreement_top1": 1.0})
+    assert "tflite_fp32" in engine_choice.candidates(again.exports_dir, engines.cpu_flags())
+    with open(again.dataset_dir / "test.txt", "a") as listing:
+        listing.write("gone.jpg 0\n")
+    with pytest.raises(InputError, match=r"gone\.jpg"):
+        export.export_run(copy, layout.run_id, spec, serve=True)
+    assert spec.path(again.exports_dir).is_file()  # the new file, unchecked
+    assert files.read_json(again.exports_dir / runs.EXPORTS_INDEX)["exports"] == {}
+    assert engine_choice.candidates(again.exports_dir, engines.cpu_flags()) == ("keras",)
+
+
 def test_serve_refuses_an_export_seeds_tf_does_not_run_before_exporting(small, tmp_path):
     """`--serve` on the SavedModel for TensorFlow Serving printed the export alone, as if it had
     been checked and measured: it is refused, naming why, and nothing is written."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import keras
@@ -87,6 +87,10 @@ def export_run(roots: Roots, run_id: str, spec: engines.EngineSpec, serve: bool 
     training = layout.config().training
     images_dir = roots.data_path(training.images_directory, "images_directory")
     calibration = calibration_images(layout, images_dir) if spec.calibrated else ()
+    # The figures of an earlier export would vouch for the new file until it is compared, and for
+    # good if the comparison fails: auto chooses no export without figures.
+    if (layout.exports_dir / runs.EXPORTS_INDEX).is_file():
+        _update_index(layout, lambda exports: {k: v for k, v in exports.items() if k != spec.name})
     path = export_checkpoint(layout, spec, calibration)
     if not spec.serves:
         return {"export": str(path)}
@@ -246,12 +250,7 @@ def record_export(
             less than engine_choice.MIN_AGREEMENT of the images, on the top-1 species or, with
             `embeds`, the decision, or was compared on no images (its figures are recorded).
     """
-    index = layout.exports_dir / runs.EXPORTS_INDEX
-    # Read, add and write under a lock: two exports of the run made side by side kept one's figures.
-    with engine_choice.exclusive(index.with_name(f".{index.name}.lock")):
-        recorded = files.read_json(index) if index.is_file() else {}
-        recorded = {"exports": {**recorded.get("exports", {}), engine: figures}}
-        files.write_json(index, recorded)
+    recorded = _update_index(layout, lambda exports: {**exports, engine: figures})
     if serve and not figures:
         raise InputError(
             "serve",
@@ -264,6 +263,17 @@ def record_export(
             f"{engine} agrees with the Keras model on {figures.get(key)} of the test images "
             f"({key}), below {engine_choice.MIN_AGREEMENT}: engine=auto will not run it",
         )
+    return recorded
+
+
+def _update_index(layout: runs.RunLayout, change: Callable[[dict], dict]) -> dict:
+    """Rewrites the run's exports.json with `change` applied to its figures by export; returns it.
+    Read, changed and written under a lock: two exports of the run made side by side kept one's."""
+    index = layout.exports_dir / runs.EXPORTS_INDEX
+    with engine_choice.exclusive(index.with_name(f".{index.name}.lock")):
+        recorded = files.read_json(index) if index.is_file() else {}
+        recorded = {"exports": change(recorded.get("exports", {}))}
+        files.write_json(index, recorded)
     return recorded
 
 
