@@ -344,6 +344,7 @@ def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str
     splits_of = _splits_of(listed)
     files = list(splits_of)
     unreadable = images.find_unreadable(files)
+    identical = _identical_groups(files)
 
     counts = {split: dict.fromkeys(scan.classes, 0) for split in split_names}
     unlabelled: dict[str, int] = collections.Counter()
@@ -366,8 +367,8 @@ def _report(scan: _Scan, root: Path, split_names: tuple[str, ...], empty_in: str
         missing=scan.missing,
         bad_labels=scan.bad_labels,
         empty_classes=[name for name in scan.classes if not counts.get(empty_in, {}).get(name)],
-        duplicates=[sorted(relative(image) for image in group) for group in _identical_groups(files)],
-        copies_in_several_splits=_copies_in_several_splits(splits_of, root),
+        duplicates=[sorted(relative(image) for image in group) for group in identical],
+        copies_in_several_splits=_copies_in_several_splits(identical, splits_of, root),
         in_several_splits=[
             {"path": relative(image), "splits": splits}
             for image, splits in splits_of.items()
@@ -404,7 +405,7 @@ def mixing_problems(dataset: Dataset) -> list[str]:
         ),
         *(
             f"{' and '.join(map(repr, copy['paths']))} are identical files in {' and '.join(copy['splits'])}"
-            for copy in _copies_in_several_splits(splits_of, root)
+            for copy in _copies_in_several_splits(_identical_groups(list(splits_of)), splits_of, root)
         ),
         *(
             f"{split}.txt lists {image.relative_to(root).as_posix()!r} with labels "
@@ -434,11 +435,13 @@ def _repeated(listed: dict[str, list[tuple[Path, int | None]]]) -> Iterator[tupl
         yield from ((split, image, found) for image, found in labels.items() if len(found) > 1)
 
 
-def _copies_in_several_splits(splits_of: dict[Path, list[str]], root: Path) -> list[dict]:
-    """{"paths", "splits"}: each group of identical files under different names that the splits
+def _copies_in_several_splits(
+    identical: list[list[Path]], splits_of: dict[Path, list[str]], root: Path
+) -> list[dict]:
+    """{"paths", "splits"}: each group of `identical` files (under different names) that the splits
     list in more than one of them (one name in several splits is `splits_of`'s own case)."""
     copies = []
-    for group in _identical_groups(list(splits_of)):
+    for group in identical:
         splits = [split for split in (*SPLIT_NAMES, ALL) if any(split in splits_of[path] for path in group)]
         if len(splits) > 1:
             paths = sorted(path.relative_to(root).as_posix() for path in group)
