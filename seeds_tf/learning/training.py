@@ -563,15 +563,20 @@ def _cached_features(
 def _write_reports(
     model: keras.Model, config: RunConfig, dataset: Dataset, layout: runs.RunLayout, history: list
 ) -> dict[str, float]:
-    """Training curves, and the evaluation on the labelled test split; returns the test metrics."""
-    reports.plot_training_curves(history, layout.reports_dir / "training_curves.png")
+    """Training curves, and the evaluation on the labelled test split; returns the test metrics.
+    Every worker of a cluster evaluates (its predictions are collective operations), and the chief
+    alone draws and writes the reports: the others' run is a scratch copy, deleted at the end."""
+    chief = distribute.is_chief()
+    if chief:
+        reports.plot_training_curves(history, layout.reports_dir / "training_curves.png")
     test = dataset.split("test")
     if test is None or test.labels is None:
         return {}
     evaluation = evaluate_split(
         model, test, dataset.classes, config.model.image_size, config.training.batch_size
     )
-    reports.write_evaluation(evaluation, layout.reports_dir, prefix="test")
+    if chief:
+        reports.write_evaluation(evaluation, layout.reports_dir, prefix="test")
     return test_metrics(evaluation)
 
 
