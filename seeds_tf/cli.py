@@ -59,12 +59,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, roots: Roots):
-    from seeds_tf.hosting import admission, monitor
-    from seeds_tf.learning import distribute, training
+    from seeds_tf.learning import preflight
 
     names = [name for section in config.RUN_SECTIONS for name in config.option_specs(section)]
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     run_config = config.RunConfig.from_options(**overrides)
+    with runs.storage_errors(roots.models):
+        preflight.check(run_config, roots)  # before TensorFlow loads: a mistake is told at once
+
+    from seeds_tf.hosting import admission, monitor
+    from seeds_tf.learning import distribute, training
+
     # The chief alone holds the reservation, as it alone takes the training lock.
     with admission.reserved(roots.models) if distribute.is_chief() else contextlib.nullcontext():
         monitor.ensure_from_env(roots.models)

@@ -83,10 +83,16 @@ def test_seeds_tf_reports_mistakes_with_exit_status_2(roots, tmp_path):
         (["train", "--epochs", "many"], "--epochs: invalid int value: 'many'"),
     ]
     for arguments, message in cases:
-        done = _run([str(BIN / "seeds-tf"), "--quiet", *arguments], _env(roots))
+        # Python's own record of each import it makes, on stderr.
+        done = _run(
+            [str(BIN / "seeds-tf"), "--quiet", *arguments], {**_env(roots), "PYTHONPROFILEIMPORTTIME": "1"}
+        )
         assert done.returncode == 2, (arguments, done.stderr)
         assert message in done.stderr, (arguments, done.stderr)
         assert "Traceback" not in done.stderr
+        # A training's mistakes are told before TensorFlow loads: they took ten seconds to come.
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        assert ("tensorflow" in imported) == (arguments[0] == "predict"), arguments
 
 
 def test_seeds_tf_predict_writes_the_heatmap_into_a_new_folder_or_says_why_it_cannot(roots, tmp_path, capsys):

@@ -52,7 +52,7 @@ from seeds_tf.data.splits import (
     write_split_files,
 )
 from seeds_tf.hosting import admission, remote
-from seeds_tf.learning import calibrate, distribute, indexing, progress, reports, tracking
+from seeds_tf.learning import calibrate, distribute, indexing, preflight, progress, reports, tracking
 from seeds_tf.learning.evaluation import evaluate_split, test_metrics
 from seeds_tf.prediction.inference import load_run
 
@@ -237,8 +237,6 @@ def _initial_weights(model: ModelConfig, roots: Roots) -> str | None:
     folder is made: a weights file in the data folder, or ImageNet's, fetched now. A download that
     failed inside the run left it listed as interrupted, and its resume failed the same way."""
     weights = model.weights
-    if weights == "none":
-        return None
     if weights == "imagenet":
         try:
             get_backbone(model.modelname).fetch_imagenet_weights()
@@ -249,11 +247,8 @@ def _initial_weights(model: ModelConfig, roots: Roots) -> str | None:
             )
             raise InputError("weights", problem) from None
         return weights
-    path = roots.data_path(weights, "weights")
-    if not path.is_file():
-        problem = f"{weights!r} is not a file inside the data folder"
-        raise InputError("weights", f"expected 'imagenet', 'none' or a weights file; {problem}")
-    return str(path)
+    path = preflight.weights_file(roots, weights)
+    return None if path is None else str(path)
 
 
 def _skip_unreadable(dataset: Dataset) -> tuple[Dataset, int]:

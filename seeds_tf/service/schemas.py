@@ -21,6 +21,7 @@ from seeds_tf.core.config import RUN_SECTIONS, OptionSpec, option_specs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.hosting import remote
+from seeds_tf.learning import preflight
 
 UPLOAD_FIELDS = ("image", "image_2", "image_3", "image_4")
 """The file fields of predict: DEEPaaS 2.6 passes one file per field, so several photos need several."""
@@ -291,35 +292,24 @@ def _interrupted_run(run_id: str) -> None:
 
 
 def _data_path(field: str, must_be: str = "") -> Callable[[str], None]:
-    """Validates a path argument in the server process: inside the data folder, and a `must_be`
-    ("folder" or "file") when given."""
+    """Validates a path argument in the server process (preflight.existing_path)."""
 
     def check(value: str) -> None:
         try:
-            path = Roots.from_env().data_path(value, field)
-            found = {"folder": path.is_dir, "file": path.is_file}[must_be]() if must_be else True
+            preflight.existing_path(Roots.from_env(), value, field, must_be)
         except InputError as error:
             raise marshmallow.ValidationError(error.problem) from None
-        except (ValueError, OSError) as error:
-            # Names no file system accepts: a NUL byte (ValueError from resolve) or a name over 255
-            # bytes (ENAMETOOLONG from is_dir). Uncaught here, webargs would answer 500.
-            reason = getattr(error, "strerror", None) or str(error)
-            raise marshmallow.ValidationError(f"{value!r} is not a valid path ({reason})") from None
-        if not found:
-            raise marshmallow.ValidationError(f"{value!r} is not a {must_be} inside the data folder")
 
     return check
 
 
 def _weights(value: str) -> None:
-    """Validates `weights` in the server process: the worker takes only these words or a file, and
-    a missing file was found there, once the request had been answered 200."""
-    if value not in ("imagenet", "none"):
-        try:
-            _data_path("weights", must_be="file")(value)
-        except marshmallow.ValidationError as error:
-            problem = f"expected 'imagenet', 'none' or a weights file; {error.messages[0]}"
-            raise marshmallow.ValidationError(problem) from None
+    """Validates `weights` in the server process (preflight.weights_file): a missing file was found
+    in the worker only, once the request had been answered 200."""
+    try:
+        preflight.weights_file(Roots.from_env(), value)
+    except InputError as error:
+        raise marshmallow.ValidationError(error.problem) from None
 
 
 def _upload_destination(destination: str) -> None:
