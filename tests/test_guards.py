@@ -75,11 +75,14 @@ def test_a_command_line_training_is_refused_while_a_server_has_admitted_one(data
 
 
 @pytest.mark.parametrize("command", [["train", *train_flags(SMALL_OPTIONS)], ["demo", "--force"]])
-def test_a_models_folder_that_is_a_file_is_named_not_a_traceback(tmp_path, capsys, command):
-    """An operator's mistake (--models-dir naming a file) ended in a NotADirectoryError traceback."""
-    a_file = tmp_path / "models"
+def test_a_models_folder_that_is_a_file_is_named_not_a_traceback(data_roots, tmp_path, capsys, command):
+    """An operator's mistake (--models-dir naming a file) ended in a NotADirectoryError traceback.
+    The data folder is a good one: the options are checked first, as the server checks them."""
+    a_file = tmp_path / "models.txt"
     a_file.write_text("not a folder")
-    assert cli.main(["--quiet", "--models-dir", str(a_file), *command]) == 2
+    assert (
+        cli.main(["--quiet", "--data-dir", str(data_roots.data), "--models-dir", str(a_file), *command]) == 2
+    )
     assert (
         f"seeds-tf: error: models_dir: cannot write into the models folder {a_file} while writing "
         f"{a_file / admission.LOCK_FILE}: Not a directory (ENOTDIR)"
