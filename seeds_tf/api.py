@@ -27,6 +27,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data.images import Upload
 from seeds_tf.hosting import admission, monitor
+from seeds_tf.learning import preflight
 from seeds_tf.prediction.calibration import UnreadableCalibration, load_calibration
 from seeds_tf.service import dependency_warnings, request_parsing, schemas
 
@@ -44,8 +45,7 @@ def _admit_a_training(args: dict[str, Any]) -> Callable[[], None]:
     the release of the admission."""
     models = Roots.from_env().models
     if args.get("resume"):
-        resumed = runs.resolve_interrupted_run(models, args["resume"])
-        config.RunConfig.from_options(**args).check_resume_of(resumed.config())
+        preflight.resumed_config(config.RunConfig.from_options(**args), models)
     return admission.reserve_training(models)
 
 

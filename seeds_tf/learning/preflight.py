@@ -28,9 +28,7 @@ def check(config: RunConfig, roots: Roots) -> None:
         InputError: naming the first option that does not hold.
     """
     if config.training.resume:
-        own = runs.resolve_interrupted_run(roots.models, config.training.resume).config()
-        config.check_resume_of(own)
-        config = own
+        config = resumed_config(config, roots.models)
     training = config.training
     # In the order the training checked them before, so a command names the same option as it did.
     weights_file(roots, config.model.weights)
@@ -38,6 +36,18 @@ def check(config: RunConfig, roots: Roots) -> None:
     existing_path(roots, training.images_directory, "images_directory", must_be="folder")
     if training.upload_to:
         remote.check_destination(training.upload_to)
+
+
+def resumed_config(config: RunConfig, models: Path) -> RunConfig:
+    """The configuration the interrupted run `config.training.resume` trains with, its own, once
+    `config` asks for nothing it would ignore (RunConfig.check_resume_of).
+
+    Raises:
+        InputError: naming `resume` for a run that is not an interrupted one, or the option ignored.
+    """
+    own = runs.resolve_interrupted_run(models, config.training.resume).config()
+    config.check_resume_of(own)
+    return own
 
 
 def existing_path(roots: Roots, value: str, field: str, must_be: str = "") -> Path:

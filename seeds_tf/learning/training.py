@@ -305,9 +305,9 @@ def _resume(
     requested: RunConfig, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool
 ) -> TrainResult:
     """Continues an interrupted run with its own configuration and split files; `requested`, the
-    options of the resume, may ask for nothing else (RunConfig.check_resume_of)."""
+    options of the resume, may ask for nothing else (preflight.resumed_config)."""
     run_id = requested.training.resume
-    requested.check_resume_of(runs.resolve_interrupted_run(roots.models, run_id).config())
+    preflight.resumed_config(requested, roots.models)
     with _run_folder(roots, resume=run_id) as layout:
         config = layout.config()
         images_dir = roots.data_path(config.training.images_directory, "images_directory")
