@@ -13,6 +13,7 @@ from seeds_tf.classifier.model import load_classifier
 from seeds_tf.core import files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
+from seeds_tf.hosting import admission
 from seeds_tf.learning import distribute, training
 from seeds_tf.learning.training import weights_digest
 from tests.deepaas_harness import free_port
@@ -139,3 +140,56 @@ def test_a_mistaken_tf_config_is_refused_at_start_naming_it(monkeypatch, tf_conf
     assert refused.value.field == "TF_CONFIG"
     assert expected in refused.value.problem
     assert tf_config in refused.value.problem
+
+
+def test_a_worker_whose_peer_never_starts_ends_after_the_cluster_timeout(data_roots, tmp_path):
+    """TensorFlow waits for a cluster's every task with no time limit, holding the GIL, and its
+    preemption notifier takes SIGTERM: a worker whose peer never started held its machine and the
+    models folder's training reservation for ever. It now ends with status 1 after the timeout it
+    announced, and the next training is admitted."""
+    ports = [free_port(), free_port()]
+    worker = subprocess.Popen(
+        [str(SEEDS_TF), "train", *train_flags(CLUSTER_OPTIONS)],
+        env={
+            **os.environ,
+            DATA_ENV: str(data_roots.data),
+            MODELS_ENV: str(data_roots.models),
+            "TF_CONFIG": _tf_config(ports, 0),
+            distribute.CLUSTER_TIMEOUT_ENV: "2",
+            "TMPDIR": str(tmp_path),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = worker.communicate(timeout=120)
+    finally:
+        worker.kill()
+
+    assert worker.returncode == 1, stderr[-3000:]
+    assert stdout == ""
+    waited = stderr.index("Waiting at most 2 s for every task of TF_CONFIG's cluster to start")
+    assert f"worker 1 (127.0.0.1:{ports[1]})" in stderr[waited:]
+    assert f"{distribute.CLUSTER_TIMEOUT_ENV}=SECONDS waits longer" in stderr[waited:]
+    assert "/job:worker/replica:0/task:1" in stderr  # the straggler, named by the leader (worker 0)
+    ended = stderr.index("Timeout (0:00:02)!", waited)
+    assert "learning/distribute.py" in stderr[ended:]
+    assert [entry.name for entry in data_roots.models.iterdir() if not entry.name.startswith(".")] == []
+    admission.reserve_training(data_roots.models)()  # the reservation ended with the process
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "ten", "nan", "inf"])
+def test_a_cluster_timeout_that_is_not_seconds_is_refused_naming_it(monkeypatch, text):
+    monkeypatch.setenv(distribute.CLUSTER_TIMEOUT_ENV, text)
+    with pytest.raises(InputError) as refused:
+        distribute.cluster_timeout_s()
+    assert refused.value.field == distribute.CLUSTER_TIMEOUT_ENV
+    assert repr(text) in refused.value.problem
+
+
+def test_the_cluster_timeout_defaults_to_ten_minutes(monkeypatch):
+    monkeypatch.delenv(distribute.CLUSTER_TIMEOUT_ENV, raising=False)
+    assert distribute.cluster_timeout_s() == distribute.DEFAULT_CLUSTER_TIMEOUT_S == 600
+    monkeypatch.setenv(distribute.CLUSTER_TIMEOUT_ENV, " 90.5 ")
+    assert distribute.cluster_timeout_s() == 90.5

@@ -3,12 +3,18 @@
 One device by default; every GPU of the machine with MirroredStrategy; a cluster of machines with
 MultiWorkerMirroredStrategy when `TF_CONFIG` describes one (each machine runs `seeds-tf train` with
 the same options and its own `TF_CONFIG`; the chief writes the run, the others a scratch copy).
+Each waits at most `$SEEDS_TF_CLUSTER_TIMEOUT` seconds for the others to start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
+import logging
+import math
 import os
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
@@ -19,6 +25,13 @@ from seeds_tf.core.errors import InputError
 
 ROLES = ("chief", "worker")
 """The task types of a MultiWorkerMirroredStrategy cluster."""
+
+CLUSTER_TIMEOUT_ENV = "SEEDS_TF_CLUSTER_TIMEOUT"
+DEFAULT_CLUSTER_TIMEOUT_S = 600.0
+"""How long a task of a cluster waits for the others to start, unless `$SEEDS_TF_CLUSTER_TIMEOUT`
+says otherwise: long enough for machines whose images are still being pulled."""
+
+_LOGGER = logging.getLogger(__name__)
 
 
 def cluster_spec() -> dict:
@@ -72,15 +85,72 @@ def is_chief() -> bool:
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
 
 
+def cluster_timeout_s() -> float:
+    """Seconds a task of a cluster waits for the others: `$SEEDS_TF_CLUSTER_TIMEOUT`, or
+    DEFAULT_CLUSTER_TIMEOUT_S when unset.
+
+    Raises:
+        InputError: naming SEEDS_TF_CLUSTER_TIMEOUT, for text that is not a number of seconds > 0.
+    """
+    text = os.environ.get(CLUSTER_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_CLUSTER_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InputError(
+            CLUSTER_TIMEOUT_ENV, f"expected a number of seconds > 0, e.g. 600. Received: {text!r}"
+        )
+    return seconds
+
+
 def strategy() -> tf.distribute.Strategy:
     """The strategy for this process. Must be called before any other TensorFlow work when
-    training on a cluster: collective operations are configured at start-up."""
+    training on a cluster: collective operations are configured at start-up.
+
+    On a cluster, TensorFlow waits for every task to start with no time limit, in C++ where neither
+    an exception nor SIGTERM reaches it (its preemption notifier takes SIGTERM): a task whose peers
+    never start would hold its machine, and the models folder's training reservation, for ever.
+    So the process ends, with status 1 and its stack, if the cluster has not formed within
+    cluster_timeout_s().
+    """
     if is_multi_worker():
+        seconds = cluster_timeout_s()
         _fix_keras_multi_worker()
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        _LOGGER.info(
+            "Waiting at most %g s for every task of TF_CONFIG's cluster to start: %s. A task "
+            "missing by then ends this one with status 1 (%s=SECONDS waits longer).",
+            seconds,
+            _cluster_tasks(),
+            CLUSTER_TIMEOUT_ENV,
+        )
+        with _exit_unless_done_within(seconds):
+            return tf.distribute.MultiWorkerMirroredStrategy()
     if len(tf.config.list_logical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def _cluster_tasks() -> str:
+    """The tasks of TF_CONFIG's cluster, e.g. "worker 0 (node1:12345), worker 1 (node2:12345)"."""
+    cluster = cluster_spec()["cluster"]
+    return ", ".join(
+        f"{role} {index} ({address})" for role in ROLES for index, address in enumerate(cluster.get(role, []))
+    )
+
+
+@contextlib.contextmanager
+def _exit_unless_done_within(seconds: float) -> Iterator[None]:
+    """Ends the process with status 1, after printing where it waited, unless the block ends within
+    `seconds`. TensorFlow's wait for the cluster holds the GIL, so no Python thread could end it:
+    faulthandler's watchdog is a thread of C."""
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def synchronize_batch_norm(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
