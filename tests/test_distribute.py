@@ -143,8 +143,8 @@ def test_a_mistaken_tf_config_is_refused_at_start_naming_it(monkeypatch, tf_conf
 
 
 def test_a_worker_whose_peer_never_starts_ends_after_the_cluster_timeout(data_roots, tmp_path):
-    """TensorFlow waits for a cluster's every task with no time limit, holding the GIL, and its
-    preemption notifier takes SIGTERM: a worker whose peer never started held its machine and the
+    """TensorFlow waits for a cluster's every task with no time limit, holding the GIL, and it
+    catches SIGTERM: a worker whose peer never started held its machine and the
     models folder's training reservation for ever. It now ends with status 1 after the timeout it
     announced, and the next training is admitted."""
     ports = [free_port(), free_port()]

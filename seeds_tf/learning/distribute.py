@@ -111,7 +111,7 @@ def strategy() -> tf.distribute.Strategy:
     training on a cluster: collective operations are configured at start-up.
 
     On a cluster, TensorFlow waits for every task to start with no time limit, in C++ where neither
-    an exception nor SIGTERM reaches it (its preemption notifier takes SIGTERM): a task whose peers
+    an exception nor SIGTERM ends it (TensorFlow catches SIGTERM): a task whose peers
     never start would hold its machine, and the models folder's training reservation, for ever.
     So the process ends, with status 1 and its stack, if the cluster has not formed within
     cluster_timeout_s().
