@@ -214,11 +214,19 @@ def test_the_image_build_step_installs_the_published_model_and_deepaas_cli_serve
     }
     script = str(ROOT / "docker" / "install-model.sh")
     refused = subprocess.run(
-        [SH, script, url, "f" * 64], check=False, env=env, capture_output=True, text=True
+        [SH, script, url, "f" * 64],
+        check=False,
+        env={**env, "PYTHONPROFILEIMPORTTIME": "1"},  # Python's record of each import, on stderr
+        capture_output=True,
+        text=True,
     )
     assert refused.returncode == 2
     assert f"sha256: {url} has SHA-256 {legacy.file_sha256(archive)}, not the expected" in refused.stderr
     assert not models.exists() or list(models.iterdir()) == []
+    # Refused before TensorFlow loads: a wrong pin stopped the build only after its import.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in refused.stderr.splitlines() if "|" in line}
+    assert "seeds_tf.learning.legacy" in imported
+    assert "tensorflow" not in imported
 
     installed = subprocess.run(
         [SH, script, url, legacy.file_sha256(archive)], check=False, env=env, capture_output=True, text=True

@@ -11,6 +11,9 @@ A tarball is identified by its SHA-256, logged on every import and recorded in t
 expected digest, any other tarball is refused before anything is written (the pre-trained image's
 build pins the published model this way). The run records its held-out accuracy when the test split's
 images come with the tarball or lie in the data folder, and says why not otherwise.
+
+TensorFlow loads only once the tarball has been verified and read: a wrong digest or a tarball that is
+not a legacy run is told in a fraction of a second, not after the seconds TensorFlow takes to import.
 """
 
 from __future__ import annotations
@@ -26,13 +29,11 @@ from typing import Any
 
 import requests
 
-from seeds_tf.classifier.model import build_classifier, save_classifier
 from seeds_tf.core import files, runs
 from seeds_tf.core.config import RunConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data.splits import copy_split_files, label_problems, read_labels, read_split
-from seeds_tf.learning import evaluation, reports
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def import_legacy(source: str, roots: Roots, *, sha256: str = "", batch_size: in
             raise InputError("sha256", f"{shown} has SHA-256 {digest}, not the expected {expected}: refused")
         run_folder = _extract(archive, scratch / "run")
         weights, config, dataset_dir, classes = _legacy_parts(run_folder)
+        from seeds_tf.classifier.model import build_classifier, save_classifier  # TensorFlow: see above
+
         model = build_classifier(config.model, len(classes))
         try:
             model.load_weights(weights)
@@ -137,6 +140,8 @@ def _held_out_evaluation(
 ) -> tuple[dict[str, float], str]:
     """The test metrics of the imported model and a sentence saying on what they were measured, or
     why there are none: the published tarball lists its test split but does not hold its images."""
+    from seeds_tf.learning import evaluation, reports  # TensorFlow: see the module's docstring
+
     classes = layout.classes()
     test_file = layout.dataset_dir / "test.txt"
     if not test_file.is_file():
