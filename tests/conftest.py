@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny synthetic dataset and a tiny trained run, made once per test session.
 
-Everything is real: real images on disk, a real (small) Xception trained by the real training code.
-Small inputs (71 px, the least Xception takes) keep the suite fast on 2 CPU cores.
+Everything is real: real images on disk, a real (small) network of a registered backbone trained by
+the real training code (tests.helpers.TINY_OPTIONS says which, and why not Xception). Small inputs
+keep the suite fast on 2 CPU cores.
 """
 
 from __future__ import annotations

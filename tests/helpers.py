@@ -30,14 +30,24 @@ if TYPE_CHECKING:  # Keras imports TensorFlow: 3 s that pytest-xdist's controlle
 
 TINY_OPTIONS = {
     "weights": "none",
-    "image_size": 71,
+    "modelname": "MobileNet",
+    "image_size": 32,
     "dense_units": 16,
     "epochs": 1,
     "batch_size": 16,
     "images_directory": "tiny/images",
     "splits_directory": "tiny/dataset_files",
 }
-"""Training options for a run that trains in seconds: for the code paths, not for accuracy."""
+"""Training options of the session's tiny run, which trains in seconds: for the code paths of the
+service, the commands and the trust files, which are the same for every registered backbone, not
+for accuracy. MobileNet (3M weights, 92 layers) at 32 px: most tests load the tiny run, and a run
+of it loads in about half of a tiny Xception's time and traces its forward pass in about a third
+(benchmarks/NOTES.md: the suite 24% shorter). The Xception core has tests of its own
+(TINY_XCEPTION_OPTIONS, and the folding, export-free and legacy tests that build it)."""
+
+TINY_XCEPTION_OPTIONS = {**TINY_OPTIONS, "modelname": "Xception", "image_size": 71}
+"""The service's core at the least size it takes: for the tests of the core itself (that it learns,
+its limits, its ImageNet weights)."""
 
 SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "MobileNetV3Small", "image_size": 32, "run_eagerly": True}
 """For tests of the training machinery (resume, cancel, bad images, every option): the same code

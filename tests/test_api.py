@@ -53,8 +53,8 @@ def test_the_model_is_listed_with_its_metadata(app, tiny_run):
     assert model["license"] == "Apache-2.0"
     assert model["summary"] and model["description"] and model["authors"]
     assert model["model"]["run_id"] == tiny_run
-    assert model["model"]["modelname"] == "Xception"
-    assert model["model"]["image_size"] == 71
+    assert model["model"]["modelname"] == TINY_OPTIONS["modelname"]
+    assert model["model"]["image_size"] == TINY_OPTIONS["image_size"]
     assert model["model"]["num_classes"] == 16
     assert "test_accuracy" in model["model"]["metrics"]
     assert app.request("GET", f"{MODEL_URL}/").json()["runs"] == [tiny_run]

@@ -29,7 +29,7 @@ from tests.deepaas_harness import MODEL_URL
 from tests.helpers import TINY_OPTIONS, in_process_service, seed_photo, train_flags
 
 SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32, "run_eagerly": True}
-"""A network that trains faster than the tiny Xception, for trainings that only have to reach a save."""
+"""A network of 16 layers, in eager steps, for trainings that only have to reach a save."""
 
 # Run in a separate Python: saves a small model with save_classifier, but its zip writer stops half
 # way through the weights, flushes what it wrote to disk, says so, and waits to be killed.

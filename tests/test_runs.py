@@ -11,7 +11,7 @@ from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.prediction import inference
-from tests.helpers import seed_photo
+from tests.helpers import TINY_OPTIONS, seed_photo
 
 NOW = datetime.datetime(2026, 11, 21, 12, 0, 0)
 
@@ -139,10 +139,11 @@ def test_a_run_whose_info_does_not_match_its_classes_is_broken(roots, tiny_run):
     }
 
 
-def _cap_image_size(tmp_path, monkeypatch, most: int) -> None:
-    """A deployment's SEEDS_TF_CONFIG: the shipped options, with image_size capped at `most` px."""
+def _limit_image_size(tmp_path, monkeypatch, least: int = 32, most: int = 1024) -> None:
+    """A deployment's SEEDS_TF_CONFIG: the shipped options, with image_size within [least, most] px
+    (and `least` its default)."""
     raw = yaml.safe_load(config.config_path().read_text())
-    raw["model"]["image_size"].update(value=most, max=most)
+    raw["model"]["image_size"].update(value=least, min=least, max=most)
     path = tmp_path / "capped.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv(config.CONFIG_ENV, str(path))
@@ -151,13 +152,15 @@ def _cap_image_size(tmp_path, monkeypatch, most: int) -> None:
 def test_a_run_made_under_wider_limits_still_serves_when_a_configuration_tightens_them(
     roots, tiny_run, tmp_path, monkeypatch
 ):
-    """The limits of a configuration file are for new requests: capped below the tiny run's 71 px,
-    a new training at 71 px is refused, and the tiny run is still listed as working and answers."""
-    _cap_image_size(tmp_path, monkeypatch, 64)
-    with pytest.raises(InputError, match="expected <= 64"):
-        config.RunConfig.from_options(image_size=71)
+    """The limits of a configuration file are for new requests: with image_size at least twice the
+    tiny run's, a new training at its size is refused, and the tiny run is still listed as working
+    and answers."""
+    size = TINY_OPTIONS["image_size"]
+    _limit_image_size(tmp_path, monkeypatch, least=2 * size)
+    with pytest.raises(InputError, match=f"expected >= {2 * size}"):
+        config.RunConfig.from_options(image_size=size)
     assert list(runs.list_runs(roots.models).working) == [tiny_run]
-    assert runs.RunLayout(roots.models / tiny_run).config().model.image_size == 71
+    assert runs.RunLayout(roots.models / tiny_run).config().model.image_size == size
     photo = [("a.jpg", seed_photo(roots).read_bytes())]
     answer = inference.predict(roots, inference.RunCache(), config.load(config.PredictConfig), photo)
     assert answer["run_id"] == tiny_run
@@ -175,7 +178,7 @@ def test_a_run_made_under_wider_limits_still_serves_when_a_configuration_tighten
 def test_a_run_whose_configuration_is_malformed_stays_broken_under_any_limits(
     tmp_path, monkeypatch, saved, problem
 ):
-    _cap_image_size(tmp_path, monkeypatch, 256)
+    _limit_image_size(tmp_path, monkeypatch, most=256)
     layout = _complete(tmp_path / "models")
     runs.write_conf(layout, saved)
     broken = runs.list_runs(tmp_path / "models").broken

@@ -1,4 +1,5 @@
-"""Training end to end on real images with the real Xception, at a tiny size."""
+"""Training end to end on real images with the real training code: the session's tiny run, and
+the Xception core at 71 px, the least it takes."""
 
 import os
 import re
@@ -15,18 +16,18 @@ from seeds_tf.hosting import admission
 from seeds_tf.learning import calibrate, evaluation, indexing, training
 from seeds_tf.prediction.inference import load_run
 from tests.deepaas_harness import free_port
-from tests.helpers import SMALL_OPTIONS, TINY_OPTIONS, write_colour_dataset
+from tests.helpers import SMALL_OPTIONS, TINY_OPTIONS, TINY_XCEPTION_OPTIONS, write_colour_dataset
 
 
 def test_a_trained_run_explains_itself(roots, tiny_run):
     layout = runs.RunLayout(roots.models / tiny_run)
     summary = layout.summary()
     assert summary["run_id"] == tiny_run
-    assert layout.config().model.modelname == "Xception"
-    assert layout.config().model.image_size == 71
+    model = (TINY_OPTIONS["modelname"], TINY_OPTIONS["image_size"])
+    assert (layout.config().model.modelname, layout.config().model.image_size) == model
     assert len(layout.classes()) == 16
     described = runs.list_runs(roots.models).working[tiny_run]
-    assert (described["modelname"], described["image_size"], described["num_classes"]) == ("Xception", 71, 16)
+    assert (described["modelname"], described["image_size"], described["num_classes"]) == (*model, 16)
     assert summary["skipped_images"] == 0
     assert set(summary["metrics"]) == {"test_loss", "test_accuracy", "test_top5_accuracy", "test_macro_f1"}
     assert summary["checkpoints"] == ["best", "final"]
@@ -53,10 +54,11 @@ def test_a_trained_run_explains_itself(roots, tiny_run):
 
 def test_a_loaded_run_predicts_as_the_trained_model_evaluated(roots, tiny_run):
     run = load_run(runs.RunLayout(roots.models / tiny_run))
-    assert run.config.image_size == 71
+    size = TINY_OPTIONS["image_size"]
+    assert run.config.image_size == size
     assert len(run.classes) == 16
     assert run.info is not None and len(run.info) == 16
-    probabilities = run.model.predict_on_batch(np.full((2, 71, 71, 3), 100.0, dtype="float32"))
+    probabilities = run.model.predict_on_batch(np.full((2, size, size, 3), 100.0, dtype="float32"))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
@@ -70,7 +72,7 @@ def test_a_loaded_run_predicts_as_the_trained_model_evaluated(roots, tiny_run):
             "splits_directory",
             "no classes",
         ),
-        ({"image_size": 64}, "image_size", "needs at least 71"),
+        ({"modelname": "Xception", "image_size": 64}, "image_size", "needs at least 71"),
         ({"mode": "fast"}, "mode", "pretrained weights"),
         ({"weights": "missing.h5"}, "weights", "'missing.h5' is not a file"),
     ],
@@ -98,7 +100,9 @@ def test_imagenet_weights_that_cannot_be_fetched_fail_before_any_run_is_created(
         monkeypatch.delenv(name, raising=False)
     before = sorted(os.listdir(data_roots.models))
     with pytest.raises(InputError) as raised:
-        training.train(config.RunConfig.from_options(**{**TINY_OPTIONS, "weights": "imagenet"}), data_roots)
+        training.train(
+            config.RunConfig.from_options(**{**TINY_XCEPTION_OPTIONS, "weights": "imagenet"}), data_roots
+        )
     assert raised.value.field == "weights"
     assert "the ImageNet weights of Xception could not be fetched (URL fetch failure" in raised.value.problem
     assert "Connection refused" in raised.value.problem
@@ -204,7 +208,7 @@ def test_the_network_learns(empty_roots):
     uses, catch up within them."""
     write_colour_dataset(empty_roots.data / "colours")
     options = {
-        **TINY_OPTIONS,
+        **TINY_XCEPTION_OPTIONS,
         "images_directory": "colours/images",
         "splits_directory": "colours/dataset_files",
         "epochs": 6,
