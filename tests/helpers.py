@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # Keras imports TensorFlow: 3 s that pytest-xdist's controlle
 TINY_OPTIONS = {
     "weights": "none",
     "modelname": "MobileNet",
-    "image_size": 32,
+    "image_size": 64,
     "dense_units": 16,
     "epochs": 1,
     "batch_size": 16,
@@ -40,10 +40,10 @@ TINY_OPTIONS = {
 }
 """Training options of the session's tiny run, which trains in seconds: for the code paths of the
 service, the commands and the trust files, which are the same for every registered backbone, not
-for accuracy. MobileNet (3M weights, 92 layers) at 32 px: most tests load the tiny run, and a run
-of it loads in about half of a tiny Xception's time and traces its forward pass in about a third
-(benchmarks/NOTES.md: the suite 24% shorter). The Xception core has tests of its own
-(TINY_XCEPTION_OPTIONS, and the folding, export-free and legacy tests that build it)."""
+for accuracy. MobileNet (3M weights, 92 layers): most tests load the tiny run, and a run of it
+loads in about half of a tiny Xception's time and traces its forward pass in about a third. At 64
+px its backbone's grid is 2 x 2, so that a Grad-CAM heatmap is a map, not one cell. The Xception
+core has tests of its own (TINY_XCEPTION_OPTIONS; the folding, backbone and legacy tests build it)."""
 
 TINY_XCEPTION_OPTIONS = {**TINY_OPTIONS, "modelname": "Xception", "image_size": 71}
 """The service's core at the least size it takes: for the tests of the core itself (that it learns,

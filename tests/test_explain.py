@@ -19,6 +19,7 @@ def test_gradcam_is_a_normalised_map_over_the_backbone_grid(roots, tiny_run):
     cam = explain.gradcam(run, pixels, class_index=0)
     assert cam.ndim == 2
     assert cam.shape == tuple(run.model.get_layer("avg_pool").input.shape[1:3])
+    assert cam.size > 1, "a grid of one cell explains nothing: the tiny run is too small for Grad-CAM"
     assert cam.min() >= 0.0 and cam.max() <= 1.0
 
 
