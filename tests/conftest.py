@@ -39,8 +39,8 @@ LONGEST_FIRST = (
 )
 """The test files that take longest (pytest --durations on 2 cores), longest first; the others
 follow in their own order. The two xdist workers take files in this order: long ones first leaves
-short ones to even out the end, and the first two need no tiny run, so that neither worker waits
-while the other trains it."""
+short ones to even out the end. The second needs no tiny run: one worker trains it for the first
+while the other works instead of waiting."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

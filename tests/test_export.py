@@ -1,6 +1,6 @@
 """Exports of a run to TensorFlow Lite, ONNX and SavedModel (fp32 and bf16), and the engines that
-run them, checked against the run's own Keras model on a small real run (MobileNetV3Small at 32 px:
-fast to convert)."""
+run them, checked against the run's own Keras model on a copy of the session's tiny run (fast to
+convert: tests.helpers.TINY_OPTIONS)."""
 
 import json
 import shutil
@@ -18,26 +18,22 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.data import images
 from seeds_tf.data.splits import read_split
-from seeds_tf.learning import training
 from seeds_tf.prediction import export, inference
-from tests.helpers import SMALL_OPTIONS, seed_photo
+from tests.helpers import copy_roots, seed_photo
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory, session_roots) -> tuple[Roots, runs.RunLayout]:
-    base = tmp_path_factory.mktemp("export")
-    roots = Roots(data=base / "data", models=base / "models")
-    shutil.copytree(session_roots.data, roots.data)
-    options = {**SMALL_OPTIONS, "epochs": 2}
-    run_id = training.train(config.RunConfig.from_options(**options), roots).run_id
-    return roots, runs.RunLayout(roots.models / run_id)
+def tiny(tmp_path_factory, session_roots, tiny_run) -> tuple[Roots, runs.RunLayout]:
+    """A copy of the session's tiny run and dataset, which the module's exports are written into."""
+    roots = copy_roots(session_roots, tmp_path_factory.mktemp("export"))
+    return roots, runs.RunLayout(roots.models / tiny_run)
 
 
 @pytest.fixture(scope="module")
-def exported(small) -> dict[str, object]:
-    """Every export of the small run, made once for the module by export_models from one load of
+def exported(tiny) -> dict[str, object]:
+    """Every export of the tiny run, made once for the module by export_models from one load of
     its final model (`seeds-tf export`, one export_model each, is test_the_export_command's)."""
-    roots, layout = small
+    roots, layout = tiny
     calibration = export.calibration_images(layout, roots.data / "tiny" / "images")
     model = load_classifier(runs.resolve_checkpoint(layout, "final"))
     return export.export_models(model, engines.EXPORTS, layout.exports_dir, calibration)
@@ -48,8 +44,8 @@ def _test_split(roots: Roots, layout: runs.RunLayout, run: inference.LoadedRun):
     return read_split(layout.dataset_dir / "test.txt", "test", images_dir, len(run.classes), "test")
 
 
-def test_every_export_is_written_into_the_run(small, exported):
-    _, layout = small
+def test_every_export_is_written_into_the_run(tiny, exported):
+    _, layout = tiny
     assert sorted(path.name for path in layout.exports_dir.iterdir()) == [
         "onnx_fp32.onnx",
         "onnx_int8.onnx",
@@ -76,9 +72,9 @@ TOLERANCES = {
 
 
 @pytest.mark.parametrize("engine", [name for name in engines.ENGINES if name != "keras"])
-def test_each_engine_gives_the_keras_probabilities_and_embedding(small, exported, engine):
+def test_each_engine_gives_the_keras_probabilities_and_embedding(tiny, exported, engine):
     tolerance = TOLERANCES[engine]
-    roots, layout = small
+    roots, layout = tiny
     run = inference.load_run(layout)
     pixels = [images.read_image(seed_photo(roots, index)) for index in range(4)]
     got, embedding = inference.observe(run, pixels, engine=engine, embed=True)
@@ -93,13 +89,13 @@ def test_each_engine_gives_the_keras_probabilities_and_embedding(small, exported
     assert similarity.min() > 1 - tolerance
 
 
-def test_an_export_without_the_embedding_serves_by_name_and_never_under_auto(small, tmp_path):
+def test_an_export_without_the_embedding_serves_by_name_and_never_under_auto(tiny, tmp_path):
     """An export made before exports carried the embedding (one output, as TensorFlow Lite writes
     the classifier alone) still answers by name; the run's answers then take their embedding from
     a pass of the keras engine, and auto never takes it for a run with specimens."""
     import tensorflow as tf
 
-    roots, layout = small
+    roots, layout = tiny
     old = runs.RunLayout(tmp_path / "models" / layout.run_id)
     shutil.copytree(layout.root, old.root, ignore=shutil.ignore_patterns(layout.exports_dir.name))
     saved = tmp_path / "savedmodel"
@@ -125,8 +121,8 @@ def test_an_export_without_the_embedding_serves_by_name_and_never_under_auto(sma
     assert engine_choice.candidates(old.exports_dir, engines.cpu_flags(), embeds=True) == ("keras",)
 
 
-def test_agreement_with_keras_is_measured_on_the_test_split(small, exported):
-    roots, layout = small
+def test_agreement_with_keras_is_measured_on_the_test_split(tiny, exported):
+    roots, layout = tiny
     run = inference.load_run(layout)
     test = _test_split(roots, layout, run)
     figures = export.compare_with_keras(run, "tflite_fp32", test)
@@ -137,8 +133,8 @@ def test_agreement_with_keras_is_measured_on_the_test_split(small, exported):
     assert figures["top1_change"] == 0.0
 
 
-def test_a_run_serves_with_an_export_only_if_it_agrees(small, exported, tmp_path):
-    _, layout = small
+def test_a_run_serves_with_an_export_only_if_it_agrees(tiny, exported, tmp_path):
+    _, layout = tiny
     with pytest.raises(InputError) as refused:
         export.record_export(layout, "tflite_int8", {"agreement_top1": 0.9}, serve=True)
     assert refused.value.field == "serve"
@@ -189,10 +185,10 @@ def test_exports_made_side_by_side_record_the_figures_of_each(tmp_path):
     assert len(files.read_json(layout.exports_dir / runs.EXPORTS_INDEX)["exports"]) == 160
 
 
-def test_a_run_without_a_test_split_is_exported_but_not_served_by_it(small, tmp_path):
+def test_a_run_without_a_test_split_is_exported_but_not_served_by_it(tiny, tmp_path):
     """The test split is optional in a dataset: the export is made and recorded without figures,
     and `--serve` refuses it, naming why, instead of failing on the missing file."""
-    roots, layout = small
+    roots, layout = tiny
     copy = Roots(data=roots.data, models=tmp_path / "models")
     untested = runs.RunLayout(copy.models / layout.run_id)
     shutil.copytree(layout.root, untested.root, ignore=shutil.ignore_patterns("exports"))
@@ -207,11 +203,11 @@ def test_a_run_without_a_test_split_is_exported_but_not_served_by_it(small, tmp_
     assert engine_choice.candidates(untested.exports_dir, engines.cpu_flags()) == ("keras",)
 
 
-def test_a_re_export_is_never_chosen_on_the_figures_of_the_export_it_replaces(small, exported, tmp_path):
+def test_a_re_export_is_never_chosen_on_the_figures_of_the_export_it_replaces(tiny, exported, tmp_path):
     """A re-export replaced the file, then failed before its comparison (an image of the test split
     gone): the figures of the export it replaced stayed beside a file nothing had checked, and
     `auto` ran it."""
-    roots, layout = small
+    roots, layout = tiny
     copy = Roots(data=roots.data, models=tmp_path / "models")
     again = runs.RunLayout(copy.models / layout.run_id)
     shutil.copytree(layout.root, again.root, ignore=shutil.ignore_patterns("exports"))
@@ -229,10 +225,10 @@ def test_a_re_export_is_never_chosen_on_the_figures_of_the_export_it_replaces(sm
     assert engine_choice.candidates(again.exports_dir, engines.cpu_flags()) == ("keras",)
 
 
-def test_serve_refuses_an_export_seeds_tf_does_not_run_before_exporting(small, tmp_path):
+def test_serve_refuses_an_export_seeds_tf_does_not_run_before_exporting(tiny, tmp_path):
     """`--serve` on the SavedModel for TensorFlow Serving printed the export alone, as if it had
     been checked and measured: it is refused, naming why, and nothing is written."""
-    roots, layout = small
+    roots, layout = tiny
     spec = engines.export_spec("savedmodel", "fp32")
     copy = Roots(data=roots.data, models=tmp_path / "models")
     shutil.copytree(layout.root, copy.models / layout.run_id, ignore=shutil.ignore_patterns("exports"))
@@ -268,8 +264,8 @@ def _without_index(layout: runs.RunLayout, base: Path) -> runs.RunLayout:
     return plain
 
 
-def test_a_prediction_names_its_engine_and_refuses_a_missing_export(small, exported, tmp_path):
-    roots, layout = small
+def test_a_prediction_names_its_engine_and_refuses_a_missing_export(tiny, exported, tmp_path):
+    roots, layout = tiny
     cache = inference.RunCache()
     photo = [("a.jpg", seed_photo(roots).read_bytes())]
     by_tflite = inference.predict(
@@ -290,8 +286,8 @@ def test_a_prediction_names_its_engine_and_refuses_a_missing_export(small, expor
     assert f"seeds-tf export {layout.run_id} --format tflite --precision int8" in missing.value.problem
 
 
-def test_the_export_command(small, monkeypatch, capsys):
-    roots, layout = small
+def test_the_export_command(tiny, monkeypatch, capsys):
+    roots, layout = tiny
     monkeypatch.setenv(DATA_ENV, str(roots.data))
     monkeypatch.setenv(MODELS_ENV, str(roots.models))
     status = cli.main(["--quiet", "export", layout.run_id, "--format", "tflite", "--serve"])
@@ -303,12 +299,12 @@ def test_the_export_command(small, monkeypatch, capsys):
     assert printed["serve"] == engine_choice.recorded_choice(layout.exports_dir, embeds=True).engine
 
 
-def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch, tmp_path):
+def test_warm_loads_the_newest_run_with_its_engine_ready(tiny, monkeypatch, tmp_path):
     """DEEPaaS calls warm() once per worker: the first request then finds the run loaded and its
     engine traced (the benchmark measures what that saves)."""
     from seeds_tf import api
 
-    roots, layout = small
+    roots, layout = tiny
     monkeypatch.setenv(DATA_ENV, str(roots.data))
     monkeypatch.setenv(MODELS_ENV, str(roots.models))
     api._run_cache.cache_clear()
@@ -334,8 +330,8 @@ def test_warm_loads_the_newest_run_with_its_engine_ready(small, monkeypatch, tmp
     api._run_cache.cache_clear()
 
 
-def test_only_a_converted_export_takes_the_export_it_converts_from(small, exported, tmp_path):
-    _, layout = small
+def test_only_a_converted_export_takes_the_export_it_converts_from(tiny, exported, tmp_path):
+    _, layout = tiny
     model = load_classifier(layout.final_model)
     with pytest.raises(ValueError, match="converts from nothing"):
         export.export_model(
