@@ -121,7 +121,7 @@ def test_a_training_is_tracked_and_its_model_registered(data_roots, monkeypatch,
     assert run.info.run_name == result.run_id
     assert run.info.status == "FINISHED"
     assert run.data.params["lr_schedule"] == "cosine"
-    assert run.data.params["modelname"] == "MobileNetV3Small"
+    assert run.data.params["modelname"] == SMALL_OPTIONS["modelname"]
     assert "test_accuracy" in run.data.metrics
     assert [metric.step for metric in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}

@@ -179,8 +179,9 @@ def test_the_run_chooses_eager_steps_or_a_compiled_graph(run_eagerly):
 def test_fast_mode_trains_the_head_only(data_roots):
     """A weights file inside the data folder initialises the backbone; fast mode keeps it fixed.
     Freezing is the same code for every backbone: the small one keeps the training short."""
-    backbone = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(32, 32, 3))
-    weights = data_roots.data / "mobilenet_v3_small_notop.weights.h5"
+    assert SMALL_OPTIONS["modelname"] == "MobileNet"
+    backbone = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(32, 32, 3))
+    weights = data_roots.data / "mobilenet_notop.weights.h5"
     backbone.save_weights(weights)
     options = {**SMALL_OPTIONS, "mode": "fast", "weights": weights.name}
     run_config = config.RunConfig.from_options(**options)
