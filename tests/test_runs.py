@@ -144,7 +144,7 @@ def _limit_image_size(tmp_path, monkeypatch, least: int = 32, most: int = 1024) 
     (and `least` its default)."""
     raw = yaml.safe_load(config.config_path().read_text())
     raw["model"]["image_size"].update(value=least, min=least, max=most)
-    path = tmp_path / "capped.yaml"
+    path = tmp_path / "limited.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv(config.CONFIG_ENV, str(path))
 
