@@ -145,14 +145,16 @@ def _auto_engine(models: Path, run_id: str) -> dict[str, Any]:
 
 def warm() -> None:
     """Loads the newest working run into this worker with its engine, run once on a blank image so
-    that the first request pays no tracing; without a run, the server still starts. Starts
-    TensorBoard on the monitor port when `SEEDS_TF_MONITOR` is on."""
-    from seeds_tf.prediction import inference
-
+    that the first request pays no tracing; without a run, the server still starts, and the worker
+    loads no TensorFlow (seconds and hundreds of MB) until a request needs it. Starts TensorBoard on
+    the monitor port when `SEEDS_TF_MONITOR` is on."""
     _worker_logging()
     roots = Roots.from_env()
     monitor.ensure_from_env(roots.models)
     try:
+        runs.resolve_run(roots.models, "")  # raises, saying why, when there is no working run
+        from seeds_tf.prediction import inference
+
         inference.choose_run(roots, _run_cache()).engine("auto")
     except InputError as error:
         _LOGGER.warning("No model to warm up: %s", error)

@@ -1,12 +1,14 @@
 """A real `deepaas-run --model-name seeds_tf` process, spoken to over loopback HTTP."""
 
 import os
+import time
 
 import numpy as np
+import psutil
 import requests
 
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
-from tests.deepaas_harness import MODEL_URL, deepaas_run
+from tests.deepaas_harness import MODEL_URL, deepaas_process, deepaas_run
 from tests.helpers import encode, seed_photo
 
 
@@ -47,8 +49,19 @@ def test_deepaas_run_serves_the_model(roots, tiny_run, tmp_path):
 
 
 def test_deepaas_run_starts_without_any_run(empty_roots, tmp_path):
+    """Its worker warms up without loading TensorFlow (a library mapped into the process) until a
+    request needs it."""
     env = {DATA_ENV: str(empty_roots.data), MODELS_ENV: str(empty_roots.models)}
-    with deepaas_run(env, tmp_path / "server.log") as url:
+    log = tmp_path / "server.log"
+    with deepaas_process(env, log) as (url, pid):
+        deadline = time.monotonic() + 60
+        while "No model to warm up" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "train one first" in log.read_text()
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        assert len(processes) > 1  # the server and its worker (and multiprocessing's helper)
+        mapped = {region.path for process in processes for region in process.memory_maps()}
+        assert not [path for path in mapped if "tensorflow" in path]
         assert requests.get(f"{url}{MODEL_URL}/", timeout=10).json()["model"] is None
         refused = requests.post(
             f"{url}{MODEL_URL}/predict/",
