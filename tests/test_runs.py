@@ -139,11 +139,13 @@ def test_a_run_whose_info_does_not_match_its_classes_is_broken(roots, tiny_run):
     }
 
 
-def _limit_image_size(tmp_path, monkeypatch, least: int = 32, most: int = 1024) -> None:
-    """A deployment's SEEDS_TF_CONFIG: the shipped options, with image_size within [least, most] px
-    (and `least` its default)."""
+def _limit_image_size(tmp_path, monkeypatch, **limits: int) -> None:
+    """A deployment's SEEDS_TF_CONFIG: the shipped options, with image_size's `min` or `max` (px)
+    replaced by `limits` and its default moved within them."""
     raw = yaml.safe_load(config.config_path().read_text())
-    raw["model"]["image_size"].update(value=least, min=least, max=most)
+    option = raw["model"]["image_size"]
+    option.update(limits)
+    option["value"] = min(max(option["value"], option["min"]), option["max"])
     path = tmp_path / "limited.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv(config.CONFIG_ENV, str(path))
@@ -156,7 +158,7 @@ def test_a_run_made_under_wider_limits_still_serves_when_a_configuration_tighten
     tiny run's, a new training at its size is refused, and the tiny run is still listed as working
     and answers."""
     size = TINY_OPTIONS["image_size"]
-    _limit_image_size(tmp_path, monkeypatch, least=2 * size)
+    _limit_image_size(tmp_path, monkeypatch, min=2 * size)
     with pytest.raises(InputError, match=f"expected >= {2 * size}"):
         config.RunConfig.from_options(image_size=size)
     assert list(runs.list_runs(roots.models).working) == [tiny_run]
@@ -178,7 +180,7 @@ def test_a_run_made_under_wider_limits_still_serves_when_a_configuration_tighten
 def test_a_run_whose_configuration_is_malformed_stays_broken_under_any_limits(
     tmp_path, monkeypatch, saved, problem
 ):
-    _limit_image_size(tmp_path, monkeypatch, most=256)
+    _limit_image_size(tmp_path, monkeypatch, max=256)
     layout = _complete(tmp_path / "models")
     runs.write_conf(layout, saved)
     broken = runs.list_runs(tmp_path / "models").broken
