@@ -89,7 +89,7 @@ def roots(tmp_path, monkeypatch, session_roots, tiny_run) -> Roots:
 @pytest.fixture
 def data_roots(tmp_path, monkeypatch, session_roots) -> Roots:
     """Fresh folders holding a copy of the tiny dataset and no run, set in the environment: for
-    tests that train or check data and never open the tiny run, which `roots` would copy (160 MB)
+    tests that train or check data and never open the tiny run, which `roots` would copy (26 MB)
     and train first."""
     fresh = Roots(data=tmp_path / "data", models=tmp_path / "models")
     shutil.copytree(session_roots.data, fresh.data)
