@@ -28,7 +28,7 @@ from seeds_tf.prediction import inference
 from tests.deepaas_harness import MODEL_URL
 from tests.helpers import TINY_OPTIONS, in_process_service, seed_photo, train_flags
 
-SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32, "run_eagerly": True}
+SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32}
 """A network of 16 layers, in eager steps, for trainings that only have to reach a save."""
 
 # Run in a separate Python: saves a small model with save_classifier, but its zip writer stops half
