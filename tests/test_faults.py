@@ -26,10 +26,11 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.learning import demo
 from seeds_tf.prediction import inference
 from tests.deepaas_harness import MODEL_URL
-from tests.helpers import TINY_OPTIONS, in_process_service, seed_photo, train_flags
+from tests.helpers import SMALL_OPTIONS, in_process_service, seed_photo, train_flags
 
-SMALL_OPTIONS = {**TINY_OPTIONS, "modelname": "VGG16", "image_size": 32}
-"""A network of 16 layers, in eager steps, for trainings that only have to reach a save."""
+VGG_OPTIONS = {**SMALL_OPTIONS, "modelname": "VGG16"}
+"""The training-machinery options on a network of 16 layers, for trainings that only have to reach
+a save."""
 
 # Run in a separate Python: saves a small model with save_classifier, but its zip writer stops half
 # way through the weights, flushes what it wrote to disk, says so, and waits to be killed.
@@ -158,7 +159,7 @@ def test_a_read_only_models_folder_fails_clearly_and_keeps_the_runs(roots):
         str(Path(sys.executable).with_name("seeds-tf")),
         "--quiet",
         "train",
-        *train_flags(SMALL_OPTIONS),
+        *train_flags(VGG_OPTIONS),
     ]
     if os.geteuid() == 0:
         command = [sys.executable, "-c", _WITHOUT_DAC_OVERRIDE, *command]
@@ -308,7 +309,7 @@ def test_a_full_disk_ends_the_training_with_a_clear_error_and_keeps_the_runs(ser
     soft, hard = resource.prlimit(worker, resource.RLIMIT_FSIZE)
     resource.prlimit(worker, resource.RLIMIT_FSIZE, (1 << 20, hard))
     try:
-        started = app.train(**SMALL_OPTIONS)
+        started = app.train(**VGG_OPTIONS)
         assert started.status == 200, started.body
         status = app.wait_for_training(started.json()["uuid"])
     finally:
