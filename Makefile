@@ -19,15 +19,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # each is reinstalled whenever the package metadata changes.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel uv
 
 # Installs the package with the extras $(1), given as a variable (make's call splits its arguments
-# at commas). pip byte-compiles the 19,000 files it installs one at a time, over half its install
-# time on 2 cores: compileall does the same on every core (and, as pip does, goes on past a file
-# that does not compile: one that no import reads).
+# at commas). uv (Astral's installer, pip-compatible) unpacks wheels and byte-compiles the 19,000
+# files on every core: 30-37 s here against pip's 52 s plus 41 s of compiling.
 define install
-	$(BIN)/python -m pip install --no-compile -e ".[$(1)]"
-	-$(BIN)/python -m compileall -q -j 0 $(VENV)/lib
+	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e ".[$(1)]"
 endef
 
 $(SERVING): setup.cfg setup.py | $(BIN)/python
