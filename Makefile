@@ -17,23 +17,22 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The environment: what serving needs (`make serve`), plus the test and lint tools (`make test`);
 # each is reinstalled whenever the package metadata changes.
+# setuptools and wheel: the packaging test builds the wheel as pip does, without build isolation.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel uv
 
-# Installs the package with the extras $(1), given as a variable (make's call splits its arguments
-# at commas). uv (Astral's installer, pip-compatible) unpacks wheels and byte-compiles the 19,000
-# files on every core: 30-37 s here against pip's 52 s plus 41 s of compiling.
-define install
-	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e ".[$(1)]"
-endef
+# uv (Astral's pip-compatible installer) installs what pip would, from PyPI, unpacking the wheels
+# and byte-compiling their 20,000 files on every core: 30-37 s on 2 cores, against pip's 52 s plus
+# 41 s of compiling (benchmarks/NOTES.md). uv reads UV_* settings, not pip's configuration.
+INSTALL := $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e
 
 $(SERVING): setup.cfg setup.py | $(BIN)/python
-	$(call install,$(SERVING_EXTRAS))
+	$(INSTALL) ".[$(SERVING_EXTRAS)]"
 	touch $@
 
 $(TESTING): setup.cfg setup.py | $(BIN)/python
-	$(call install,$(TESTING_EXTRAS))
+	$(INSTALL) ".[$(TESTING_EXTRAS)]"
 	touch $@ $(SERVING)
 
 ## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
