@@ -168,7 +168,6 @@ def predict(**args) -> dict[str, Any] | bytes:
     """The species in the uploaded, linked or inlined images as JSON, or with `accept: image/png`
     each image with a Grad-CAM heatmap of its top species (explain.explain_request)."""
     from seeds_tf.data import sources
-    from seeds_tf.prediction import explain, inference
 
     _worker_logging()
     files = {name: args[name] for name in schemas.UPLOAD_FIELDS if args.get(name)}  # empty: no file
@@ -177,6 +176,12 @@ def predict(**args) -> dict[str, Any] | bytes:
             options = config.load(
                 config.PredictConfig, **{name: args[name] for name in config.option_specs("prediction")}
             )
+            roots = Roots.from_env()
+            # Raises, saying why, before anything is fetched or TensorFlow is loaded (seconds and
+            # hundreds of MB): a worker with no such run to answer from stays light.
+            runs.resolve_run(roots.models, options.timestamp)
+            from seeds_tf.prediction import explain, inference
+
             uploads = sources.gather_images(
                 [_read_upload(name, file) for name, file in files.items()],
                 args["urls"],
@@ -184,8 +189,8 @@ def predict(**args) -> dict[str, Any] | bytes:
                 sources.FetchPolicy.from_env(),
             )
             if args.get("accept") == "image/png":
-                return explain.explain_request(Roots.from_env(), _run_cache(), options, uploads)
-            return inference.predict(Roots.from_env(), _run_cache(), options, uploads)
+                return explain.explain_request(roots, _run_cache(), options, uploads)
+            return inference.predict(roots, _run_cache(), options, uploads)
     finally:
         for file in files.values():
             _delete_upload(file)
