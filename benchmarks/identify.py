@@ -10,7 +10,9 @@ it. The decoding and resizing alone (the job's tf.data pipeline without the engi
 bare engine alone are reported separately (ratio_to_bare_engine: the job against the engine alone).
 For two networks: the run of the models folder (the demo run of `make bench`:
 Xception at 71 px, whose forward pass is cheap enough for decoding to matter), and the original seeds
-model's shape (Xception, 299 px, 743 classes, random weights: speed does not depend on the weights).
+model's shape (Xception, 299 px, 743 classes, random weights: speed does not depend on the weights),
+with keras and with its onnx_int8 export (calibrated on the benchmark's photos), the fastest engine
+there.
 
 Memory: peak RSS of this process after 1,000 and after 10,000 small images of one job (a small
 network: the job's own memory is what is measured, not the engine's). Writes benchmarks/results.json
@@ -34,10 +36,11 @@ import psutil
 from bench_run import make_benchmark_run, seed_jpeg
 from results import record
 
+from seeds_tf.classifier import engines
 from seeds_tf.core import runs
 from seeds_tf.core.paths import Roots
 from seeds_tf.data import images, pipeline
-from seeds_tf.prediction import batch, inference
+from seeds_tf.prediction import batch, export, inference
 
 MEMORY_IMAGES = (1_000, 10_000)
 
@@ -53,18 +56,26 @@ def write_photos(folder: Path, count: int, size: int) -> Path:
 
 
 def throughput(
-    roots: Roots, timestamp: str, photos: Path, *, photo_size: int, batch_size: int, rounds: int
+    roots: Roots,
+    timestamp: str,
+    photos: Path,
+    *,
+    photo_size: int,
+    batch_size: int,
+    rounds: int,
+    engine_name: str = "auto",
 ) -> dict:
-    """Identify against the bare engine on one run, alternated `rounds` times."""
+    """Identify against the bare engine on one run, alternated `rounds` times, with the engine
+    called `engine_name` (the run's own choice by default)."""
     run = inference.choose_run(roots, inference.RunCache(), timestamp)
-    engine = run.engine("auto")
+    engine = run.engine(engine_name)
     items = batch.list_inputs(photos)
     size = run.config.image_size
     decoded = [
         pipeline.resize(images.read_image(Path(item.source)), size).numpy() for item in items[:batch_size]
     ]
     ready = np.stack([decoded[i % len(decoded)] for i in range(len(items))])
-    options = batch.IdentifyOptions(timestamp=run.run_id, batch_size=batch_size)
+    options = batch.IdentifyOptions(timestamp=run.run_id, engine=engine.name, batch_size=batch_size)
 
     def bare() -> float:
         started = time.perf_counter()
@@ -200,8 +211,12 @@ def main() -> None:
             layout = make_benchmark_run(original.models)
             # 10 images/s: 4 batches, so that the rate after the first batch spans 3 of them.
             few = write_photos(base / "few", args.photos // 2, args.photo_size)
-            figures["original_shape"] = throughput(
-                original, layout.run_id, few, photo_size=args.photo_size, batch_size=args.batch_size, rounds=2
+            shape = {"photo_size": args.photo_size, "batch_size": args.batch_size, "rounds": 2}
+            figures["original_shape"] = throughput(original, layout.run_id, few, **shape, engine_name="keras")
+            int8 = engines.export_spec("onnx", "int8")
+            export.export_checkpoint(layout, int8, calibration=sorted(few.iterdir())[:16])  # the 16 distinct
+            figures["original_shape_int8"] = throughput(
+                original, layout.run_id, few, **shape, engine_name=int8.name
             )
         figures["memory"] = memory(base / "memory", args.batch_size)
     record("identify", figures)
