@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 import PIL.Image
+import psutil
 import pytest
 
 from seeds_tf.core import config, runs
@@ -196,3 +197,11 @@ def interrupted_run(
     finally:
         process.send_signal(signal.SIGKILL)
         process.communicate()
+
+
+def tensorflow_mapped_into(pid: int) -> list[str]:
+    """The TensorFlow files mapped into process `pid` and its descendants: its libraries, once
+    anything there has imported it."""
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    mapped = {region.path for process in processes for region in process.memory_maps()}
+    return [path for path in mapped if "tensorflow" in path]

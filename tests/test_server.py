@@ -9,7 +9,7 @@ import requests
 
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV
 from tests.deepaas_harness import MODEL_URL, deepaas_process, deepaas_run
-from tests.helpers import encode, seed_photo
+from tests.helpers import encode, seed_photo, tensorflow_mapped_into
 
 
 def test_deepaas_run_serves_the_model(roots, tiny_run, tmp_path):
@@ -69,10 +69,3 @@ def test_deepaas_run_starts_without_any_run(empty_roots, tmp_path):
         assert refused.status_code == 422
         assert "train one first" in refused.text
         assert not tensorflow_mapped_into(pid)  # nor to say that there is nothing to answer from
-
-
-def tensorflow_mapped_into(pid: int) -> list[str]:
-    """The TensorFlow files mapped into process `pid` and its descendants (its libraries, once loaded)."""
-    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    mapped = {region.path for process in processes for region in process.memory_maps()}
-    return [path for path in mapped if "tensorflow" in path]
