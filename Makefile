@@ -9,7 +9,8 @@ PORT ?= 5000
 SERVING := $(VENV)/.installed-serving
 TESTING := $(VENV)/.installed-testing
 SERVING_EXTRAS := cpu
-TESTING_EXTRAS := cpu,test
+TESTING_EXTRAS := cpu,test,mlflow
+MLFLOW_SERVER := $(VENV)/mlflow-server
 FUZZ_EXAMPLES ?= 1000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -34,6 +35,14 @@ $(SERVING): setup.cfg setup.py | $(BIN)/python
 $(TESTING): setup.cfg setup.py | $(BIN)/python
 	$(INSTALL) ".[$(TESTING_EXTRAS)]"
 	touch $@ $(SERVING)
+
+# The real MLflow server that tests/test_tracking.py starts, in an environment of its own, as the
+# platform runs it beside the module; the tests' environment has the client alone (the mlflow
+# extra), as the image does. The server's package brings scikit-learn, which Keras imports wherever
+# it is installed: 1.3 CPU-s in each of the suite's 37 processes that import Keras (benchmarks/NOTES.md).
+$(MLFLOW_SERVER)/bin/mlflow: | $(BIN)/python
+	$(BIN)/uv venv --quiet --python $(PYTHON) $(MLFLOW_SERVER)
+	$(BIN)/uv pip install --python $(MLFLOW_SERVER)/bin/python "mlflow[auth]==3.17.2"
 
 ## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
 ## with the image's settings (etc/deepaas.conf: upload cap, workers), on $(HOST):$(PORT)
@@ -86,7 +95,7 @@ system:
 	{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends rclone chromium chromium-driver; }
 
 ## test: set up, lint, and run the whole suite
-test: system lint
+test: system lint $(MLFLOW_SERVER)/bin/mlflow
 	$(BIN)/python -m pytest
 
 clean:

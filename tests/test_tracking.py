@@ -24,6 +24,9 @@ from tests.deepaas_harness import free_port
 from tests.helpers import SMALL_OPTIONS
 
 ADMIN, PASSWORD = "admin", "seeds-admin-password-1234"
+SERVER = Path(sys.prefix) / "mlflow-server" / "bin" / "mlflow"
+"""The MLflow server, in an environment of its own that `make test` builds inside .venv: the
+tests' environment has the client alone, as the image does."""
 CONSUMER = """
 import sys
 import mlflow
@@ -39,6 +42,8 @@ sys.exit("seeds_tf was imported" if "seeds_tf" in sys.modules else 0)
 def mlflow_server(tmp_path_factory):
     """`mlflow server --app-name basic-auth` with a SQLite store and served artifacts, on a free
     loopback port; stopped through its process group (uvicorn and its worker)."""
+    if not SERVER.is_file():
+        pytest.fail(f"no MLflow server at {SERVER}: `make test` installs it")
     folder = tmp_path_factory.mktemp("mlflow")
     (folder / "auth.ini").write_text(
         "[mlflow]\ndefault_permission = READ\n"
@@ -54,7 +59,7 @@ def mlflow_server(tmp_path_factory):
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     command = [
-        str(Path(sys.executable).with_name("mlflow")),
+        str(SERVER),
         "server",
         "--app-name",
         "basic-auth",
