@@ -39,7 +39,7 @@ $(TESTING): setup.cfg setup.py | $(BIN)/python
 # The real MLflow server that tests/test_tracking.py starts, in an environment of its own, as the
 # platform runs it beside the module; the tests' environment has the client alone (the mlflow
 # extra), as the image does. The server's package brings scikit-learn, which Keras imports wherever
-# it is installed: 1.3 CPU-s in each of the suite's 37 processes that import Keras (benchmarks/NOTES.md).
+# it is installed: 1.5 CPU-s in each of the suite's 37 processes that import Keras (benchmarks/NOTES.md).
 $(MLFLOW_SERVER)/bin/mlflow: | $(BIN)/python
 	$(BIN)/uv venv --quiet --python $(PYTHON) $(MLFLOW_SERVER)
 	$(BIN)/uv pip install --python $(MLFLOW_SERVER)/bin/python "mlflow[auth]==3.17.2"
