@@ -63,6 +63,7 @@ bench: $(TESTING)
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/retrieval.py
 	$(BIN)/python benchmarks/identify.py
+	$(BIN)/python benchmarks/tensorboard_cost.py
 	cd benchmarks && ../$(BIN)/python table.py
 
 ## learning: the >= 90% top-1 check on the synthetic seeds dataset, through the CLI (~20 min)

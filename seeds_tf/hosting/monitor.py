@@ -32,7 +32,7 @@ PLATFORM_PORT_ENV = "monitorPORT"
 DEFAULT_PORT = 6006
 _START_TIMEOUT_S = 30.0
 """How long a start waits to see TensorBoard serve or exit (about 1 s; 6 s where it imports TensorFlow)."""
-_TENSORBOARD = (
+TENSORBOARD_WITHOUT_TENSORFLOW = (
     "import sys; sys.modules['tensorflow'] = None; from tensorboard.main import run_main; run_main()"
 )
 """TensorBoard's own entry point with TensorFlow hidden from it. Where TensorFlow is installed
@@ -126,7 +126,7 @@ def _start(logdir: Path, settings: MonitorSettings, log: Path) -> subprocess.Pop
             [
                 sys.executable,
                 "-c",
-                _TENSORBOARD,
+                TENSORBOARD_WITHOUT_TENSORFLOW,
                 "--logdir",
                 str(logdir),
                 "--host",
