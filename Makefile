@@ -11,6 +11,9 @@ TESTING := $(VENV)/.installed-testing
 SERVING_EXTRAS := cpu
 TESTING_EXTRAS := cpu,test,mlflow
 MLFLOW_SERVER := $(VENV)/mlflow-server
+MLFLOW_SERVER_PIN := mlflow[auth]==3.17.2
+# Named by its pin: a new pin installs the server again.
+MLFLOW_SERVING := $(MLFLOW_SERVER)/.installed-$(subst [,-,$(subst ],,$(subst ==,-,$(MLFLOW_SERVER_PIN))))
 FUZZ_EXAMPLES ?= 1000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -40,9 +43,10 @@ $(TESTING): setup.cfg setup.py | $(BIN)/python
 # platform runs it beside the module; the tests' environment has the client alone (the mlflow
 # extra), as the image does. The server's package brings scikit-learn, which Keras imports wherever
 # it is installed: 1.5 CPU-s in each of the suite's 37 processes that import Keras (benchmarks/NOTES.md).
-$(MLFLOW_SERVER)/bin/mlflow: | $(BIN)/python
-	$(BIN)/uv venv --quiet --python $(PYTHON) $(MLFLOW_SERVER)
-	$(BIN)/uv pip install --python $(MLFLOW_SERVER)/bin/python "mlflow[auth]==3.17.2"
+$(MLFLOW_SERVING): | $(BIN)/python
+	$(BIN)/uv venv --quiet --allow-existing --python $(PYTHON) $(MLFLOW_SERVER)
+	$(BIN)/uv pip install --python $(MLFLOW_SERVER)/bin/python "$(MLFLOW_SERVER_PIN)"
+	touch $@
 
 ## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
 ## with the image's settings (etc/deepaas.conf: upload cap, workers), on $(HOST):$(PORT)
@@ -79,9 +83,12 @@ load: $(TESTING)
 	$(BIN)/seeds-tf demo
 	$(BIN)/python benchmarks/load.py
 
-## audit: known vulnerabilities of the installed dependencies (pip-audit; its database changes daily)
-audit: $(TESTING)
+## audit: known vulnerabilities of the installed dependencies (pip-audit; its database changes daily),
+## the service's environment and the MLflow server's that the tests run
+audit: $(TESTING) $(MLFLOW_SERVING)
 	$(BIN)/pip-audit --strict --skip-editable --progress-spinner off
+	$(BIN)/uv pip freeze --python $(MLFLOW_SERVER)/bin/python > $(MLFLOW_SERVER)/requirements.txt
+	$(BIN)/pip-audit --strict --progress-spinner off --disable-pip --no-deps -r $(MLFLOW_SERVER)/requirements.txt
 
 ## lint: ruff (style, bugs, bandit rules) and bandit itself
 lint: $(TESTING)
@@ -96,7 +103,7 @@ system:
 	{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends rclone chromium chromium-driver; }
 
 ## test: set up, lint, and run the whole suite
-test: system lint $(MLFLOW_SERVER)/bin/mlflow
+test: system lint $(MLFLOW_SERVING)
 	$(BIN)/python -m pytest
 
 clean:
