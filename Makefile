@@ -11,9 +11,9 @@ TESTING := $(VENV)/.installed-testing
 SERVING_EXTRAS := cpu
 TESTING_EXTRAS := cpu,test,mlflow
 MLFLOW_SERVER := $(VENV)/mlflow-server
-MLFLOW_SERVER_PIN := mlflow[auth]==3.17.2
-# Named by its pin: a new pin installs the server again.
-MLFLOW_SERVING := $(MLFLOW_SERVER)/.installed-$(subst [,-,$(subst ],,$(subst ==,-,$(MLFLOW_SERVER_PIN))))
+MLFLOW_SERVER_VERSION := 3.17.2
+# Named by the version: a new version installs the server again.
+MLFLOW_SERVING := $(MLFLOW_SERVER)/.installed-$(MLFLOW_SERVER_VERSION)
 FUZZ_EXAMPLES ?= 1000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -45,7 +45,7 @@ $(TESTING): setup.cfg setup.py | $(BIN)/python
 # it is installed: 1.5 CPU-s in each of the suite's 37 processes that import Keras (benchmarks/NOTES.md).
 $(MLFLOW_SERVING): | $(BIN)/python
 	$(BIN)/uv venv --quiet --allow-existing --python $(PYTHON) $(MLFLOW_SERVER)
-	$(BIN)/uv pip install --python $(MLFLOW_SERVER)/bin/python "$(MLFLOW_SERVER_PIN)"
+	$(BIN)/uv pip install --python $(MLFLOW_SERVER)/bin/python "mlflow[auth]==$(MLFLOW_SERVER_VERSION)"
 	touch $@
 
 ## serve: set up, make sure a model exists (training the demo run if models/ has none), run DEEPaaS
