@@ -27,17 +27,27 @@ def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
     collection photographed at the network's size would pay on every photo.
     """
     images = tf.convert_to_tensor(images)
+    size = images.shape[-3:-1]
+    if size.is_fully_defined():  # eagerly, or in a graph of known shapes: decided here
+        return (
+            tf.cast(images, tf.float32)
+            if size == (image_size, image_size)
+            else _antialiased(images, image_size)
+        )
     height, width = tf.shape(images)[-3], tf.shape(images)[-2]
     resized = tf.cond(
         tf.logical_and(tf.equal(height, image_size), tf.equal(width, image_size)),
         lambda: tf.cast(images, tf.float32),
-        lambda: tf.clip_by_value(
-            tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True), 0.0, 255.0
-        ),
+        lambda: _antialiased(images, image_size),
     )
-    # In a graph the two branches' shapes merge into an unknown size; the size is known.
+    # The two branches' shapes merge into an unknown size; the size is known.
     resized.set_shape(images.shape[:-3].concatenate([image_size, image_size, images.shape[-1]]))
     return resized
+
+
+def _antialiased(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    resized = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
 
 
 def augmentation(config: AugmentationConfig, seed: int) -> keras.Sequential | None:

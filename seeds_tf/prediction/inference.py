@@ -319,10 +319,7 @@ def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
         corners = [(0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2)]
         crops = tf.stack([big[y : y + image_size, x : x + image_size] for y, x in corners])
         return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0).numpy()
-    if pixels.shape[:2] == (image_size, image_size):
-        view = tf.cast(pixels, tf.float32)[tf.newaxis]  # what resizing to its own size gives
-    else:
-        view = pipeline.resize(pixels, image_size)[tf.newaxis]
+    view = pipeline.resize(pixels, image_size)[tf.newaxis]
     if tta == "flip":
         view = tf.concat([view, tf.image.flip_left_right(view)], axis=0)
     return view.numpy()
