@@ -22,7 +22,7 @@ from oslo_config import cfg
 
 from seeds_tf import __version__
 from seeds_tf.classifier import engine_choice
-from seeds_tf.core import config, runs
+from seeds_tf.core import config, runs, startup
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
 from seeds_tf.data.images import Upload
@@ -153,6 +153,7 @@ def warm() -> None:
     monitor.ensure_from_env(roots.models)
     try:
         runs.resolve_run(roots.models, "")  # raises, saying why, when there is no working run
+        startup.import_tensorflow()
         from seeds_tf.prediction import inference
 
         inference.choose_run(roots, _run_cache()).engine("auto")
@@ -180,6 +181,7 @@ def predict(**args) -> dict[str, Any] | bytes:
             # Raises, saying why, before anything is fetched or TensorFlow is loaded (seconds and
             # hundreds of MB): a worker with no such run to answer from stays light.
             runs.resolve_run(roots.models, options.timestamp)
+            startup.import_tensorflow()
             from seeds_tf.prediction import explain, inference
 
             uploads = sources.gather_images(
@@ -203,6 +205,7 @@ def get_train_args() -> dict:
 def train(**args) -> dict[str, Any]:
     """Trains a new run. A bad option or dataset raises InputError, which DEEPaaS reports as the
     training's error message."""
+    startup.import_tensorflow()
     from seeds_tf.learning import training
 
     _worker_logging()

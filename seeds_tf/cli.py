@@ -31,7 +31,7 @@ from pathlib import Path
 
 from seeds_tf import __version__
 from seeds_tf.classifier import engines
-from seeds_tf.core import config, runs
+from seeds_tf.core import config, runs, startup
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 
@@ -67,6 +67,7 @@ def _train(args: argparse.Namespace, roots: Roots):
     with runs.storage_errors(roots.models):
         preflight.check(run_config, roots)  # before TensorFlow loads: a mistake is told at once
 
+    startup.import_tensorflow()
     from seeds_tf.hosting import admission, monitor
     from seeds_tf.learning import distribute, training
 
@@ -77,6 +78,7 @@ def _train(args: argparse.Namespace, roots: Roots):
 
 
 def _predict(args: argparse.Namespace, roots: Roots):
+    startup.import_tensorflow()
     from seeds_tf.data import sources
     from seeds_tf.prediction import inference
 
@@ -120,6 +122,7 @@ def _write_heatmap(path: Path, png: bytes) -> None:
 
 
 def _identify(args: argparse.Namespace, roots: Roots):
+    startup.import_tensorflow()
     from seeds_tf.prediction import batch
 
     options = batch.IdentifyOptions(
@@ -147,6 +150,7 @@ def _identify(args: argparse.Namespace, roots: Roots):
 
 
 def _demo(args: argparse.Namespace, roots: Roots):
+    startup.import_tensorflow()
     from seeds_tf.learning import demo
 
     run_id = demo.train_demo_run(roots) if args.force else demo.ensure_demo_run(roots)
@@ -182,18 +186,21 @@ def _check_dataset(args: argparse.Namespace, roots: Roots):
 
 
 def _evaluate(args: argparse.Namespace, roots: Roots):
+    startup.import_tensorflow()
     from seeds_tf.learning import evaluation
 
     return evaluation.evaluate_run(roots, args.run, Path(args.split_file), args.batch_size).to_dict()
 
 
 def _import_legacy(args: argparse.Namespace, roots: Roots):
+    startup.import_tensorflow()
     from seeds_tf.learning import legacy
 
     return {"run_id": legacy.import_legacy(args.source, roots, sha256=args.sha256)}
 
 
 def _export(args: argparse.Namespace, roots: Roots):
+    startup.import_tensorflow()
     from seeds_tf.prediction import export
 
     spec = engines.export_spec(args.format, args.precision)
@@ -201,6 +208,7 @@ def _export(args: argparse.Namespace, roots: Roots):
 
 
 def _calibrate(args: argparse.Namespace, roots: Roots):
+    startup.import_tensorflow()
     from seeds_tf.learning import calibrate
 
     fitted = calibrate.calibrate_run(roots, args.run, args.split, args.target_precision, args.batch_size)
@@ -208,6 +216,7 @@ def _calibrate(args: argparse.Namespace, roots: Roots):
 
 
 def _index(args: argparse.Namespace, roots: Roots):
+    startup.import_tensorflow()
     from seeds_tf.learning import indexing
 
     return {"index": str(indexing.index_run(roots, args.run, args.batch_size))}

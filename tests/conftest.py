@@ -12,7 +12,7 @@ import shutil
 import pytest
 from filelock import FileLock
 
-from seeds_tf.core import config, runs
+from seeds_tf.core import config, runs, startup
 from seeds_tf.core.paths import DATA_ENV, MODELS_ENV, Roots
 from seeds_tf.data import synthetic
 from tests.helpers import TINY_OPTIONS, copy_roots
@@ -41,6 +41,14 @@ LONGEST_FIRST = (
 follow in their own order. The two xdist workers take files in this order: long ones first leaves
 short ones to even out the end. The second needs no tiny run: one worker trains it for the first
 while the other works instead of waiting."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A process that runs tests (an xdist worker, or the only process) imports TensorFlow and Keras
+    before it collects them, as the service's processes do (seeds_tf.core.startup); the xdist
+    controller, which runs no test, imports neither."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        startup.import_tensorflow()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
