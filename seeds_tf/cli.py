@@ -193,7 +193,7 @@ def _evaluate(args: argparse.Namespace, roots: Roots):
 
 
 def _import_legacy(args: argparse.Namespace, roots: Roots):
-    startup.import_tensorflow()
+    # TensorFlow loads once the tarball is verified: legacy imports it through startup itself.
     from seeds_tf.learning import legacy
 
     return {"run_id": legacy.import_legacy(args.source, roots, sha256=args.sha256)}

@@ -14,9 +14,9 @@ import sys
 def import_tensorflow() -> None:
     """Imports Keras and TensorFlow, unless this process has, with the garbage collector paused,
     then freezes everything alive out of its scans (`gc.freeze`): what the import made lives as
-    long as the process anyway. The faces (the CLI, the DEEPaaS adapter) call it before their first
-    module that imports TensorFlow. Once only: a later freeze would keep the cyclic garbage of that
-    moment forever."""
+    long as the process anyway. The faces (the CLI, the DEEPaaS adapter), and the legacy import,
+    which verifies its tarball first, call it before their first module that imports TensorFlow.
+    Once only: a later freeze would keep the cyclic garbage of that moment forever."""
     if "keras" in sys.modules:
         return
     enabled = gc.isenabled()

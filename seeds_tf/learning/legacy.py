@@ -29,7 +29,7 @@ from typing import Any
 
 import requests
 
-from seeds_tf.core import files, runs
+from seeds_tf.core import files, runs, startup
 from seeds_tf.core.config import RunConfig
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
@@ -81,6 +81,7 @@ def import_legacy(source: str, roots: Roots, *, sha256: str = "", batch_size: in
             raise InputError("sha256", f"{shown} has SHA-256 {digest}, not the expected {expected}: refused")
         run_folder = _extract(archive, scratch / "run")
         weights, config, dataset_dir, classes = _legacy_parts(run_folder)
+        startup.import_tensorflow()
         from seeds_tf.classifier.model import build_classifier, save_classifier  # TensorFlow: see above
 
         model = build_classifier(config.model, len(classes))
