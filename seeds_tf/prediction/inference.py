@@ -15,7 +15,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from seeds_tf.classifier import engine_choice
 from seeds_tf.classifier.engines import EXPORTS, Engine, engine_spec, load_engine
@@ -312,17 +311,17 @@ def tta_views(pixels: np.ndarray, image_size: int, tta: str) -> np.ndarray:
     (the image and its mirror image), 10 for "ten_crop" (corners and centre of the image enlarged by
     1 / TEN_CROP_FRACTION, and their mirror images).
     """
+    # Cut and mirrored in NumPy, the same pixels: TensorFlow's eager slicing and stacking cost
+    # 0.06-1 ms more per image, paid on every image a request or an identify job answers.
     if tta == "ten_crop":
         enlarged = round(image_size / TEN_CROP_FRACTION)
-        big = pipeline.resize(pixels, enlarged)
+        big = pipeline.resize(pixels, enlarged).numpy()
         far = enlarged - image_size
         corners = [(0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2)]
-        crops = tf.stack([big[y : y + image_size, x : x + image_size] for y, x in corners])
-        return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0).numpy()
-    view = pipeline.resize(pixels, image_size)[tf.newaxis]
-    if tta == "flip":
-        view = tf.concat([view, tf.image.flip_left_right(view)], axis=0)
-    return view.numpy()
+        crops = np.stack([big[y : y + image_size, x : x + image_size] for y, x in corners])
+        return np.concatenate([crops, crops[:, :, ::-1]])
+    view = pipeline.resize(pixels, image_size).numpy()[np.newaxis]
+    return np.concatenate([view, view[:, :, ::-1]]) if tta == "flip" else view
 
 
 def class_probabilities(
