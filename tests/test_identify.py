@@ -161,14 +161,16 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
     shutil.copy(images[5], tmp_path / "#1.jpg")
     list_file.write_text("# seeds of 2024\n\n" + "".join(f"{path}\n" for path in listed))
     # A name with a glob's brackets: the temporaries a kill left of this output are removed, and
-    # those of answers1.jsonl, which the unescaped name matched, are another job's to keep.
+    # those of answers1.jsonl, which the unescaped name matched, are another job's to keep, as is
+    # the swap file of an editor that has the output open.
     output = tmp_path / "answers[1].jsonl"
-    stale, others = tmp_path / ".answers[1].jsonl.tmp", tmp_path / ".answers1.jsonl.tmp"
-    stale.touch()
-    others.touch()
+    stale, others = tmp_path / ".answers[1].jsonl.k2j4x9qa.jsonl", tmp_path / ".answers1.jsonl.k2j4x9qa.jsonl"
+    swap = tmp_path / ".answers[1].jsonl.swp"
+    for path in (stale, others, swap):
+        path.touch()
     options = batch.IdentifyOptions(timestamp=tiny_run, top_k=3, chunk_size=4)
     first = batch.identify(session_roots, list_file, output, options)
-    assert not stale.exists() and others.exists()
+    assert not stale.exists() and others.exists() and swap.exists()
     list_file.write_text(list_file.read_text() + "./#1.jpg\n")
     second = batch.identify(session_roots, list_file, output, options)
     assert (first.total, first.done, first.failed) == (6, 5, 1)  # a photo listed twice is one row
@@ -193,6 +195,26 @@ def test_a_rerun_skips_what_is_answered_and_refuses_an_output_of_another_run(
         batch.identify(session_roots, list_file, tmp_path / "folder.csv", options)
     with pytest.raises(InputError, match=r"output: cannot write .*images.txt/answers.csv': Not a directory"):
         batch.identify(session_roots, list_file, list_file / "answers.csv", options)
+
+
+def test_an_input_or_output_of_no_job_is_refused_saying_so(session_roots, tiny_run, collection, tmp_path):
+    """A photo given as the input, a binary file taken for a list, and an output file that holds
+    other JSON Lines: a clear refusal each, before any image is answered."""
+    photo = _images(collection)[0]
+    options = batch.IdentifyOptions(timestamp=tiny_run, top_k=3)
+    output = tmp_path / "answers.jsonl"
+    with pytest.raises(InputError, match=r"input: .*0000.jpg' is an image: give its folder, or a list"):
+        batch.identify(session_roots, photo, output, options)
+    for name in ("photos.txt", "photos.xlsx"):
+        shutil.copy(photo, tmp_path / name)
+        with pytest.raises(InputError, match=f"input: .*{name}' holds binary data"):
+            batch.identify(session_roots, tmp_path / name, output, options)
+    assert not output.exists()
+    for line in ('{"input": "a.jpg"}', "[1, 2]", "not JSON"):
+        output.write_text(f"\n{line}\n")
+        with pytest.raises(InputError, match=r"output: .*answers.jsonl' line 2 is not an answer of seeds-tf"):
+            batch.identify(session_roots, collection, output, options)
+        assert output.read_text() == f"\n{line}\n"  # left as it was
 
 
 def test_a_job_of_which_every_image_failed_exits_1_after_its_summary(

@@ -7,6 +7,7 @@ artifact of a run (models, JSON, pictures, split files, progress) is written thr
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -31,10 +32,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` for the block to write; renamed over `path` when the block
     succeeds, removed when it fails. For writers that need a file name (Keras, matplotlib)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The whole suffix: Keras insists on names ending in ".weights.h5". The leading dot keeps the
-    # temporary out of every listing (runs, checkpoints) while it is written.
-    suffix = "".join(path.suffixes)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_suffix(path))
     os.close(handle)
     temporary = Path(name)
     try:
@@ -46,6 +44,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def leftover_temporaries(path: Path) -> Iterator[Path]:
+    """The temporaries of `atomic_path(path)` that writers killed mid-write left beside `path`
+    (and nothing else there: an editor's `.answers.csv.swp` is not one)."""
+    return path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(_suffix(path))}")
+
+
+def _suffix(path: Path) -> str:
+    """The temporary's suffix: the whole of `path`'s, as Keras insists on names ending in
+    ".weights.h5". The temporary's leading dot keeps it out of every listing (runs, checkpoints)
+    while it is written."""
+    return "".join(path.suffixes)
 
 
 def read_json(path: Path) -> Any:

@@ -21,7 +21,6 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
-import glob
 import itertools
 import json
 import logging
@@ -160,14 +159,22 @@ def list_inputs(source: Path) -> list[Item]:
     each entry once. Relative paths in a list or manifest are relative to the file's folder.
 
     Raises:
-        InputError: naming `input`, for a source that does not exist, a manifest without a path or
-            url column, or no image at all.
+        InputError: naming `input`, for a source that does not exist, an image file, a file of
+            binary data, a manifest without a path or url column, or no image at all.
     """
     if source.is_dir():
         found = _folder_photos(source)
         items = [Item(path.relative_to(source).as_posix(), str(path.resolve())) for path in found]
     elif source.is_file():
+        if images.is_image_name(source):
+            raise InputError(
+                "input", f"{str(source)!r} is an image: give its folder, or a list or CSV manifest naming it"
+            )
         entries = _manifest_entries(source) if source.suffix.lower() == ".csv" else _list_entries(source)
+        if any("\x00" in entry for entry in entries):  # no path or URL holds one
+            raise InputError(
+                "input", f"{str(source)!r} holds binary data: not a list of paths or URLs, nor a CSV manifest"
+            )
         # An entry listed twice (a manifest's duplicate rows) is one image, answered once: its
         # output has one row per input, and the summary counts what the output holds.
         items = list(dict.fromkeys(_item(entry, source.parent) for entry in entries))
@@ -478,6 +485,10 @@ def trust_fields(run: inference.LoadedRun, prediction: config.PredictConfig) -> 
     return tuple(inference.trust(run, uniform, prediction))
 
 
+_ROW_KEYS = frozenset({"input", "run_id", "engine", "error"})
+"""What every row has, answered or not (see answer): what resuming reads."""
+
+
 class _JsonRows:
     """Rows as JSON Lines, as `answer` makes them, each answer with `ranks` species (top_k, or
     every class of a run with fewer)."""
@@ -491,10 +502,25 @@ class _JsonRows:
         stream.writelines(json.dumps(row) + "\n" for row in rows)
 
     def read(self, stream: TextIO) -> Iterator[dict[str, Any]]:
-        for line in stream:
+        """The rows of an output or part file.
+
+        Raises:
+            InputError: naming `output`, for a line that is not a row of this job's answers (a file
+                that is not an output of `seeds-tf identify`, or an answer of another top_k).
+        """
+        for number, line in enumerate(stream, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not _ROW_KEYS.issubset(row):
+                raise InputError(
+                    "output",
+                    f"{stream.name!r} line {number} is not an answer of seeds-tf identify (a JSON object "
+                    f"with {', '.join(sorted(_ROW_KEYS))}): name another output",
+                )
             if row.get("species") and len(row["species"]) != self.ranks:  # a row with an error has none
                 raise InputError(
                     "output",
@@ -552,6 +578,7 @@ class _Job:
     def __init__(self, output: Path, rows: _JsonRows | _CsvRows):
         self.output = output
         self.parts = output.with_name(output.name + ".parts")
+        self._retired = output.with_name(f".{output.name}.merged")  # the parts, merged (see merge)
         self._rows = rows
         self._lock: TextIO | None = None
         self._next = 0
@@ -575,9 +602,8 @@ class _Job:
             raise InputError("output", f"another job is writing {str(self.output)!r}") from None
         # A kill during an atomic write leaves its hidden temporary behind, and a kill after a merge
         # the parts it retired (see merge): never a part, and no use.
-        for stale in itertools.chain(
-            self.parts.glob(".*"), self.output.parent.glob(f".{glob.escape(self.output.name)}.*")
-        ):
+        retired = [self._retired] if self._retired.exists() else []
+        for stale in itertools.chain(self.parts.glob(".*"), files.leftover_temporaries(self.output), retired):
             if stale.is_dir():
                 shutil.rmtree(stale)
             else:
@@ -665,9 +691,8 @@ class _Job:
             self._write(self.output, rows())
         # Retired in one rename, then deleted: parts left by a kill half-way through deleting them
         # would hold older rows that a rerun takes for newer than the output's.
-        retired = self.output.with_name(f".{self.output.name}.merged")
-        self.parts.rename(retired)
-        shutil.rmtree(retired)
+        self.parts.rename(self._retired)
+        shutil.rmtree(self._retired)
 
 
 @contextlib.contextmanager
