@@ -181,3 +181,11 @@ def test_an_address_where_no_head_answers_is_refused_at_once(tmp_path, address):
     with pytest.raises(InputError) as refused:
         batch_ray.ray_answerer(address.format(closed=free_port()), tmp_path)
     assert refused.value.field == "ray"
+
+
+def test_ray_missing_is_refused_naming_ray(session_roots, monkeypatch):
+    """--ray without Ray installed raised ModuleNotFoundError as a traceback, after the job had
+    listed its inputs and loaded the run: refused before, saying what to install."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # how Python marks a module that cannot be imported
+    with pytest.raises(InputError, match=r"ray: Ray is not installed here: pip install 'seeds_tf\[ray\]'"):
+        batch_ray.ray_answerer("auto", session_roots.models)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
 import json
 import logging
 import socket
@@ -44,11 +45,16 @@ def ray_answerer(address: str, models_dir: Path, cpus_per_worker: float = 1.0) -
     that read runs from `models_dir`.
 
     Raises:
-        InputError: naming `ray_cpus_per_worker`, when it is not positive; naming `ray`, for an
-            address that is not host:port or auto, or whose head does not answer.
+        InputError: naming `ray_cpus_per_worker`, when it is not positive; naming `ray`, where Ray
+            is not installed, or for an address that is not host:port or auto, or whose head does
+            not answer.
     """
     if not cpus_per_worker > 0:
         raise InputError("ray_cpus_per_worker", f"expected a positive number. Received: {cpus_per_worker!r}")
+    try:  # refused before the job lists its inputs and loads the run
+        importlib.import_module("ray")
+    except ImportError:
+        raise InputError("ray", "Ray is not installed here: pip install 'seeds_tf[ray]'") from None
     _check_head(address)
     return _OnRay(address, Path(models_dir).resolve(), cpus_per_worker)
 
@@ -98,7 +104,10 @@ def _answer_on_ray(
 
     connected_here = not ray.is_initialized()
     if connected_here:
-        ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as error:  # `auto` on a machine of no cluster
+            raise InputError("ray", f"no Ray cluster to join at {cluster.address}: {error}") from None
     try:
         # Rows come back in the order of the inputs, as on one machine: the part files and the
         # output are then the same, and a resumed job skips a prefix of what it submits.
