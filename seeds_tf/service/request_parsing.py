@@ -103,7 +103,8 @@ def install(admit_training: Callable[[dict], Callable[[], None]] | None = None) 
         if request.body_exists:
             try:
                 value = await parse_form(parser, request, name, field)
-            except (ValueError, LookupError, http_exceptions.HttpProcessingError) as error:
+            # aiohttp raises RuntimeError for a part in an unknown transfer encoding ("x-gzip").
+            except (ValueError, LookupError, RuntimeError, http_exceptions.HttpProcessingError) as error:
                 raise _error(web.HTTPBadRequest, "body", f"malformed form body: {error}") from None
             if value is not core.missing and not _left_out(value, field):
                 return value
