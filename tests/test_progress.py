@@ -1,6 +1,7 @@
 """A training shows how far it is: its progress file and the models folder's trainings in progress
 (through a real deepaas-run, the metadata and the server's log: test_concurrency.py)."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -32,10 +33,13 @@ class _Reader(keras.callbacks.Callback):
         self.listed.append(runs.trainings_in_progress(self._layout.root.parent))
 
 
-def _fit(callbacks: list, epochs: int, initial_epoch: int = 0) -> None:
-    """A real, tiny Keras fit: 40 samples in 4 batches per epoch."""
+def _fit(callbacks: list, epochs: int, initial_epoch: int = 0, *, diverged: bool = False) -> None:
+    """A real, tiny Keras fit: 40 samples in 4 batches per epoch (NaN samples, when `diverged`: a
+    loss and metrics that are no numbers)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 4)).astype("float32")
+    if diverged:
+        x[:] = np.nan
     y = (x[:, 0] > 0).astype("float32")
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
     model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
@@ -84,6 +88,26 @@ def test_the_progress_file_follows_the_fit_and_a_line_is_logged_per_epoch(tmp_pa
         assert "loss " in line and "accuracy " in line
         assert " elapsed, about " in line and line.endswith(" left")
     assert lines[-1].endswith("about 0 s left")
+
+
+def test_metrics_that_are_no_numbers_are_null_and_the_listing_stays_json(tmp_path, caplog):
+    """A loss of NaN was written as a bare NaN, which the model's metadata then sent: no JSON parser
+    but Python's reads it, and the Swagger UI lost the whole listing."""
+    layout = runs.create_run(tmp_path / "models")
+    reader = _Reader(layout)
+    with (
+        caplog.at_level(logging.INFO, logger="seeds_tf.learning.progress"),
+        progress.tracking(layout, epochs=1) as tracker,
+    ):
+        _fit([tracker, reader], epochs=1, diverged=True)
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    strict = json.loads(layout.progress_file.read_text(), parse_constant=no_constants)
+    assert strict["metrics"]["loss"] is None
+    assert reader.listed[0][0]["metrics"]["loss"] is None
+    assert "loss nan" in caplog.records[-1].getMessage()  # the log line says what happened
 
 
 def test_a_resumed_run_counts_from_its_restored_epoch(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from seeds_tf import cli
 from seeds_tf.classifier.model import build_classifier
 from seeds_tf.core import config, files, runs
+from seeds_tf.core.errors import InputError
 from seeds_tf.learning import training
 from seeds_tf.prediction.inference import load_run
 from tests.helpers import SMALL_OPTIONS, interrupted_run, write_colour_dataset
@@ -211,6 +212,29 @@ def test_the_training_time_counts_the_epochs_restored(tmp_path):
     finished = training._EpochLog(layout)  # resumed after its last epoch: it trains none
     finished.on_train_begin()
     assert finished.restored_seconds() == 121.5
+
+
+def test_a_training_whose_loss_is_no_number_fails_naming_the_learning_rate():
+    """A diverged network (its weights NaN) was trained on to the end, then saved, calibrated and
+    served; Keras' TerminateOnNaN would stop its epochs, and the run complete all the same. The
+    callbacks after it (checkpoints, backups) never see the diverged batch."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    healthy, diverged = np.ones((40, 4), "float32"), np.full((40, 4), np.nan, "float32")
+    seen = []
+    later = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(batch))
+    stop = training._StopWhenDiverged(0.5)
+    model.fit(healthy, np.zeros(40), batch_size=10, epochs=1, callbacks=[stop, later], verbose=0)
+    assert seen == [0, 1, 2, 3]
+    seen.clear()
+    with pytest.raises(InputError) as failed:
+        model.fit(diverged, np.zeros(40), batch_size=10, epochs=1, callbacks=[stop, later], verbose=0)
+    assert (failed.value.field, failed.value.problem) == (
+        "initial_lr",
+        "the training diverged: its loss became nan in epoch 1, batch 1; train again with a smaller "
+        "initial_lr than 0.5",
+    )
+    assert seen == []
 
 
 def test_check_dataset_and_evaluate_commands(roots, tiny_run, capsys):

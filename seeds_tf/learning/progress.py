@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -64,7 +65,7 @@ class ProgressLog(keras.callbacks.Callback):
         self._epoch: int | None = None
         self._epoch_started = 0.0
         self._batch = 0
-        self._metrics: dict[str, float] = {}
+        self._metrics: dict[str, float | None] = {}
         self._written = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -83,8 +84,11 @@ class ProgressLog(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch, self._batch = epoch + 1, 0
+        values = {name: float(value) for name, value in (logs or {}).items() if name != "learning_rate"}
+        # A metric that is no number (an overflowed val_loss) is null: JSON has no NaN, and the
+        # model's metadata, which shows this record, must stay JSON for every client.
         self._metrics = {
-            name: round(float(value), 6) for name, value in (logs or {}).items() if name != "learning_rate"
+            name: round(value, 6) if math.isfinite(value) else None for name, value in values.items()
         }
         record = self.write()
         _LOGGER.info(
@@ -93,7 +97,7 @@ class ProgressLog(keras.callbacks.Callback):
             self._epoch,
             self._epochs,
             _duration(time.monotonic() - self._epoch_started),
-            ", ".join(f"{name} {value:.4g}" for name, value in self._metrics.items()),
+            ", ".join(f"{name} {value:.4g}" for name, value in values.items()),
             _duration(record["elapsed_s"]),
             _duration(record["eta_s"]),
         )

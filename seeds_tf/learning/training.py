@@ -502,6 +502,7 @@ def _fit(
     monitor = "val_loss" if val_data else "loss"
     schedule = {"step": step_decay, "cosine": cosine_decay}[training.lr_schedule]
     callbacks = [
+        _StopWhenDiverged(training.initial_lr),
         # The epoch's record goes to stats.json and its checkpoints are saved before its backup: a
         # run killed in between redoes the epoch and replaces them, instead of resuming without.
         epoch_log,
@@ -577,6 +578,30 @@ def _write_reports(
 
 def _flat_options(config: RunConfig) -> dict[str, Any]:
     return {name: value for section in config.to_dict().values() for name, value in section.items()}
+
+
+class _StopWhenDiverged(keras.callbacks.Callback):
+    """Fails the training, saying why, the moment its loss is no longer a number: a network whose
+    weights went to NaN learns nothing more, and trained on it would be saved, calibrated and served
+    (Keras' TerminateOnNaN only stops the epochs, and the run then completes). First of the
+    callbacks, so that no checkpoint or backup of the diverged weights is written."""
+
+    def __init__(self, initial_lr: float):
+        super().__init__()
+        self._initial_lr = initial_lr
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise InputError(
+                "initial_lr",
+                f"the training diverged: its loss became {loss} in epoch {self._epoch + 1}, batch "
+                f"{batch + 1}; train again with a smaller initial_lr than {self._initial_lr:g}",
+            )
 
 
 class _EpochLog(keras.callbacks.Callback):
