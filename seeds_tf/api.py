@@ -25,6 +25,7 @@ from seeds_tf.classifier import engine_choice
 from seeds_tf.core import config, runs, startup
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
+from seeds_tf.data import sources
 from seeds_tf.data.images import Upload
 from seeds_tf.hosting import admission, monitor
 from seeds_tf.learning import preflight
@@ -149,6 +150,10 @@ def warm() -> None:
     loads no TensorFlow (seconds and hundreds of MB) until a request needs it. Starts TensorBoard on
     the monitor port when `SEEDS_TF_MONITOR` is on."""
     _worker_logging()
+    try:
+        sources.FetchPolicy.from_env()
+    except ValueError as error:
+        _LOGGER.error("Predictions from URLs are refused until this setting is corrected: %s", error)
     roots = Roots.from_env()
     monitor.ensure_from_env(roots.models)
     try:
@@ -168,8 +173,6 @@ def get_predict_args() -> dict:
 def predict(**args) -> dict[str, Any] | bytes:
     """The species in the uploaded, linked or inlined images as JSON, or with `accept: image/png`
     each image with a Grad-CAM heatmap of its top species (explain.explain_request)."""
-    from seeds_tf.data import sources
-
     _worker_logging()
     files = {name: args[name] for name in schemas.UPLOAD_FIELDS if args.get(name)}  # empty: no file
     try:
@@ -188,7 +191,7 @@ def predict(**args) -> dict[str, Any] | bytes:
                 [_read_upload(name, file) for name, file in files.items()],
                 args["urls"],
                 args["data"],
-                sources.FetchPolicy.from_env(),
+                _url_policy(args["urls"]),
             )
             if args.get("accept") == "image/png":
                 return explain.explain_request(roots, _run_cache(), options, uploads)
@@ -196,6 +199,25 @@ def predict(**args) -> dict[str, Any] | bytes:
     finally:
         for file in files.values():
             _delete_upload(file)
+
+
+def _url_policy(urls: str) -> sources.FetchPolicy:
+    """The deployment's URL settings (sources.FetchPolicy.from_env), read for a request that names
+    URLs: a mistake in them (which warm logs) refuses URLs, saying which setting, and leaves uploads
+    answered, where it made every prediction a bare 500.
+
+    Raises:
+        InputError: naming `urls`, for settings that cannot be used.
+    """
+    if not urls.strip():
+        return sources.FetchPolicy()
+    try:
+        return sources.FetchPolicy.from_env()
+    except ValueError as error:
+        raise InputError(
+            "urls",
+            f"this server fetches no URL until its operator corrects its setting {error}: upload the image",
+        ) from None
 
 
 def get_train_args() -> dict:
