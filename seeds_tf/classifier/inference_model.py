@@ -12,12 +12,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from seeds_tf.classifier.model import FEATURES_LAYER
+from seeds_tf.classifier.model import FEATURES_LAYER, OUTPUT_LAYER
 
 FOLDABLE = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
 """Convolutions a following batch normalisation can be folded into."""
 
-FLOAT32_LAYERS = (FEATURES_LAYER, "predictions")
+FLOAT32_LAYERS = (FEATURES_LAYER, OUTPUT_LAYER)
 """Layers that keep float32 in the bfloat16 copy: the embedding, which is compared with the
 reference specimens' float32 ones, and the softmax, for calibrated probabilities."""
 

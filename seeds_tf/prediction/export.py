@@ -17,6 +17,7 @@ behind `seeds-tf export` and the benchmarks.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ import tensorflow as tf
 
 from seeds_tf.classifier import engine_choice, engines
 from seeds_tf.classifier.inference_model import bfloat16_copy, fold_batch_norms
-from seeds_tf.classifier.model import load_classifier, with_features
+from seeds_tf.classifier.model import FEATURES_LAYER, HEAD_LAYERS, load_classifier, with_features
 from seeds_tf.core import config, files, runs
 from seeds_tf.core.errors import InputError
 from seeds_tf.core.paths import Roots
@@ -323,7 +324,7 @@ def _onnx_int8(
     """ONNX Runtime's static quantization of the fp32 export, in QDQ form (its CPU kernels fuse
     each QuantizeLinear/DequantizeLinear pair around a convolution into an int8 convolution):
     weights int8 per output channel, activations uint8 with ranges set by `method` on the
-    `calibration` images, the input and the softmax left in float. Weights use 7 bits
+    `calibration` images, the input and _FLOAT_LAYERS left in float. Weights use 7 bits
     (reduce_range): CPUs without VNNI (AVX2) multiply uint8 by int8 pairs into saturating int16,
     which 7-bit weights cannot overflow, so the export answers the same on every x86 CPU. `fp32`:
     the model's onnx_fp32 export, when written already."""
@@ -341,12 +342,29 @@ def _onnx_int8(
             str(destination),
             _CalibrationImages(calibration, model.input_shape[1]),
             quant_format=QuantFormat.QDQ,
+            nodes_to_exclude=_float32_nodes(prepared),
             per_channel=True,
             reduce_range=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod[method],
         )
+
+
+_FLOAT_LAYERS = (FEATURES_LAYER, *HEAD_LAYERS)
+"""Left in float by the int8 export. Quantized, the probabilities came out in steps of 1/255 (a
+class under 0.2% as 0, rows not summing to 1) and the embedding rounded alike, while the OOD score
+and the specimens' evidence are fitted on float ones; the head's dense layer too, as quantizing its
+input quantized the embedding it reads. The head is a few thousandths of the network's work."""
+
+
+def _float32_nodes(graph: Path) -> list[str]:
+    """The nodes of an ONNX graph converted by tf2onnx that belong to _FLOAT_LAYERS: tf2onnx names
+    a node `<model>/<layer>_<n>/<op>`."""
+    import onnx
+
+    layer = re.compile(rf"/({'|'.join(map(re.escape, _FLOAT_LAYERS))})(_\d+)?/")
+    return [node.name for node in onnx.load(str(graph)).graph.node if layer.search(node.name)]
 
 
 class _CalibrationImages:
