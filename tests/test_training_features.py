@@ -218,8 +218,13 @@ def test_a_training_whose_loss_is_no_number_fails_naming_the_learning_rate():
     """A diverged network (its weights NaN) was trained on to the end, then saved, calibrated and
     served; Keras' TerminateOnNaN would stop its epochs, and the run complete all the same. The
     callbacks after it (checkpoints, backups) never see the diverged batch."""
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+
+    def classifier() -> keras.Model:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        return model
+
+    model = classifier()
     healthy, diverged = np.ones((40, 4), "float32"), np.full((40, 4), np.nan, "float32")
     seen = []
     later = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(batch))
@@ -235,6 +240,21 @@ def test_a_training_whose_loss_is_no_number_fails_naming_the_learning_rate():
         "initial_lr than 0.5",
     )
     assert seen == []
+    # Weights made NaN by an epoch's last update show first in its val_loss: caught before the
+    # epoch's checkpoints and backup.
+    ended = []
+    later = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ended.append(epoch))
+    with pytest.raises(InputError, match="its val_loss became nan at the end of epoch 1;"):
+        classifier().fit(
+            healthy,
+            np.zeros(40),
+            validation_data=(diverged[:10], np.zeros(10)),
+            batch_size=10,
+            epochs=1,
+            callbacks=[stop, later],
+            verbose=0,
+        )
+    assert ended == []
 
 
 def test_check_dataset_and_evaluate_commands(roots, tiny_run, capsys):

@@ -595,13 +595,21 @@ class _StopWhenDiverged(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = float((logs or {}).get("loss", 0.0))
-        if not math.isfinite(loss):
-            raise InputError(
-                "initial_lr",
-                f"the training diverged: its loss became {loss} in epoch {self._epoch + 1}, batch "
-                f"{batch + 1}; train again with a smaller initial_lr than {self._initial_lr:g}",
-            )
+        self._check({"loss": (logs or {}).get("loss", 0.0)}, f"in epoch {self._epoch + 1}, batch {batch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        # A batch's loss is taken before its update: weights that the last update of an epoch
+        # made NaN show first in the epoch's val_loss.
+        self._check(logs or {}, f"at the end of epoch {epoch + 1}")
+
+    def _check(self, logs: dict[str, Any], when: str) -> None:
+        for name, value in logs.items():
+            if not math.isfinite(float(value)):
+                raise InputError(
+                    "initial_lr",
+                    f"the training diverged: its {name} became {float(value)} {when}; train again "
+                    f"with a smaller initial_lr than {self._initial_lr:g}",
+                )
 
 
 class _EpochLog(keras.callbacks.Callback):
