@@ -123,6 +123,15 @@ def test_a_refused_copy_is_reported_and_the_local_run_kept(roots, tiny_run, tmp_
     assert tree(layout.root) == before
 
 
+def test_a_timed_out_rclone_is_reported_in_its_own_words():
+    """A timed-out process's output is bytes, even from a run in text mode: the report of an upload
+    past its 6 h, or of a `listremotes` stuck on a password prompt, was a TypeError instead."""
+    with pytest.raises(subprocess.TimeoutExpired) as timed_out:  # an rclone that logs and runs on
+        remote._rclone("rcd", "--rc-addr", f"127.0.0.1:{free_port()}", "--rc-no-auth", "-v", timeout=3)
+    assert isinstance(timed_out.value.stderr, bytes)
+    assert "Serving remote control on http://127.0.0.1:" in remote._reason(timed_out.value)
+
+
 @pytest.mark.parametrize("destination", ["no-colon-here", ":leading", "rshare\x00:/x"])
 def test_a_malformed_destination_is_refused_before_training(destination):
     with pytest.raises(InputError, match="expected an rclone destination") as raised:

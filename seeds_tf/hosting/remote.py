@@ -60,8 +60,7 @@ def check_destination(destination: str, field: str = "upload_to") -> None:
     try:
         configured = _configured_remotes()
     except (OSError, subprocess.SubprocessError) as error:
-        reason = getattr(error, "stderr", None) or str(error)
-        raise InputError(field, f"rclone cannot list its remotes: {_last_lines(reason)}") from None
+        raise InputError(field, f"rclone cannot list its remotes: {_last_lines(_reason(error))}") from None
     if name not in configured:
         raise InputError(
             field,
@@ -90,11 +89,20 @@ def upload_run(run_folder: Path, destination: str) -> UploadResult:
         _rclone("copy", str(run_folder), target)
         _rclone("check", "--one-way", str(run_folder), target)
     except (OSError, subprocess.SubprocessError) as error:
-        reason = getattr(error, "stderr", None) or str(error)
+        reason = _reason(error)
         _LOGGER.warning("Run %s not copied to %s: %s", run_folder.name, target, reason)
         return UploadResult(target, "failed", _last_lines(reason))
     _LOGGER.info("Run %s copied to %s", run_folder.name, target)
     return UploadResult(target, "copied")
+
+
+def _reason(error: OSError | subprocess.SubprocessError) -> str:
+    """What went wrong, in rclone's words where it said any. A timeout's stderr is bytes even from a
+    run in text mode (and made the refusal a TypeError)."""
+    stderr = getattr(error, "stderr", None)
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode("utf-8", "replace")
+    return stderr or str(error)
 
 
 def _rclone_path() -> str | None:
