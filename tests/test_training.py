@@ -168,6 +168,17 @@ def test_unreadable_images_are_skipped_and_counted(data_roots):
     assert evaluation.evaluate_run(data_roots, result.run_id, train_txt).num_images == listed - 1
 
 
+def test_a_split_of_which_no_image_reads_is_refused_before_the_run_starts(data_roots):
+    """A validation split of unreadable images failed the training at the end of its first epoch,
+    and a test split's after its last, each with a traceback, and again at every resume."""
+    folder = data_roots.data / "tiny"
+    for line in (folder / "dataset_files" / "val.txt").read_text().splitlines():
+        (folder / "images" / line.rsplit(" ", 1)[0]).write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match="images_directory: no readable image in the val split"):
+        training.train(config.RunConfig.from_options(**SMALL_OPTIONS), data_roots)
+    assert runs.interrupted_runs(data_roots.models) == [], "no run folder, nothing to resume"
+
+
 @pytest.mark.parametrize("run_eagerly", [True, False])
 def test_the_run_chooses_eager_steps_or_a_compiled_graph(run_eagerly):
     run_config = config.RunConfig.from_options(**{**SMALL_OPTIONS, "run_eagerly": run_eagerly})

@@ -257,8 +257,12 @@ def _skip_unreadable(dataset: Dataset) -> tuple[Dataset, int]:
     skipped = sum(len(dataset.splits[name].paths) - len(split.paths) for name, split in splits.items())
     if not skipped:
         return dataset, 0
-    if not splits["train"].paths:
-        raise InputError("images_directory", "no readable image in the training split")
+    # An empty split stopped the training only when it came to it: the validation at the end of the
+    # first epoch, the test split's evaluation after the last, and again at every resume.
+    for name, split in splits.items():
+        if not split.paths and dataset.splits[name].paths:
+            which = "training" if name == "train" else name
+            raise InputError("images_directory", f"no readable image in the {which} split")
     return dataclasses.replace(dataset, splits=splits), skipped
 
 
