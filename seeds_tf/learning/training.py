@@ -499,7 +499,7 @@ def _fit(
         # the first epoch, cache them, and train the head alone on the cache afterwards.
         fitted = head_model(model)
         compile_classifier(fitted, config, num_classes)
-        train_data = _cached_features(model, train_data, training.batch_size, shuffle_seed=training.seed)
+        train_data = _fast_mode_train_data(model, train_split, size, training, num_classes)
         val_data = _cached_features(model, val_data, training.batch_size) if val_data else None
 
     epoch_log = _EpochLog(layout)
@@ -542,6 +542,19 @@ def _fit(
         # best.keras, which outlives a kill: a resumed run ends at its best epoch of all attempts.
         model.set_weights(load_classifier(layout.best_model).get_weights())
     return epoch_log
+
+
+def _fast_mode_train_data(
+    model: keras.Model, split: Split, image_size: int, training: TrainConfig, num_classes: int
+) -> tf.data.Dataset:
+    """Fast mode's (features, labels) batches of the training split: every image's, in a seeded
+    order, reshuffled each epoch. Read as the other modes read it (shuffled, the last partial batch
+    dropped), the images the first epoch dropped never reached the cache, and no epoch trained on
+    them: a rare class could vanish from the training."""
+    order = np.random.default_rng(training.seed).permutation(len(split.paths))
+    shuffled = Split(split.name, tuple(split.paths[i] for i in order), tuple(split.labels[i] for i in order))
+    images = make_dataset(shuffled, image_size, training.batch_size, num_classes)
+    return _cached_features(model, images, training.batch_size, shuffle_seed=training.seed)
 
 
 def _cached_features(
