@@ -3,6 +3,7 @@ run them, checked against the run's own Keras model on a copy of the session's t
 convert: tests.helpers.TINY_OPTIONS)."""
 
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -343,3 +344,29 @@ def test_only_a_converted_export_takes_the_export_it_converts_from(tiny, exporte
             model, engines.engine_spec("onnx_fp32"), tmp_path / "x.onnx", converted_from=exported["onnx_fp32"]
         )
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_export_auto_chose_that_no_longer_loads_leaves_the_answers_to_keras(
+    tiny, exported, tmp_path, caplog
+):
+    """auto's choice is recorded per CPU; the export truncated since (or written by a runtime this
+    one cannot read), every request that named no engine was refused. Named, it still is."""
+    _, layout = tiny
+    plain = _without_index(layout, tmp_path)
+    export.record_export(plain, "tflite_fp32", {"agreement_top1": 1.0}, serve=True)
+    offered = engine_choice.candidates(plain.exports_dir, engines.cpu_flags())
+    assert "tflite_fp32" in offered
+    chosen = engine_choice.EngineChoice(
+        "tflite_fp32", "measured", engines.cpu_model(), engine_choice.cpu_signature(), offered
+    )
+    engine_choice._record(plain.exports_dir, chosen)
+    engines.engine_spec("tflite_fp32").path(plain.exports_dir).write_bytes(b"")  # truncated
+    run = inference.load_run(plain)
+    with caplog.at_level(logging.WARNING, logger=inference.__name__):
+        assert run.engine("auto").name == "keras"
+        assert run.engine("auto").name == "keras"  # the broken export is not loaded again
+    (warning,) = [record.getMessage() for record in caplog.records if "auto's choice" in record.getMessage()]
+    assert f"Run {plain.run_id} answers with keras, not auto's choice: run" in warning
+    assert "tflite_fp32 export does not load here" in warning
+    with pytest.raises(InputError, match="tflite_fp32 export does not load here"):
+        run.engine("tflite_fp32")

@@ -99,20 +99,22 @@ class LoadedRun:
         the run's agreeing exports and keras on this CPU (`default_engine`), and keras for a
         checkpoint other than final. For a run whose answers use its reference specimens, the
         exports that agree count only if they give the embedding and their decisions agreed too.
+        An export auto chose that does not load here is left for keras, with a warning.
 
         Raises:
             InputError: naming `engine`, for a name not in ENGINES or an export this run does not
                 have; exports are made of the final model only.
         """
-        embeds = name == "auto" and self.specimens() is not None
+        automatic = name == "auto"
+        embeds = automatic and self.specimens() is not None
         with self._lock:
-            if name == "auto" and self.checkpoint != "final":
+            if automatic and self.checkpoint != "final":
                 name = "keras"
-            elif name == "auto":
+            elif automatic:
                 remembered = self._lazy.get("auto_choice")  # stands while its candidates do
                 choice = default_engine(self.exports_dir, self.model, embeds=embeds, remembered=remembered)
                 self._lazy["auto_choice"] = choice
-                name = choice.engine
+                name = "keras" if choice.engine in self._lazy.get("unloadable", ()) else choice.engine
             if name not in self._engines:
                 if name != "keras" and self.checkpoint != "final":
                     raise InputError(
@@ -134,13 +136,21 @@ class LoadedRun:
                 except Exception as error:
                     if name == "keras":
                         raise
-                    # A truncated or foreign export failed the request with a 500: the caller named
-                    # it, and may name another, as for a broken run.
-                    raise InputError(
-                        "engine",
+                    problem = (
                         f"run {self.run_id}'s {name} export does not load here ({error}); "
-                        f"make it again with: {self._export_command(name)}",
-                    ) from None
+                        f"make it again with: {self._export_command(name)}"
+                    )
+                    if not automatic:
+                        # A truncated or foreign export failed the request with a 500: the caller
+                        # named it, and may name another, as for a broken run.
+                        raise InputError("engine", problem) from None
+                    # The choice recorded before the file broke (or on a runtime that read it) made
+                    # every request that named no engine fail: keras answers them, as it did before.
+                    _LOGGER.warning("Run %s answers with keras, not auto's choice: %s", self.run_id, problem)
+                    self._lazy.setdefault("unloadable", set()).add(name)
+                    name = "keras"
+                    if name not in self._engines:
+                        self._engines[name] = load_engine(name, self.model, self.exports_dir)
             return self._engines[name]
 
     def _export_command(self, name: str) -> str:
