@@ -6,6 +6,7 @@ report measures unseen images against the test split."""
 import dataclasses
 import io
 import json
+import logging
 
 import numpy as np
 import PIL.Image
@@ -201,6 +202,21 @@ def test_calibrate_and_index_commands_refit_a_served_run(roots, tiny_run, capsys
     assert len(inference.predict(roots, cache, *shown)["results"][0]["neighbours"]) == 2
     assert cli.main(["--quiet", "calibrate", tiny_run, "--split", "nowhere.txt"]) == 2
     assert "split" in capsys.readouterr().err
+
+
+def test_a_damaged_index_leaves_the_decisions_without_the_specimens(roots, tiny_run, caplog):
+    """Its embeddings truncated after the run was complete: every prediction was a 500. As with an
+    index that is gone, the run answers without the specimens' evidence and says why."""
+    layout = runs.RunLayout(roots.models / tiny_run)
+    embeddings = next(layout.index_dir.glob("*.npy"))
+    embeddings.write_bytes(embeddings.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger=inference.__name__):
+        answer = inference.predict(roots, inference.RunCache(), *_request(roots))
+    assert answer["results"][0]["species"]
+    assert any(
+        f"Run {tiny_run} was calibrated with its index, which is damaged (" in record.getMessage()
+        for record in caplog.records
+    )
 
 
 def test_the_trust_report_measures_unseen_images_against_the_test_split(roots, tiny_run):

@@ -77,12 +77,17 @@ class LoadedRun:
         """The index of the run's training images, loaded on first use; None for a run without."""
         with self._lock:
             if "index" not in self._lazy:
-                self._lazy["index"] = references.load_index(self.index_dir) if self.index_dir else None
+                gone = "gone"
+                try:
+                    self._lazy["index"] = references.load_index(self.index_dir) if self.index_dir else None
+                except (OSError, EOFError, ValueError) as error:  # damaged since: was a 500 per request
+                    self._lazy["index"], gone = None, f"damaged ({error})"
                 if self._lazy["index"] is None and self.calibration and self.calibration.specimens:
                     _LOGGER.warning(
-                        "Run %s was calibrated with its index, which is gone: its decisions go without "
+                        "Run %s was calibrated with its index, which is %s: its decisions go without "
                         "the reference specimens, less precise than its target, until `seeds-tf index %s`",
                         self.run_id,
+                        gone,
                         self.run_id,
                     )
             return self._lazy["index"]
