@@ -1,12 +1,15 @@
 """The reference specimens behind an answer: embeddings, cosine search, the index files, the contact sheet."""
 
 import json
+import resource
+import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import PIL.Image
 import pytest
+import threadpoolctl
 
 from seeds_tf.classifier import engines
 from seeds_tf.classifier.model import build_classifier
@@ -95,6 +98,28 @@ def test_search_matches_an_exact_ranking():
     exact = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ index.embeddings.astype(np.float64).T
     np.testing.assert_array_equal(indices, np.argsort(-exact, axis=1)[:, :5])
     np.testing.assert_allclose(similarities, np.take_along_axis(exact, indices, axis=1), atol=1e-5)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_a_search_leaves_no_blas_thread_spinning():
+    """A batch's search (identify's 64 queries against 1,000 references of Xception's 2048
+    dimensions) keeps to one BLAS thread and gives the threads back: the same product on
+    OpenBLAS's two threads left the second one spinning for a tenth of a second after it (0.1
+    CPU-s of this process while it slept), taking the core the engine's next batch needed."""
+    rng = np.random.default_rng(2)
+    index = _index(rng.standard_normal((1000, 2048)).astype(np.float32))
+    queries = rng.standard_normal((64, 2048)).astype(np.float32)
+    threads = [library["num_threads"] for library in threadpoolctl.threadpool_info()]
+    time.sleep(0.2)  # whatever ran before has settled
+    index.search(queries, k=5)
+    before = _cpu_seconds()
+    time.sleep(0.2)
+    assert _cpu_seconds() - before < 0.03
+    assert [library["num_threads"] for library in threadpoolctl.threadpool_info()] == threads
 
 
 def test_neighbours_name_the_label_similarity_and_path():

@@ -17,12 +17,14 @@ Files in the run's index folder (`RunLayout.index_dir`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import threadpoolctl
 
 from seeds_tf.classifier.engines import Engine
 from seeds_tf.core import files, runs
@@ -123,7 +125,11 @@ class ReferenceIndex:
         if not np.all(np.isfinite(queries)):
             raise ValueError("Expected finite queries. Received: NaN or infinite values")
         k = min(int(k), len(self))
-        scores = normalised(np.asarray(queries, dtype=SEARCH_DTYPE)) @ self.embeddings.T
+        # One BLAS thread: after a product, OpenBLAS's other threads spin for about a tenth of a
+        # second, taking the cores from the engine's next batch; answers with the specimens took
+        # 1.9x as long on 2 cores (benchmarks/NOTES.md), for a product of milliseconds.
+        with _blas().limit(limits=1, user_api="blas"):
+            scores = normalised(np.asarray(queries, dtype=SEARCH_DTYPE)) @ self.embeddings.T
         if k < scores.shape[1]:
             candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         else:
@@ -132,6 +138,13 @@ class ReferenceIndex:
         order = np.argsort(-candidate_scores, axis=1, kind="stable")
         indices = np.take_along_axis(candidates, order, axis=1)
         return indices, np.take_along_axis(candidate_scores, order, axis=1)
+
+
+@functools.cache
+def _blas() -> threadpoolctl.ThreadpoolController:
+    """The BLAS libraries this process has loaded (NumPy's), found once: finding them takes 0.3 ms,
+    limiting their threads with the controller 10 us."""
+    return threadpoolctl.ThreadpoolController()
 
 
 def split_outputs(
