@@ -5,6 +5,7 @@ keeps a bounded number of checkpoints."""
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 
@@ -56,6 +57,36 @@ def test_a_second_training_in_the_same_models_folder_is_refused(data_roots):
     assert runs.incomplete_runs(data_roots.models) == []
 
 
+def test_a_request_refused_by_a_reservation_never_fails_the_admitted_training(tmp_path):
+    """A request refused while another is admitted looked at the training lock first (shared, for an
+    instant): the admitted training's worker, taking the lock at that instant, failed. Requests
+    are refused over and over here while the admitted one's worker takes the lock over and over."""
+    models = tmp_path / "models"
+    release = admission.reserve_training(models)
+    stop, refusals = threading.Event(), []
+
+    def refused_requests() -> None:
+        while not stop.is_set():
+            try:
+                admission.reserve_training(models)()
+                refusals.append("admitted")
+            except InputError as refusal:
+                refusals.append(refusal.problem)
+
+    other = threading.Thread(target=refused_requests)
+    other.start()
+    try:
+        for _ in range(3000):
+            with admission.training_slot(models):
+                pass
+    finally:
+        stop.set()
+        other.join()
+        release()
+    assert len(refusals) > 100
+    assert {problem.split(":")[0] for problem in refusals} == {f"another training is running in {models}"}
+
+
 @pytest.mark.parametrize(
     "command", [["train", *train_flags(SMALL_OPTIONS)], ["demo", "--force"]], ids=["train", "demo"]
 )
@@ -85,7 +116,7 @@ def test_a_models_folder_that_is_a_file_is_named_not_a_traceback(data_roots, tmp
     )
     assert (
         f"seeds-tf: error: models_dir: cannot write into the models folder {a_file} while writing "
-        f"{a_file / admission.LOCK_FILE}: Not a directory (ENOTDIR)"
+        f"{a_file / admission.RESERVATION_FILE}: Not a directory (ENOTDIR)"
     ) in capsys.readouterr().err
     assert a_file.read_text() == "not a folder"
 

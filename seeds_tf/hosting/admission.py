@@ -51,6 +51,10 @@ def reserve_training(models_dir: Path) -> Callable[[], None]:
     reservation is a lock of its own, taken by the request: until it is released, every other request
     to train in the models folder, from this server or another, is refused.
 
+    The reservation is taken before the training lock is looked at: that look holds the lock shared
+    for an instant, and a worker of an admitted training taking it at that instant failed, while
+    the request that looked was refused anyway.
+
     Returns:
         The release of the reservation, to call once the training has ended (done, failed or cancelled).
 
@@ -58,8 +62,13 @@ def reserve_training(models_dir: Path) -> Callable[[], None]:
         InputError: naming `training`, while another training is reserved or runs; naming
             `models_dir`, when the models folder cannot be written.
     """
-    check_no_training(models_dir)
-    return _locked(models_dir, RESERVATION_FILE).close
+    release = _locked(models_dir, RESERVATION_FILE).close
+    try:
+        check_no_training(models_dir)
+    except BaseException:
+        release()
+        raise
+    return release
 
 
 @contextlib.contextmanager
@@ -136,7 +145,8 @@ def _locked(models_dir: Path, name: str) -> TextIO:
             file cannot be made there (a read-only or full models folder).
     """
     with runs.storage_errors(models_dir):
-        models_dir.mkdir(parents=True, exist_ok=True)
+        if not models_dir.exists():  # a file in its place: the open names it (ENOTDIR)
+            models_dir.mkdir(parents=True, exist_ok=True)
         lock = open(models_dir / name, "a+")  # noqa: SIM115 - the caller holds it open as the lock
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
