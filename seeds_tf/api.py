@@ -42,12 +42,13 @@ MODEL_NAME = "seeds_tf"
 
 def _admit_a_training(args: dict[str, Any]) -> Callable[[], None]:
     """Runs in the server process for each valid POST train: a second training gets a 409 at once,
-    not a place in the workers' queue, and a resume given options it would ignore a 422. Returns
-    the release of the admission."""
-    models = Roots.from_env().models
+    not a place in the workers' queue, and a resume given options it would ignore, or whose run's
+    own options no longer hold (its upload destination, its folders), a 422, as `seeds-tf train`
+    checks them. Returns the release of the admission."""
+    roots = Roots.from_env()
     if args.get("resume"):
-        preflight.resumed_config(config.RunConfig.from_options(**args), models)
-    return admission.reserve_training(models)
+        preflight.check(config.RunConfig.from_options(**args), roots)
+    return admission.reserve_training(roots.models)
 
 
 dependency_warnings.silence_deprecations()

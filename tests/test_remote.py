@@ -21,7 +21,7 @@ from seeds_tf.core.errors import InputError
 from seeds_tf.hosting import admission, remote
 from seeds_tf.learning import training
 from tests.deepaas_harness import free_port
-from tests.helpers import SMALL_OPTIONS
+from tests.helpers import SMALL_OPTIONS, unstarted_run
 
 USER, PASSWORD = "botanist", "s3cret-seeds"
 RCLONE = shutil.which("rclone") or "rclone"  # make test installs Debian's rclone
@@ -145,6 +145,15 @@ def test_a_training_with_a_bad_destination_writes_no_run(data_roots):
         training.train(config.RunConfig.from_options(**SMALL_OPTIONS, upload_to="nowhere"), data_roots)
     assert runs.complete_runs(data_roots.models) == before
     assert runs.incomplete_runs(data_roots.models) == []
+
+
+def test_a_resumed_run_whose_own_destination_is_bad_is_refused_before_training(data_roots):
+    layout = unstarted_run(data_roots, {**SMALL_OPTIONS, "upload_to": "nowhere"})
+    before = sorted(layout.root.rglob("*"))
+    with pytest.raises(InputError, match="upload_to"):
+        training.train(config.RunConfig.from_options(**SMALL_OPTIONS, resume=layout.run_id), data_roots)
+    assert sorted(layout.root.rglob("*")) == before
+    assert runs.incomplete_runs(data_roots.models) == [layout.run_id]
 
 
 def test_a_destination_on_a_remote_rclone_does_not_know_is_refused_before_training(

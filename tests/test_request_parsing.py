@@ -4,15 +4,17 @@ and repeated arguments, the order of a training's status)."""
 
 import base64
 import io
+import shutil
 
 import aiohttp
 import pytest
 from deepaas import config as deepaas_config
 
+from seeds_tf.core import runs
 from seeds_tf.core.paths import MODELS_ENV
 from seeds_tf.service import request_parsing
 from tests.deepaas_harness import MODEL_URL
-from tests.helpers import in_process_service, seed_photo
+from tests.helpers import SMALL_OPTIONS, in_process_service, seed_photo, unstarted_run
 
 PREDICT = f"{MODEL_URL}/predict/"
 TRAIN = f"{MODEL_URL}/train/"
@@ -331,6 +333,22 @@ def test_two_trainings_asked_at_once_get_one_200_and_one_409_until_the_first_end
     after_failure = app.request("POST", TRAIN, params=failing)
     assert after_failure.status == 200, after_failure.body
     assert app.wait_for_training(after_failure.json()["uuid"])["status"] == "error"
+
+
+def test_a_resume_whose_run_cannot_be_copied_where_it_asks_is_refused_at_once(service):
+    """A resumed run trains with its own options, its upload destination too: a remote this
+    deployment does not have was found only when the copy failed, after the whole training (the
+    request's own `upload_to`, empty, was the one checked). `seeds-tf train` refused it at once."""
+    app, roots = service
+    layout = unstarted_run(roots, {**SMALL_OPTIONS, "upload_to": "nosuchremote:/models"})
+    before = sorted(layout.root.rglob("*"))
+    try:
+        refused = app.request("POST", TRAIN, params={"resume": layout.run_id})
+        assert_client_error(refused, 422, "upload_to", "nosuchremote")
+        assert runs.incomplete_runs(roots.models) == [layout.run_id]
+        assert sorted(layout.root.rglob("*")) == before
+    finally:
+        shutil.rmtree(layout.root)
 
 
 def test_a_training_the_server_cannot_store_is_a_507_naming_the_models_folder(app, monkeypatch):

@@ -314,6 +314,8 @@ def _resume(
     preflight.resumed_config(requested, roots.models)
     with _run_folder(roots, resume=run_id) as layout:
         config = layout.config()
+        if config.training.upload_to:  # its own destination, as a new run's is checked
+            remote.check_destination(config.training.upload_to)
         images_dir = roots.data_path(config.training.images_directory, "images_directory")
         dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))
         _check_disk(config, len(dataset.classes), roots)
