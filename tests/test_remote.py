@@ -103,6 +103,25 @@ def test_a_finished_run_arrives_whole_on_the_remote(data_roots, tmp_path, monkey
     assert tree(storage / "models" / result.run_id) == tree(layout.root)
 
 
+def test_a_bare_remote_receives_the_run_in_its_starting_folder(tmp_path, monkeypatch):
+    """`upload_to=remote:` copied to `remote:/<run id>`, the root of an SFTP or local remote, where
+    the user may not write. A local remote starts in the working folder."""
+    run = tmp_path / "models" / "2026-01-01_000000"
+    run.mkdir(parents=True)
+    (run / "conf.json").write_text("{}")
+    (tmp_path / "rclone.conf").touch()
+    monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "rclone.conf"))
+    monkeypatch.setenv("RCLONE_CONFIG_DISK_TYPE", "local")
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    monkeypatch.chdir(storage)
+    result = remote.upload_run(run, "disk:")
+    assert (result.destination, result.status) == ("disk:2026-01-01_000000", "copied")
+    assert tree(storage / run.name) == tree(run)
+    assert remote.upload_run(run, f"disk:{tmp_path / 'rooted'}/").status == "copied"  # a path: below it
+    assert tree(tmp_path / "rooted" / run.name) == tree(run)
+
+
 def test_a_refused_copy_is_reported_and_the_local_run_kept(roots, tiny_run, tmp_path, monkeypatch):
     """The copy a training makes once its run is complete (the test above), refused by the remote:
     the failure is reported with rclone's reason, nothing arrives, the local run is untouched. The

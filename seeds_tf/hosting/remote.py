@@ -83,8 +83,10 @@ def _configured_remotes() -> list[str]:
 
 
 def upload_run(run_folder: Path, destination: str) -> UploadResult:
-    """Copies `run_folder` to `destination`/<run id> and checks that every file arrived intact."""
-    target = f"{destination.rstrip('/')}/{run_folder.name}"
+    """Copies `run_folder` to `destination`/<run id> and checks that every file arrived intact. A
+    bare `remote:` is the remote's own starting folder (an SFTP user's home), not its root."""
+    bare = destination.endswith(":")
+    target = f"{destination}{run_folder.name}" if bare else f"{destination.rstrip('/')}/{run_folder.name}"
     try:
         _rclone("copy", str(run_folder), target)
         _rclone("check", "--one-way", str(run_folder), target)
