@@ -309,13 +309,11 @@ def _resume(
     requested: RunConfig, roots: Roots, strategy: tf.distribute.Strategy, candidate: bool
 ) -> TrainResult:
     """Continues an interrupted run with its own configuration and split files; `requested`, the
-    options of the resume, may ask for nothing else (preflight.resumed_config)."""
+    options of the resume, may ask for nothing else, and its own must still hold (preflight.check)."""
     run_id = requested.training.resume
-    preflight.resumed_config(requested, roots.models)
+    preflight.check(requested, roots)
     with _run_folder(roots, resume=run_id) as layout:
         config = layout.config()
-        if config.training.upload_to:  # its own destination, as a new run's is checked
-            remote.check_destination(config.training.upload_to)
         images_dir = roots.data_path(config.training.images_directory, "images_directory")
         dataset, skipped = _skip_unreadable(read_dataset(layout.dataset_dir, images_dir))
         _check_disk(config, len(dataset.classes), roots)
