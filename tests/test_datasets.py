@@ -11,7 +11,7 @@ import pytest
 
 from seeds_tf.core.errors import InputError
 from seeds_tf.data.datasets import DatasetReport, check_dataset, is_folder_dataset, split_folder_dataset
-from seeds_tf.data.splits import read_dataset
+from seeds_tf.data.splits import read_dataset, read_labels
 
 
 def _photo(seed: int, fmt: str = "JPEG") -> bytes:
@@ -313,6 +313,24 @@ def test_every_problem_of_a_broken_dataset_is_reported(tmp_path):
     assert data["ok"] is False
     assert data["classes"] == ["Genus a", "Genus b", "Genus c"]
     assert data["bad_labels"][1]["label"] is None
+
+
+@pytest.mark.parametrize(
+    ("info", "descriptions"),
+    [
+        ("desc of A\n\n", ("desc of A", "")),  # the last class has none
+        ("\ndesc of B\n", ("", "desc of B")),
+        ("desc of A\ndesc of B\n\n\n", ("desc of A", "desc of B")),  # an editor's trailing blank lines
+    ],
+)
+def test_a_class_without_a_description_is_a_blank_line_of_info_txt_the_last_one_too(
+    tmp_path, info, descriptions
+):
+    """A blank last line of info.txt (the last class without a description) was dropped, and the
+    dataset refused ("info.txt has 1 lines for 2 classes")."""
+    (tmp_path / "classes.txt").write_text("Genus a\nGenus b\n")
+    (tmp_path / "info.txt").write_text(info)
+    assert read_labels(tmp_path) == (("Genus a", "Genus b"), descriptions)
 
 
 def test_a_clean_dataset_is_ok_with_exact_counts(tmp_path):

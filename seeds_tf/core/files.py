@@ -65,15 +65,15 @@ def read_json(path: Path) -> Any:
         return json.load(stream)
 
 
-def read_lines(path: Path, errors: str = "strict", *, keep_blank: bool = False) -> list[str]:
+def read_lines(path: Path, errors: str = "strict", *, keep_blank: int = 0) -> list[str]:
     """Non-blank lines of a UTF-8 text file (a byte-order mark allowed), without line ends or
     surrounding whitespace: the format of classes.txt and the split files. `errors` is open()'s:
-    "surrogateescape" keeps file names that are not UTF-8 as the file system has them. With
-    `keep_blank`, blank lines before the last text line are kept as "": info.txt's line of a class
-    without a description."""
+    "surrogateescape" keeps file names that are not UTF-8 as the file system has them. Blank lines
+    are kept as "" among the first `keep_blank` lines and before the last text line: info.txt's
+    line of a class without a description, the last class's too; blank lines after those end it."""
     lines = [line.strip() for line in path.read_text(encoding="utf-8-sig", errors=errors).splitlines()]
     if keep_blank:
-        while lines and not lines[-1]:
+        while len(lines) > keep_blank and not lines[-1]:
             lines.pop()
         return lines
     return [line for line in lines if line]

@@ -155,7 +155,9 @@ class RunLayout:
 
     def info(self) -> tuple[str, ...] | None:
         """The classes' descriptions (info.txt), or None when the run has none."""
-        return tuple(files.read_lines(self.info_file, keep_blank=True)) if self.info_file.is_file() else None
+        if not self.info_file.is_file():
+            return None
+        return tuple(files.read_lines(self.info_file, keep_blank=len(self.classes())))
 
     def summary(self) -> dict[str, Any]:
         """run.json: how the run came to be, its checkpoints and test metrics."""

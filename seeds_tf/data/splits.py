@@ -108,7 +108,8 @@ def read_labels(splits_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...] | No
         raise InputError("splits_directory", f"{splits_dir} has no classes.txt")
     classes = tuple(files.read_lines(splits_dir / "classes.txt"))
     info_file = splits_dir / "info.txt"
-    return classes, tuple(files.read_lines(info_file, keep_blank=True)) if info_file.is_file() else None
+    info = tuple(files.read_lines(info_file, keep_blank=len(classes))) if info_file.is_file() else None
+    return classes, info
 
 
 def folder_problems(
