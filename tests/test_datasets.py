@@ -333,6 +333,24 @@ def test_a_class_without_a_description_is_a_blank_line_of_info_txt_the_last_one_
     assert read_labels(tmp_path) == (("Genus a", "Genus b"), descriptions)
 
 
+@pytest.mark.parametrize("name", ["classes.txt", "info.txt", "train.txt"])
+def test_a_dataset_file_in_another_encoding_is_named_not_a_traceback(tmp_path, name):
+    """A file saved as cp1252 by an old Windows tool ended `seeds-tf train` and `check-dataset` in
+    a UnicodeDecodeError's traceback."""
+    splits, images = _split_dataset(
+        tmp_path,
+        {"classes.txt": "Genus a\nGenus b\n", "info.txt": "one\ntwo\n", "train.txt": "x.jpg 0\ny.jpg 1\n"},
+        {"x.jpg": _photo(1), "y.jpg": _photo(2)},
+    )
+    (splits / name).write_bytes((splits / name).read_bytes().replace(b"\n", " caf\xe9\n".encode("cp1252"), 1))
+    problem = f"{splits / name} is not UTF-8 text (at byte "
+    for check in (lambda: read_dataset(splits, images), lambda: check_dataset(splits, images)):
+        with pytest.raises(InputError, match="not UTF-8") as raised:
+            check()
+        assert raised.value.field == "splits_directory"
+        assert raised.value.problem.startswith(problem), raised.value.problem
+
+
 def test_a_clean_dataset_is_ok_with_exact_counts(tmp_path):
     splits, images = _split_dataset(
         tmp_path,

@@ -93,9 +93,24 @@ def parse_split_line(line: str) -> tuple[str, int | None]:
     return line, None
 
 
-def parse_split_file(path: Path) -> list[tuple[str, int | None]]:
-    """The (path, label or None) entries of a split file."""
-    return [parse_split_line(line) for line in files.read_lines(path)]
+def parse_split_file(path: Path, field: str = "splits_directory") -> list[tuple[str, int | None]]:
+    """The (path, label or None) entries of a split file.
+
+    Raises:
+        InputError: naming `field`, for a file that is not UTF-8 text.
+    """
+    return [parse_split_line(line) for line in _text_lines(path, field)]
+
+
+def _text_lines(path: Path, field: str, keep_blank: int = 0) -> list[str]:
+    """files.read_lines of a dataset file; one written in another encoding (cp1252 from an old
+    Windows tool) is refused naming it, rather than a UnicodeDecodeError's traceback."""
+    try:
+        return files.read_lines(path, keep_blank=keep_blank)
+    except UnicodeDecodeError as error:
+        raise InputError(
+            field, f"{path} is not UTF-8 text (at byte {error.start}): save it as UTF-8"
+        ) from None
 
 
 def read_labels(splits_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
@@ -106,9 +121,9 @@ def read_labels(splits_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...] | No
     """
     if not (splits_dir / "classes.txt").is_file():
         raise InputError("splits_directory", f"{splits_dir} has no classes.txt")
-    classes = tuple(files.read_lines(splits_dir / "classes.txt"))
+    classes = tuple(_text_lines(splits_dir / "classes.txt", "splits_directory"))
     info_file = splits_dir / "info.txt"
-    info = tuple(files.read_lines(info_file, keep_blank=len(classes))) if info_file.is_file() else None
+    info = tuple(_text_lines(info_file, "splits_directory", len(classes))) if info_file.is_file() else None
     return classes, info
 
 
@@ -173,7 +188,7 @@ def read_split(path: Path, name: str, images_dir: Path, num_classes: int, field:
     Raises:
         InputError: naming `field`, with the file and entry of the first problem found.
     """
-    entries = parse_split_file(path)
+    entries = parse_split_file(path, field)
     problem = next(entry_problems(name, entries, num_classes, images_dir), None)
     if problem is not None:
         raise InputError(field, f"{path.parent}: {problem.message}")
