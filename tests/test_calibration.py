@@ -364,3 +364,14 @@ def test_the_calibration_split_is_a_seeded_stratified_share_that_leaves_every_cl
     assert len(splits.stratified_hold_out(entries, 0.01, seed=7)[1]) == 2  # a calibration needs 2
     assert splits.stratified_hold_out(entries, 0.0, seed=7) == (entries, [])
     assert splits.stratified_hold_out(entries[-2:], 0.5, seed=7) == (entries[-2:], [])
+
+
+def test_an_image_listed_twice_in_training_is_never_both_calibrated_on_and_trained_on():
+    """A line repeated in train.txt weighs an image double; one copy held out and one kept was an
+    image the calibration had been trained on."""
+    entries = [("a/1.jpg", 0), ("a/1.jpg", 0), ("a/2.jpg", 0), ("b/1.jpg", 1), ("b/2.jpg", 1), ("b/3.jpg", 1)]
+    for seed in range(20):
+        kept, held = splits.stratified_hold_out(entries, 0.34, seed=seed)
+        assert sorted(kept + held) == sorted(entries)
+        assert not {path for path, _ in kept} & {path for path, _ in held}, seed
+        assert {label for _, label in kept} == {0, 1}

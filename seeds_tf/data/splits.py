@@ -245,7 +245,8 @@ def stratified_hold_out(
     `fraction` > 0, each class in proportion to its size: an entry's rank in its class (shuffled by
     a generator seeded with `seed`), plus a half, divided by the class's size orders all entries, and
     the lowest are held out. The last entry of every class is never held out, so no class leaves training.
-    Both parts keep the entries' order.
+    An image listed more than once (weighed more in training) is held out, or kept, with all its
+    lines: a copy left in training would be calibrated on. Both parts keep the entries' order.
 
     Args:
         entries: (path, label) pairs, as parse_split_file reads them from a labelled split.
@@ -257,23 +258,21 @@ def stratified_hold_out(
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"Expected 0 <= fraction < 1. Received: fraction={fraction!r}")
-    labels = np.asarray([label for _, label in entries], dtype=np.int64)
+    images = list(dict.fromkeys(entries))  # each (path, label) once, in the entries' order
+    labels = np.asarray([label for _, label in images], dtype=np.int64)
     rng = np.random.default_rng(seed)
-    position = np.full(len(entries), np.inf)  # inf: never held out
+    position = np.full(len(images), np.inf)  # inf: never held out
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         ranks = np.arange(len(members))
         position[members[:-1]] = (ranks[:-1] + 0.5) / len(members)
     available = int(np.isfinite(position).sum())
-    count = min(max(2, round(fraction * len(entries))), available) if fraction > 0 else 0
+    count = min(max(2, round(fraction * len(images))), available) if fraction > 0 else 0
     if count < 2:
         return list(entries), []
     # Ties (equal shares of classes of equal size) are broken at random too, not by file order.
-    held = set(np.lexsort((rng.random(len(entries)), position))[:count].tolist())
-    return (
-        [entry for i, entry in enumerate(entries) if i not in held],
-        [entry for i, entry in enumerate(entries) if i in held],
-    )
+    held = {images[i] for i in np.lexsort((rng.random(len(images)), position))[:count].tolist()}
+    return [entry for entry in entries if entry not in held], [entry for entry in entries if entry in held]
 
 
 def listable(text: str) -> bool:
