@@ -84,6 +84,16 @@ def test_copies_of_a_photo_end_in_one_split(tmp_path):
     assert check_dataset(tmp_path / "splits", images).copies_in_several_splits == []
 
 
+def test_copies_drawn_for_training_keep_their_class_in_training(tmp_path):
+    """Copies followed the first copy's split, out of train too: a class of three images, two of
+    them copies, could keep nothing to train on, and nothing refused it."""
+    images = _folder_dataset(tmp_path, {"Genus a": 3, "Genus b": 3})
+    (images / "Genus a" / "001.jpg").write_bytes((images / "Genus a" / "000.jpg").read_bytes())
+    for seed in range(20):
+        splits = split_folder_dataset(images, tmp_path / f"splits{seed}", seed=seed)
+        assert set(read_dataset(splits, images).split("train").labels) == {0, 1}, seed
+
+
 def test_the_split_is_reproducible_and_depends_on_the_seed(tmp_path):
     images = _folder_dataset(tmp_path, {"Genus a": 20, "Genus b": 20})
     first = split_folder_dataset(images, tmp_path / "one")

@@ -84,7 +84,8 @@ def split_folder_dataset(
     and cut by the fractions, so the split is stratified and byte-for-byte reproducible. Rounding leaves
     every class of 3 or more images at least one image in each split, train getting the rest; smaller
     classes go to train only, with a warning. Copies of one photo (identical files) end in one split,
-    the first copy's: a copy in test of a photo trained on would inflate the run's figures. A split
+    train if one was drawn for it, else the first copy's: a copy in test of a photo trained on would
+    inflate the run's figures. A split
     whose fraction is 0, or that ends up empty, is not written (and a stale one in destination is
     removed), since `splits.read_dataset` refuses empty splits.
 
@@ -571,13 +572,15 @@ def _split_class(
 
 
 def _together(parts: dict[str, list[str]], images_dir: Path) -> dict[str, list[str]]:
-    """`parts` (one class's images by split) with the copies of each photo moved to the split of
-    its first copy in path order, each part kept in path order."""
+    """`parts` (one class's images by split) with the copies of each photo moved together: to train
+    when one was drawn for it (moving them out could leave the class nothing to train on), else to
+    the split of the first copy in path order; each part kept in path order."""
     split_of = {path: split for split, paths in parts.items() for path in paths}
     for group in _identical_groups([images_dir / path for path in split_of]):
         copies = sorted(path.relative_to(images_dir).as_posix() for path in group)
-        for path in copies[1:]:
-            split_of[path] = split_of[copies[0]]
+        drawn = [split_of[path] for path in copies]
+        for path in copies:
+            split_of[path] = "train" if "train" in drawn else drawn[0]
     together: dict[str, list[str]] = collections.defaultdict(list)
     for path in sorted(split_of):
         together[split_of[path]].append(path)
